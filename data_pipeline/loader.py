@@ -1,0 +1,280 @@
+"""Entry points: `config.data` -> Grain iterators of packed, objective-ready global batches.
+
+    make_train_iterator(config, *, process_index=None, process_count=None,
+                        rows_for_step=None, num_epochs=None, include_metadata=False)
+        -> grain.DatasetIterator (infinite unless num_epochs is set)
+    make_eval_iterator(config, *, process_index=None, process_count=None,
+                       batch_rows=None, include_metadata=False)
+        -> grain.DatasetIterator (finite: one pass over the eval documents)
+    tokenizer_path(config) -> str   # directory with tokenizer.json (for export / decoding)
+
+Batch format: a dict of numpy int32 arrays holding this host's slice of one global batch;
+`batch` = rows_for_step(step) // process_count rows, `seq` = config.train.seq_len:
+    input_ids     [batch, seq]   token ids (MLM: after masking)
+    segment_ids   [batch, seq]   1, 2, ... per document piece in the row; 0 = padding
+    positions     [batch, seq]   0, 1, ... restarting at every piece; 0 on padding
+    labels        [batch, seq]   -100 = no loss. MLM: original id at masked positions.
+                                 CLM: next token within the same piece; -100 at a piece's last
+                                 token (never across a document boundary) and on padding.
+  MLM only (config.objective == "mlm"):
+    mask_positions [batch, P]    indices into seq of the predicted tokens, ascending, then 0
+    mask_labels    [batch, P]    their original ids, then -100 for unused slots
+  with P = objectives.max_predictions(seq, ratio) = ceil(ratio * seq) + 1 rounded up to 8.
+  Exactly floor(ratio * eligible + u) positions are masked per row, which is always <= P:
+  no prediction is ever cut. mask_positions/mask_labels carry the same information as
+  `labels`, in the fixed-size form for sparse prediction.
+  include_metadata=True adds source_ids [batch, seq] (source index, -1 = padding).
+
+Pipeline (train): per source: random-access docs -> [CLS]/[SEP] framing check -> seeded
+shuffle (reshuffled each epoch) -> repeat; weighted mixture (weights are token shares,
+converted to document rates by mean document length) -> index of each document in the global
+stream -> this host's slice [process_index::process_count] -> best-fit packing into rows
+(long documents split, never dropped; data_pipeline.packing) -> MLM masking or CLM labels,
+seeded by (seed, row) -> `config.data.num_workers` worker processes (Grain mp_prefetch) ->
+batches of rows_for_step(step) rows (batch-size warmup: rows are consumed in order, none
+skipped or repeated).
+
+Determinism and resume: everything is a function of (config.data.seed, process_count,
+config.data.num_workers) and the position in the stream. `it.get_state()` / `it.set_state()`
+(or Orbax with `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` inside
+`ocp.args.Composite`) resume exactly, given the same process count and worker count.
+
+No data configured (config.data.mixture == ""): the demo corpus from the Python standard
+library is built under config.data.demo_dir with a tokenizer of the model's vocabulary layout
+(data_pipeline.demo_corpus) and used for training and eval.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import grain
+import numpy as np
+
+from data_pipeline import batching, demo_corpus, objectives, packing, shards, sources, tokenizer
+
+ROW_KEYS = ("input_ids", "segment_ids", "positions", "labels")
+MLM_KEYS = ("mask_positions", "mask_labels")
+
+
+def _host(process_index, process_count) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # only here: the loader itself runs without jax (workers, CLI tools)
+        process_index, process_count = jax.process_index(), jax.process_count()
+    return int(process_index), int(process_count)
+
+
+def _demo_dirs(config) -> tuple[str, str]:
+    d, m = config.data, config.model
+    out = os.path.join(d.demo_dir, f"v{m.vocab_size}-unk{d.unk_token_id}")
+    return demo_corpus.build(out, vocab_size=m.vocab_size, unk_id=d.unk_token_id,
+                             max_bytes=d.demo_max_bytes)
+
+
+def tokenizer_path(config) -> str:
+    """The tokenizer the data was made with: config.data.tokenizer, else the demo one, else
+    the copy prepare kept next to the first source's shards."""
+    if config.data.tokenizer:
+        return config.data.tokenizer
+    if not config.data.mixture:
+        return _demo_dirs(config)[0]
+    first = sources.parse_mixture(config.data.mixture)[0][0]
+    copy = os.path.join(first, ".work", "tokenizer.json")
+    if os.path.exists(copy):
+        return copy
+    raise ValueError(f"config.data.tokenizer is empty and {first} carries no tokenizer copy; "
+                     "set --config.data.tokenizer=PATH")
+
+
+def _check_tokenizer(config, srcs: list[sources.Source], tok_path: str) -> None:
+    """The tokenizer must match every prepared source's manifest and the model's special ids."""
+    tok = tokenizer.load(tok_path)
+    fp = tokenizer.fingerprint(tok)
+    for s in srcs:
+        if s.manifest and s.manifest["tokenizer"]["fingerprint"] != fp:
+            raise shards.ShardError(
+                f"{os.path.join(s.path, shards.MANIFEST)}: made with tokenizer "
+                f"{s.manifest['tokenizer']['fingerprint']} ({s.manifest['tokenizer']['path']}), "
+                f"but config.data.tokenizer={tok_path} is {fp}")
+    ids = tokenizer.special_ids(tok, where=tok_path)
+    m = config.model
+    want = {"cls": m.cls_token_id, "sep": m.sep_token_id, "pad": m.pad_token_id,
+            "mask": m.mask_token_id}
+    bad = {k: (ids[k], v) for k, v in want.items() if ids[k] != v}
+    if bad:
+        raise tokenizer.TokenizerError(f"{tok_path}: special ids {bad} (tokenizer, model config) "
+                                       "differ")
+
+
+def _open_sources(config, mixture: str) -> list[sources.Source]:
+    d = config.data
+    return [sources.open_source(path, weight, vocab_size=config.model.vocab_size,
+                                cache_dir=d.mds_cache_dir or None)
+            for path, weight in sources.parse_mixture(mixture)]
+
+
+def _resolve(config) -> tuple[list[sources.Source], list[sources.Source] | None, str]:
+    """(train sources, eval sources or None = hold out from train, tokenizer path)."""
+    d = config.data
+    if not d.mixture:
+        tok_dir, shard_dir = _demo_dirs(config)
+        train = [sources.open_source(shard_dir, 1.0, vocab_size=config.model.vocab_size)]
+        evals = None
+    else:
+        train = _open_sources(config, d.mixture)
+        evals = _open_sources(config, d.eval_mixture) if d.eval_mixture else None
+        tok_dir = tokenizer_path(config)
+    _check_tokenizer(config, train + (evals or []), tok_dir)
+    return train, evals, tok_dir
+
+
+def _holdout(config, src: sources.Source) -> int:
+    """Documents at the end of a train source kept for eval (when no eval_mixture is set)."""
+    n = len(src.docs)
+    return min(config.data.eval_documents, n // 10)
+
+
+# -- per-element functions (module level so Grain can pickle them into worker processes)
+def _frame(ids: np.ndarray, *, cls_id: int, sep_id: int) -> np.ndarray:
+    """Ettin's loading quirk (recipe §4.5): every document starts [CLS] and ends [SEP]."""
+    if ids.size == 0 or ids[0] != cls_id:
+        ids = np.concatenate([[cls_id], ids]).astype(np.int32)
+    if ids[-1] != sep_id:
+        ids = np.concatenate([ids, [sep_id]]).astype(np.int32)
+    return ids
+
+
+def _tag(ids: np.ndarray, *, source: int) -> dict:
+    return {"ids": ids, "source": source}
+
+
+def _keyed(index: int, doc: dict) -> dict:
+    return dict(doc, key=index)
+
+
+def _source_stream(config, src: sources.Source, i: int, *, start: int, stop: int,
+                   shuffle: bool, num_epochs: int | None) -> grain.MapDataset:
+    m = config.model
+    ds = grain.MapDataset.source(src.docs)[start:stop]
+    if src.kind != "arrayrecord":          # prepare output is framed already
+        ds = ds.map(functools.partial(_frame, cls_id=m.cls_token_id, sep_id=m.sep_token_id))
+    ds = ds.map(functools.partial(_tag, source=i))
+    if shuffle:
+        ds = ds.shuffle(seed=(config.data.seed * 1009 + i) % 2**32)
+    return ds.repeat(num_epochs) if (shuffle or num_epochs) else ds
+
+
+def _objective_fn(config, ratio: float, seed: int) -> Callable[[dict], dict]:
+    if config.objective == "clm":
+        return objectives.clm_row
+    m, d = config.model, config.data
+    cfg = objectives.MLMConfig(
+        ratio=ratio, mask_id=m.mask_token_id,
+        special_ids=(m.cls_token_id, m.sep_token_id, m.pad_token_id, m.mask_token_id),
+        random_high=d.unk_token_id, max_predictions=objectives.max_predictions(
+            config.train.seq_len, ratio), seed=seed)
+    return functools.partial(objectives.mlm_row, cfg=cfg)
+
+
+def _keys(config, include_metadata: bool) -> tuple[str, ...]:
+    keys = ROW_KEYS + (MLM_KEYS if config.objective == "mlm" else ())
+    return keys + (("source_ids",) if include_metadata else ())
+
+
+def _pad_row(config, ratio: float) -> dict:
+    L = config.train.seq_len
+    row = {"input_ids": np.full(L, config.model.pad_token_id, np.int32),
+           "segment_ids": np.zeros(L, np.int32), "positions": np.zeros(L, np.int32),
+           "labels": np.full(L, objectives.IGNORE, np.int32),
+           "source_ids": np.full(L, -1, np.int32)}
+    if config.objective == "mlm":
+        p = objectives.max_predictions(L, ratio)
+        row.update(mask_positions=np.zeros(p, np.int32),
+                   mask_labels=np.full(p, objectives.IGNORE, np.int32))
+    return row
+
+
+def _ensure_absl_flags_parsed() -> None:
+    # Grain's mp_prefetch reads absl flags; outside an absl app (tests, notebooks) they are
+    # unparsed and reading them raises. Mark them parsed with their defaults.
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _rows_to_batches(config, docs: grain.MapDataset, *, ratio: float, seed: int,
+                     rows_for_step: Callable[[int], int], num_workers: int,
+                     include_metadata: bool) -> grain.DatasetIterator:
+    rows = packing.PackIterDataset(docs, seq_len=config.train.seq_len,
+                                   pool_size=config.data.pack_pool_size)
+    rows = rows.map(_objective_fn(config, ratio, seed))
+    # Rows cross from the workers in groups: one shared-memory transfer per group, not per row.
+    rows = rows.batch(config.data.worker_group_rows, drop_remainder=False)
+    if num_workers > 0:
+        _ensure_absl_flags_parsed()
+        rows = rows.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=num_workers, per_worker_buffer_size=config.data.worker_buffer_groups))
+    batches = batching.BatchIterDataset(rows, rows_for_step, keys=_keys(config, include_metadata),
+                                        pad_row=_pad_row(config, ratio))
+    return iter(batches)
+
+
+def make_train_iterator(config, *, process_index: int | None = None,
+                        process_count: int | None = None,
+                        rows_for_step: Callable[[int], int] | None = None,
+                        num_epochs: int | None = None,
+                        include_metadata: bool = False) -> grain.DatasetIterator:
+    """Iterator of this host's slice of each global training batch (format: module docstring).
+
+    rows_for_step(step) -> global rows in batch `step` (batch-size warmup); default
+    config.train.global_batch_size. It must be divisible by process_count.
+    num_epochs=None repeats forever; an int stops after that many passes over each source.
+    """
+    pid, pcount = _host(process_index, process_count)
+    train, evals, _ = _resolve(config)
+    streams = []
+    for i, src in enumerate(train):
+        stop = len(src.docs) - (_holdout(config, src) if evals is None else 0)
+        streams.append(_source_stream(config, src, i, start=0, stop=stop,
+                                      shuffle=config.data.shuffle, num_epochs=num_epochs))
+    if len(streams) == 1:
+        docs = streams[0]
+    else:
+        docs = grain.MapDataset.mix(streams, weights=sources.document_weights(train))
+    docs = docs.map_with_index(_keyed)[pid::pcount]
+    global_rows = rows_for_step or (lambda step: config.train.global_batch_size)
+
+    def host_rows(step: int) -> int:
+        total = int(global_rows(step))
+        if total % pcount:
+            raise ValueError(f"batch of {total} rows at step {step} does not split over "
+                             f"{pcount} processes")
+        return total // pcount
+
+    return _rows_to_batches(config, docs, ratio=config.train.mask_ratio, seed=config.data.seed,
+                            rows_for_step=host_rows, num_workers=config.data.num_workers,
+                            include_metadata=include_metadata)
+
+
+def make_eval_iterator(config, *, process_index: int | None = None,
+                       process_count: int | None = None, batch_rows: int | None = None,
+                       include_metadata: bool = False) -> grain.DatasetIterator:
+    """One pass over the eval documents (config.data.eval_mixture, else the held-out tail of
+    each train source), unshuffled, masked with config.train.eval_mask_ratio and a fixed seed;
+    the last batch is padded with empty rows. batch_rows: global rows per batch (default
+    config.data.eval_batch_size)."""
+    pid, pcount = _host(process_index, process_count)
+    train, evals, _ = _resolve(config)
+    streams = []
+    for i, src in enumerate(evals or train):
+        start = 0 if evals else len(src.docs) - _holdout(config, src)
+        streams.append(_source_stream(config, src, i, start=start, stop=len(src.docs),
+                                      shuffle=False, num_epochs=None))
+    docs = streams[0] if len(streams) == 1 else grain.MapDataset.concatenate(streams)
+    docs = docs.map_with_index(_keyed)[pid::pcount]
+    rows = (batch_rows or config.data.eval_batch_size) // pcount
+    ratio = config.train.eval_mask_ratio
+    return _rows_to_batches(config, docs, ratio=ratio, seed=config.data.seed + 1,
+                            rows_for_step=lambda step: rows, num_workers=0,
+                            include_metadata=include_metadata)

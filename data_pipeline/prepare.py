@@ -1,0 +1,354 @@
+"""Prepare raw text into ArrayRecord token shards: normalize, filter, dedup, tokenize, chunk, shard.
+
+    python -m data_pipeline.prepare --input='raw/*.jsonl.gz' --output=data/web \
+        --tokenizer=data/tok [--source=web] [--text_field=text] [--chunk_size=8000] ...
+
+Stages (each switchable, each counted in OUTPUT/stats.json and printed as a summary):
+  1. normalize      Unicode NFC + whitespace (data_pipeline.normalize)
+  2. filter         Gopher/C4-style quality rules and language id (data_pipeline.quality)
+  3. dedup          exact (sha256) then near-duplicate (MinHash LSH, --jaccard) across all inputs
+  4. tokenize       `tokenizers`, batched, in --workers processes; each document [CLS] ... [SEP]
+  5. chunk          optional Ettin chunking for long-context phases (data_pipeline.chunking)
+  6. shard          ArrayRecord shards + manifest.json (data_pipeline.shards)
+
+Resumable: stages 1-3 write OUTPUT/.work/kept.jsonl once; stage 4-6 writes shards one by one
+(each to NAME.tmp, then renamed) and records them in OUTPUT/.work/progress.json. A re-run with
+the same inputs and options skips what is done; with different ones it refuses (use a new
+--output). A failing run never touches finished shards or an existing manifest.
+Exit status: 0 ok, 1 bad input/options (message names file and line), 2 usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from typing import Iterator
+
+import numpy as np
+
+from data_pipeline import chunking, dedup, normalize, quality, shards, text_io, tokenizer
+
+WORK = ".work"
+
+
+@dataclasses.dataclass
+class Options:
+    inputs: list
+    output: str
+    tokenizer: str
+    source: str = ""
+    text_field: str = "text"
+    normalize: bool = True
+    filters: tuple = tuple(quality.RULES)
+    quality: quality.QualityConfig = dataclasses.field(default_factory=quality.QualityConfig)
+    exact_dedup: bool = True
+    near_dedup: bool = True
+    jaccard: float = 0.8
+    chunk: chunking.ChunkConfig | None = None
+    docs_per_shard: int = 50_000
+    workers: int = 1
+    batch_size: int = 256
+
+    def run_key(self, tokenizer_fingerprint: str) -> dict:
+        """What decides the output; a resumed run must match it exactly."""
+        return {"inputs": [[p, os.path.getsize(p)] for p in self.inputs],
+                "text_field": self.text_field, "normalize": self.normalize,
+                "filters": list(self.filters), "quality": dataclasses.asdict(self.quality),
+                "exact_dedup": self.exact_dedup, "near_dedup": self.near_dedup,
+                "jaccard": self.jaccard,
+                "chunk": dataclasses.asdict(self.chunk) if self.chunk else None,
+                "docs_per_shard": self.docs_per_shard, "tokenizer": tokenizer_fingerprint}
+
+
+class Progress:
+    """Prints `label: done/total (rate, ETA)` to stderr at most every `every` seconds."""
+
+    def __init__(self, label: str, total: float, unit: str, every: float = 5.0):
+        self.label, self.total, self.unit, self.every = label, total, unit, every
+        self.start = self.last = time.time()
+
+    def update(self, done: float, extra: str = "", force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        print(f"{self.label}: {done:,.0f}/{self.total:,.0f} {self.unit} ({rate:,.0f}/s, "
+              f"ETA {eta:,.0f}s) {extra}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- stage 1-3: scan
+def _scan(opts: Options, kept_path: str) -> dict:
+    """Normalizes, filters and dedups every input record; writes kept texts as JSON lines."""
+    stats = {"documents_in": 0, "words_in": 0, "chars_in": 0, "normalized_changed": 0,
+             "removed": {name: 0 for name in ("empty", *opts.filters, "exact_duplicate",
+                                               "near_duplicate")},
+             "documents_kept": 0, "words_kept": 0}
+    exact = dedup.ExactDedup() if opts.exact_dedup else None
+    near = dedup.NearDedup(threshold=opts.jaccard) if opts.near_dedup else None
+    total_bytes = sum(os.path.getsize(p) for p in opts.inputs)
+    progress = Progress("scan", total_bytes, "input bytes")
+    done_bytes = 0
+    tmp = kept_path + ".tmp"
+    try:
+        with open(tmp, "w") as out:
+            for path in opts.inputs:
+                for record in text_io.iter_file(path, text_field=opts.text_field):
+                    stats["documents_in"] += 1
+                    words = len(record.text.split())
+                    stats["words_in"] += words
+                    stats["chars_in"] += len(record.text)
+                    text = record.text
+                    if opts.normalize:
+                        text = normalize.normalize(text)
+                        stats["normalized_changed"] += text != record.text
+                    reason = "empty" if not text.strip() else None
+                    if reason is None and opts.filters:
+                        reason = quality.first_failing_rule(text, opts.filters, opts.quality)
+                    if reason is None and exact is not None and exact.is_duplicate(text):
+                        reason = "exact_duplicate"
+                    if reason is None and near is not None and near.is_duplicate(text):
+                        reason = "near_duplicate"
+                    if reason is not None:
+                        stats["removed"][reason] += 1
+                        continue
+                    stats["documents_kept"] += 1
+                    stats["words_kept"] += len(text.split())
+                    out.write(json.dumps({"text": text, "from": f"{record.file}:{record.line}"},
+                                         ensure_ascii=False) + "\n")
+                    progress.update(done_bytes, f"{stats['documents_in']:,} docs")
+                done_bytes += os.path.getsize(path)
+        os.replace(tmp, kept_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    progress.update(done_bytes, f"{stats['documents_in']:,} docs", force=True)
+    return stats
+
+
+# ---------------------------------------------------------------- stage 4-5: tokenize + chunk
+_WORKER_TOK = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _WORKER_TOK
+    _WORKER_TOK = tokenizer.load(tokenizer_json)
+
+
+def _encode(job: tuple[list[str], dict | None]) -> list[np.ndarray]:
+    """Token-id documents for a batch of texts: [CLS] ids [SEP], or one per Ettin chunk."""
+    texts, chunk = job
+    ids = tokenizer.special_ids(_WORKER_TOK)
+    cls, sep = np.array([ids["cls"]], np.uint32), np.array([ids["sep"]], np.uint32)
+    cfg = chunking.ChunkConfig(**chunk) if chunk else None
+    out = []
+    for enc in _WORKER_TOK.encode_batch(texts, add_special_tokens=False):
+        body = np.asarray(enc.ids, dtype=np.uint32)
+        pieces = chunking.chunk_ids(body, cfg) if cfg else [body]
+        out.extend(np.concatenate([cls, p, sep]) for p in pieces)
+    return out
+
+
+def _kept_batches(kept_path: str, first_doc: int, count: int, batch: int) -> Iterator[list[str]]:
+    with open(kept_path) as f:
+        for _ in range(first_doc):
+            f.readline()
+        texts = []
+        for _ in range(count):
+            texts.append(json.loads(f.readline())["text"])
+            if len(texts) == batch:
+                yield texts
+                texts = []
+        if texts:
+            yield texts
+
+
+def _write_shards(opts: Options, tok_json: str, n_docs: int, vocab_size: int,
+                  progress_path: str) -> list[dict]:
+    done = {}
+    if os.path.exists(progress_path):
+        with open(progress_path) as f:
+            done = {e["name"]: e for e in json.load(f)["shards"]}
+    dtype = shards.token_dtype(vocab_size)
+    n_shards = max(1, -(-n_docs // opts.docs_per_shard))
+    chunk = dataclasses.asdict(opts.chunk) if opts.chunk else None
+    progress = Progress("tokenize", n_docs, "documents")
+    entries = []
+    pool = None
+    if opts.workers > 1:
+        # spawn: a forked child would inherit the parent's tokenizer thread pool state.
+        pool = multiprocessing.get_context("spawn").Pool(
+            opts.workers, initializer=_init_worker, initargs=(tok_json,))
+    else:
+        _init_worker(tok_json)
+    try:
+        for k in range(n_shards):
+            name = shards.shard_name(k)
+            path = os.path.join(opts.output, name)
+            entry = done.get(name)
+            if entry and os.path.exists(path) and os.path.getsize(path) == entry["bytes"]:
+                entries.append(entry)          # finished by an earlier run: keep it
+                continue
+            first, count = k * opts.docs_per_shard, min(opts.docs_per_shard,
+                                                        n_docs - k * opts.docs_per_shard)
+            jobs = ((texts, chunk) for texts in
+                    _kept_batches(os.path.join(opts.output, WORK, "kept.jsonl"), first, count,
+                                  opts.batch_size))
+            results = pool.imap(_encode, jobs) if pool else map(_encode, jobs)
+            docs = []
+            for batch_docs in results:
+                docs.extend(batch_docs)
+                progress.update(first + len(docs), f"shard {k + 1}/{n_shards}")
+            entry = shards.write_shard(path, docs, dtype)
+            entry["input_documents"] = count
+            entries.append(entry)
+            shards.write_json_atomic(progress_path, {"shards": entries})
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    progress.update(n_docs, f"{n_shards} shards", force=True)
+    return entries
+
+
+# ---------------------------------------------------------------- driver
+def _summary(stats: dict) -> str:
+    lines = [f"documents in      {stats['documents_in']:>12,}   words {stats['words_in']:,}"]
+    for name, count in stats["removed"].items():
+        if count:
+            lines.append(f"  removed {name:<20} {count:>10,}")
+    lines.append(f"documents kept    {stats['documents_kept']:>12,}   words {stats['words_kept']:,}")
+    if "records_out" in stats:
+        lines.append(f"records out       {stats['records_out']:>12,}   tokens {stats['tokens_out']:,}")
+    return "\n".join(lines)
+
+
+def run(opts: Options) -> dict:
+    """Runs (or resumes) prepare; returns the manifest. Raises InputError/ShardError/TokenizerError."""
+    tok = tokenizer.load(opts.tokenizer)
+    specials = tokenizer.special_ids(tok, where=opts.tokenizer)
+    fp = tokenizer.fingerprint(tok)
+    key = opts.run_key(fp)
+    work = os.path.join(opts.output, WORK)
+    run_path = os.path.join(work, "run.json")
+    if os.path.exists(run_path):
+        with open(run_path) as f:
+            previous = json.load(f)
+        diff = sorted(k for k in set(previous) | set(key) if previous.get(k) != key.get(k))
+        if diff:
+            what = "tokenizer fingerprint" if diff == ["tokenizer"] else ", ".join(diff)
+            raise shards.ShardError(
+                f"{opts.output}: was prepared with a different {what} "
+                f"({run_path}); resume needs identical inputs and options; use a new --output")
+    kept_path = os.path.join(work, "kept.jsonl")
+    scan_stats_path = os.path.join(work, "scan_stats.json")
+    tok_json = os.path.join(work, "tokenizer.json")
+    if os.path.exists(run_path):
+        with open(scan_stats_path) as f:
+            stats = json.load(f)
+        print(f"scan: reusing {kept_path} from an earlier run", file=sys.stderr)
+    else:
+        # run.json is written last: it marks the scan as complete and fixes the options.
+        os.makedirs(work, exist_ok=True)
+        stats = _scan(opts, kept_path)
+        shards.write_json_atomic(scan_stats_path, stats)
+        tok.save(tok_json + ".tmp")
+        os.replace(tok_json + ".tmp", tok_json)
+        shards.write_json_atomic(run_path, key)
+
+    vocab_size = tok.get_vocab_size()
+    entries = _write_shards(opts, tok_json, stats["documents_kept"], vocab_size,
+                            os.path.join(work, "progress.json"))
+    stats["records_out"] = sum(e["documents"] for e in entries)
+    stats["tokens_out"] = sum(e["tokens"] for e in entries)
+    manifest = {
+        "format": shards.FORMAT, "source": opts.source or os.path.basename(opts.output.rstrip("/")),
+        "dtype": shards.token_dtype(vocab_size).str, "vocab_size": vocab_size,
+        "tokenizer": {"path": opts.tokenizer, "fingerprint": fp, "specials": specials},
+        "documents": stats["records_out"], "tokens": stats["tokens_out"],
+        "input_documents": stats["documents_kept"],
+        "chunking": dataclasses.asdict(opts.chunk) if opts.chunk else None,
+        "shards": entries,
+    }
+    shards.write_json_atomic(os.path.join(opts.output, "stats.json"), stats)
+    shards.write_json_atomic(os.path.join(opts.output, shards.MANIFEST), manifest)
+    with open(os.path.join(opts.output, "summary.txt"), "w") as f:
+        f.write(_summary(stats) + "\n")
+    print(_summary(stats), file=sys.stderr)
+    return manifest
+
+
+def _parse(argv: list[str] | None) -> Options:
+    p = argparse.ArgumentParser(
+        prog="python -m data_pipeline.prepare", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", action="append", required=True,
+                   help="glob of .jsonl/.jsonl.gz/.parquet/.txt files (repeatable)")
+    p.add_argument("--output", required=True, help="directory for shards and manifest.json")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer directory, tokenizer.json, or hub name")
+    p.add_argument("--source", default="", help="source name in the manifest (default: dir name)")
+    p.add_argument("--text_field", default="text", help="JSON/parquet field holding the text")
+    p.add_argument("--no_normalize", action="store_true", help="skip NFC/whitespace normalization")
+    p.add_argument("--filters", default="all",
+                   help=f"'all', 'none', or a comma list of {','.join(quality.RULES)}")
+    p.add_argument("--languages", default="en",
+                   help="comma list of ISO codes kept by the language rule")
+    for field in dataclasses.fields(quality.QualityConfig):
+        if field.type in ("int", "float"):
+            p.add_argument(f"--{field.name}", type=eval(field.type), default=field.default,
+                           help=f"quality rule threshold (default {field.default})")
+    p.add_argument("--no_exact_dedup", action="store_true")
+    p.add_argument("--no_near_dedup", action="store_true")
+    p.add_argument("--jaccard", type=float, default=0.8,
+                   help="near-duplicate Jaccard threshold on word 5-gram shingles")
+    p.add_argument("--chunk_size", type=int, default=0,
+                   help="Ettin chunking: max framed chunk length (e.g. 8000); 0 = off")
+    p.add_argument("--min_chunk_size", type=int, default=512)
+    p.add_argument("--always_skip_size", type=int, default=128)
+    p.add_argument("--no_backfill", action="store_true")
+    p.add_argument("--docs_per_shard", type=int, default=50_000,
+                   help="input documents per shard (the unit of resume)")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="tokenizer processes")
+    a = p.parse_args(argv)
+    filters = (tuple(quality.RULES) if a.filters == "all" else ()
+               if a.filters == "none" else tuple(x for x in a.filters.split(",") if x))
+    unknown = [f for f in filters if f not in quality.RULES]
+    if unknown:
+        p.error(f"--filters: unknown rule(s) {unknown}; known: {list(quality.RULES)}")
+    qcfg = quality.QualityConfig(
+        languages=tuple(x for x in a.languages.split(",") if x),
+        **{f.name: getattr(a, f.name) for f in dataclasses.fields(quality.QualityConfig)
+           if f.type in ("int", "float")})
+    try:
+        chunk = (chunking.ChunkConfig(a.chunk_size, a.min_chunk_size, a.always_skip_size,
+                                      not a.no_backfill) if a.chunk_size else None)
+        inputs = text_io.expand_inputs(a.input)
+    except ValueError as e:
+        p.exit(1, f"error: {e}\n")
+    return Options(inputs=inputs, output=a.output, tokenizer=a.tokenizer, source=a.source,
+                   text_field=a.text_field, normalize=not a.no_normalize, filters=filters,
+                   quality=qcfg, exact_dedup=not a.no_exact_dedup, near_dedup=not a.no_near_dedup,
+                   jaccard=a.jaccard, chunk=chunk, docs_per_shard=a.docs_per_shard,
+                   workers=a.workers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = _parse(argv)
+    try:
+        run(opts)
+    except (text_io.InputError, shards.ShardError, tokenizer.TokenizerError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

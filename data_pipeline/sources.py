@@ -1,0 +1,103 @@
+"""Opening the document sources named in `config.data.mixture`, whatever their format.
+
+Mixture grammar: comma-separated `PATH[:WEIGHT]` entries, e.g.
+    "data/dclm:0.49,data/starcoder:0.155,ettin-decay-data/train/books:0.138"
+WEIGHT is the share of *tokens* the source should contribute (default 1; normalized).
+PATH is detected by what it holds:
+    manifest.json          -> ArrayRecord shards from `data_pipeline.prepare`
+    index.json (anywhere below) -> MosaicML MDS shards (Ettin's released phase data)
+    *.parquet              -> Ettin's released batch order (`input_ids` column)
+Every source serves `docs[i]` = 1-D int32 token ids.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+
+import numpy as np
+
+from data_pipeline import data_order, mds, shards
+
+
+@dataclasses.dataclass
+class Source:
+    name: str
+    path: str
+    kind: str              # arrayrecord | mds | parquet
+    docs: object           # random access: len(docs), docs[i] -> int32 [n]
+    weight: float          # token share before normalization
+    mean_length: float     # tokens per document (manifest, or a sample of documents)
+    manifest: dict | None = None
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """[(path, weight)] from the mixture string; raises naming the bad entry."""
+    out = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        path, weight = entry, 1.0
+        head, sep, tail = entry.rpartition(":")
+        if sep and head:
+            try:
+                path, weight = head, float(tail)
+            except ValueError:
+                pass                   # a ':' inside the path, not a weight
+        if weight <= 0:
+            raise ValueError(f"config.data.mixture entry {entry!r}: weight must be > 0")
+        out.append((path, weight))
+    return out
+
+
+def detect_kind(path: str) -> str:
+    if os.path.exists(os.path.join(path, shards.MANIFEST)):
+        return "arrayrecord"
+    if path.endswith("index.json") or glob.glob(os.path.join(path, "**", "index.json"),
+                                                recursive=True):
+        return "mds"
+    if path.endswith(".parquet") or glob.glob(os.path.join(path, "**", "*.parquet"),
+                                              recursive=True):
+        return "parquet"
+    if not os.path.exists(path):
+        raise ValueError(f"config.data.mixture: {path}: no such file or directory")
+    raise ValueError(f"config.data.mixture: {path}: holds no manifest.json (prepare output), "
+                     "index.json (MDS) or *.parquet files")
+
+
+def _sampled_mean_length(docs, samples: int = 256) -> float:
+    n = len(docs)
+    if n == 0:
+        return 0.0
+    picks = np.unique(np.linspace(0, n - 1, min(n, samples)).astype(np.int64))
+    return float(np.mean([len(docs[int(i)]) for i in picks]))
+
+
+def open_source(path: str, weight: float, *, vocab_size: int, cache_dir: str | None = None) -> Source:
+    kind = detect_kind(path)
+    manifest = None
+    if kind == "arrayrecord":
+        docs = shards.ArrayRecordDocs(path, vocab_size=vocab_size)
+        manifest = docs.manifest
+        if manifest["vocab_size"] > vocab_size:
+            raise shards.ShardError(
+                f"{os.path.join(path, shards.MANIFEST)}: tokenizer vocabulary "
+                f"{manifest['vocab_size']} > model vocab_size {vocab_size}")
+        mean = manifest["tokens"] / max(1, manifest["documents"])
+    elif kind == "mds":
+        docs = mds.MDSDocs(path, vocab_size=vocab_size, cache_dir=cache_dir)
+        mean = _sampled_mean_length(docs)
+    else:
+        docs = data_order.ParquetDocs(path, vocab_size=vocab_size)
+        mean = _sampled_mean_length(docs)
+    if len(docs) == 0:
+        raise ValueError(f"config.data.mixture: {path}: has no documents")
+    name = (manifest or {}).get("source") or os.path.basename(path.rstrip("/"))
+    return Source(name, path, kind, docs, weight, mean, manifest)
+
+
+def document_weights(sources: list[Source]) -> list[float]:
+    """Per-document sampling weights that give each source its *token* share."""
+    raw = [s.weight / max(s.mean_length, 1e-9) for s in sources]
+    total = sum(raw)
+    return [w / total for w in raw]

@@ -1,0 +1,187 @@
+"""BPE tokenizers with the ModernBERT special-token layout, and loading/fingerprinting them.
+
+Layout (recipe §6): regular tokens take ids [0, unk_id); the five special tokens sit at
+    [UNK] unk_id, [CLS] unk_id+1, [SEP] unk_id+2, [PAD] unk_id+3, [MASK] unk_id+4
+and ids above them up to vocab_size are reserved "[unused{k}]" tokens. ModernBERT itself is
+unk_id=50280, vocab_size=50368; the tiny test config is unk_id=500, vocab_size=512.
+
+A trained tokenizer is saved as a directory that both `tokenizers` and transformers'
+`AutoTokenizer` read: tokenizer.json + tokenizer_config.json + special_tokens_map.json.
+
+CLI:
+    python -m data_pipeline.tokenizer train --input='corpus/*.jsonl' --output=DIR \
+        --vocab_size=512 --unk_id=500
+    python -m data_pipeline.tokenizer show DIR_OR_JSON
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+from typing import Iterable, Iterator
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+SPECIAL_NAMES = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
+MODERNBERT_UNK_ID = 50280
+MODERNBERT_VOCAB_SIZE = 50368
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be used (missing file, wrong special-token layout)."""
+
+
+def special_ids(tok: Tokenizer, where: str = "tokenizer") -> dict[str, int]:
+    """{'unk','cls','sep','pad','mask'} -> id; raises naming `where` if one is missing."""
+    out = {}
+    for name in SPECIAL_NAMES:
+        token_id = tok.token_to_id(name)
+        if token_id is None:
+            raise TokenizerError(f"{where}: has no {name} token; a ModernBERT-layout tokenizer "
+                                 "needs [UNK] [CLS] [SEP] [PAD] [MASK] (train one with "
+                                 "`python -m data_pipeline.tokenizer train`)")
+        out[name.strip("[]").lower()] = token_id
+    return out
+
+
+def _tokenizer_json_path(path: str) -> str:
+    return os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+
+
+def load(path_or_name: str) -> Tokenizer:
+    """A tokenizer from a directory with tokenizer.json, a tokenizer.json file, or a hub name."""
+    json_path = _tokenizer_json_path(path_or_name)
+    if os.path.exists(json_path):
+        try:
+            return Tokenizer.from_file(json_path)
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise TokenizerError(f"{json_path}: not a readable tokenizer.json ({e})") from e
+    if not _HUB_NAME.fullmatch(path_or_name):
+        raise TokenizerError(f"{path_or_name}: no such tokenizer file or directory")
+    try:  # a hub name such as answerdotai/ModernBERT-base (needs network access)
+        return Tokenizer.from_pretrained(path_or_name)
+    except Exception as e:
+        raise TokenizerError(f"{path_or_name}: neither a local tokenizer.json nor a loadable hub "
+                             f"tokenizer ({e})") from e
+
+
+def fingerprint(tok: Tokenizer) -> str:
+    """sha256 (hex, 16 chars) of what decides token ids: model, normalizer, pre-tokenizer, added tokens.
+
+    Truncation/padding settings are left out because they do not change ids of a document.
+    """
+    spec = json.loads(tok.to_str())
+    keep = {k: spec.get(k) for k in ("model", "normalizer", "pre_tokenizer", "added_tokens")}
+    blob = json.dumps(keep, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def train_bpe(texts: Iterable[str], *, vocab_size: int = MODERNBERT_VOCAB_SIZE,
+              unk_id: int = MODERNBERT_UNK_ID, min_frequency: int = 2,
+              show_progress: bool = False) -> Tokenizer:
+    """Trains a byte-level BPE whose vocabulary follows the ModernBERT layout (module docstring).
+
+    If the corpus is too small to learn `unk_id` regular tokens, the gap below [UNK] is filled
+    with reserved "[unused{k}]" tokens so that the special ids land where the model expects them.
+    """
+    if unk_id < 257 or unk_id + len(SPECIAL_NAMES) > vocab_size:
+        raise TokenizerError(f"unk_id={unk_id}, vocab_size={vocab_size}: need 257 <= unk_id and "
+                             f"unk_id + {len(SPECIAL_NAMES)} <= vocab_size")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=unk_id, min_frequency=min_frequency, show_progress=show_progress,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tok.train_from_iterator(texts, trainer=trainer)
+    unused = 0
+
+    def fill_to(target: int) -> None:
+        nonlocal unused
+        need = target - tok.get_vocab_size()
+        if need > 0:
+            tok.add_special_tokens([AddedToken(f"[unused{unused + k}]", special=True)
+                                    for k in range(need)])
+            unused += need
+
+    fill_to(unk_id)
+    for name in SPECIAL_NAMES:
+        # [MASK] absorbs the space before it, as ModernBERT's does ("Paris is the [MASK].").
+        tok.add_special_tokens([AddedToken(name, special=True, lstrip=name == "[MASK]",
+                                           normalized=False)])
+    fill_to(vocab_size)
+    ids = special_ids(tok)
+    if ids["unk"] != unk_id or tok.get_vocab_size() != vocab_size:
+        raise TokenizerError(f"layout check failed: [UNK] at {ids['unk']} (want {unk_id}), "
+                             f"vocab {tok.get_vocab_size()} (want {vocab_size})")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", ids["cls"]), ("[SEP]", ids["sep"])])
+    return tok
+
+
+def save(tok: Tokenizer, directory: str, *, model_max_length: int = 8192) -> str:
+    """Writes tokenizer.json + the config files transformers' AutoTokenizer needs; returns the dir."""
+    os.makedirs(directory, exist_ok=True)
+    special_ids(tok, where=directory)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    specials = {"unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                "pad_token": "[PAD]", "mask_token": "[MASK]",
+                "bos_token": "[CLS]", "eos_token": "[SEP]"}
+    config = dict(specials, tokenizer_class="PreTrainedTokenizerFast",
+                  model_max_length=model_max_length, clean_up_tokenization_spaces=False,
+                  model_input_names=["input_ids", "attention_mask"])
+    for name, payload in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
+        with open(os.path.join(directory, name), "w") as f:
+            json.dump(payload, f, indent=2)
+    return directory
+
+
+def _iter_texts(patterns: list[str], text_field: str) -> Iterator[str]:
+    from data_pipeline import text_io  # local import: only the CLI reads corpora here
+    for record in text_io.iter_records(text_io.expand_inputs(patterns), text_field=text_field):
+        yield record.text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipeline.tokenizer",
+        description="Train a byte-level BPE tokenizer with the ModernBERT special-token layout "
+                    "([UNK] [CLS] [SEP] [PAD] [MASK] at unk_id..unk_id+4), or show one.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train on .jsonl/.jsonl.gz/.parquet/.txt files")
+    tr.add_argument("--input", required=True, action="append",
+                    help="glob of input files (repeatable)")
+    tr.add_argument("--output", required=True, help="directory to write tokenizer.json into")
+    tr.add_argument("--text_field", default="text", help="JSON/parquet field holding the text")
+    tr.add_argument("--vocab_size", type=int, default=MODERNBERT_VOCAB_SIZE)
+    tr.add_argument("--unk_id", type=int, default=MODERNBERT_UNK_ID,
+                    help="id of [UNK]; [CLS] [SEP] [PAD] [MASK] follow it")
+    tr.add_argument("--min_frequency", type=int, default=2)
+    sh = sub.add_parser("show", help="print layout and fingerprint of a tokenizer")
+    sh.add_argument("path", help="tokenizer directory, tokenizer.json or hub name")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            tok = train_bpe(_iter_texts(args.input, args.text_field), vocab_size=args.vocab_size,
+                            unk_id=args.unk_id, min_frequency=args.min_frequency,
+                            show_progress=sys.stderr.isatty())
+            save(tok, args.output)
+            print(f"wrote {args.output}/tokenizer.json: vocab {tok.get_vocab_size()}, "
+                  f"specials {special_ids(tok)}, fingerprint {fingerprint(tok)}")
+        else:
+            tok = load(args.path)
+            print(json.dumps({"vocab_size": tok.get_vocab_size(), "specials": special_ids(tok, args.path),
+                              "fingerprint": fingerprint(tok)}, indent=2))
+    except (TokenizerError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
