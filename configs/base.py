@@ -1,0 +1,251 @@
+"""Shared defaults for every Ettin config, and the grammar of the `:arg` string.
+
+A size file (`configs/ettin_150m.py`) sets only what differs per size (shapes,
+peak LR, weight decay, warmup lengths) and calls `get_config_for_size`.
+
+The `arg` after the colon in `--config=configs/ettin_150m.py:ARG` reads
+
+    ARG      := RUN [ "," KEY "=" VALUE ]*
+    RUN      := OBJECTIVE [ "_" PHASE ]
+    OBJECTIVE:= "mlm" | "clm"               # encoder (masked LM) or decoder (causal LM)
+    PHASE    := "ext" | "decay"             # context extension, decay (default: pre-training)
+              | "from_clm" | "from_mlm"     # cross-objective: continue the other objective's model
+
+e.g. `mlm`, `clm_ext`, `mlm_decay`, `mlm_from_clm`, `clm_from_mlm,mntp=true`. The
+KEY=VALUE options are the short switches listed in `_OPTIONS`; anything else is
+overridden with `--config.a.b=value` flags as usual.
+
+Facts and their sources: ../shared/ettin_recipe.md (section numbers in comments).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+OBJECTIVES = ("mlm", "clm")
+PHASES = ("pretrain", "ext", "decay", "cross")
+
+# Special token ids of the ModernBERT tokenizer (recipe §6).
+UNK_ID, CLS_ID, SEP_ID, PAD_ID, MASK_ID = 50280, 50281, 50282, 50283, 50284
+VOCAB_SIZE = 50368
+
+# Short options accepted after the run name: name -> (parser, help).
+_OPTIONS = {
+    "mntp": (lambda s: _parse_bool("mntp", s),
+             "encoder-from-decoder run trains with masked next-token prediction"),
+    "window": (str, "decoder local window: 'transformers' (64 keys) or 'training' (65 keys)"),
+}
+
+
+def _parse_bool(key: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"config option {key}={text!r}: expected true or false")
+
+
+def parse_arg(arg: str | None) -> tuple[str, str, dict]:
+    """Splits a config arg into (objective, phase, options); see the module docstring."""
+    if not arg:
+        raise ValueError(
+            "missing config arg: use e.g. --config=configs/ettin_150m.py:mlm "
+            "(runs: mlm, clm, mlm_ext, clm_ext, mlm_decay, clm_decay, mlm_from_clm, clm_from_mlm)")
+    run, *pairs = [p.strip() for p in arg.split(",")]
+    objective, _, phase = run.partition("_")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"config arg {arg!r}: objective {objective!r} is not one of {OBJECTIVES}")
+    if phase in ("", "pretrain"):
+        phase = "pretrain"
+    elif phase in ("from_clm", "from_mlm"):
+        source = phase.removeprefix("from_")
+        if source == objective:
+            raise ValueError(f"config arg {arg!r}: a cross-objective run continues the *other* objective")
+        phase = "cross"
+    elif phase not in ("ext", "decay"):
+        raise ValueError(
+            f"config arg {arg!r}: phase {phase!r} is not one of ext, decay, from_clm, from_mlm")
+    options = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or key not in _OPTIONS:
+            known = ", ".join(f"{k} ({h})" for k, (_, h) in _OPTIONS.items())
+            raise ValueError(f"config arg {arg!r}: unknown option {pair!r}; known: {known}")
+        options[key] = _OPTIONS[key][0](value)
+    if options.get("mntp") and not (objective == "mlm" and phase == "cross"):
+        raise ValueError(f"config arg {arg!r}: mntp applies only to mlm_from_clm")
+    return objective, phase, options
+
+
+def model_config(*, num_layers: int, hidden_size: int, intermediate_size: int,
+                 num_heads: int, vocab_size: int = VOCAB_SIZE) -> ml_collections.ConfigDict:
+    """Architecture of one size (recipe §1, §2). `intermediate_size` is I: Wi maps H -> 2I."""
+    m = ml_collections.ConfigDict()
+    m.vocab_size = vocab_size
+    m.hidden_size = hidden_size
+    m.intermediate_size = intermediate_size
+    m.num_layers = num_layers
+    m.num_heads = num_heads
+    m.causal = False                      # False: encoder (MLM); True: decoder (CLM)
+    m.global_attn_every_n_layers = 3      # layer i is global iff i % 3 == 0
+    m.local_attention = 128               # encoder local layers see |i-j| <= 64
+    # Decoder local layers: 'transformers' = keys i-63..i (what exported models do),
+    # 'training' = keys i-64..i (FA2 window (64, 64) + causal, as Ettin trained).
+    m.decoder_window = "transformers"
+    m.global_rope_theta = 10_000.0
+    m.local_rope_theta = 10_000.0
+    m.max_position_embeddings = 1024
+    m.norm_eps = 1e-5
+    m.embedding_dropout = 0.0
+    m.attn_out_dropout = 0.1              # dropout on the attention-output branch (recipe §1.2)
+    m.mlp_dropout = 0.0
+    m.initializer_range = 0.02            # full_megatron truncated normal (recipe §1.4)
+    m.initializer_cutoff_factor = 2.0
+    m.dtype = "bfloat16"                  # compute dtype; parameters stay float32
+    m.attention_impl = "auto"             # auto | xla | pallas | cudnn | splash
+    m.pad_token_id = PAD_ID
+    m.cls_token_id = CLS_ID
+    m.sep_token_id = SEP_ID
+    m.mask_token_id = MASK_ID
+    m.bos_token_id = CLS_ID
+    m.eos_token_id = SEP_ID
+    return m
+
+
+def data_config(*, model: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+    """`config.data`: what data_pipeline.loader reads (its docstring has the batch format).
+
+    seq_len is config.train.seq_len and the mask ratios are config.train.{eval_,}mask_ratio.
+    Mixture strings: comma-separated PATH[:TOKEN_SHARE]; a PATH holds prepare output
+    (manifest.json), MDS shards (index.json) or data-order parquet (data_pipeline.sources).
+    """
+    d = ml_collections.ConfigDict()
+    d.mixture = ""                  # "" = demo corpus from the Python stdlib (demo_dir)
+    d.eval_mixture = ""             # "" = hold out the last eval_documents of each source
+    d.eval_documents = 512          # per source, at most a tenth of it
+    d.eval_batch_size = 64          # global rows per eval batch
+    d.tokenizer = ""                # dir/tokenizer.json; "" = the copy prepare kept / demo's
+    d.unk_token_id = model.cls_token_id - 1   # ModernBERT layout: [UNK] right below [CLS]
+    d.seed = seed                   # shuffles and masks derive from (seed, stream position)
+    d.shuffle = True
+    d.num_workers = 2               # Grain worker processes (0 = in the main process)
+    d.worker_group_rows = 16        # rows a worker hands over at once
+    d.worker_buffer_groups = 4      # groups prefetched per worker
+    d.pack_pool_size = 256          # packing lookahead (pending document pieces)
+    d.mds_cache_dir = ""            # where zstd MDS shards are decompressed ("" = beside them)
+    d.demo_dir = "data/demo"
+    d.demo_max_bytes = 8_000_000    # text read from the stdlib for the demo corpus
+    return d
+
+
+def get_config_for_size(arg: str | None, *, size: str, model: ml_collections.ConfigDict,
+                        peak_lr: float, weight_decay: float, lr_warmup_tokens: float,
+                        batch_warmup_tokens: float) -> ml_collections.ConfigDict:
+    """The full config of one size for the run named by `arg` (recipe §3)."""
+    objective, phase, options = parse_arg(arg)
+    c = ml_collections.ConfigDict()
+    c.size = size
+    c.objective = objective
+    c.phase = phase
+    c.seed = 21 if phase != "cross" else 210
+
+    c.model = model
+    c.model.causal = objective == "clm"
+    if "window" in options:
+        if options["window"] not in ("transformers", "training"):
+            raise ValueError(f"config option window={options['window']!r}: "
+                             "expected 'transformers' or 'training'")
+        c.model.decoder_window = options["window"]
+    long_context = phase != "pretrain"
+    if long_context:                       # phases 2-3 and cross-objective (recipe §3.2, §3.3)
+        c.model.global_rope_theta = 160_000.0
+        c.model.local_rope_theta = 160_000.0
+        c.model.max_position_embeddings = 7999
+
+    c.train = ml_collections.ConfigDict()
+    c.train.mask_ratio = {"pretrain": 0.30, "ext": 0.30, "decay": 0.15, "cross": 0.15}[phase]
+    c.train.eval_mask_ratio = 0.15
+    c.train.mntp = bool(options.get("mntp", False))
+    c.train.seq_len = 8192 if long_context else 1024
+    c.train.global_batch_size = 4608      # sequences per optimizer step, every phase
+    c.train.init_from = ""                # workdir of the previous phase (phases 2-3, cross)
+    c.data = data_config(model=c.model, seed=c.seed)
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "stableadamw"
+    c.optimizer.peak_lr = peak_lr
+    c.optimizer.weight_decay = weight_decay
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.98
+    c.optimizer.eps = 1e-6
+    c.optimizer.grad_clip_norm = 0.0      # 0 = off (StableAdamW clips updates instead)
+    c.optimizer.lr_warmup_tokens = lr_warmup_tokens
+    c.optimizer.batch_warmup_tokens = batch_warmup_tokens
+    # StableAdamW decays weights by wd * lr_t / max_lr, max_lr = peak_lr * max_lr_fraction: the
+    # LR the optimizer was built with (recipe §4.1). Extension and decay carry the phase-1
+    # optimizer over (so its max_lr), a cross-objective run builds a fresh one at its own LR.
+    c.optimizer.max_lr_fraction = 1.0
+
+    _add_training_sections(c, size=size, phase=phase)
+    return c
+
+
+def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: str):
+    """Schedule, batching, checkpoints, mesh and logging of one phase (recipe §3.2, §3.3, §4.2)."""
+    huge = size == "1b"                     # the 1b's extension and decay are a third as long
+    # Each step's rows are split into micro batches whose gradients are summed (gradient
+    # accumulation); batch-size warmup adds whole micro batches. 8 x 576 rows is Ettin's 17m
+    # layout on 4 GPUs; raise it where the activations of a micro batch do not fit.
+    c.train.grad_accum_steps = 8
+    c.train.init_optimizer_state = phase in ("ext", "decay")   # cross-objective: params only
+    c.train.eval_every_steps = 1000
+    c.train.eval_batches = 8
+
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.name = "warmup_stable_decay" if phase in ("pretrain", "cross") else "one_minus_sqrt"
+    c.schedule.lr_fraction = {"pretrain": 1.0, "ext": 1.0, "decay": 0.5, "cross": 0.5}[phase]
+    c.schedule.total_tokens = {"pretrain": 1.7e12, "ext": 8.3333e10 if huge else 2.5e11,
+                               "decay": 1.6667e10 if huge else 5e10,
+                               "cross": 1.6667e10 if huge else 5e10}[phase]
+    if phase in ("ext", "decay"):            # 1-sqrt over the whole phase (t_decay = t_max)
+        c.schedule.decay_tokens = c.schedule.get_ref("total_tokens")
+    else:
+        c.schedule.decay_tokens = {"pretrain": 0.0, "cross": 3.333e9 if huge else 1e10}[phase]
+    c.schedule.final_fraction = {"pretrain": 0.02, "ext": 0.5, "decay": 0.04, "cross": 0.02}[phase]
+    if phase in ("ext", "decay"):
+        c.optimizer.lr_warmup_tokens = 0.0
+        c.optimizer.batch_warmup_tokens = 0.0
+    if phase == "cross":
+        c.optimizer.lr_warmup_tokens = 1e9 if huge else 3e9
+        c.optimizer.batch_warmup_tokens = 1e10
+        c.optimizer.max_lr_fraction = c.schedule.lr_fraction
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_tokens = 8.5e9       # recipe §3.3; converted to steps at the full batch
+    c.checkpoint.every_steps = 0            # > 0 overrides every_tokens
+    c.checkpoint.keep_last = 3
+    c.checkpoint.keep_every_nth = 10        # also keep every 10th save for good (0 = none)
+    c.checkpoint.async_save = True
+
+    c.mesh = ml_collections.ConfigDict()    # device counts per axis; -1 = all the rest
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+
+    # With no dataset configured (data.mixture == "") the run is a demo on the stdlib corpus
+    # that ends in minutes on a laptop CPU: these replace the recipe's batch, length and budget.
+    c.demo = ml_collections.ConfigDict()
+    c.demo.global_batch_size = 16
+    c.demo.seq_len = 128
+    c.demo.total_tokens = 160 * 16 * 128    # 160 steps
+    c.demo.lr_warmup_tokens = 20 * 16 * 128
+    c.demo.eval_every_steps = 40
+    c.demo.checkpoint_every_steps = 40
+    c.demo.log_every_steps = 10
+    c.demo.cpu_float32 = True               # CPUs lack fast bfloat16 matmuls
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 50
+    c.log.progress_every_secs = 60.0
+    c.log.device_peak_flops = 0.0           # per device, for MFU; 0 = from jax's device_kind
+    c.log.profile_steps = 0                 # > 0: capture a profile of that many steps

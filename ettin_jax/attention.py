@@ -1,0 +1,97 @@
+"""The one attention entry point of the model, and its XLA reference.
+
+Every implementation takes the same arguments and masks by the same rule:
+query i sees key j iff
+  * both are in the same non-zero segment (`segment_ids`; 0 = padding sees nothing),
+  * `i - left <= j <= i + right` for `window_size=(left, right)` (-1 = unbounded),
+  * and `j <= i` when `causal`.
+A query that sees no key returns zeros (never NaN).
+"""
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("xla", "pallas", "cudnn", "splash")
+
+
+def attention_mask(q_len: int, k_len: int, *, segment_ids=None, causal: bool = False,
+                   window_size=(-1, -1)):
+    """Boolean visibility `[batch or 1, q_len, k_len]` under the module's rule."""
+    left, right = window_size
+    q_pos = jnp.arange(q_len)[:, None]
+    k_pos = jnp.arange(k_len)[None, :]
+    visible = jnp.ones((q_len, k_len), dtype=bool)
+    if causal:
+        visible &= k_pos <= q_pos
+    if left >= 0:
+        visible &= k_pos >= q_pos - left
+    if right >= 0:
+        visible &= k_pos <= q_pos + right
+    visible = visible[None]
+    if segment_ids is not None:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        visible = visible & same & (segment_ids[:, :, None] != 0)
+    return visible
+
+
+def xla_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_size=(-1, -1),
+                  sm_scale: float | None = None):
+    """Dense reference attention.
+
+    Args:
+      q, k, v: `[batch, seq, heads, head_dim]`.
+      segment_ids: `[batch, seq]` int32 or None.
+    Returns:
+      `[batch, seq, heads, head_dim]` in q's dtype; logits and softmax in float32.
+    """
+    head_dim = q.shape[-1]
+    scale = head_dim ** -0.5 if sm_scale is None else sm_scale
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    visible = attention_mask(q.shape[1], k.shape[1], segment_ids=segment_ids, causal=causal,
+                             window_size=window_size)[:, None]
+    logits = jnp.where(visible, logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    weights = jnp.exp(logits - row_max)
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    probs = weights / jnp.where(denom == 0, 1.0, denom)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+
+def default_implementation() -> str:
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "pallas"
+    if backend == "tpu":
+        return "splash"
+    return "xla"
+
+
+def resolve_implementation(name: str) -> str:
+    if name == "auto":
+        return default_implementation()
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"model.attention_impl={name!r}: expected 'auto' or one of {IMPLEMENTATIONS}")
+    return name
+
+
+def attention(q, k, v, *, impl: str = "xla", segment_ids=None, causal: bool = False,
+              window_size=(-1, -1), sm_scale: float | None = None):
+    """Dispatches to the implementation named by `impl` (see `IMPLEMENTATIONS`)."""
+    impl = resolve_implementation(impl)
+    kwargs = dict(segment_ids=segment_ids, causal=causal, window_size=tuple(window_size),
+                  sm_scale=sm_scale)
+    if impl == "xla":
+        return xla_attention(q, k, v, **kwargs)
+    if impl == "pallas":
+        from ettin_jax.kernels import flash_attention  # pylint: disable=import-outside-toplevel
+        return flash_attention(q, k, v, **kwargs)
+    if impl == "cudnn":
+        from ettin_jax.kernels import cudnn_attention  # pylint: disable=import-outside-toplevel
+        return cudnn_attention(q, k, v, **kwargs)
+    from ettin_jax.kernels import splash_attention  # pylint: disable=import-outside-toplevel
+    return splash_attention(q, k, v, **kwargs)

@@ -1,0 +1,260 @@
+"""The Ettin model: ModernBERT as transformers implements it, encoder and decoder, in Flax NNX.
+
+One module serves both objectives. `config.causal=False` is `ModernBertForMaskedLM`,
+`config.causal=True` is `ModernBertDecoderForCausalLM`; their parameter trees are
+identical here (the decoder's q/k/v projections are kept fused, as Ettin trained them,
+and split only on Hugging Face export), so a checkpoint moves between objectives as is.
+
+    x = LayerNorm(embed[input_ids])
+    for layer i:   (layer 0 has no attention norm)
+        x = x + Dropout(Wo(Attention_i(RoPE(Wqkv(attn_norm(x))))))
+        a, g = Wi(mlp_norm(x));  x = x + Wo_mlp(gelu(a) * g)
+    hidden = final_norm(x)
+    logits = LayerNorm(gelu(dense(hidden))) @ embed.T + decoder_bias
+
+Layer i is global iff i % global_attn_every_n_layers == 0, else local (a window of
+local_attention // 2 on each side for the encoder; the last 64 or 65 keys for the decoder).
+Parameters are float32 and carry logical axis names (`vocab`, `embed`, `heads`, `kv`,
+`mlp`, `norm`) for the sharding rules; matmuls run in `config.dtype`; the residual
+stream, norms, RoPE and softmax stay in float32, as under PyTorch autocast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ettin_jax import attention as attention_lib
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static architecture, built from the `config.model` ConfigDict by `from_config`."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    causal: bool = False
+    global_attn_every_n_layers: int = 3
+    local_attention: int = 128
+    decoder_window: str = "transformers"
+    global_rope_theta: float = 10_000.0
+    local_rope_theta: float = 10_000.0
+    max_position_embeddings: int = 1024
+    norm_eps: float = 1e-5
+    embedding_dropout: float = 0.0
+    attn_out_dropout: float = 0.1
+    mlp_dropout: float = 0.0
+    initializer_range: float = 0.02
+    initializer_cutoff_factor: float = 2.0
+    dtype: str = "bfloat16"
+    attention_impl: str = "auto"
+    pad_token_id: int = 50283
+    cls_token_id: int = 50281
+    sep_token_id: int = 50282
+    mask_token_id: int = 50284
+    bos_token_id: int = 50281
+    eos_token_id: int = 50282
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelConfig":
+        """Accepts a ModelConfig, an ml_collections ConfigDict or a plain dict."""
+        if isinstance(config, cls):
+            return config
+        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config.model has unknown keys {unknown}; known keys: {sorted(known)}")
+        result = cls(**values)
+        result.validate()
+        return result
+
+    def validate(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"config.model.hidden_size={self.hidden_size} is not a multiple of "
+                             f"num_heads={self.num_heads}")
+        if self.decoder_window not in ("transformers", "training"):
+            raise ValueError(f"config.model.decoder_window={self.decoder_window!r}: expected "
+                             "'transformers' or 'training'")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"config.model.dtype={self.dtype!r}: expected one of {sorted(_DTYPES)}")
+        attention_lib.resolve_implementation(self.attention_impl)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    def is_global(self, layer: int) -> bool:
+        return layer % self.global_attn_every_n_layers == 0
+
+    def window_size(self, layer: int) -> tuple[int, int]:
+        """(left, right) keys a query sees around itself in `layer`; -1 = unbounded."""
+        if self.is_global(layer):
+            return (-1, -1)
+        half = self.local_attention // 2
+        if not self.causal:
+            return (half, half)
+        # transformers: keys i-63..i (64 keys); Ettin's training (FA2 (64,64) + causal): i-64..i.
+        return (half - 1, 0) if self.decoder_window == "transformers" else (half, 0)
+
+    def rope_theta(self, layer: int) -> float:
+        return self.global_rope_theta if self.is_global(layer) else self.local_rope_theta
+
+
+def _truncated_normal(rngs: nnx.Rngs, shape, std: float, cutoff: float):
+    """N(0, std^2) truncated at +-cutoff*std, as torch's trunc_normal_(std, a=-c*std, b=c*std)."""
+    return std * jax.random.truncated_normal(rngs.params(), -cutoff, cutoff, shape, jnp.float32)
+
+
+def _param(value, axes):
+    """A float32 parameter annotated with logical axis names. It is placed by those names
+    at creation only when a mesh is active (`jax.set_mesh` + `nnx.logical_axis_rules`);
+    otherwise the names are metadata for `ettin_jax.sharding` to read."""
+    mesh_active = not jax.sharding.get_abstract_mesh().empty
+    return nnx.Param(value, out_sharding=axes, eager_sharding=mesh_active)
+
+
+def layer_norm(x, scale, eps: float):
+    """Bias-free LayerNorm over the last axis, computed in float32. x: `[..., hidden]`."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return (x32 - mean) * jax.lax.rsqrt(var + eps) * scale[...]
+
+
+def gelu(x):
+    return jax.nn.gelu(x, approximate=False)  # exact erf GELU, as ACT2FN["gelu"]
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float):
+    """cos, sin `[batch, seq, 1, head_dim]` float32 for the rotate-half (GPT-NeoX) form."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """x: `[batch, seq, heads, head_dim]`; rotation in float32, result in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """One pre-norm transformer layer: attention (global or local) then GeGLU MLP."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        H, I, nH, hd = config.hidden_size, config.intermediate_size, config.num_heads, config.head_dim
+        std_in = config.initializer_range
+        std_out = config.initializer_range / math.sqrt(2.0 * config.num_layers)
+        c = config.initializer_cutoff_factor
+        self.layer = layer
+        self.window_size = config.window_size(layer)
+        self.rope_theta = config.rope_theta(layer)
+        self.causal = config.causal
+        self.eps = config.norm_eps
+        # Layer 0's attention input is the (already normalised) embedding output.
+        self.attn_norm = _param(jnp.ones((H,)), ("norm",)) if layer > 0 else None
+        # [hidden, 3 (q,k,v), heads, head_dim]: the layout of HF's fused Wqkv output columns.
+        self.qkv = _param(_truncated_normal(rngs, (H, 3, nH, hd), std_in, c),
+                          ("embed", None, "heads", "kv"))
+        self.attn_out = _param(_truncated_normal(rngs, (nH, hd, H), std_out, c),
+                               ("heads", "kv", "embed"))
+        self.attn_out_dropout = nnx.Dropout(config.attn_out_dropout, rngs=rngs)
+        self.mlp_norm = _param(jnp.ones((H,)), ("norm",))
+        # [hidden, 2 (input, gate), intermediate]: HF's Wi output chunked in two halves.
+        self.mlp_in = _param(_truncated_normal(rngs, (H, 2, I), std_in, c), ("embed", None, "mlp"))
+        self.mlp_out = _param(_truncated_normal(rngs, (I, H), std_out, c), ("mlp", "embed"))
+        self.mlp_dropout = nnx.Dropout(config.mlp_dropout, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids, *, dtype, attention_impl: str):
+        """x: `[batch, seq, hidden]` float32 residual stream -> same."""
+        h = x if self.attn_norm is None else layer_norm(x, self.attn_norm, self.eps)
+        qkv = jnp.einsum("bsh,hcnd->bscnd", h.astype(dtype), self.qkv[...].astype(dtype))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        cos, sin = rope_cos_sin(positions, q.shape[-1], self.rope_theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attn = attention_lib.attention(q, k, v, impl=attention_impl, segment_ids=segment_ids,
+                                       causal=self.causal, window_size=self.window_size)
+        out = jnp.einsum("bsnd,ndh->bsh", attn, self.attn_out[...].astype(dtype))
+        x = x + self.attn_out_dropout(out).astype(jnp.float32)
+
+        h = layer_norm(x, self.mlp_norm, self.eps).astype(dtype)
+        gate_in = jnp.einsum("bsh,hci->bsci", h, self.mlp_in[...].astype(dtype))
+        inner = gelu(gate_in[:, :, 0]) * gate_in[:, :, 1]
+        out = jnp.einsum("bsi,ih->bsh", self.mlp_dropout(inner), self.mlp_out[...].astype(dtype))
+        return x + out.astype(jnp.float32)
+
+
+class EttinModel(nnx.Module):
+    """Ettin encoder (`config.causal=False`) or decoder (`True`).
+
+    `model(input_ids, segment_ids=None, positions=None)` -> logits `[batch, seq, vocab]`
+    float32. `segment_ids [batch, seq]` int32 marks packed documents (0 = padding);
+    `positions [batch, seq]` are RoPE positions (default 0..seq-1), restarting per
+    document when packed. Sparse MLM prediction: `head_logits(gather(hidden_states(...)))`.
+    `model.train()` / `model.eval()` switch the dropouts on and off; `model.attention_impl`
+    picks the attention implementation ('auto', 'xla', 'pallas', 'cudnn', 'splash').
+    """
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        config = ModelConfig.from_config(config)
+        self.config = config
+        self.attention_impl = config.attention_impl
+        H, V = config.hidden_size, config.vocab_size
+        c = config.initializer_cutoff_factor
+        std = config.initializer_range
+        self.tok_embeddings = _param(_truncated_normal(rngs, (V, H), std, c), ("vocab", "embed"))
+        self.embed_norm = _param(jnp.ones((H,)), ("norm",))
+        self.embed_dropout = nnx.Dropout(config.embedding_dropout, rngs=rngs)
+        self.layers = nnx.List([Block(config, i, rngs=rngs) for i in range(config.num_layers)])
+        self.final_norm = _param(jnp.ones((H,)), ("norm",))
+        # Ettin trained the head's dense with the "in" std (full_megatron; recipe §1.4).
+        self.head_dense = _param(_truncated_normal(rngs, (H, H), std, c), ("embed", None))
+        self.head_norm = _param(jnp.ones((H,)), ("norm",))
+        self.decoder_bias = _param(jnp.zeros((V,)), ("vocab",))
+
+    def hidden_states(self, input_ids, segment_ids=None, positions=None):
+        """input_ids `[batch, seq]` -> final-norm hidden states `[batch, seq, hidden]` float32."""
+        config = self.config
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32),
+                                         input_ids.shape)
+        dtype = config.compute_dtype
+        impl = attention_lib.resolve_implementation(self.attention_impl)
+        x = jnp.take(self.tok_embeddings[...], input_ids, axis=0)
+        x = self.embed_dropout(layer_norm(x, self.embed_norm, config.norm_eps))
+        for block in self.layers:
+            x = block(x, positions, segment_ids, dtype=dtype, attention_impl=impl)
+        return layer_norm(x, self.final_norm, config.norm_eps)
+
+    def head_logits(self, hidden):
+        """Prediction head and tied decoder: hidden `[..., hidden]` -> logits `[..., vocab]` float32."""
+        dtype = self.config.compute_dtype
+        h = jnp.einsum("...h,hk->...k", hidden.astype(dtype), self.head_dense[...].astype(dtype))
+        h = layer_norm(gelu(h), self.head_norm, self.config.norm_eps)
+        logits = jnp.einsum("...h,vh->...v", h.astype(dtype), self.tok_embeddings[...].astype(dtype),
+                            preferred_element_type=jnp.float32)
+        return logits + self.decoder_bias[...]
+
+    def __call__(self, input_ids, segment_ids=None, positions=None):
+        return self.head_logits(self.hidden_states(input_ids, segment_ids, positions))
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of parameters (the tied decoder weight counted once, as transformers does)."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,48 @@
+"""Config files: the arg grammar, the recipe's values per size and phase, clear errors."""
+import importlib
+
+import pytest
+
+from configs import base
+
+SIZES = ["17m", "32m", "68m", "150m", "400m", "1b"]
+RUNS = ["mlm", "clm", "mlm_ext", "clm_ext", "mlm_decay", "clm_decay", "mlm_from_clm", "clm_from_mlm"]
+
+
+@pytest.mark.parametrize("size", SIZES + ["tiny"])
+@pytest.mark.parametrize("run", RUNS)
+def test_every_size_builds_every_run(size, run):
+    config = importlib.import_module(f"configs.ettin_{size}").get_config(run)
+    objective, _, phase = run.partition("_")
+    assert config.objective == objective
+    assert config.model.causal == (objective == "clm")
+    assert config.phase == {"": "pretrain", "ext": "ext", "decay": "decay"}.get(phase, "cross")
+
+
+def test_recipe_values():
+    c = importlib.import_module("configs.ettin_150m").get_config("mlm")
+    assert (c.model.num_layers, c.model.hidden_size, c.model.intermediate_size, c.model.num_heads) == (22, 768, 1152, 12)
+    assert c.optimizer.peak_lr == 8e-4 and c.optimizer.weight_decay == 1e-5
+    assert c.train.mask_ratio == 0.30 and c.train.seq_len == 1024
+    assert c.model.global_rope_theta == c.model.local_rope_theta == 10_000
+    decay = importlib.import_module("configs.ettin_1b").get_config("mlm_decay")
+    assert decay.train.mask_ratio == 0.15 and decay.train.seq_len == 8192
+    assert decay.model.global_rope_theta == decay.model.local_rope_theta == 160_000
+    assert decay.optimizer.weight_decay == 5e-5
+    cross = importlib.import_module("configs.ettin_17m").get_config("mlm_from_clm,mntp=true")
+    assert cross.train.mntp and cross.train.mask_ratio == 0.15 and cross.seed == 210
+    assert importlib.import_module("configs.ettin_17m").get_config("clm,window=training").model.decoder_window == "training"
+
+
+@pytest.mark.parametrize("arg,message", [
+    (None, "missing config arg"),
+    ("mlmx", "objective 'mlmx'"),
+    ("mlm_warm", "phase 'warm'"),
+    ("mlm_from_mlm", "continues the \\*other\\* objective"),
+    ("clm,mntp=true", "mntp applies only to mlm_from_clm"),
+    ("mlm,foo=1", "unknown option 'foo=1'"),
+    ("mlm_from_clm,mntp=maybe", "expected true or false"),
+])
+def test_bad_args_say_what_is_wrong(arg, message):
+    with pytest.raises(ValueError, match=message):
+        base.parse_arg(arg)

@@ -1,0 +1,159 @@
+"""The model on its own: packing, parameter counts, initialisation, masks, dropout, dtypes."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import transformers
+from flax import nnx
+
+from configs import ettin_17m, ettin_32m, ettin_68m, ettin_150m, ettin_400m, ettin_1b, ettin_tiny
+from ettin_jax import attention
+from ettin_jax.model import EttinModel, count_params
+
+
+def _model(arg="mlm", seed=0, **overrides):
+    config = ettin_tiny.get_config(arg).model
+    for key, value in overrides.items():
+        config[key] = value
+    model = EttinModel(config, rngs=nnx.Rngs(seed))
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("arg", ["mlm", "clm"])
+def test_packed_documents_equal_documents_alone(arg):
+    """Two documents packed in one row (+ padding) give each document's own logits."""
+    model = _model(arg)
+    rng = np.random.RandomState(0)
+    doc_a, doc_b = rng.randint(0, 500, 37), rng.randint(0, 500, 50)   # longer than the window
+    pad = 9
+    ids = np.concatenate([doc_a, doc_b, np.full(pad, ettin_tiny.PAD_ID)])[None]
+    segment_ids = np.concatenate([np.full(37, 1), np.full(50, 2), np.zeros(pad)])[None].astype(np.int32)
+    positions = np.concatenate([np.arange(37), np.arange(50), np.zeros(pad)])[None].astype(np.int32)
+    packed = np.asarray(model(jnp.asarray(ids), jnp.asarray(segment_ids), jnp.asarray(positions)))
+    alone_a = np.asarray(model(jnp.asarray(doc_a[None])))
+    alone_b = np.asarray(model(jnp.asarray(doc_b[None])))
+    np.testing.assert_allclose(packed[0, :37], alone_a[0], atol=2e-5)
+    np.testing.assert_allclose(packed[0, 37:87], alone_b[0], atol=2e-5)
+    assert np.isfinite(packed).all()
+
+
+EXPECTED_PARAMS = {   # recipe §2, computed from the transformers shapes
+    ettin_17m: 16_913_600, ettin_32m: 32_081_344, ettin_68m: 68_457_664,
+    ettin_150m: 149_655_232, ettin_400m: 395_881_664, ettin_1b: 1_031_314_112,
+}
+
+
+@pytest.mark.parametrize("size", list(EXPECTED_PARAMS), ids=lambda m: m.__name__.split(".")[-1])
+def test_parameter_counts_match_transformers(size):
+    config = size.get_config("mlm").model
+    ours = count_params(nnx.eval_shape(lambda: EttinModel(config, rngs=nnx.Rngs(0))))
+    hf_config = transformers.ModernBertConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads)
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in transformers.ModernBertForMaskedLM(hf_config).parameters())
+    assert ours == theirs == EXPECTED_PARAMS[size]
+
+
+def test_full_megatron_initialisation():
+    """Truncated normals at +-2 std: in-projections 0.02, out-projections 0.02/sqrt(2L)."""
+    config = ettin_tiny.get_config("mlm").model
+    config.hidden_size, config.intermediate_size, config.num_heads = 256, 512, 4
+    model = EttinModel(config, rngs=nnx.Rngs(0))
+    truncated_std = scipy.stats.truncnorm(-2, 2).std()         # independent reference, ~0.88
+    std_in, std_out = 0.02, 0.02 / math.sqrt(2 * config.num_layers)
+    for name, array, std in [("tok_embeddings", model.tok_embeddings, std_in),
+                             ("qkv", model.layers[1].qkv, std_in),
+                             ("mlp_in", model.layers[2].mlp_in, std_in),
+                             ("attn_out", model.layers[1].attn_out, std_out),
+                             ("mlp_out", model.layers[3].mlp_out, std_out),
+                             ("head_dense", model.head_dense, std_in)]:
+        values = np.asarray(array[...])
+        assert abs(values.std() / (std * truncated_std) - 1) < 0.03, name
+        assert np.abs(values).max() <= 2 * std + 1e-7, name
+    assert (np.asarray(model.decoder_bias[...]) == 0).all()
+    assert (np.asarray(model.layers[1].attn_norm[...]) == 1).all()
+    assert model.layers[0].attn_norm is None
+
+
+def _mask_by_rule(n, segment_ids, causal, left, right):
+    visible = np.zeros((n, n), bool)
+    for i in range(n):
+        for j in range(n):
+            visible[i, j] = (segment_ids[i] != 0 and segment_ids[i] == segment_ids[j]
+                             and (left < 0 or j >= i - left) and (right < 0 or j <= i + right)
+                             and (not causal or j <= i))
+    return visible
+
+
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (False, (3, 3)), (True, (-1, -1)),
+                                           (True, (2, 0)), (False, (0, 4))])
+def test_attention_mask_follows_the_rule(causal, window):
+    segment_ids = np.array([1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 0, 0])
+    got = np.asarray(attention.attention_mask(14, 14, segment_ids=jnp.asarray(segment_ids[None]),
+                                              causal=causal, window_size=window))[0]
+    np.testing.assert_array_equal(got, _mask_by_rule(14, segment_ids, causal, *window))
+
+
+def test_reference_attention_zero_rows_and_softmax():
+    rng = np.random.RandomState(0)
+    q, k, v = (rng.randn(1, 6, 2, 8).astype(np.float32) for _ in range(3))
+    segment_ids = np.array([[1, 1, 1, 2, 0, 0]], np.int32)
+    out = np.asarray(attention.xla_attention(q, k, v, segment_ids=jnp.asarray(segment_ids)))
+    assert (out[0, 4:] == 0).all()                       # padding sees nothing: zeros, not NaN
+    # Query 1 (segment 1) by hand: softmax over keys 0..2.
+    logits = np.einsum("hd,khd->hk", q[0, 1], k[0, :3]) / np.sqrt(8)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out[0, 1], np.einsum("hk,khd->hd", probs, v[0, :3]), rtol=1e-5)
+
+
+def test_dropout_only_in_training():
+    model = _model()
+    ids = jnp.arange(24)[None]
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(model(ids)))
+    model.train()
+    first, second = np.asarray(model(ids)), np.asarray(model(ids))
+    assert np.abs(first - second).max() > 1e-4          # fresh masks each call
+    model.eval()
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(model(ids)))
+
+
+def test_bfloat16_compute_tracks_float32():
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 500, (2, 40)))
+    f32 = np.asarray(_model(dtype="float32")(ids))
+    bf16 = np.asarray(_model(dtype="bfloat16")(ids))
+    assert bf16.dtype == np.float32
+    assert np.linalg.norm(bf16 - f32) / np.linalg.norm(f32) < 2e-2
+    model = _model(dtype="bfloat16")
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_sparse_head_equals_dense_logits():
+    model = _model()
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 500, (2, 30)))
+    hidden = model.hidden_states(ids)
+    picks = jnp.asarray([[3, 7, 29], [0, 1, 2]])
+    sparse = model.head_logits(jnp.take_along_axis(hidden, picks[..., None], axis=1))
+    dense = model(ids)
+    np.testing.assert_allclose(np.asarray(sparse), np.asarray(jnp.take_along_axis(dense, picks[..., None], 1)),
+                               atol=1e-5)
+
+
+def test_logical_axis_names_on_every_parameter():
+    model = nnx.eval_shape(lambda: EttinModel(ettin_tiny.get_config("mlm").model, rngs=nnx.Rngs(0)))
+    specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+    names = {tuple(s) for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))}
+    assert ("vocab", "embed") in names and ("embed", None, "heads", "kv") in names
+    assert ("embed", None, "mlp") in names and ("mlp", "embed") in names
+
+
+def test_unknown_attention_impl_is_rejected():
+    with pytest.raises(ValueError, match="attention_impl='flash'"):
+        _model(attention_impl="flash")
