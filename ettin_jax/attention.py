@@ -17,10 +17,14 @@ IMPLEMENTATIONS = ("xla", "pallas", "cudnn", "splash")
 
 
 def attention_mask(q_len: int, k_len: int, *, segment_ids=None, causal: bool = False,
-                   window_size=(-1, -1)):
-    """Boolean visibility `[batch or 1, q_len, k_len]` under the module's rule."""
+                   window_size=(-1, -1), q_offset=0):
+    """Boolean visibility `[batch or 1, q_len, k_len]` under the module's rule.
+
+    `q_offset` places the queries at positions q_offset.. of the key sequence (decoding
+    with a KV cache: T new queries against a cache of k_len keys); segments need q_offset 0.
+    """
     left, right = window_size
-    q_pos = jnp.arange(q_len)[:, None]
+    q_pos = q_offset + jnp.arange(q_len)[:, None]
     k_pos = jnp.arange(k_len)[None, :]
     visible = jnp.ones((q_len, k_len), dtype=bool)
     if causal:
@@ -37,12 +41,13 @@ def attention_mask(q_len: int, k_len: int, *, segment_ids=None, causal: bool = F
 
 
 def xla_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_size=(-1, -1),
-                  sm_scale: float | None = None):
+                  sm_scale: float | None = None, q_offset=0):
     """Dense reference attention.
 
     Args:
-      q, k, v: `[batch, seq, heads, head_dim]`.
-      segment_ids: `[batch, seq]` int32 or None.
+      q: `[batch, q_len, heads, head_dim]`; k, v: `[batch, k_len, heads, head_dim]`.
+      segment_ids: `[batch, seq]` int32 or None (q_len == k_len).
+      q_offset: position of the first query among the keys (see `attention_mask`).
     Returns:
       `[batch, seq, heads, head_dim]` in q's dtype; logits and softmax in float32.
     """
@@ -50,7 +55,7 @@ def xla_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_siz
     scale = head_dim ** -0.5 if sm_scale is None else sm_scale
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     visible = attention_mask(q.shape[1], k.shape[1], segment_ids=segment_ids, causal=causal,
-                             window_size=window_size)[:, None]
+                             window_size=window_size, q_offset=q_offset)[:, None]
     logits = jnp.where(visible, logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)

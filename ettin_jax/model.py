@@ -181,15 +181,28 @@ class Block(nnx.Module):
         self.mlp_out = _param(_truncated_normal(rngs, (I, H), std_out, c), ("mlp", "embed"))
         self.mlp_dropout = nnx.Dropout(config.mlp_dropout, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, *, dtype, attention_impl: str):
-        """x: `[batch, seq, hidden]` float32 residual stream -> same."""
+    def __call__(self, x, positions, segment_ids, *, dtype, attention_impl: str, cache=None):
+        """x: `[batch, seq, hidden]` float32 residual stream -> same.
+
+        With `cache=(k, v, index)` (decoding; k, v `[batch, max_len, heads, head_dim]`) the
+        new keys and values are written at `index..` and the queries attend to the whole
+        cache; returns `(x, (k, v))` then.
+        """
         h = x if self.attn_norm is None else layer_norm(x, self.attn_norm, self.eps)
         qkv = jnp.einsum("bsh,hcnd->bscnd", h.astype(dtype), self.qkv[...].astype(dtype))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         cos, sin = rope_cos_sin(positions, q.shape[-1], self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attn = attention_lib.attention(q, k, v, impl=attention_impl, segment_ids=segment_ids,
-                                       causal=self.causal, window_size=self.window_size)
+        if cache is None:
+            attn = attention_lib.attention(q, k, v, impl=attention_impl, segment_ids=segment_ids,
+                                           causal=self.causal, window_size=self.window_size)
+        else:
+            k_cache, v_cache, index = cache
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            # Keys beyond index+T are unwritten; causality hides them from every query.
+            attn = attention_lib.xla_attention(q, k.astype(dtype), v.astype(dtype), causal=True,
+                                               window_size=self.window_size, q_offset=index)
         out = jnp.einsum("bsnd,ndh->bsh", attn, self.attn_out[...].astype(dtype))
         x = x + self.attn_out_dropout(out).astype(jnp.float32)
 
@@ -197,7 +210,8 @@ class Block(nnx.Module):
         gate_in = jnp.einsum("bsh,hci->bsci", h, self.mlp_in[...].astype(dtype))
         inner = gelu(gate_in[:, :, 0]) * gate_in[:, :, 1]
         out = jnp.einsum("bsi,ih->bsh", self.mlp_dropout(inner), self.mlp_out[...].astype(dtype))
-        return x + out.astype(jnp.float32)
+        x = x + out.astype(jnp.float32)
+        return x if cache is None else (x, (k, v))
 
 
 class EttinModel(nnx.Module):
@@ -253,6 +267,34 @@ class EttinModel(nnx.Module):
 
     def __call__(self, input_ids, segment_ids=None, positions=None):
         return self.head_logits(self.hidden_states(input_ids, segment_ids, positions))
+
+    def init_cache(self, batch: int, max_len: int):
+        """An empty KV cache for `decode`: per layer (k, v) `[batch, max_len, heads, head_dim]`."""
+        config = self.config
+        shape = (batch, max_len, config.num_heads, config.head_dim)
+        return [(jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype))
+                for _ in range(config.num_layers)]
+
+    def decode(self, input_ids, cache, index):
+        """Decoder step with a KV cache (generation).
+
+        input_ids `[batch, T]` are the tokens at positions index..index+T-1 (the prompt at
+        index 0, then one token per step); returns (logits `[batch, T, vocab]`, new cache).
+        """
+        config = self.config
+        if not config.causal:
+            raise ValueError("decode() needs a decoder (config.model.causal=True); this model is an encoder")
+        positions = jnp.broadcast_to(index + jnp.arange(input_ids.shape[1], dtype=jnp.int32),
+                                     input_ids.shape)
+        dtype = config.compute_dtype
+        x = jnp.take(self.tok_embeddings[...], input_ids, axis=0)
+        x = self.embed_dropout(layer_norm(x, self.embed_norm, config.norm_eps))
+        new_cache = []
+        for block, (k_cache, v_cache) in zip(self.layers, cache):
+            x, layer_cache = block(x, positions, None, dtype=dtype, attention_impl="xla",
+                                   cache=(k_cache, v_cache, index))
+            new_cache.append(layer_cache)
+        return self.head_logits(layer_norm(x, self.final_norm, config.norm_eps)), new_cache
 
 
 def count_params(model: nnx.Module) -> int:
