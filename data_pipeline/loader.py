@@ -207,6 +207,7 @@ def _rows_to_batches(config, docs: grain.MapDataset, *, ratio: float, seed: int,
                      rows_for_step: Callable[[int], int], num_workers: int,
                      include_metadata: bool) -> grain.DatasetIterator:
     rows = packing.PackIterDataset(docs, seq_len=config.train.seq_len,
+                                   pad_id=config.model.pad_token_id,
                                    pool_size=config.data.pack_pool_size)
     rows = rows.map(_objective_fn(config, ratio, seed))
     # Rows cross from the workers in groups: one shared-memory transfer per group, not per row.

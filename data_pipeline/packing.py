@@ -2,7 +2,7 @@
 
 Input: a MapDataset whose element i is {"ids": int32 [n], "source": int, "key": int} (`key` is
 the element's index in the global document stream, unique across hosts and workers).
-Output rows: {"input_ids", "segment_ids", "positions", "source_ids": int32 [seq_len],
+Output rows (padding: input_ids = pad_id): {"input_ids", "segment_ids", "positions", "source_ids": int32 [seq_len],
 "row_key": int64 [2]} with
   segment_ids   1, 2, ... per piece in the row, 0 on padding;
   positions     0, 1, ... restarting at every piece, 0 on padding;
@@ -30,12 +30,12 @@ import numpy as np
 
 
 class PackIterDataset(grain.IterDataset):
-    def __init__(self, parent: grain.MapDataset, *, seq_len: int, pool_size: int = 256,
-                 fill_gaps: bool = True, min_piece: int = 8):
+    def __init__(self, parent: grain.MapDataset, *, seq_len: int, pad_id: int,
+                 pool_size: int = 256, fill_gaps: bool = True, min_piece: int = 8):
         super().__init__(parent)
         if seq_len < 2 or pool_size < 1:
             raise ValueError(f"packing: seq_len={seq_len}, pool_size={pool_size} must be >= 2, >= 1")
-        self.seq_len, self.pool_size = seq_len, pool_size
+        self.seq_len, self.pad_id, self.pool_size = seq_len, pad_id, pool_size
         self.fill_gaps, self.min_piece = fill_gaps, min_piece
 
     def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
@@ -93,7 +93,7 @@ class PackIterator(grain.DatasetIterator):
         if not self._pool:
             raise StopIteration
         L = self._ds.seq_len
-        ids = np.zeros(L, np.int32)
+        ids = np.full(L, self._ds.pad_id, np.int32)
         seg = np.zeros(L, np.int32)
         pos = np.zeros(L, np.int32)
         src = np.full(L, -1, np.int32)

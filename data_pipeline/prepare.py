@@ -267,15 +267,11 @@ def run(opts: Options) -> dict:
                             os.path.join(work, "progress.json"))
     stats["records_out"] = sum(e["documents"] for e in entries)
     stats["tokens_out"] = sum(e["tokens"] for e in entries)
-    manifest = {
-        "format": shards.FORMAT, "source": opts.source or os.path.basename(opts.output.rstrip("/")),
-        "dtype": shards.token_dtype(vocab_size).str, "vocab_size": vocab_size,
-        "tokenizer": {"path": opts.tokenizer, "fingerprint": fp, "specials": specials},
-        "documents": stats["records_out"], "tokens": stats["tokens_out"],
-        "input_documents": stats["documents_kept"],
-        "chunking": dataclasses.asdict(opts.chunk) if opts.chunk else None,
-        "shards": entries,
-    }
+    manifest = shards.build_manifest(
+        source=opts.source or os.path.basename(opts.output.rstrip("/")), vocab_size=vocab_size,
+        tokenizer_path=opts.tokenizer, fingerprint=fp, specials=specials, entries=entries,
+        input_documents=stats["documents_kept"],
+        chunking=dataclasses.asdict(opts.chunk) if opts.chunk else None)
     shards.write_json_atomic(os.path.join(opts.output, "stats.json"), stats)
     shards.write_json_atomic(os.path.join(opts.output, shards.MANIFEST), manifest)
     with open(os.path.join(opts.output, "summary.txt"), "w") as f:

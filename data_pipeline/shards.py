@@ -141,3 +141,35 @@ class ArrayRecordDocs:
                              f"vocab size {self.vocab_size} (data tokenized with another "
                              "tokenizer?)")
         return ids
+
+
+def build_manifest(*, source: str, vocab_size: int, tokenizer_path: str, fingerprint: str,
+                   specials: dict, entries: list[dict], input_documents: int,
+                   chunking: dict | None) -> dict:
+    return {"format": FORMAT, "source": source, "dtype": token_dtype(vocab_size).str,
+            "vocab_size": vocab_size,
+            "tokenizer": {"path": tokenizer_path, "fingerprint": fingerprint, "specials": specials},
+            "documents": sum(e["documents"] for e in entries),
+            "tokens": sum(e["tokens"] for e in entries),
+            "input_documents": input_documents, "chunking": chunking, "shards": entries}
+
+
+def write_token_dataset(directory: str, docs: list[np.ndarray], *, tokenizer_path: str,
+                        source: str, docs_per_shard: int = 10_000) -> dict:
+    """Writes already-tokenized documents as a prepared directory (shards + manifest.json).
+
+    For data tokenized elsewhere, benchmarks and tests; `prepare` is the path from raw text.
+    """
+    from data_pipeline import tokenizer  # tokenizers import only where a manifest is made
+    tok = tokenizer.load(tokenizer_path)
+    vocab_size = tok.get_vocab_size()
+    os.makedirs(directory, exist_ok=True)
+    entries = [write_shard(os.path.join(directory, shard_name(k)),
+                           docs[i:i + docs_per_shard], token_dtype(vocab_size))
+               for k, i in enumerate(range(0, len(docs), docs_per_shard))]
+    manifest = build_manifest(source=source, vocab_size=vocab_size, tokenizer_path=tokenizer_path,
+                              fingerprint=tokenizer.fingerprint(tok),
+                              specials=tokenizer.special_ids(tok, tokenizer_path),
+                              entries=entries, input_documents=len(docs), chunking=None)
+    write_json_atomic(os.path.join(directory, MANIFEST), manifest)
+    return manifest

@@ -1,0 +1,265 @@
+"""Loader checks from issue 3: exactly-once epoch, packing, MLM/CLM statistics, resume (with
+worker processes, through Orbax), batch-size warmup, eval split, bad data.
+
+Documents are built so that every token names its document: doc i is
+[CLS] 100*i + (j % 100) for j < n_i [SEP]; a row's segment can then be traced back to the
+document and offset it came from without trusting the loader.
+"""
+import os
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import ettin_17m
+from data_pipeline import loader, objectives, shards, tokenizer
+
+UNK, CLS, SEP, PAD, MASK = 50280, 50281, 50282, 50283, 50284
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    tok = tokenizer.train_bpe(["the cat sat on the mat\n" * 20], vocab_size=50368, unk_id=UNK)
+    return tokenizer.save(tok, str(tmp_path_factory.mktemp("tok")))
+
+
+def traceable_docs(lengths):
+    return [np.concatenate([[CLS], 100 * i + np.arange(n) % 100, [SEP]]).astype(np.int32)
+            for i, n in enumerate(lengths)]
+
+
+def make_config(objective, mixture, tok, *, seq_len=256, workers=0, rows=4):
+    config = ettin_17m.get_config(objective)
+    config.train.seq_len = seq_len
+    config.train.global_batch_size = rows
+    config.data.mixture, config.data.tokenizer = mixture, tok
+    config.data.num_workers = workers
+    config.data.eval_documents = 0
+    return config
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tok_dir):
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(np.log(60), 1.0, 300), 1, 900).astype(int)
+    docs = traceable_docs(lengths)
+    path = str(tmp_path_factory.mktemp("corpus"))
+    shards.write_token_dataset(path, docs, tokenizer_path=tok_dir, source="trace",
+                               docs_per_shard=100)
+    return path, docs
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def segments(batch):
+    """(row, segment id, ids, positions) for every document piece in a batch."""
+    for r in range(batch["input_ids"].shape[0]):
+        seg = batch["segment_ids"][r]
+        for s in np.unique(seg[seg > 0]):
+            where = seg == s
+            yield r, s, batch["input_ids"][r][where], batch["positions"][r][where]
+
+
+def test_epoch_delivers_every_token_once_across_hosts_and_workers(corpus, tok_dir):
+    path, docs = corpus
+    seen = {i: [] for i in range(len(docs))}
+    cls_count = sep_count = 0
+    for host in range(2):
+        config = make_config("clm", path, tok_dir, workers=2 if host == 0 else 0, rows=8)
+        it = loader.make_train_iterator(config, process_index=host, process_count=2,
+                                        num_epochs=1)
+        for batch in it:
+            assert batch["input_ids"].shape == (4, 256)
+            for _, _, ids, pos in segments(batch):
+                np.testing.assert_array_equal(pos, np.arange(len(pos)))   # restart per piece
+                body = ids[(ids != CLS) & (ids != SEP)]
+                cls_count += int((ids == CLS).sum())
+                sep_count += int((ids == SEP).sum())
+                if body.size:
+                    owners = np.unique(body // 100)
+                    assert owners.size == 1, f"segment mixes documents {owners}"
+                    assert np.all(np.diff(body % 100) % 100 == 1), "piece is not contiguous"
+                    seen[int(owners[0])].append(body % 100)
+        it.close()
+    assert cls_count == sep_count == len(docs)
+    for i, doc in enumerate(docs):
+        got = np.sort(np.concatenate(seen[i])) if seen[i] else np.array([], int)
+        np.testing.assert_array_equal(got, np.sort(doc[1:-1] % 100), err_msg=f"document {i}")
+
+
+def test_packing_efficiency_at_1024_on_a_web_like_length_mix(tmp_path, tok_dir):
+    rng = np.random.default_rng(1)
+    lengths = np.clip(rng.lognormal(np.log(400), 1.1, 3000), 16, 20_000).astype(int)
+    docs = [np.concatenate([[CLS], rng.integers(0, UNK, n), [SEP]]) for n in lengths]
+    shards.write_token_dataset(str(tmp_path), docs, tokenizer_path=tok_dir, source="web")
+    config = make_config("mlm", str(tmp_path), tok_dir, seq_len=1024, rows=32)
+    it = loader.make_train_iterator(config, process_index=0, process_count=1)
+    seg = np.concatenate([next(it)["segment_ids"] for _ in range(10)])
+    efficiency = (seg > 0).mean()
+    print(f"packing efficiency at seq_len 1024 over {seg.shape[0]} rows: {efficiency:.4f}")
+    assert efficiency >= 0.99
+
+
+def test_mlm_statistics_match_ratio_and_80_10_10(corpus, tok_dir):
+    path, _ = corpus
+    clm = loader.make_train_iterator(make_config("clm", path, tok_dir, rows=64),
+                                     process_index=0, process_count=1)
+    mlm_config = make_config("mlm", path, tok_dir, rows=64)
+    mlm = loader.make_train_iterator(mlm_config, process_index=0, process_count=1)
+    P = objectives.max_predictions(256, 0.30)
+    counts = {"eligible": 0, "chosen": 0, "mask": 0, "random": 0, "same": 0}
+    for _ in range(4):
+        ref, got = next(clm), next(mlm)
+        original, seg = ref["input_ids"], ref["segment_ids"]
+        np.testing.assert_array_equal(seg, got["segment_ids"])   # packing is objective-free
+        special = np.isin(original, [CLS, SEP, PAD, MASK]) | (seg == 0)
+        chosen = got["labels"] != -100
+        assert not (chosen & special).any(), "a special token or padding was masked"
+        np.testing.assert_array_equal(got["labels"][chosen], original[chosen])
+        changed = got["input_ids"] != original
+        assert not (changed & ~chosen).any(), "an unselected token changed"
+        counts["eligible"] += int((~special).sum())
+        counts["chosen"] += int(chosen.sum())
+        counts["mask"] += int((got["input_ids"][chosen] == MASK).sum())
+        counts["same"] += int((got["input_ids"][chosen] == original[chosen]).sum())
+        rand = chosen & (got["input_ids"] != MASK) & changed
+        counts["random"] += int(rand.sum())
+        assert (got["input_ids"][rand] < UNK).all()
+        assert got["mask_positions"].shape == got["mask_labels"].shape == (64, P)
+        for r in range(64):                    # sparse form == dense labels
+            n = int(chosen[r].sum())
+            np.testing.assert_array_equal(got["mask_positions"][r, :n], np.flatnonzero(chosen[r]))
+            np.testing.assert_array_equal(got["mask_labels"][r, :n], original[r][chosen[r]])
+            assert (got["mask_labels"][r, n:] == -100).all()
+    ratio = counts["chosen"] / counts["eligible"]
+    assert abs(ratio - 0.30) < 0.005, ratio
+    for key, share in (("mask", 0.8), ("random", 0.1), ("same", 0.1)):
+        assert abs(counts[key] / counts["chosen"] - share) < 0.02, (key, counts)
+
+
+def test_clm_labels_never_cross_a_document_boundary(corpus, tok_dir):
+    path, _ = corpus
+    it = loader.make_train_iterator(make_config("clm", path, tok_dir, rows=16),
+                                    process_index=0, process_count=1)
+    batch = next(it)
+    assert "mask_positions" not in batch
+    ids, seg, labels = batch["input_ids"], batch["segment_ids"], batch["labels"]
+    for r in range(ids.shape[0]):
+        for t in range(ids.shape[1]):
+            same_doc = t + 1 < ids.shape[1] and seg[r, t] > 0 and seg[r, t + 1] == seg[r, t]
+            assert labels[r, t] == (ids[r, t + 1] if same_doc else -100), (r, t)
+
+
+def test_resume_through_orbax_with_workers_matches_uninterrupted(corpus, tok_dir, tmp_path):
+    path, _ = corpus
+    config = make_config("mlm", path, tok_dir, workers=2, rows=4)
+    it = loader.make_train_iterator(config, process_index=0, process_count=1)
+    take(it, 3)
+    manager = ocp.CheckpointManager(str(tmp_path / "ckpt"))
+    manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+    expected = take(it, 4)
+    it.close()
+    fresh = loader.make_train_iterator(config, process_index=0, process_count=1)
+    manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    for want, got in zip(expected, take(fresh, 4)):
+        for key in want:
+            np.testing.assert_array_equal(want[key], got[key], err_msg=key)
+    fresh.close()
+
+
+def test_batch_size_warmup_neither_skips_nor_repeats_rows(corpus, tok_dir):
+    path, _ = corpus
+    config = make_config("mlm", path, tok_dir, rows=4)
+    fixed = loader.make_train_iterator(config, process_index=0, process_count=1)
+    reference = np.concatenate([next(fixed)["input_ids"] for _ in range(12)])   # 48 rows
+    schedule = [2, 2, 6, 10, 12, 16]                                             # 48 rows
+    warm = loader.make_train_iterator(config, process_index=0, process_count=1,
+                                      rows_for_step=lambda step: schedule[step])
+    got = [next(warm)["input_ids"] for _ in schedule]
+    assert [g.shape[0] for g in got] == schedule
+    np.testing.assert_array_equal(np.concatenate(got), reference)
+
+
+def test_state_mid_group_resumes_exactly(corpus, tok_dir):
+    path, _ = corpus
+    config = make_config("clm", path, tok_dir, rows=5)      # 5 rows cut the 16-row groups
+    it = loader.make_train_iterator(config, process_index=0, process_count=1)
+    take(it, 2)
+    state = it.get_state()
+    assert state["offset"] not in (0, config.data.worker_group_rows)
+    expected = take(it, 3)
+    other = loader.make_train_iterator(config, process_index=0, process_count=1)
+    other.set_state(state)
+    for want, got in zip(expected, take(other, 3)):
+        np.testing.assert_array_equal(want["input_ids"], got["input_ids"])
+
+
+def test_eval_iterator_is_one_padded_pass_over_held_out_documents(tmp_path, tok_dir):
+    docs = traceable_docs([50] * 200)
+    shards.write_token_dataset(str(tmp_path), docs, tokenizer_path=tok_dir, source="e")
+    config = make_config("mlm", str(tmp_path), tok_dir)
+    config.data.eval_documents = 20                   # docs 180..199
+    config.data.eval_batch_size = 8
+    batches = list(loader.make_eval_iterator(config, process_index=0, process_count=1))
+    assert all(b["input_ids"].shape == (8, 256) for b in batches)
+    ids = np.concatenate([b["input_ids"] for b in batches])
+    labels = np.concatenate([b["labels"] for b in batches])
+    ids = np.where(labels != -100, labels, ids)      # undo masking
+    owners = np.unique(ids[ids < UNK] // 100)
+    assert (ids[np.concatenate([b["segment_ids"] for b in batches]) == 0] == PAD).all()
+    np.testing.assert_array_equal(owners, np.arange(180, 200))
+    assert (ids == CLS).sum() == 20
+    assert (np.concatenate([b["segment_ids"] for b in batches])[-1] == 0).all()  # padded row
+    train = loader.make_train_iterator(config, process_index=0, process_count=1, num_epochs=1)
+    train_ids = np.concatenate([np.where(b["labels"] != -100, b["labels"], b["input_ids"])
+                                for b in train])
+    assert (train_ids[train_ids < UNK] // 100 < 180).all()   # held-out docs never trained on
+
+
+def test_ids_beyond_vocab_fail_naming_shard_and_record(tmp_path, tok_dir):
+    docs = traceable_docs([10] * 5)
+    docs[3] = docs[3].copy()
+    docs[3][4] = 50368 + 7
+    tok = tokenizer.train_bpe(["x y z\n" * 10], vocab_size=65536, unk_id=UNK)
+    big_tok = tokenizer.save(tok, str(tmp_path / "bigtok"))
+    shards.write_token_dataset(str(tmp_path / "c"), docs, tokenizer_path=big_tok, source="c")
+    config = make_config("clm", str(tmp_path / "c"), big_tok)
+    config.model.vocab_size = 50368
+    with pytest.raises(shards.ShardError, match="tokenizer vocabulary 65536 > model vocab_size"):
+        loader.make_train_iterator(config, process_index=0, process_count=1)
+    src = shards.ArrayRecordDocs(str(tmp_path / "c"), vocab_size=50368)
+    with pytest.raises(shards.ShardError, match=r"shard-00000\.arrayrecord: record 3: id 50375"):
+        src[3]
+
+
+def test_tokenizer_not_matching_manifest_fails(corpus, tmp_path):
+    path, _ = corpus
+    other = tokenizer.train_bpe(["completely different text here\n" * 20], vocab_size=50368,
+                                unk_id=UNK)
+    other_dir = tokenizer.save(other, str(tmp_path / "other"))
+    config = make_config("mlm", path, other_dir)
+    with pytest.raises(shards.ShardError, match=r"manifest\.json: made with tokenizer"):
+        loader.make_train_iterator(config, process_index=0, process_count=1)
+
+
+def test_truncated_or_corrupt_shard_fails_naming_the_file(corpus, tok_dir, tmp_path):
+    path, docs = corpus
+    copy = tmp_path / "copy"
+    shards.write_token_dataset(str(copy), docs, tokenizer_path=tok_dir, source="t",
+                               docs_per_shard=100)
+    shard = copy / "shard-00001.arrayrecord"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 2])
+    with pytest.raises(shards.ShardError, match=r"shard-00001\.arrayrecord: \d+ bytes.*truncated"):
+        loader.make_train_iterator(make_config("clm", str(copy), tok_dir),
+                                   process_index=0, process_count=1)
+    # same size, garbage content: detected when the shard is opened
+    shard.write_bytes(b"\x00" * len(data))
+    docs_src = shards.ArrayRecordDocs(str(copy), vocab_size=50368)
+    with pytest.raises(shards.ShardError, match=r"shard-00001\.arrayrecord"):
+        docs_src[150]
+    assert os.path.getsize(shard) == len(data)
