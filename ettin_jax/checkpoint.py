@@ -1,0 +1,259 @@
+"""Orbax checkpoints of a training run: save, resume, and restore from another run.
+
+A run's workdir holds `checkpoints/<step>/` with five items:
+  params     the model's nnx.Param state (float32, sharded as in training)
+  opt_state  the optimizer state (moments sharded like their params)
+  meta       JSON: step, tokens seen in this phase, the phase, where it was initialised from
+  data       the Grain iterator state of every process (resume continues the same batches)
+  config     JSON: the full config of the run (export rebuilds the model from it)
+
+Resuming restores all five into abstract targets that carry this run's shardings, so a run
+may resume on a different mesh. A checkpoint that fails to restore is set aside as
+`<step>.damaged` and the previous one is used, with a warning. A later phase or a
+cross-objective run restores params (and, where the recipe keeps it, the optimizer state)
+from another run's latest checkpoint; a tree or shape mismatch names the parameter.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from ettin_jax import model as model_lib
+
+_ITEMS = ("params", "opt_state", "meta", "data", "config")
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _handlers(with_data: bool = True):
+    handlers = dict(params=ocp.StandardCheckpointHandler(), opt_state=ocp.StandardCheckpointHandler(),
+                    meta=ocp.JsonCheckpointHandler(), config=ocp.JsonCheckpointHandler())
+    if with_data:
+        handlers["data"] = grain.checkpoint.CheckpointHandler()
+    return handlers
+
+
+def config_to_json(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs of `tree` (arrays or abstract values) placed by `shardings`."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+class Checkpointer:
+    """The checkpoints of one run (`workdir/checkpoints`).
+
+    Saves are asynchronous (`save` returns once the arrays are copied off the devices);
+    `wait` blocks until the last one is on disk. Keeps the newest `keep_last` checkpoints,
+    plus for good every checkpoint whose step is a multiple of `keep_every_steps` (0 = none).
+    """
+
+    def __init__(self, workdir: str, *, keep_last: int, keep_every_steps: int = 0,
+                 async_save: bool = True):
+        policies = [ocp.checkpoint_managers.LatestN(keep_last)]
+        if keep_every_steps > 0:
+            policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every_steps))
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=async_save,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            cleanup_tmp_directories=True)
+        self.directory = checkpoint_dir(workdir)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_handlers=_handlers())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, *, params, opt_state, meta: dict, data_iterator, config):
+        saved = self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta), data=grain.checkpoint.CheckpointSave(data_iterator),
+            config=ocp.args.JsonSave(config_to_json(config))), force=True)
+        if saved:
+            logging.info("checkpoint of step %d is being written to %s", step, self.directory)
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()
+
+    def restore_latest(self, *, abstract_params, abstract_opt_state, data_iterator):
+        """Restores the newest readable checkpoint into the abstract targets.
+
+        Returns (params, opt_state, meta), or None when there is no checkpoint. The data
+        iterator's state is set in place.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_params),
+                    opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                    meta=ocp.args.JsonRestore(),
+                    data=grain.checkpoint.CheckpointRestore(data_iterator)))
+            except Exception as e:  # pylint: disable=broad-except  # any failure: try the previous one
+                logging.warning("checkpoint %s/%d cannot be restored (%s: %s); setting it aside "
+                                "and falling back to the previous checkpoint",
+                                self.directory, step, type(e).__name__, str(e)[:500])
+                self._set_aside(step)
+                continue
+            logging.info("resumed from %s/%d (tokens seen %s)", self.directory, step,
+                         restored["meta"].get("tokens_seen"))
+            return restored["params"], restored["opt_state"], restored["meta"]
+        return None
+
+    def _set_aside(self, step: int):
+        """Renames a damaged `<step>` to `<step>.damaged`, so that no save collides with it."""
+        if jax.process_index() == 0:
+            path = os.path.join(self.directory, str(step))
+            target = path + ".damaged"
+            suffix = 1
+            while os.path.exists(target):
+                target, suffix = f"{path}.damaged{suffix}", suffix + 1
+            os.rename(path, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self.manager.reload()
+
+
+def _path_name(path) -> str:
+    """'layers/0/qkv' for a tree path, without the trailing Variable `value` key."""
+    parts = []
+    for key in path:
+        part = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+        parts.append(str(part))
+    if parts and parts[-1] == "value":
+        parts.pop()
+    return "/".join(parts)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    return {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_tree_matches(saved_tree, target_tree, *, what: str, where: str):
+    """Raises ValueError naming every parameter whose presence or shape differs."""
+    saved, target = _shapes(saved_tree), _shapes(target_tree)
+    problems = [f"{name}: {saved[name]} in the checkpoint, {target[name]} in this run"
+                for name in sorted(set(saved) & set(target)) if saved[name] != target[name]]
+    problems += [f"{name}: in the checkpoint only" for name in sorted(set(saved) - set(target))]
+    problems += [f"{name}: in this run only" for name in sorted(set(target) - set(saved))]
+    if problems:
+        listed = "; ".join(problems[:12]) + (f"; ... ({len(problems)} in all)" if len(problems) > 12 else "")
+        raise ValueError(f"{where}: the {what} do not match this run's config: {listed}")
+
+
+def _read_only_manager(workdir: str, *, with_data: bool = False) -> ocp.CheckpointManager:
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{workdir}: no checkpoints/ directory; expected a training run's "
+                                "workdir (config.train.init_from, --checkpoint)")
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                 item_handlers=_handlers(with_data))
+
+
+def _readable_steps(manager, workdir: str) -> list[int]:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"{workdir}: the run has no checkpoint yet")
+    return steps
+
+
+def restore_from_run(workdir: str, *, abstract_params, abstract_opt_state=None):
+    """Params (and the optimizer state if `abstract_opt_state` is given) of another run's
+    newest readable checkpoint, for a new phase or objective (config.train.init_from).
+
+    Returns (params, opt_state or None, meta of the source checkpoint). The optimizer state
+    is None when the source has none (e.g. a run imported from Hugging Face).
+    """
+    manager = _read_only_manager(workdir)
+    errors = []
+    for step in _readable_steps(manager, workdir):
+        where = f"config.train.init_from={workdir} (step {step})"
+        metadata = manager.item_metadata(step)
+        if metadata.get("params") is None:
+            errors.append(f"step {step}: no params item")
+            continue
+        check_tree_matches(metadata["params"], abstract_params, what="parameters", where=where)
+        want_opt = abstract_opt_state is not None and metadata.get("opt_state") is not None
+        if want_opt:
+            check_tree_matches(metadata["opt_state"], abstract_opt_state, what="optimizer states",
+                               where=where)
+        items = dict(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
+        if want_opt:
+            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # pylint: disable=broad-except  # a damaged one: try the previous
+            logging.warning("%s cannot be restored (%s: %s); trying the previous checkpoint",
+                            where, type(e).__name__, str(e)[:500])
+            errors.append(f"step {step}: {type(e).__name__}")
+            continue
+        if abstract_opt_state is not None and not want_opt:
+            logging.warning("%s has no optimizer state; starting a fresh optimizer", where)
+        logging.info("initialised %s from %s", "params and optimizer state" if want_opt else "params",
+                     where)
+        return restored["params"], restored.get("opt_state"), restored["meta"]
+    raise FileNotFoundError(f"{workdir}: no readable checkpoint ({'; '.join(errors)})")
+
+
+def read_config(workdir: str, step: int | None = None) -> tuple[dict, int]:
+    """The JSON config saved with a run's checkpoint (newest by default), and its step."""
+    manager = _read_only_manager(workdir)
+    step = _readable_steps(manager, workdir)[0] if step is None else step
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"], step
+
+
+def restore_for_export(workdir: str, step: int | None = None):
+    """(model in eval mode on one device, model config dict, tokenizer path or None) of a run."""
+    config, step = read_config(workdir, step)
+    model_config = model_lib.ModelConfig.from_config(config["model"])
+    abstract_model = nnx.eval_shape(lambda: model_lib.EttinModel(model_config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          abstract_params)
+    manager = _read_only_manager(workdir)
+    check_tree_matches(manager.item_metadata(step)["params"], target, what="parameters",
+                       where=f"{workdir} (step {step})")
+    params = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target)))["params"]
+    model = model_lib.EttinModel(model_config, rngs=nnx.Rngs(0))
+    nnx.update(model, params)
+    model.eval()
+    tokenizer = (config.get("data") or {}).get("tokenizer") or None
+    return model, config["model"], tokenizer
+
+
+def save_imported(model, model_config, workdir: str):
+    """Writes `model`'s params as step 0 of a run at `workdir`, for config.train.init_from."""
+    params = nnx.state(model, nnx.Param)
+    model_json = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=_handlers(False))
+    manager.save(0, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        meta=ocp.args.JsonSave({"step": 0, "tokens_seen": 0, "imported": True}),
+        config=ocp.args.JsonSave(json.loads(json.dumps({"model": model_json}, default=_json_default)))))
+    manager.wait_until_finished()
+    manager.close()
+
+
+def _json_default(x):
+    if isinstance(x, (np.generic,)):
+        return x.item()
+    if isinstance(x, tuple):
+        return list(x)
+    raise TypeError(f"cannot write {type(x).__name__} to JSON")

@@ -1,0 +1,123 @@
+"""Learning-rate and batch-size schedules, on tokens seen (recipe §4.2).
+
+Time is counted in tokens, as bert24 counts it: the tokens seen *before* a step decide its
+learning rate and batch size. Here a step's tokens are its rows × `train.seq_len` (packed
+rows; the recipe's unpadded count differs by the packing padding only).
+
+Multipliers (of the phase LR `optimizer.peak_lr × schedule.lr_fraction`):
+  warmup_stable_decay  linear 1e-10 → 1 over `warmup_tokens`, 1 until `total − decay_tokens`,
+                       then linear to `final_fraction` at `total_tokens`
+                       (pre-training: decay_tokens = 0, i.e. warmup + constant)
+  one_minus_sqrt       1 until `total − decay_tokens`, then
+                       final + (1 − final)·(1 − sqrt(elapsed / decay_tokens)), floored at final
+"""
+from __future__ import annotations
+
+import math
+
+SCHEDULES = ("warmup_stable_decay", "one_minus_sqrt")
+_WARMUP_START = 1e-10  # bert24's warmup starts at alpha_i = 1e-10, not 0
+
+
+def warmup_stable_decay(tokens: float, *, warmup_tokens: float, decay_tokens: float,
+                        total_tokens: float, final_fraction: float) -> float:
+    if tokens < warmup_tokens:
+        return _WARMUP_START + (1.0 - _WARMUP_START) * tokens / warmup_tokens
+    decay_start = total_tokens - decay_tokens
+    if tokens < decay_start or decay_tokens <= 0:
+        return 1.0
+    fraction = (tokens - decay_start) / decay_tokens
+    return max(0.0, 1.0 - fraction * (1.0 - final_fraction))
+
+
+def one_minus_sqrt(tokens: float, *, decay_tokens: float, total_tokens: float,
+                   final_fraction: float) -> float:
+    decay_start = total_tokens - decay_tokens
+    if tokens <= decay_start or decay_tokens <= 0:
+        return 1.0
+    fraction = (tokens - decay_start) / decay_tokens
+    return max(final_fraction, final_fraction + (1.0 - final_fraction) * (1.0 - math.sqrt(fraction)))
+
+
+def lr_multiplier(config, tokens: float) -> float:
+    """The schedule's multiplier after `tokens` tokens of this phase."""
+    s = config.schedule
+    if s.name == "warmup_stable_decay":
+        return warmup_stable_decay(tokens, warmup_tokens=config.optimizer.lr_warmup_tokens,
+                                   decay_tokens=s.decay_tokens, total_tokens=s.total_tokens,
+                                   final_fraction=s.final_fraction)
+    if s.name == "one_minus_sqrt":
+        return one_minus_sqrt(tokens, decay_tokens=s.decay_tokens, total_tokens=s.total_tokens,
+                              final_fraction=s.final_fraction)
+    raise ValueError(f"config.schedule.name={s.name!r}: expected one of {SCHEDULES}")
+
+
+def learning_rate(config, tokens: float) -> float:
+    """The LR of the step that starts after `tokens` tokens of this phase."""
+    return config.optimizer.peak_lr * config.schedule.lr_fraction * lr_multiplier(config, tokens)
+
+
+def num_micro_batches(config, tokens: float) -> int:
+    """Micro batches (of `micro_batch_size(config)` rows) in the step after `tokens` tokens.
+
+    Batch-size warmup (recipe §4.4): the rows per step grow linearly from one micro batch to
+    `train.global_batch_size` over `optimizer.batch_warmup_tokens`, in whole micro batches.
+    """
+    full = config.train.global_batch_size // micro_batch_size(config)
+    warmup = config.optimizer.batch_warmup_tokens
+    if warmup <= 0 or tokens >= warmup:
+        return full
+    return max(1, min(full, 1 + int((full - 1) * tokens / warmup)))
+
+
+def micro_batch_size(config) -> int:
+    """Rows per micro batch (all hosts together): global_batch_size / grad_accum_steps."""
+    rows, accum = config.train.global_batch_size, config.train.grad_accum_steps
+    if accum < 1 or rows % accum:
+        raise ValueError(f"config.train.global_batch_size={rows} is not a multiple of "
+                         f"config.train.grad_accum_steps={accum}")
+    return rows // accum
+
+
+def rows_schedule(config):
+    """rows_for_step(step) -> global rows of optimizer step `step` (0-based) of this phase.
+
+    Steps are replayed from the start, so the answer is the same on a resumed run.
+    """
+    micro = micro_batch_size(config)
+    seq_len = config.train.seq_len
+    rows = []      # rows[k] of every step computed so far
+    tokens = [0]   # tokens seen before step len(rows)
+
+    def rows_for_step(step: int) -> int:
+        while len(rows) <= step:
+            rows.append(micro * num_micro_batches(config, tokens[0]))
+            tokens[0] += rows[-1] * seq_len
+        return rows[step]
+
+    return rows_for_step
+
+
+def total_steps(config) -> int:
+    """Optimizer steps until `schedule.total_tokens` are seen."""
+    rows_for_step = rows_schedule(config)
+    step, tokens = 0, 0
+    while tokens < config.schedule.total_tokens:
+        tokens += rows_for_step(step) * config.train.seq_len
+        step += 1
+    return step
+
+
+def validate(config):
+    """Checks the schedule fields together, with messages naming the config keys."""
+    s = config.schedule
+    if s.name not in SCHEDULES:
+        raise ValueError(f"config.schedule.name={s.name!r}: expected one of {SCHEDULES}")
+    if s.total_tokens <= 0:
+        raise ValueError(f"config.schedule.total_tokens={s.total_tokens}: must be > 0")
+    if not 0 <= s.decay_tokens <= s.total_tokens:
+        raise ValueError(f"config.schedule.decay_tokens={s.decay_tokens} must lie in "
+                         f"[0, total_tokens={s.total_tokens}]")
+    if s.name == "warmup_stable_decay" and config.optimizer.lr_warmup_tokens < 0:
+        raise ValueError("config.optimizer.lr_warmup_tokens must be >= 0")
+    micro_batch_size(config)

@@ -1,0 +1,138 @@
+"""Device mesh, logical-axis rules, and the shardings of train state and batches.
+
+The mesh has three axes (`config.mesh`, -1 = all remaining devices):
+  data    pure data parallelism: parameters replicated, the batch split;
+  fsdp    data parallelism with parameters and optimizer state split (ZeRO-3 style);
+  tensor  model parallelism: heads, MLP width and vocabulary split.
+Parameters carry logical axis names (model.py); `LOGICAL_RULES` maps them onto mesh axes.
+A dimension that a mesh axis does not divide stays replicated along it.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical name -> mesh axis (or None = replicated)
+LOGICAL_RULES = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv": None,
+    "mlp": "tensor",
+    "norm": None,
+}
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes from `config.mesh`, resolving one -1 to the rest."""
+    sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
+    rest = [i for i, s in enumerate(sizes) if s == -1]
+    if len(rest) > 1:
+        raise ValueError(f"config.mesh={dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"config.mesh={dict(zip(MESH_AXES, sizes))}: sizes must be >= 1 or -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if rest:
+        if num_devices % known:
+            raise ValueError(f"config.mesh={dict(zip(MESH_AXES, sizes))}: {num_devices} devices "
+                             f"are not a multiple of {known}")
+        sizes[rest[0]] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"config.mesh={dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+                         f"devices, but there are {num_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+
+    Axes are Auto: XLA propagates shardings from the inputs we place explicitly.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    shape = mesh_shape(mesh_config, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if devices == jax.devices():
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+    return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def logical_to_spec(names, shape, mesh: jax.sharding.Mesh) -> P:
+    """PartitionSpec for a tensor of `shape` whose dimensions have logical `names`."""
+    if names is None:
+        return P()
+    axes = []
+    for name, size in zip(names, shape):
+        axis = LOGICAL_RULES.get(name) if name is not None else None
+        if name is not None and name not in LOGICAL_RULES:
+            raise ValueError(f"logical axis name {name!r} has no sharding rule; "
+                             f"known: {sorted(LOGICAL_RULES)}")
+        if axis is not None and size % mesh.shape[axis]:
+            axis = None  # e.g. 4 heads over tensor=8: replicate rather than pad
+        axes.append(axis)
+    return P(*axes)
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def param_shardings(params: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+    """NamedShardings shaped like `params` (an nnx.State of Params, concrete or abstract)."""
+
+    def one(variable):
+        names = variable.get_metadata().get("out_sharding")
+        return variable.replace(NamedSharding(mesh, logical_to_spec(names, variable.shape, mesh)))
+
+    return jax.tree.map(one, params, is_leaf=_is_variable)
+
+
+def optimizer_shardings(tx, abstract_params, params_sharding, mesh: jax.sharding.Mesh):
+    """Shardings of `tx`'s state: moments like their params, counters replicated.
+
+    (`jax.jit(tx.init)` alone would replicate the moments.)
+    """
+    import optax
+
+    abstract_state = jax.eval_shape(tx.init, abstract_params)
+    return optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_state, params_sharding,
+                                 transform_non_params=lambda _: replicated(mesh),
+                                 is_leaf=_is_variable)
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, *, leading_axes: int = 0) -> NamedSharding:
+    """Rows split over data x fsdp; `leading_axes` unsplit dims before the rows (micro batches)."""
+    return NamedSharding(mesh, P(*([None] * leading_axes), BATCH_AXES))
+
+
+def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def host_batch_to_global(batch: dict, mesh: jax.sharding.Mesh, *, leading_axes: int = 0) -> dict:
+    """This process's rows (numpy) -> global jax arrays split over data x fsdp.
+
+    Each process passes its own slice of the global batch (rows `process_index` of
+    `process_count` equal parts), as the loader produces them.
+    """
+    sharding = batch_sharding(mesh, leading_axes=leading_axes)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+
+def log_mesh(mesh: jax.sharding.Mesh):
+    logging.info("mesh %s over %d devices (%d processes, this is %d): %s",
+                 dict(mesh.shape), mesh.devices.size, jax.process_count(), jax.process_index(),
+                 jax.devices()[0].device_kind)

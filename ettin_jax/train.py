@@ -1,0 +1,546 @@
+"""The training loop: sharded train step, losses, metrics, eval, checkpoints.
+
+    train_and_evaluate(config, workdir)
+
+One optimizer step takes a global batch of `rows_for_step(step)` rows, split into micro batches
+`[num_micro, micro_rows, ...]` whose gradients are summed inside one jitted step (gradient
+accumulation; batch-size warmup adds micro batches). The loss is the mean over every
+predicted token of the step: MLM predicts the masked positions only (sparse prediction: the
+head runs on the gathered hidden states), CLM every next token, MNTP (encoder from decoder)
+the masked token at position p from the hidden state at p - 1.
+
+State is functional: `{"params": nnx.State of Params, "opt_state": optax state}`, sharded by
+the logical-axis rules (ettin_jax.sharding) and donated to the step. Dropout keys are
+`fold_in(seed, step, micro batch)`, so a resumed run repeats the same masks and dropout.
+"""
+# No `from __future__ import annotations`: clu reads the metric classes from __annotations__.
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+from clu import metrics as clu_metrics
+from clu import periodic_actions
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from ettin_jax import checkpoint as checkpoint_lib
+from ettin_jax import model as model_lib
+from ettin_jax import optimizer as optimizer_lib
+from ettin_jax import schedules
+from ettin_jax import sharding as sharding_lib
+
+IGNORE = -100
+
+# bf16 dense peak FLOP/s per device, for MFU when config.log.device_peak_flops is 0.
+_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+# --- losses ------------------------------------------------------------------------------------
+
+def _cross_entropy(logits, labels, valid):
+    """Sums over valid predictions. logits `[..., vocab]` float32, labels/valid `[...]`."""
+    safe = jnp.where(valid, labels, 0)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    label_logit = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    nll = jnp.where(valid, log_z - label_logit, 0.0)
+    correct = jnp.where(valid, jnp.argmax(logits, axis=-1) == safe, False)
+    return jnp.sum(nll), {"count": jnp.sum(valid, dtype=jnp.float32),
+                          "correct": jnp.sum(correct, dtype=jnp.float32)}
+
+
+def mlm_loss(model, batch, *, mntp: bool = False):
+    """Sparse MLM: the head runs on the hidden states of the masked positions only.
+
+    batch: input_ids/segment_ids/positions `[rows, seq]`, mask_positions/mask_labels
+    `[rows, max_predictions]` (-100 = unused slot). MNTP reads position p - 1 for the token
+    at p (a document's first token has no predecessor and is skipped).
+    """
+    hidden = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"])
+    where, labels = batch["mask_positions"], batch["mask_labels"]
+    valid = labels != IGNORE
+    if mntp:
+        starts_document = jnp.take_along_axis(batch["positions"], where, axis=1) == 0
+        valid &= ~starts_document
+        where = jnp.maximum(where - 1, 0)
+    gathered = jnp.take_along_axis(hidden, where[..., None], axis=1)   # [rows, P, hidden]
+    return _cross_entropy(model.head_logits(gathered), labels, valid)
+
+
+def clm_loss(model, batch):
+    """Next-token loss; batch["labels"] `[rows, seq]` is already shifted (-100 = none)."""
+    logits = model(batch["input_ids"], batch["segment_ids"], batch["positions"])
+    labels = batch["labels"]
+    return _cross_entropy(logits, labels, labels != IGNORE)
+
+
+def loss_fn_for(config) -> Callable:
+    if config.objective == "mlm":
+        return functools.partial(mlm_loss, mntp=bool(config.train.mntp))
+    return clm_loss
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+def _ratio(total_name: str, count_name: str):
+    """An Average whose update is (kwargs[total_name], kwargs[count_name]): merged over steps it
+    weighs every step by its count (e.g. loss per predicted token over a logging window)."""
+
+    @flax.struct.dataclass
+    class Ratio(clu_metrics.Average):
+        @classmethod
+        def from_model_output(cls, **kwargs) -> clu_metrics.Average:
+            return cls(total=jnp.asarray(kwargs[total_name], jnp.float32),
+                       count=jnp.asarray(kwargs[count_name], jnp.float32))
+
+    return Ratio
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+    loss: _ratio("loss_sum", "predictions")            # per predicted token
+    accuracy: _ratio("correct", "predictions")         # argmax == label
+    grad_norm: clu_metrics.Average.from_output("grad_norm")   # of the step's mean gradient
+    param_norm: clu_metrics.LastValue.from_output("param_norm")
+    packing_efficiency: _ratio("real_tokens", "tokens")  # non-padding share of the rows
+
+
+@flax.struct.dataclass
+class EvalMetrics(clu_metrics.Collection):
+    loss: _ratio("loss_sum", "predictions")
+    accuracy: _ratio("correct", "predictions")
+
+
+def training_flops_per_row(config) -> float:
+    """Model FLOPs of one row (forward + backward) under the stated convention:
+    6 x (layer matmul params) per token, 6 x (head + decoder params) per predicted token
+    (the masked fraction for MLM, every token for CLM), and attention scores + values
+    12 x hidden x keys per token per layer, keys = seq for global layers, the window for
+    local ones, halved when causal. Embedding lookups count zero; padding counts fully."""
+    m, seq = config.model, config.train.seq_len
+    H, I, V = m.hidden_size, m.intermediate_size, m.vocab_size
+    layer_params = 3 * H * H + H * H + 2 * H * I + I * H
+    predicted = seq * config.train.mask_ratio if config.objective == "mlm" else seq
+    flops = 6 * layer_params * m.num_layers * seq + 6 * (H * H + V * H) * predicted
+    for layer in range(m.num_layers):
+        is_global = layer % m.global_attn_every_n_layers == 0
+        keys = seq if is_global else min(seq, m.local_attention + 1)
+        if m.causal:
+            keys = keys / 2
+        flops += 12 * H * keys * seq
+    return float(flops)
+
+
+def device_peak_flops(config) -> float:
+    if config.log.device_peak_flops > 0:
+        return float(config.log.device_peak_flops)
+    kind = jax.devices()[0].device_kind
+    return next((peak for name, peak in _PEAK_FLOPS.items() if name in kind), 0.0)
+
+
+# --- state and steps ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Setup:
+    """Everything the loop needs that is fixed for a run: mesh, optimizer, jitted steps."""
+    config: Any
+    mesh: jax.sharding.Mesh
+    tx: optax.GradientTransformationExtraArgs
+    graphdef_train: Any
+    graphdef_eval: Any
+    abstract_state: dict           # ShapeDtypeStructs with shardings, like the state
+    state_shardings: dict
+    init_state: Callable[[], dict]
+    train_step: Callable           # (state, batch, learning_rate, step) -> (state, TrainMetrics)
+    eval_step: Callable            # (params, batch) -> EvalMetrics
+
+
+def _model_ctor(config):
+    model_config = model_lib.ModelConfig.from_config(config.model)
+    return lambda: model_lib.EttinModel(model_config, rngs=nnx.Rngs(params=config.seed,
+                                                                   dropout=config.seed))
+
+
+def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
+    """Builds the sharded state layout and the jitted train and eval steps for `mesh`."""
+    ctor = _model_ctor(config)
+    abstract_model = nnx.eval_shape(ctor)
+    abstract_model.train()
+    graphdef_train, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
+    abstract_model.eval()
+    graphdef_eval, _, _ = nnx.split(abstract_model, nnx.Param, ...)
+
+    tx = optimizer_lib.make_optimizer(config.optimizer, abstract_params)
+    params_sharding = sharding_lib.param_shardings(abstract_params, mesh)
+    state_shardings = {
+        "params": params_sharding,
+        "opt_state": sharding_lib.optimizer_shardings(tx, abstract_params, params_sharding, mesh)}
+    abstract_state = {
+        "params": checkpoint_lib.abstract_like(abstract_params, params_sharding),
+        "opt_state": checkpoint_lib.abstract_like(jax.eval_shape(tx.init, abstract_params),
+                                                  state_shardings["opt_state"])}
+    replicated = sharding_lib.replicated(mesh)
+    loss_fn = loss_fn_for(config)
+    seed_key = jax.random.key(config.seed)
+
+    def init_state():
+        params = jax.jit(lambda: nnx.split(ctor(), nnx.Param, ...)[1],
+                         out_shardings=params_sharding)()
+        opt_state = jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params)
+        return {"params": params, "opt_state": opt_state}
+
+    # The dropout RNG state (keys and counters of the model's nnx.Dropout streams). Every micro
+    # batch re-keys it from (seed, step, index), so only its layout is kept here.
+    rng_layout = jax.eval_shape(lambda: nnx.split(ctor(), nnx.Param, ...)[2])
+
+    def blank_rng_state():
+        return jax.tree.map(
+            lambda x: jax.random.key(0) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+            else jnp.zeros(x.shape, x.dtype), rng_layout)
+
+    def micro_loss(params, micro_batch, key):
+        model = nnx.merge(graphdef_train, params, blank_rng_state())
+        nnx.reseed(model, dropout=key)
+        loss_sum, stats = loss_fn(model, micro_batch)
+        return loss_sum, stats
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def train_step(state, batch, learning_rate, step):
+        """batch: dict of `[num_micro, micro_rows, ...]` arrays; learning_rate, step scalars."""
+        params = state["params"]
+        step_key = jax.random.fold_in(seed_key, step)
+        num_micro = batch["input_ids"].shape[0]
+
+        def accumulate(carry, inputs):
+            grads_sum, stats_sum = carry
+            micro_batch, index = inputs
+            (loss_sum, stats), grads = grad_fn(params, micro_batch,
+                                               jax.random.fold_in(step_key, index))
+            grads = jax.lax.with_sharding_constraint(grads, params_sharding)
+            stats = dict(stats, loss=loss_sum)
+            return (jax.tree.map(jnp.add, grads_sum, grads),
+                    jax.tree.map(jnp.add, stats_sum, stats)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        stats0 = {"count": jnp.zeros([]), "correct": jnp.zeros([]), "loss": jnp.zeros([])}
+        (grads, stats), _ = jax.lax.scan(accumulate, (zeros, stats0),
+                                         (batch, jnp.arange(num_micro)))
+        # gradient of the summed loss -> gradient of the mean over the step's predictions
+        count = jnp.maximum(stats["count"], 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params,
+                                       learning_rate=learning_rate)
+        params = optax.apply_updates(params, updates)
+        tokens = jnp.sum(batch["segment_ids"] > 0, dtype=jnp.float32)
+        metrics = TrainMetrics.single_from_model_output(
+            loss_sum=stats["loss"], predictions=stats["count"], correct=stats["correct"],
+            grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+            real_tokens=tokens, tokens=batch["segment_ids"].size)
+        return {"params": params, "opt_state": opt_state}, metrics
+
+    def eval_step(params, batch):
+        model = nnx.merge(graphdef_eval, params, blank_rng_state())
+        loss_sum, stats = loss_fn(model, batch)
+        return EvalMetrics.single_from_model_output(
+            loss_sum=loss_sum, predictions=stats["count"], correct=stats["correct"])
+
+    batch_sharding = sharding_lib.batch_sharding(mesh, leading_axes=1)
+    jit_train_step = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_sharding, replicated, replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,))
+    jit_eval_step = jax.jit(
+        eval_step, in_shardings=(params_sharding, sharding_lib.batch_sharding(mesh)),
+        out_shardings=replicated)
+    return Setup(config=config, mesh=mesh, tx=tx, graphdef_train=graphdef_train,
+                 graphdef_eval=graphdef_eval, abstract_state=abstract_state,
+                 state_shardings=state_shardings, init_state=init_state,
+                 train_step=jit_train_step, eval_step=jit_eval_step)
+
+
+def host_batch_to_global(host_batch: dict, mesh, *, num_micro: int) -> dict:
+    """This process's rows `[rows, ...]` -> global `[num_micro, micro_rows, ...]` arrays,
+    rows split over data x fsdp. Micro batch i holds rows [i*n/k, (i+1)*n/k) of every process."""
+    sharding = sharding_lib.batch_sharding(mesh, leading_axes=1)
+    out = {}
+    for key, rows in host_batch.items():
+        rows = np.asarray(rows)
+        local = rows.reshape(num_micro, rows.shape[0] // num_micro, *rows.shape[1:])
+        global_shape = (num_micro, local.shape[1] * jax.process_count(), *rows.shape[1:])
+        out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+    return out
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+class JsonlWriter(metric_writers.interface.MetricWriter):
+    """Appends one JSON object per `write_scalars` call: {"step": s, name: value, ...}."""
+
+    def __init__(self, path: str):
+        self._file = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+
+    def write_scalars(self, step, scalars):
+        record = {"step": int(step)}
+        record.update({k: float(v) for k, v in scalars.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def write_summaries(self, step, values, metadata=None):
+        pass
+
+    def write_images(self, step, images):
+        pass
+
+    def write_videos(self, step, videos):
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate):
+        pass
+
+    def write_texts(self, step, texts):
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        pass
+
+    def write_hparams(self, hparams):
+        pass
+
+    def flush(self):
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
+def demo_config(config):
+    """The config of a run with no dataset (data.mixture == ""): `config.demo` replaces the
+    batch, length and token budget so that it ends in minutes on a CPU. Returns a copy."""
+    config = config.copy_and_resolve_references()
+    if config.data.mixture:
+        return config
+    d, s = config.demo, config.schedule
+    logging.info("config.data.mixture is empty: demo run on the stdlib corpus with %d rows of "
+                 "%d tokens for %d tokens (config.demo)", d.global_batch_size, d.seq_len,
+                 d.total_tokens)
+    decay_share = s.decay_tokens / s.total_tokens
+    config.train.global_batch_size = d.global_batch_size
+    config.train.seq_len = d.seq_len
+    config.train.grad_accum_steps = 1
+    config.train.eval_every_steps = d.eval_every_steps
+    config.train.eval_batches = min(config.train.eval_batches, 4)
+    config.data.eval_batch_size = d.global_batch_size
+    s.total_tokens = d.total_tokens
+    s.decay_tokens = decay_share * d.total_tokens
+    if config.optimizer.lr_warmup_tokens > 0:
+        config.optimizer.lr_warmup_tokens = d.lr_warmup_tokens
+    config.optimizer.batch_warmup_tokens = 0.0
+    config.checkpoint.every_steps = d.checkpoint_every_steps
+    config.log.every_steps = d.log_every_steps
+    if d.cpu_float32 and jax.default_backend() == "cpu":
+        config.model.dtype = "float32"
+    return config
+
+
+def _stop_requested(flag: list) -> bool:
+    """Whether any process got SIGTERM (all processes agree, so they save together)."""
+    if jax.process_count() == 1:
+        return flag[0]
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag[0]))))
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def evaluate(setup: Setup, params, config) -> dict:
+    """Loss and accuracy on the held-out split (config.train.eval_batches batches)."""
+    from data_pipeline import loader  # pylint: disable=import-outside-toplevel
+    eval_iter = loader.make_eval_iterator(config)
+    sharding = sharding_lib.batch_sharding(setup.mesh)
+    total = None
+    for _, host_batch in zip(range(config.train.eval_batches), eval_iter):
+        batch = {k: jax.make_array_from_process_local_data(
+            sharding, np.asarray(v), (np.shape(v)[0] * jax.process_count(), *np.shape(v)[1:]))
+            for k, v in host_batch.items()}
+        metrics = setup.eval_step(params, batch)
+        total = metrics if total is None else total.merge(metrics)
+    if total is None:
+        return {}
+    out = {f"eval_{k}": float(v) for k, v in total.compute().items()}
+    if config.objective == "clm":
+        out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
+    return out
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains `config` in `workdir` until schedule.total_tokens, resuming from the workdir's
+    newest checkpoint if there is one. Returns the last logged metrics."""
+    from data_pipeline import loader  # pylint: disable=import-outside-toplevel
+
+    config = demo_config(config)
+    schedules.validate(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    is_writer = jax.process_index() == 0
+
+    mesh = sharding_lib.make_mesh(config.mesh)
+    sharding_lib.log_mesh(mesh)
+    if config.train.global_batch_size % (sharding_lib.data_parallel_size(mesh)
+                                         * config.train.grad_accum_steps):
+        raise ValueError(
+            f"config.train.global_batch_size={config.train.global_batch_size} must split into "
+            f"grad_accum_steps={config.train.grad_accum_steps} micro batches whose rows divide "
+            f"over data x fsdp = {sharding_lib.data_parallel_size(mesh)} devices")
+    setup = make_setup(config, mesh)
+    rows_for_step = schedules.rows_schedule(config)
+    num_steps = schedules.total_steps(config)
+    micro_rows = schedules.micro_batch_size(config)
+    train_iter = loader.make_train_iterator(config, rows_for_step=rows_for_step)
+
+    save_every = config.checkpoint.every_steps or max(1, math.ceil(
+        config.checkpoint.every_tokens / (config.train.global_batch_size * config.train.seq_len)))
+    ckpt = checkpoint_lib.Checkpointer(
+        workdir, keep_last=config.checkpoint.keep_last,
+        keep_every_steps=save_every * config.checkpoint.keep_every_nth,
+        async_save=config.checkpoint.async_save)
+
+    abstract = setup.abstract_state
+    restored = ckpt.restore_latest(abstract_params=abstract["params"],
+                                   abstract_opt_state=abstract["opt_state"], data_iterator=train_iter)
+    if restored is not None:
+        params, opt_state, meta = restored
+        state = {"params": params, "opt_state": opt_state}
+        step, tokens = int(meta["step"]), int(meta["tokens_seen"])
+    elif config.train.init_from:
+        params, opt_state, _ = checkpoint_lib.restore_from_run(
+            config.train.init_from, abstract_params=abstract["params"],
+            abstract_opt_state=abstract["opt_state"] if config.train.init_optimizer_state else None)
+        if opt_state is None:
+            opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])(params)
+        state = {"params": params, "opt_state": opt_state}
+        step, tokens = 0, 0
+    else:
+        state = setup.init_state()
+        step, tokens = 0, 0
+    num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    logging.info("%s %s, %s: %s parameters, %d steps of up to %d x %d tokens (%s tokens), "
+                 "starting at step %d", config.size, config.objective, config.phase,
+                 f"{num_params:,}", num_steps, config.train.global_batch_size,
+                 config.train.seq_len, f"{config.schedule.total_tokens:,.0f}", step)
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_writer)
+    writers = [writer] + ([JsonlWriter(os.path.join(workdir, "metrics.jsonl"))] if is_writer else [])
+    all_writers = metric_writers.MultiWriter(writers)
+    if is_writer:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    hooks = []
+    report_progress = periodic_actions.ReportProgress(
+        num_train_steps=num_steps, writer=writer, every_secs=config.log.progress_every_secs)
+    if is_writer:
+        hooks.append(report_progress)
+        if config.log.profile_steps > 0:
+            hooks.append(periodic_actions.Profile(logdir=workdir,
+                                                  num_profile_steps=config.log.profile_steps))
+
+    stop_flag = [False]
+
+    def on_sigterm(signum, frame):  # pylint: disable=unused-argument
+        logging.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+        stop_flag[0] = True
+
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    flops_per_row = training_flops_per_row(config)
+    peak = device_peak_flops(config) * jax.device_count()
+    train_metrics, last = None, {}
+    window_start, window_steps, window_rows = time.time(), 0, 0
+    run_start, start_step = time.time(), step
+
+    def save(at_step):
+        ckpt.save(at_step, params=state["params"], opt_state=state["opt_state"],
+                  meta={"step": at_step, "tokens_seen": tokens, "phase": config.phase,
+                        "objective": config.objective, "init_from": config.train.init_from},
+                  data_iterator=train_iter, config=config)
+
+    try:
+        with metric_writers.ensure_flushes(all_writers):
+            while step < num_steps:
+                rows = rows_for_step(step)
+                with report_progress.timed("data", wait_jax_async_dispatch=False):
+                    host_batch = next(train_iter)
+                batch = host_batch_to_global(host_batch, mesh, num_micro=rows // micro_rows)
+                learning_rate = schedules.learning_rate(config, tokens)
+                with report_progress.timed("train_step", wait_jax_async_dispatch=False):
+                    state, metrics = setup.train_step(state, batch, learning_rate, step)
+                train_metrics = metrics if train_metrics is None else train_metrics.merge(metrics)
+                step += 1
+                tokens += rows * config.train.seq_len
+                window_steps, window_rows = window_steps + 1, window_rows + rows
+                for hook in hooks:
+                    hook(step)
+
+                is_last = step == num_steps
+                scalars = {}
+                if step % config.train.eval_every_steps == 0 or is_last:
+                    scalars.update(evaluate(setup, state["params"], config))
+                if step % config.log.every_steps == 0 or is_last:
+                    computed = {k: float(v) for k, v in train_metrics.compute().items()}
+                    elapsed = time.time() - window_start
+                    rows_per_sec = window_rows / elapsed
+                    computed.update(
+                        learning_rate=learning_rate, batch_size=rows, tokens_seen=tokens,
+                        tokens_per_sec=rows_per_sec * config.train.seq_len,
+                        steps_per_sec=window_steps / elapsed)
+                    if peak:
+                        computed["mfu"] = rows_per_sec * flops_per_row / peak
+                    if config.objective == "clm":
+                        computed["perplexity"] = math.exp(min(computed["loss"], 50.0))
+                    scalars.update(computed)
+                    eta = (time.time() - run_start) / (step - start_step) * (num_steps - step)
+                    logging.info("step %d/%d (%.0f%%): loss %.4f, accuracy %.3f, lr %.3g, "
+                                 "%.0f tokens/s, ETA %s", step, num_steps, 100 * step / num_steps,
+                                 computed["loss"], computed["accuracy"], learning_rate,
+                                 computed["tokens_per_sec"], _format_duration(eta))
+                    train_metrics = None
+                    window_start, window_steps, window_rows = time.time(), 0, 0
+                if scalars:
+                    all_writers.write_scalars(step, scalars)
+                    last.update(scalars)
+
+                stop = _stop_requested(stop_flag)
+                if step % save_every == 0 or is_last or stop:
+                    save(step)
+                if stop:
+                    ckpt.wait()
+                    logging.warning("stopped by SIGTERM at step %d; the checkpoint is saved, "
+                                    "rerun the same command to continue", step)
+                    break
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+        all_writers.close()
+
+    if step == num_steps:
+        logging.info("done: %d steps, %s tokens in %s; final loss %.4f%s", step,
+                     f"{tokens:,}", _format_duration(time.time() - run_start),
+                     last.get("loss", float("nan")),
+                     f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
+    return last
