@@ -98,5 +98,5 @@ def attention(q, k, v, *, impl: str = "xla", segment_ids=None, causal: bool = Fa
     if impl == "cudnn":
         from ettin_jax.kernels import cudnn_attention  # pylint: disable=import-outside-toplevel
         return cudnn_attention(q, k, v, **kwargs)
-    from ettin_jax.kernels import splash_attention  # pylint: disable=import-outside-toplevel
+    from ettin_jax.kernels.splash import splash_attention  # pylint: disable=import-outside-toplevel
     return splash_attention(q, k, v, **kwargs)
