@@ -38,7 +38,7 @@ def shingles(text: str, n: int) -> list[bytes]:
 class NearDedup:
     """MinHash-LSH near-duplicate detector with Jaccard `threshold` on word `ngram` shingles."""
 
-    def __init__(self, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, seed: int = 1):
+    def __init__(self, threshold: float = 0.7, num_perm: int = 128, ngram: int = 5, seed: int = 1):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"near-dedup threshold {threshold}: must lie in (0, 1)")
         self.num_perm, self.ngram, self.seed = num_perm, ngram, seed

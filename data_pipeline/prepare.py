@@ -48,7 +48,7 @@ class Options:
     quality: quality.QualityConfig = dataclasses.field(default_factory=quality.QualityConfig)
     exact_dedup: bool = True
     near_dedup: bool = True
-    jaccard: float = 0.8
+    jaccard: float = 0.7
     chunk: chunking.ChunkConfig | None = None
     docs_per_shard: int = 50_000
     workers: int = 1
@@ -234,7 +234,7 @@ def run(opts: Options) -> dict:
     tok = tokenizer.load(opts.tokenizer)
     specials = tokenizer.special_ids(tok, where=opts.tokenizer)
     fp = tokenizer.fingerprint(tok)
-    key = opts.run_key(fp)
+    key = json.loads(json.dumps(opts.run_key(fp)))   # tuples -> lists, as read back
     work = os.path.join(opts.output, WORK)
     run_path = os.path.join(work, "run.json")
     if os.path.exists(run_path):
@@ -302,7 +302,7 @@ def _parse(argv: list[str] | None) -> Options:
                            help=f"quality rule threshold (default {field.default})")
     p.add_argument("--no_exact_dedup", action="store_true")
     p.add_argument("--no_near_dedup", action="store_true")
-    p.add_argument("--jaccard", type=float, default=0.8,
+    p.add_argument("--jaccard", type=float, default=0.7,
                    help="near-duplicate Jaccard threshold on word 5-gram shingles")
     p.add_argument("--chunk_size", type=int, default=0,
                    help="Ettin chunking: max framed chunk length (e.g. 8000); 0 = off")

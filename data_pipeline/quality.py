@@ -124,7 +124,7 @@ def _language(doc, cfg):
     global _LANG_ID
     if _LANG_ID is None:  # loading the bundled model takes ~0.5 s: only when the rule is on
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
-        _LANG_ID = LanguageIdentifier.from_pickled_model(MODEL_FILE, norm_probs=True)
+        _LANG_ID = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
     lang, prob = _LANG_ID.classify(doc.text[:20_000])
     return lang not in cfg.languages or prob < cfg.min_language_prob
 

@@ -1,0 +1,220 @@
+"""Prepare checks from issue 3: tokenizer layout, stage counts, dedup of planted near-duplicates,
+quality rules, chunking, resume, and bad input failing with file:line and nothing damaged."""
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_pipeline import chunking, dedup, prepare, quality, shards, tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ("time person year way day thing man world life hand part child eye woman place work "
+         "week case point government company number group problem fact river stone garden "
+         "window music paper story letter market money table light morning evening winter "
+         "summer history science language animal mountain island village bridge road").split()
+VERBS = "sees finds keeps moves holds opens builds carries follows remembers".split()
+PREPS = "near under behind beside across beyond".split()
+ADJS = "old new small large quiet bright dark early late green".split()
+DETS = "The A Each Every One".split()
+
+
+def english_doc(rng, n=120):
+    """Distinct prose-like documents: random sentences over a small real vocabulary."""
+    out = []
+    while len(out) < n:
+        det, noun, verb, prep, adj, noun2 = (rng.choice(x) for x in
+                                             (DETS, WORDS, VERBS, PREPS, ADJS, WORDS))
+        tail = "" if rng.random() < 0.5 else f" while {rng.choice(WORDS)} {rng.choice(VERBS)} it"
+        out.extend(f"{det} {noun} {verb} the {adj} {noun2} {prep} the {rng.choice(WORDS)}"
+                   f"{tail}.".split())
+    return " ".join(out[:n])
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    tok = tokenizer.train_bpe([english_doc(rng) for _ in range(50)], vocab_size=512, unk_id=500)
+    return tokenizer.save(tok, str(tmp_path_factory.mktemp("tok")))
+
+
+def write_jsonl(path, texts, field="text"):
+    with open(path, "w") as f:
+        for t in texts:
+            f.write(json.dumps({field: t}) + "\n")
+    return str(path)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "data_pipeline.prepare", *args], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def dir_digest(path):
+    h = {}
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            h[os.path.relpath(p, path)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return h
+
+
+def test_tokenizer_layout_and_transformers_can_load_it(tiny_tok):
+    tok = tokenizer.load(tiny_tok)
+    assert tok.get_vocab_size() == 512
+    assert tokenizer.special_ids(tok) == {"unk": 500, "cls": 501, "sep": 502, "pad": 503,
+                                          "mask": 504}
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(tiny_tok)
+    assert (hf.cls_token_id, hf.sep_token_id, hf.pad_token_id, hf.mask_token_id) == (501, 502, 503, 504)
+    ids = hf("The river and the stone.")["input_ids"]
+    assert ids[0] == 501 and ids[-1] == 502
+    assert ids[1:-1] == tok.encode("The river and the stone.", add_special_tokens=False).ids
+    assert hf.decode(ids, skip_special_tokens=True) == "The river and the stone."
+    masked = hf("The river [MASK] stone.")["input_ids"]
+    assert 504 in masked
+
+
+def test_prepare_counts_stages_dedups_planted_near_duplicates_and_matches_tokenizer(tmp_path, tiny_tok):
+    rng = np.random.default_rng(1)
+    distinct = [english_doc(rng, 150) for _ in range(40)]
+    planted = []
+    for doc in distinct[:6]:                          # a few words changed
+        words = doc.split()
+        for i in rng.choice(len(words), 3, replace=False):
+            words[i] = "zebra"
+        planted.append(" ".join(words))
+    exact = [distinct[7]]
+    short = ["Too short to keep."]
+    repeated = ["\n".join(["the same line of the text with words"] * 40)]
+    texts = distinct + planted + exact + short + repeated
+    assert min(dedup.jaccard(p, d) for p, d in zip(planted, distinct)) > 0.8
+    src = write_jsonl(tmp_path / "a.jsonl", texts[:30])
+    gz = tmp_path / "b.jsonl.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write("".join(json.dumps({"text": t}) + "\n" for t in texts[30:]))
+    out = tmp_path / "out"
+    result = run_cli(f"--input={src}", f"--input={gz}", f"--output={out}",
+                     f"--tokenizer={tiny_tok}", "--languages=en", "--workers=2",
+                     "--docs_per_shard=16")
+    assert result.returncode == 0, result.stderr
+    stats = json.load(open(out / "stats.json"))
+    assert stats["documents_in"] == len(texts)
+    assert stats["removed"]["near_duplicate"] == 6
+    assert stats["removed"]["exact_duplicate"] == 1
+    assert stats["removed"]["word_count"] == 1
+    assert stats["removed"]["duplicate_lines"] == 1
+    assert stats["documents_kept"] == 40
+    manifest = shards.read_manifest(str(out))
+    assert manifest["documents"] == 40 and len(manifest["shards"]) == 3
+    assert manifest["tokenizer"]["fingerprint"] == tokenizer.fingerprint(tokenizer.load(tiny_tok))
+    docs = shards.ArrayRecordDocs(str(out))
+    tok = tokenizer.load(tiny_tok)
+    for i, text in enumerate(distinct):
+        want = [501] + tok.encode(text, add_special_tokens=False).ids + [502]
+        np.testing.assert_array_equal(docs[i], want)
+    assert manifest["tokens"] == sum(len(docs[i]) for i in range(len(docs)))
+    assert "removed near_duplicate" in open(out / "summary.txt").read()
+
+
+def test_quality_rules_each_catch_their_case():
+    cfg = quality.QualityConfig(languages=("en",))
+    rng = np.random.default_rng(2)
+    good = english_doc(rng, 120)
+    assert quality.first_failing_rule(good, tuple(quality.RULES), cfg) is None
+    cases = {
+        "word_count": "few words only",
+        "mean_word_length": " ".join(["a"] * 80),
+        "symbol_ratio": good + " #" * 40,
+        "stop_words": " ".join(rng.choice(WORDS, 120)),
+        "ngram_repetition": " ".join(["river stone garden window"] * 40),
+        "language": ("Der Fluss und die Steine liegen neben dem Garten, und das Fenster ist "
+                     "offen. ") * 10,
+    }
+    for rule, text in cases.items():
+        assert quality.first_failing_rule(text, (rule,), cfg) == rule, rule
+        assert quality.first_failing_rule(good, (rule,), cfg) is None, rule
+
+
+def test_chunking_follows_ettin_rules():
+    cfg = chunking.ChunkConfig(chunk_size=100, min_chunk_size=30, always_skip_size=10)
+    ids = np.arange(98 * 3 + 20)                         # tail of 20: backfilled to >= 30
+    pieces = chunking.chunk_ids(ids, cfg)
+    np.testing.assert_array_equal(np.concatenate(pieces), ids)   # moved, not duplicated
+    assert all(len(p) <= 98 for p in pieces) and len(pieces[-1]) >= 30 and len(pieces[-2]) >= 30
+    assert [len(p) for p in chunking.chunk_ids(ids, cfg)] == [len(p) for p in pieces]  # seeded
+    tiny_tail = chunking.chunk_ids(np.arange(98 + 5), cfg)        # tail 5 < always_skip: dropped
+    assert [len(p) for p in tiny_tail] == [98]
+    assert [len(p) for p in chunking.chunk_ids(np.arange(50), cfg)] == [50]
+
+
+def test_prepare_chunking_frames_every_chunk(tmp_path, tiny_tok):
+    rng = np.random.default_rng(3)
+    src = write_jsonl(tmp_path / "a.jsonl", [english_doc(rng, 600) for _ in range(3)])
+    opts = prepare.Options(inputs=[src], output=str(tmp_path / "o"), tokenizer=tiny_tok,
+                           filters=(), chunk=chunking.ChunkConfig(200, 60, 20))
+    manifest = prepare.run(opts)
+    docs = shards.ArrayRecordDocs(str(tmp_path / "o"))
+    assert manifest["documents"] > 3
+    for i in range(len(docs)):
+        assert docs[i][0] == 501 and docs[i][-1] == 502 and len(docs[i]) <= 200
+
+
+def test_resume_rewrites_only_missing_shards(tmp_path, tiny_tok):
+    rng = np.random.default_rng(4)
+    src = write_jsonl(tmp_path / "a.jsonl", [english_doc(rng) for _ in range(30)])
+    out = tmp_path / "o"
+    opts = prepare.Options(inputs=[src], output=str(out), tokenizer=tiny_tok, filters=(),
+                           docs_per_shard=10)
+    prepare.run(opts)
+    before = dir_digest(out)
+    kept = out / "shard-00000.arrayrecord"
+    mtime = os.stat(kept).st_mtime_ns
+    os.remove(out / "shard-00002.arrayrecord")          # as if killed while writing shard 2
+    os.remove(out / "manifest.json")
+    prepare.run(opts)
+    assert dir_digest(out) == before
+    assert os.stat(kept).st_mtime_ns == mtime            # finished shard not redone
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("content,expected", [
+    ('{"text": "fine"}\n{"text": broken\n', r"a\.jsonl:2: malformed JSON"),
+    ('{"text": "fine"}\n{"body": "x"}\n', r"a\.jsonl:2: no 'text' field"),
+    ("", r"a\.jsonl: empty file"),
+])
+def test_bad_input_fails_naming_file_and_line(tmp_path, tiny_tok, content, expected):
+    (tmp_path / "a.jsonl").write_text(content)
+    result = run_cli(f"--input={tmp_path / 'a.jsonl'}", f"--output={tmp_path / 'o'}",
+                     f"--tokenizer={tiny_tok}", "--filters=none", "--workers=1")
+    assert result.returncode == 1
+    assert __import__("re").search(expected, result.stderr), result.stderr
+    assert not os.path.exists(tmp_path / "o" / "manifest.json")
+
+
+def test_other_tokenizer_on_existing_output_fails_and_damages_nothing(tmp_path, tiny_tok):
+    rng = np.random.default_rng(5)
+    src = write_jsonl(tmp_path / "a.jsonl", [english_doc(rng) for _ in range(5)])
+    out = tmp_path / "o"
+    assert run_cli(f"--input={src}", f"--output={out}", f"--tokenizer={tiny_tok}",
+                   "--filters=none", "--workers=1").returncode == 0
+    before = dir_digest(out)
+    other = tokenizer.save(tokenizer.train_bpe(["zz yy xx\n" * 30], vocab_size=512, unk_id=500),
+                           str(tmp_path / "other"))
+    result = run_cli(f"--input={src}", f"--output={out}", f"--tokenizer={other}",
+                     "--filters=none", "--workers=1")
+    assert result.returncode == 1
+    assert "different tokenizer fingerprint" in result.stderr and str(out) in result.stderr
+    assert dir_digest(out) == before
+
+
+def test_help_explains_the_tool():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "near-duplicate" in result.stdout
+    tok_help = subprocess.run([sys.executable, "-m", "data_pipeline.tokenizer", "train", "--help"],
+                              cwd=ROOT, capture_output=True, text=True)
+    assert tok_help.returncode == 0 and "--unk_id" in tok_help.stdout
