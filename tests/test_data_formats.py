@@ -1,0 +1,164 @@
+"""Readers of Ettin's released formats: MDS shards (raw and zstd) and the data-order parquet,
+with files written here from the format description (recipe §5.3), plus the loader reading them
+and the demo corpus path."""
+import json
+import os
+import struct
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from configs import ettin_tiny
+from data_pipeline import data_order, demo_corpus, loader, mds
+
+
+def mds_sample(doc_id: str, ids: np.ndarray, bare: bool) -> bytes:
+    """Columns sorted by name: id (str), input_ids (ndarray[:uint32]); both variable-size."""
+    ids = ids.astype("<u4")
+    shape_code = 0 if len(ids) < 256 else 1 if len(ids) < 65536 else 2
+    shape = np.array([len(ids)], dtype=["<u1", "<u2", "<u4"][shape_code]).tobytes()
+    arr = (bytes([32]) if bare else b"") + bytes([(1 << 2) | shape_code]) + shape + ids.tobytes()
+    text = doc_id.encode()
+    return struct.pack("<II", len(text), len(arr)) + text + arr
+
+
+def write_mds(directory, docs, *, per_shard=3, compress=False, bare=False):
+    os.makedirs(directory, exist_ok=True)
+    infos = []
+    for k, i in enumerate(range(0, len(docs), per_shard)):
+        samples = [mds_sample(f"doc{j}", docs[j], bare) for j in range(i, min(i + per_shard, len(docs)))]
+        encodings = ["str", "ndarray" if bare else "ndarray:uint32"]
+        config = json.dumps({"column_encodings": encodings, "column_names": ["id", "input_ids"],
+                             "column_sizes": [None, None], "format": "mds"}).encode()
+        header = 4 * (len(samples) + 2)
+        offsets = np.cumsum([header + len(config)] + [len(s) for s in samples]).astype("<u4")
+        data = struct.pack("<I", len(samples)) + offsets.tobytes() + config + b"".join(samples)
+        raw = f"shard.{k:05d}.mds"
+        info = {"column_encodings": encodings, "column_names": ["id", "input_ids"],
+                "column_sizes": [None, None], "compression": "zstd" if compress else None,
+                "format": "mds", "hashes": [], "raw_data": {"basename": raw, "bytes": len(data),
+                                                            "hashes": {}},
+                "samples": len(samples), "size_limit": 1 << 26, "version": 2, "zip_data": None}
+        if compress:
+            packed = zstandard.ZstdCompressor().compress(data)
+            with open(os.path.join(directory, raw + ".zstd"), "wb") as f:
+                f.write(packed)
+            info["zip_data"] = {"basename": raw + ".zstd", "bytes": len(packed), "hashes": {}}
+        else:
+            with open(os.path.join(directory, raw), "wb") as f:
+                f.write(data)
+        infos.append(info)
+    with open(os.path.join(directory, "index.json"), "w") as f:
+        json.dump({"shards": infos, "version": 2}, f)
+
+
+def random_docs(n, rng, high=500, lo=3, hi=300):
+    return [np.concatenate([[501], rng.integers(0, high, rng.integers(lo, hi)), [502]])
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("compress,bare", [(False, False), (True, False), (False, True)])
+def test_mds_reader_round_trips(tmp_path, compress, bare):
+    docs = random_docs(8, np.random.default_rng(0))
+    docs.append(np.arange(70_000) % 500)                 # shape stored as uint32
+    write_mds(tmp_path / "part", docs, compress=compress, bare=bare)
+    reader = mds.MDSDocs(str(tmp_path), vocab_size=512, cache_dir=str(tmp_path / "cache"))
+    assert len(reader) == len(docs)
+    for i, doc in enumerate(docs):
+        np.testing.assert_array_equal(reader[i], doc)
+        assert reader[i].dtype == np.int32
+
+
+def test_mds_truncated_and_bad_ids_fail_naming_file_and_sample(tmp_path):
+    docs = random_docs(6, np.random.default_rng(1))
+    docs[4][3] = 9000
+    write_mds(tmp_path, docs)
+    reader = mds.MDSDocs(str(tmp_path), vocab_size=512)
+    with pytest.raises(mds.MDSError, match=r"shard\.00001\.mds: sample 1: id 9000 >= vocab"):
+        reader[4]
+    shard = tmp_path / "shard.00000.mds"
+    shard.write_bytes(shard.read_bytes()[:-40])
+    with pytest.raises(mds.MDSError, match=r"shard\.00000\.mds: .*truncated shard"):
+        mds.MDSDocs(str(tmp_path), vocab_size=512)[0]
+    (tmp_path / "shard.00001.mds").unlink()
+    with pytest.raises(mds.MDSError, match=r"shard\.00001\.mds: missing"):
+        mds.MDSDocs(str(tmp_path))
+
+
+def test_mds_corrupt_zstd_fails_naming_file(tmp_path):
+    write_mds(tmp_path, random_docs(3, np.random.default_rng(2)), compress=True)
+    z = tmp_path / "shard.00000.mds.zstd"
+    z.write_bytes(b"not zstd at all" * 10)
+    with pytest.raises(mds.MDSError, match=r"shard\.00000\.mds\.zstd: corrupt zstd"):
+        mds.MDSDocs(str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    assert not [f for f in os.listdir(tmp_path / "cache") if ".tmp" in f]
+
+
+def write_order(directory, docs, per_file=5):
+    os.makedirs(directory, exist_ok=True)
+    for k, i in enumerate(range(0, len(docs), per_file)):
+        chunk = docs[i:i + per_file]
+        table = pa.table({"input_ids": pa.array([d.tolist() for d in chunk], pa.list_(pa.uint32())),
+                          "step": pa.array([i // 2 + j // 2 + 1 for j in range(len(chunk))])})
+        pq.write_table(table, os.path.join(directory, f"steps_{k * 100 + 1:06d}_to_{k * 100 + 100:06d}.parquet"),
+                       row_group_size=2)
+
+
+def test_data_order_parquet_reads_rows_in_order(tmp_path):
+    docs = random_docs(12, np.random.default_rng(3))
+    write_order(tmp_path / "checkpoint_000001", docs)
+    reader = data_order.ParquetDocs(str(tmp_path), vocab_size=512)
+    assert len(reader) == 12
+    for i in (0, 3, 7, 11, 2):                               # random access across groups/files
+        np.testing.assert_array_equal(reader[i], docs[i])
+    bad = random_docs(2, np.random.default_rng(4))
+    bad[1][1] = 600
+    write_order(tmp_path / "bad", bad)
+    with pytest.raises(data_order.ParquetError, match=r"steps_000001_to_000100\.parquet: row 1: id 600"):
+        data_order.ParquetDocs(str(tmp_path / "bad"), vocab_size=512)[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    # the directory name the loader derives for the tiny config's layout (vocab 512, [UNK] 500)
+    out = os.path.join(str(tmp_path_factory.mktemp("demo")), "v512-unk500")
+    return demo_corpus.build(out, vocab_size=512, unk_id=500, max_bytes=300_000)
+
+
+def test_loader_mixes_mds_and_parquet_by_token_share(tmp_path, demo):
+    tok_dir, _ = demo
+    rng = np.random.default_rng(5)
+    # MDS docs without framing (the loader adds [CLS]/[SEP], recipe §4.5); parquet ~4x longer
+    write_mds(tmp_path / "mds", [d[1:-1] for d in random_docs(60, rng, lo=20, hi=60)])
+    write_order(tmp_path / "order", random_docs(60, rng, lo=120, hi=200))
+    config = ettin_tiny.get_config("mlm")
+    config.data.mixture = f"{tmp_path / 'mds'}:0.25,{tmp_path / 'order'}:0.75"
+    config.data.tokenizer, config.data.num_workers = tok_dir, 0
+    config.data.eval_documents = 0
+    it = loader.make_train_iterator(config, process_index=0, process_count=1,
+                                    include_metadata=True)
+    src = np.concatenate([next(it)["source_ids"] for _ in range(40)])
+    share = (src == 0).sum() / (src >= 0).sum()
+    assert abs(share - 0.25) < 0.05, share
+    batch = next(it)
+    starts = batch["positions"] == 0
+    first = np.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])[starts]
+    assert (first == 501).mean() > 0.5                    # framing added on MDS docs
+
+
+def test_demo_corpus_trains_without_configured_data(demo):
+    tok_dir, shard_dir = demo
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(tok_dir)
+    assert (hf.mask_token_id, hf.pad_token_id, len(hf)) == (504, 503, 512)
+    assert "def" in hf.decode(hf("def main():")["input_ids"], skip_special_tokens=True)
+    config = ettin_tiny.get_config("clm")
+    config.data.demo_dir = os.path.dirname(os.path.dirname(shard_dir))
+    config.data.num_workers = 0
+    batch = next(loader.make_train_iterator(config, process_index=0, process_count=1))
+    assert batch["input_ids"].shape == (8, 128)
+    assert (batch["segment_ids"] > 0).mean() > 0.95
+    assert loader.tokenizer_path(config) == tok_dir
