@@ -16,7 +16,6 @@ import argparse
 import datetime
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipeline import loader, shards, tokenizer  # noqa: E402
+
+
+HEADER = ("## Data loader (bench/loader.py): packed + masked tokens/s, goal >= 500k on 2 cores",
+          "",
+          "| date | run | tokens/s | packing efficiency | labels / real tokens | machine | command |",
+          "|---|---|---|---|---|---|---|")
 
 
 def synthetic_docs(n: int, *, unk_id: int, cls_id: int, sep_id: int, seed: int = 0):
@@ -82,14 +87,17 @@ def main() -> int:
         it.close()
     rate = tokens / elapsed
     efficiency = real / tokens
-    line = (f"| {datetime.date.today()} | loader {config.objective} seq 1024, {a.rows} rows/batch, "
-            f"{d.num_workers} workers | {rate:,.0f} tokens/s | packing {efficiency:.4f} | "
-            f"labels/real {masked / max(real, 1):.3f} | {os.cpu_count()} CPU cores, "
-            f"{platform.python_version()} | `python bench/loader.py` |")
+    line = (f"| {datetime.date.today()} | {config.objective}, seq 1024, {a.rows} rows/batch, "
+            f"{d.num_workers} workers | {rate:,.0f} | {efficiency:.4f} | "
+            f"{masked / max(real, 1):.3f} | {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
+            f"Python {platform.python_version()} | `python bench/loader.py` |")
     print(line)
     if not a.no_append:
         results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+        existing = open(results).read() if os.path.exists(results) else ""
         with open(results, "a") as f:
+            if HEADER[0] not in existing:
+                f.write(("\n" if existing else "") + "\n".join(HEADER) + "\n")
             f.write(line + "\n")
     return 0
 
