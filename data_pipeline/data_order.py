@@ -3,8 +3,9 @@
 Layout (recipe §5.2): parquet files such as `checkpoint_XXXXXX/steps_000001_to_000100.parquet`
 whose rows carry `input_ids` (a list of token ids) and `step`. `ParquetDocs(root)` serves all
 rows of all `*.parquet` files under `root` in sorted-path order, one row group in memory at a
-time, as 1-D int32 arrays; errors name the file and row. Feed it with `shuffle=False` in the
-loader to replay the published order.
+time, as 1-D int32 arrays; errors name the file and row. To replay the published order, set
+--config.data.shuffle=false and --config.data.pack_pool_size=1 (packing then keeps arrival
+order).
 """
 from __future__ import annotations
 

@@ -218,3 +218,49 @@ def test_help_explains_the_tool():
     tok_help = subprocess.run([sys.executable, "-m", "data_pipeline.tokenizer", "train", "--help"],
                               cwd=ROOT, capture_output=True, text=True)
     assert tok_help.returncode == 0 and "--unk_id" in tok_help.stdout
+
+
+def test_parquet_and_txt_inputs_with_normalization_counted(tmp_path, tiny_tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(6)
+    decomposed = "Cafe\u0301 " + english_doc(rng, 80) + "   \r\n\r\n\r\n\r\nend"
+    pq.write_table(pa.table({"content": [english_doc(rng, 80), decomposed]}),
+                   str(tmp_path / "a.parquet"))
+    (tmp_path / "b.txt").write_text(english_doc(rng, 80))
+    out = tmp_path / "o"
+    manifest = prepare.run(prepare.Options(
+        inputs=[str(tmp_path / "a.parquet"), str(tmp_path / "b.txt")], output=str(out),
+        tokenizer=tiny_tok, text_field="content", filters=()))
+    stats = json.load(open(out / "stats.json"))
+    assert stats["documents_in"] == manifest["documents"] == 3
+    assert stats["normalized_changed"] == 1
+    kept = [json.loads(line)["text"] for line in open(out / ".work" / "kept.jsonl")]
+    assert kept[1].startswith("Caf\u00e9 ") and kept[1].endswith(".\n\nend")
+    assert "\r" not in kept[1] and "\n\n\n" not in kept[1]
+
+
+def test_large_vocabulary_shards_hold_uint32_ids(tmp_path):
+    tok = tokenizer.train_bpe(["a b c\n" * 10], vocab_size=70_000, unk_id=69_000)
+    tok_dir = tokenizer.save(tok, str(tmp_path / "tok"))
+    docs = [np.array([69_001, 5, 68_999, 69_002]), np.array([69_001, 69_002])]
+    manifest = shards.write_token_dataset(str(tmp_path / "c"), docs, tokenizer_path=tok_dir,
+                                          source="big")
+    assert manifest["dtype"] == "<u4"
+    reader = shards.ArrayRecordDocs(str(tmp_path / "c"))
+    np.testing.assert_array_equal(reader[0], docs[0])
+
+
+def test_tokenizer_cli_trains_the_layout(tmp_path):
+    src = write_jsonl(tmp_path / "t.jsonl", ["the river and the stone"] * 20)
+    result = subprocess.run([sys.executable, "-m", "data_pipeline.tokenizer", "train",
+                             f"--input={src}", f"--output={tmp_path / 'tok'}",
+                             "--vocab_size=300", "--unk_id=290"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    tok = tokenizer.load(str(tmp_path / "tok"))
+    assert tokenizer.special_ids(tok)["mask"] == 294 and tok.get_vocab_size() == 300
+    bad = subprocess.run([sys.executable, "-m", "data_pipeline.tokenizer", "show",
+                          str(tmp_path / "missing" / "dir")], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert bad.returncode == 1 and "no such tokenizer" in bad.stderr
