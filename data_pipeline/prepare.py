@@ -84,12 +84,25 @@ class Progress:
 
 
 # ---------------------------------------------------------------- stage 1-3: scan
-def _scan(opts: Options, kept_path: str) -> dict:
-    """Normalizes, filters and dedups every input record; writes kept texts as JSON lines."""
+def _scan(opts: Options, kept_path: str, tok) -> dict:
+    """Normalizes, filters and dedups every input record; writes kept texts as JSON lines.
+
+    Tokens of removed documents are counted here (batched); those of kept documents when they
+    are tokenized for the shards.
+    """
+    reasons = ("empty", *opts.filters, "exact_duplicate", "near_duplicate")
     stats = {"documents_in": 0, "words_in": 0, "chars_in": 0, "normalized_changed": 0,
-             "removed": {name: 0 for name in ("empty", *opts.filters, "exact_duplicate",
-                                               "near_duplicate")},
+             "removed": {name: 0 for name in reasons},
+             "removed_tokens": {name: 0 for name in reasons},
              "documents_kept": 0, "words_kept": 0}
+    pending: list[tuple[str, str]] = []     # (reason, text) of removed documents to count
+
+    def count_removed_tokens():
+        encodings = tok.encode_batch([t for _, t in pending], add_special_tokens=False)
+        for (reason, _), enc in zip(pending, encodings):
+            stats["removed_tokens"][reason] += len(enc.ids)
+        pending.clear()
+
     exact = dedup.ExactDedup() if opts.exact_dedup else None
     near = dedup.NearDedup(threshold=opts.jaccard) if opts.near_dedup else None
     total_bytes = sum(os.path.getsize(p) for p in opts.inputs)
@@ -117,6 +130,9 @@ def _scan(opts: Options, kept_path: str) -> dict:
                         reason = "near_duplicate"
                     if reason is not None:
                         stats["removed"][reason] += 1
+                        pending.append((reason, text))
+                        if len(pending) >= opts.batch_size:
+                            count_removed_tokens()
                         continue
                     stats["documents_kept"] += 1
                     stats["words_kept"] += len(text.split())
@@ -124,6 +140,7 @@ def _scan(opts: Options, kept_path: str) -> dict:
                                          ensure_ascii=False) + "\n")
                     progress.update(done_bytes, f"{stats['documents_in']:,} docs")
                 done_bytes += os.path.getsize(path)
+        count_removed_tokens()
         os.replace(tmp, kept_path)
     finally:
         if os.path.exists(tmp):
@@ -141,18 +158,20 @@ def _init_worker(tokenizer_json: str) -> None:
     _WORKER_TOK = tokenizer.load(tokenizer_json)
 
 
-def _encode(job: tuple[list[str], dict | None]) -> list[np.ndarray]:
-    """Token-id documents for a batch of texts: [CLS] ids [SEP], or one per Ettin chunk."""
+def _encode(job: tuple[list[str], dict | None]) -> tuple[list[np.ndarray], int]:
+    """Token-id documents for a batch of texts ([CLS] ids [SEP], or one per Ettin chunk), and
+    the number of text tokens before framing and chunking."""
     texts, chunk = job
     ids = tokenizer.special_ids(_WORKER_TOK)
     cls, sep = np.array([ids["cls"]], np.uint32), np.array([ids["sep"]], np.uint32)
     cfg = chunking.ChunkConfig(**chunk) if chunk else None
-    out = []
+    out, tokens_in = [], 0
     for enc in _WORKER_TOK.encode_batch(texts, add_special_tokens=False):
         body = np.asarray(enc.ids, dtype=np.uint32)
+        tokens_in += len(body)
         pieces = chunking.chunk_ids(body, cfg) if cfg else [body]
         out.extend(np.concatenate([cls, p, sep]) for p in pieces)
-    return out
+    return out, tokens_in
 
 
 def _kept_batches(kept_path: str, first_doc: int, count: int, batch: int) -> Iterator[list[str]]:
@@ -201,12 +220,14 @@ def _write_shards(opts: Options, tok_json: str, n_docs: int, vocab_size: int,
                     _kept_batches(os.path.join(opts.output, WORK, "kept.jsonl"), first, count,
                                   opts.batch_size))
             results = pool.imap(_encode, jobs) if pool else map(_encode, jobs)
-            docs = []
-            for batch_docs in results:
+            docs, tokens_in = [], 0
+            for batch_docs, batch_tokens in results:
                 docs.extend(batch_docs)
+                tokens_in += batch_tokens
                 progress.update(first + len(docs), f"shard {k + 1}/{n_shards}")
             entry = shards.write_shard(path, docs, dtype)
             entry["input_documents"] = count
+            entry["input_tokens"] = tokens_in
             entries.append(entry)
             shards.write_json_atomic(progress_path, {"shards": entries})
     finally:
@@ -219,13 +240,17 @@ def _write_shards(opts: Options, tok_json: str, n_docs: int, vocab_size: int,
 
 # ---------------------------------------------------------------- driver
 def _summary(stats: dict) -> str:
-    lines = [f"documents in      {stats['documents_in']:>12,}   words {stats['words_in']:,}"]
+    lines = [f"documents in      {stats['documents_in']:>12,}   tokens {stats['tokens_in']:>14,}"]
     for name, count in stats["removed"].items():
         if count:
-            lines.append(f"  removed {name:<20} {count:>10,}")
-    lines.append(f"documents kept    {stats['documents_kept']:>12,}   words {stats['words_kept']:,}")
-    if "records_out" in stats:
-        lines.append(f"records out       {stats['records_out']:>12,}   tokens {stats['tokens_out']:,}")
+            lines.append(f"  removed {name:<20} {count:>10,}   tokens "
+                         f"{stats['removed_tokens'][name]:>14,}")
+    lines.append(f"documents kept    {stats['documents_kept']:>12,}   tokens {stats['tokens_kept']:>14,}")
+    if stats["chunking_dropped_tokens"]:
+        lines.append(f"  chunking dropped short tails             tokens "
+                     f"{stats['chunking_dropped_tokens']:>14,}")
+    lines.append(f"records out       {stats['records_out']:>12,}   tokens {stats['tokens_out']:>14,}"
+                 "  (framed [CLS] ... [SEP])")
     return "\n".join(lines)
 
 
@@ -256,7 +281,7 @@ def run(opts: Options) -> dict:
     else:
         # run.json is written last: it marks the scan as complete and fixes the options.
         os.makedirs(work, exist_ok=True)
-        stats = _scan(opts, kept_path)
+        stats = _scan(opts, kept_path, tok)
         shards.write_json_atomic(scan_stats_path, stats)
         tok.save(tok_json + ".tmp")
         os.replace(tok_json + ".tmp", tok_json)
@@ -267,6 +292,11 @@ def run(opts: Options) -> dict:
                             os.path.join(work, "progress.json"))
     stats["records_out"] = sum(e["documents"] for e in entries)
     stats["tokens_out"] = sum(e["tokens"] for e in entries)
+    stats["tokens_kept"] = sum(e["input_tokens"] for e in entries)
+    stats["tokens_in"] = stats["tokens_kept"] + sum(stats["removed_tokens"].values())
+    # chunking drops short tails; framing adds [CLS] and [SEP] to every record
+    stats["chunking_dropped_tokens"] = (stats["tokens_kept"] + 2 * stats["records_out"]
+                                        - stats["tokens_out"])
     manifest = shards.build_manifest(
         source=opts.source or os.path.basename(opts.output.rstrip("/")), vocab_size=vocab_size,
         tokenizer_path=opts.tokenizer, fingerprint=fp, specials=specials, entries=entries,

@@ -118,6 +118,11 @@ def test_prepare_counts_stages_dedups_planted_near_duplicates_and_matches_tokeni
         want = [501] + tok.encode(text, add_special_tokens=False).ids + [502]
         np.testing.assert_array_equal(docs[i], want)
     assert manifest["tokens"] == sum(len(docs[i]) for i in range(len(docs)))
+    n_tokens = [len(tok.encode(t, add_special_tokens=False).ids) for t in texts]
+    assert stats["tokens_in"] == sum(n_tokens)
+    assert stats["removed_tokens"]["near_duplicate"] == sum(n_tokens[40:46])
+    assert stats["tokens_kept"] == sum(n_tokens[:40])
+    assert stats["tokens_out"] == stats["tokens_kept"] + 2 * 40
     assert "removed near_duplicate" in open(out / "summary.txt").read()
 
 
