@@ -1,0 +1,135 @@
+"""Decoder generation: greedy output equals transformers' generate, the KV cache equals
+recomputing the whole sequence, nucleus sampling keeps to the nucleus, and the CLI refuses
+encoders."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from configs import ettin_tiny
+from data_pipeline import tokenizer as tokenizer_lib
+from ettin_jax import generate as generate_lib
+from ettin_jax import hf
+from ettin_jax.model import EttinModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny(objective: str, seed: int = 0) -> EttinModel:
+    """The tiny config with weights pushed away from init, so that greedy choices are decisive
+    (at init the logits are nearly flat and float noise could flip an argmax)."""
+    config = ettin_tiny.get_config(objective).model
+    config.attention_impl = "xla"
+    model = EttinModel(config, rngs=nnx.Rngs(seed))
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    noisy = [p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+    nnx.update(model, jax.tree.unflatten(treedef, noisy))
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory):
+    """A tiny decoder exported to transformers' format, with a tiny BPE tokenizer."""
+    path = str(tmp_path_factory.mktemp("decoder"))
+    model = _tiny("clm")
+    words = "the cat sat on a mat and then it ran over to the dog who was asleep".split()
+    tokenizer = tokenizer_lib.train_bpe([" ".join(words)] * 20, vocab_size=ettin_tiny.VOCAB_SIZE,
+                                        unk_id=ettin_tiny.UNK_ID)
+    hf.save_hf(model, model.config, path, tokenizer=tokenizer)
+    return path, model
+
+
+def test_greedy_equals_transformers_generate(decoder_dir):
+    path, model = decoder_dir
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    torch_model.eval()
+    rng = np.random.RandomState(0)
+    # 40 new tokens: well past the 8-token sliding window of the local layers.
+    for prompt_len in (1, 13):
+        prompt = [[ettin_tiny.CLS_ID] + rng.randint(0, 500, size=prompt_len - 1).tolist()]
+        ours = generate_lib.generate(model, prompt, max_new_tokens=40)[0]
+        with torch.no_grad():
+            theirs = torch_model.generate(torch.tensor(prompt), attention_mask=torch.ones(1, prompt_len, dtype=torch.long),
+                                          max_new_tokens=40, do_sample=False)
+        theirs = theirs[0, prompt_len:].tolist()
+        assert ours == theirs, (prompt_len, ours, theirs)
+        assert len(set(ours)) > 3, ours   # a real sequence, not one token repeated
+
+
+def test_stops_at_the_first_stop_token():
+    model = _tiny("clm", seed=3)
+    prompt = [[ettin_tiny.CLS_ID, 5, 6, 7]]
+    free = generate_lib.generate(model, prompt, max_new_tokens=30)[0]
+    assert len(free) == 30 and ettin_tiny.SEP_ID not in free
+    # Declare the token emitted at step 6 to be [SEP]/EOS: generation must end right there.
+    stop = free[6]
+    model.config = dataclasses.replace(model.config, sep_token_id=stop, eos_token_id=stop)
+    stopped = generate_lib.generate(model, prompt, max_new_tokens=30)[0]
+    assert stopped == free[:free.index(stop) + 1]
+
+
+def test_kv_cache_equals_full_recompute():
+    model = _tiny("clm", seed=1)
+    rng = np.random.RandomState(1)
+    prompts = rng.randint(0, 500, size=(3, 9))
+    cached = generate_lib.generate(model, prompts, max_new_tokens=30)
+    recomputed = generate_lib.generate(model, prompts, max_new_tokens=30, use_cache=False)
+    assert cached == recomputed
+    assert any(len(row) > 10 for row in cached)
+
+
+def test_nucleus_sampling_stays_in_nucleus():
+    rng = np.random.RandomState(2)
+    logits = rng.normal(size=(4, 50)).astype(np.float32) * 2.0
+    top_p = 0.6
+    samples = np.stack([np.asarray(generate_lib.sample_next(
+        jnp.asarray(logits), jax.random.key(i), temperature=0.7, top_p=top_p)) for i in range(300)])
+    for row in range(4):
+        probs = np.exp(logits[row] / 0.7 - np.max(logits[row] / 0.7))
+        probs /= probs.sum()
+        order = np.argsort(-probs)
+        mass_before = np.cumsum(probs[order]) - probs[order]
+        nucleus = set(order[mass_before < top_p].tolist())
+        seen = set(samples[:, row].tolist())
+        assert seen <= nucleus, (row, seen - nucleus)
+        assert seen == nucleus, (row, nucleus - seen)   # 300 draws reach every nucleus token
+    greedy = np.argmax(logits, axis=-1)
+    tiny_p = generate_lib.sample_next(jnp.asarray(logits), jax.random.key(0), temperature=1.0, top_p=1e-6)
+    np.testing.assert_array_equal(np.asarray(tiny_p), greedy)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "ettin_jax.generate", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_cli_generates_and_refuses_encoders(decoder_dir, tmp_path):
+    path, model = decoder_dir
+    result = _cli(f"--hf={path}", "--prompt=the cat", "--max_new_tokens=12")
+    assert result.returncode == 0, result.stderr[-2000:]
+    tokenizer = tokenizer_lib.load(path)
+    model, _ = hf.load_hf(path)   # what the CLI runs (the compute dtype config.json implies)
+    prompt = generate_lib.encode_prompt(tokenizer, "the cat", model.config)
+    new = generate_lib.generate(model, [prompt], max_new_tokens=12)[0]
+    if new and new[-1] == ettin_tiny.SEP_ID:
+        new = new[:-1]
+    assert result.stdout.strip() == ("the cat" + tokenizer.decode(new, skip_special_tokens=False)).strip()
+
+    encoder_dir = str(tmp_path / "encoder")
+    encoder = _tiny("mlm")
+    hf.save_hf(encoder, encoder.config, encoder_dir, tokenizer=os.path.join(path, "tokenizer.json"))
+    result = _cli(f"--hf={encoder_dir}", "--prompt=the cat")
+    assert result.returncode != 0
+    assert encoder_dir in result.stderr and "encoder" in result.stderr, result.stderr[-2000:]
