@@ -10,20 +10,26 @@ from __future__ import annotations
 import hashlib
 import re
 
-from datasketch import MinHash, MinHashLSH
+import numpy as np
+from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 _TOKEN = re.compile(r"\w+")
+_SCHEME = MinHash(num_perm=1).scheme     # hash scheme of this datasketch version's MinHash
+
+
+def digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
 
 
 class ExactDedup:
     def __init__(self):
         self._seen: set[bytes] = set()
 
-    def is_duplicate(self, text: str) -> bool:
-        digest = hashlib.sha256(text.encode("utf-8")).digest()
-        if digest in self._seen:
+    def is_duplicate(self, text_digest: bytes) -> bool:
+        """True if this digest was seen before; otherwise remembers it."""
+        if text_digest in self._seen:
             return True
-        self._seen.add(digest)
+        self._seen.add(text_digest)
         return False
 
 
@@ -45,14 +51,15 @@ class NearDedup:
         self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self._count = 0
 
-    def signature(self, text: str) -> MinHash:
+    def signature(self, text: str) -> np.ndarray:
+        """MinHash values of the text's shingles (computed in worker processes by prepare)."""
         m = MinHash(num_perm=self.num_perm, seed=self.seed)
         m.update_batch(shingles(text, self.ngram))
-        return m
+        return m.hashvalues
 
-    def is_duplicate(self, text: str) -> bool:
-        """True if `text` is near an earlier document; otherwise remembers it and returns False."""
-        sig = self.signature(text)
+    def is_duplicate(self, signature: np.ndarray) -> bool:
+        """True if the document is near an earlier one; otherwise remembers it."""
+        sig = LeanMinHash(seed=self.seed, hashvalues=signature, scheme=_SCHEME)
         if self._lsh.query(sig):
             return True
         self._lsh.insert(str(self._count), sig, check_duplication=False)

@@ -1,4 +1,4 @@
-"""Shows what the model will see: batches from the training loader, decoded and measured.
+r"""Shows what the model will see: batches from the training loader, decoded and measured.
 
     python -m data_pipeline.inspect --config=configs/ettin_17m.py:mlm [--batches=N] \
         [--rows=R] [--decode] [--dump=FILE.npz] [--eval] [--config.data.mixture=...]

@@ -230,7 +230,8 @@ def make_train_iterator(config, *, process_index: int | None = None,
 
     rows_for_step(step) -> global rows in batch `step` (batch-size warmup); default
     config.train.global_batch_size. It must be divisible by process_count.
-    num_epochs=None repeats forever; an int stops after that many passes over each source.
+    num_epochs=None repeats forever; an int stops after that many passes over the source (with
+    several sources, Grain's mixture ends when the first of them runs out).
     """
     pid, pcount = _host(process_index, process_count)
     train, evals, _ = _resolve(config)

@@ -1,4 +1,4 @@
-"""Prepare raw text into ArrayRecord token shards: normalize, filter, dedup, tokenize, chunk, shard.
+r"""Prepare raw text into ArrayRecord token shards: normalize, filter, dedup, tokenize, chunk, shard.
 
     python -m data_pipeline.prepare --input='raw/*.jsonl.gz' --output=data/web \
         --tokenizer=data/tok [--source=web] [--text_field=text] [--chunk_size=8000] ...
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import multiprocessing
 import os
@@ -83,81 +82,142 @@ class Progress:
               f"ETA {eta:,.0f}s) {extra}", file=sys.stderr, flush=True)
 
 
+# ---------------------------------------------------------------- worker processes
+_WORKER_TOK = None
+_WORKER_OPTS: Options | None = None
+_WORKER_NEAR: dedup.NearDedup | None = None
+
+
+def _init_worker(tokenizer_json: str, opts: Options) -> None:
+    global _WORKER_TOK, _WORKER_OPTS, _WORKER_NEAR
+    _WORKER_TOK = tokenizer.load(tokenizer_json)
+    _WORKER_OPTS = opts
+    _WORKER_NEAR = dedup.NearDedup(threshold=opts.jaccard) if opts.near_dedup else None
+
+
+class _InProcess:
+    """The part of multiprocessing.Pool's interface used here, run in this process."""
+
+    def __init__(self, tokenizer_json: str, opts: Options):
+        _init_worker(tokenizer_json, opts)
+
+    def map(self, fn, jobs):
+        return [fn(job) for job in jobs]
+
+    def imap(self, fn, jobs):
+        return (fn(job) for job in jobs)
+
+    def close(self):
+        pass
+
+    def join(self):
+        pass
+
+
+def _pool(tokenizer_json: str, opts: Options):
+    if opts.workers <= 1:
+        return _InProcess(tokenizer_json, opts)
+    # spawn: a forked child would inherit the parent's tokenizer thread-pool state.
+    return multiprocessing.get_context("spawn").Pool(opts.workers, initializer=_init_worker,
+                                                     initargs=(tokenizer_json, opts))
+
+
 # ---------------------------------------------------------------- stage 1-3: scan
-def _scan(opts: Options, kept_path: str, tok) -> dict:
+def _check(texts: list[str]) -> list[tuple]:
+    """Worker: per text (normalized text, words, filter reason or None, sha256 digest, MinHash
+    values or None, tokens if removed by a filter else None). Dedup decisions stay sequential
+    in the main process because they depend on every earlier document."""
+    opts, out = _WORKER_OPTS, []
+    for raw in texts:
+        text = normalize.normalize(raw) if opts.normalize else raw
+        reason = "empty" if not text.strip() else None
+        if reason is None and opts.filters:
+            reason = quality.first_failing_rule(text, opts.filters, opts.quality)
+        sig = _WORKER_NEAR.signature(text) if reason is None and _WORKER_NEAR else None
+        out.append([text, len(text.split()), reason, dedup.digest(text), sig, None])
+    removed = [row for row in out if row[2]]
+    encodings = _WORKER_TOK.encode_batch([row[0] for row in removed], add_special_tokens=False)
+    for row, enc in zip(removed, encodings):
+        row[5] = len(enc.ids)
+    return [tuple(row) for row in out]
+
+
+def _read_batches(opts: Options, stats: dict, progress: Progress):
+    """Batches of input records, read in this process (errors name file and line)."""
+    done_bytes, batch = 0, []
+    for path in opts.inputs:
+        size, chars_at_start = os.path.getsize(path), stats["chars_in"]
+        for record in text_io.iter_file(path, text_field=opts.text_field):
+            stats["chars_in"] += len(record.text)
+            batch.append(record)
+            if len(batch) == opts.batch_size:
+                yield batch
+                batch = []
+            # within a file, characters read approximate bytes read (exact for ASCII)
+            within = min(size, stats["chars_in"] - chars_at_start)
+            progress.update(done_bytes + within, f"{stats['documents_in']:,} docs, {path}")
+        done_bytes += size
+    if batch:
+        yield batch
+
+
+def _scan(opts: Options, kept_path: str, tok, pool) -> dict:
     """Normalizes, filters and dedups every input record; writes kept texts as JSON lines.
 
-    Tokens of removed documents are counted here (batched); those of kept documents when they
-    are tokenized for the shards.
+    Workers normalize, filter, count tokens of filtered-out documents and compute MinHash
+    values; this process reads the inputs and makes the order-dependent dedup decisions.
     """
     reasons = ("empty", *opts.filters, "exact_duplicate", "near_duplicate")
     stats = {"documents_in": 0, "words_in": 0, "chars_in": 0, "normalized_changed": 0,
              "removed": {name: 0 for name in reasons},
              "removed_tokens": {name: 0 for name in reasons},
              "documents_kept": 0, "words_kept": 0}
-    pending: list[tuple[str, str]] = []     # (reason, text) of removed documents to count
-
-    def count_removed_tokens():
-        encodings = tok.encode_batch([t for _, t in pending], add_special_tokens=False)
-        for (reason, _), enc in zip(pending, encodings):
-            stats["removed_tokens"][reason] += len(enc.ids)
-        pending.clear()
-
     exact = dedup.ExactDedup() if opts.exact_dedup else None
     near = dedup.NearDedup(threshold=opts.jaccard) if opts.near_dedup else None
-    total_bytes = sum(os.path.getsize(p) for p in opts.inputs)
-    progress = Progress("scan", total_bytes, "input bytes")
-    done_bytes = 0
+    progress = Progress("scan", sum(os.path.getsize(p) for p in opts.inputs), "input bytes")
+    window = max(1, 2 * opts.workers)              # batches in flight per round
     tmp = kept_path + ".tmp"
     try:
         with open(tmp, "w") as out:
-            for path in opts.inputs:
-                for record in text_io.iter_file(path, text_field=opts.text_field):
-                    stats["documents_in"] += 1
-                    words = len(record.text.split())
-                    stats["words_in"] += words
-                    stats["chars_in"] += len(record.text)
-                    text = record.text
-                    if opts.normalize:
-                        text = normalize.normalize(text)
+            batches = _read_batches(opts, stats, progress)
+            while True:
+                round_ = [b for _, b in zip(range(window), batches)]
+                if not round_:
+                    break
+                results = pool.map(_check, [[r.text for r in b] for b in round_])
+                duplicates = []                    # (reason, text): tokens counted below
+                for batch, checked in zip(round_, results):
+                    for record, (text, words, reason, text_digest, sig, tokens) in zip(batch, checked):
+                        stats["documents_in"] += 1
+                        stats["words_in"] += words
                         stats["normalized_changed"] += text != record.text
-                    reason = "empty" if not text.strip() else None
-                    if reason is None and opts.filters:
-                        reason = quality.first_failing_rule(text, opts.filters, opts.quality)
-                    if reason is None and exact is not None and exact.is_duplicate(text):
-                        reason = "exact_duplicate"
-                    if reason is None and near is not None and near.is_duplicate(text):
-                        reason = "near_duplicate"
-                    if reason is not None:
-                        stats["removed"][reason] += 1
-                        pending.append((reason, text))
-                        if len(pending) >= opts.batch_size:
-                            count_removed_tokens()
-                        continue
-                    stats["documents_kept"] += 1
-                    stats["words_kept"] += len(text.split())
-                    out.write(json.dumps({"text": text, "from": f"{record.file}:{record.line}"},
-                                         ensure_ascii=False) + "\n")
-                    progress.update(done_bytes, f"{stats['documents_in']:,} docs")
-                done_bytes += os.path.getsize(path)
-        count_removed_tokens()
+                        if reason is None and exact is not None and exact.is_duplicate(text_digest):
+                            reason = "exact_duplicate"
+                        if reason is None and near is not None and near.is_duplicate(sig):
+                            reason = "near_duplicate"
+                        if reason is not None:
+                            stats["removed"][reason] += 1
+                            if tokens is None:
+                                duplicates.append((reason, text))
+                            else:
+                                stats["removed_tokens"][reason] += tokens
+                            continue
+                        stats["documents_kept"] += 1
+                        stats["words_kept"] += words
+                        out.write(json.dumps({"text": text, "from": f"{record.file}:{record.line}"},
+                                             ensure_ascii=False) + "\n")
+                encodings = tok.encode_batch([t for _, t in duplicates], add_special_tokens=False)
+                for (reason, _), enc in zip(duplicates, encodings):
+                    stats["removed_tokens"][reason] += len(enc.ids)
         os.replace(tmp, kept_path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    progress.update(done_bytes, f"{stats['documents_in']:,} docs", force=True)
+    progress.update(progress.total, f"{stats['documents_in']:,} docs", force=True)
     return stats
 
 
 # ---------------------------------------------------------------- stage 4-5: tokenize + chunk
-_WORKER_TOK = None
-
-
-def _init_worker(tokenizer_json: str) -> None:
-    global _WORKER_TOK
-    _WORKER_TOK = tokenizer.load(tokenizer_json)
-
-
 def _encode(job: tuple[list[str], dict | None]) -> tuple[list[np.ndarray], int]:
     """Token-id documents for a batch of texts ([CLS] ids [SEP], or one per Ettin chunk), and
     the number of text tokens before framing and chunking."""
@@ -188,7 +248,7 @@ def _kept_batches(kept_path: str, first_doc: int, count: int, batch: int) -> Ite
             yield texts
 
 
-def _write_shards(opts: Options, tok_json: str, n_docs: int, vocab_size: int,
+def _write_shards(opts: Options, pool, n_docs: int, vocab_size: int,
                   progress_path: str) -> list[dict]:
     done = {}
     if os.path.exists(progress_path):
@@ -199,41 +259,29 @@ def _write_shards(opts: Options, tok_json: str, n_docs: int, vocab_size: int,
     chunk = dataclasses.asdict(opts.chunk) if opts.chunk else None
     progress = Progress("tokenize", n_docs, "documents")
     entries = []
-    pool = None
-    if opts.workers > 1:
-        # spawn: a forked child would inherit the parent's tokenizer thread pool state.
-        pool = multiprocessing.get_context("spawn").Pool(
-            opts.workers, initializer=_init_worker, initargs=(tok_json,))
-    else:
-        _init_worker(tok_json)
-    try:
-        for k in range(n_shards):
-            name = shards.shard_name(k)
-            path = os.path.join(opts.output, name)
-            entry = done.get(name)
-            if entry and os.path.exists(path) and os.path.getsize(path) == entry["bytes"]:
-                entries.append(entry)          # finished by an earlier run: keep it
-                continue
-            first, count = k * opts.docs_per_shard, min(opts.docs_per_shard,
-                                                        n_docs - k * opts.docs_per_shard)
-            jobs = ((texts, chunk) for texts in
-                    _kept_batches(os.path.join(opts.output, WORK, "kept.jsonl"), first, count,
-                                  opts.batch_size))
-            results = pool.imap(_encode, jobs) if pool else map(_encode, jobs)
-            docs, tokens_in = [], 0
-            for batch_docs, batch_tokens in results:
-                docs.extend(batch_docs)
-                tokens_in += batch_tokens
-                progress.update(first + len(docs), f"shard {k + 1}/{n_shards}")
-            entry = shards.write_shard(path, docs, dtype)
-            entry["input_documents"] = count
-            entry["input_tokens"] = tokens_in
-            entries.append(entry)
-            shards.write_json_atomic(progress_path, {"shards": entries})
-    finally:
-        if pool:
-            pool.close()
-            pool.join()
+    for k in range(n_shards):
+        name = shards.shard_name(k)
+        path = os.path.join(opts.output, name)
+        entry = done.get(name)
+        if entry and os.path.exists(path) and os.path.getsize(path) == entry["bytes"]:
+            entries.append(entry)          # finished by an earlier run: keep it
+            continue
+        first = k * opts.docs_per_shard
+        count = min(opts.docs_per_shard, n_docs - first)
+        jobs = ((texts, chunk) for texts in
+                _kept_batches(os.path.join(opts.output, WORK, "kept.jsonl"), first, count,
+                              opts.batch_size))
+        docs, tokens_in = [], 0
+        for i, (batch_docs, batch_tokens) in enumerate(pool.imap(_encode, jobs)):
+            docs.extend(batch_docs)
+            tokens_in += batch_tokens
+            progress.update(first + min(count, (i + 1) * opts.batch_size),
+                            f"shard {k + 1}/{n_shards}")
+        entry = shards.write_shard(path, docs, dtype)
+        entry["input_documents"] = count
+        entry["input_tokens"] = tokens_in
+        entries.append(entry)
+        shards.write_json_atomic(progress_path, {"shards": entries})
     progress.update(n_docs, f"{n_shards} shards", force=True)
     return entries
 
@@ -274,22 +322,28 @@ def run(opts: Options) -> dict:
     kept_path = os.path.join(work, "kept.jsonl")
     scan_stats_path = os.path.join(work, "scan_stats.json")
     tok_json = os.path.join(work, "tokenizer.json")
-    if os.path.exists(run_path):
-        with open(scan_stats_path) as f:
-            stats = json.load(f)
-        print(f"scan: reusing {kept_path} from an earlier run", file=sys.stderr)
-    else:
-        # run.json is written last: it marks the scan as complete and fixes the options.
+    fresh = not os.path.exists(run_path)
+    if fresh:
+        # No finished scan here (a failed run may have left .work behind): start over.
         os.makedirs(work, exist_ok=True)
-        stats = _scan(opts, kept_path, tok)
-        shards.write_json_atomic(scan_stats_path, stats)
         tok.save(tok_json + ".tmp")
         os.replace(tok_json + ".tmp", tok_json)
-        shards.write_json_atomic(run_path, key)
-
-    vocab_size = tok.get_vocab_size()
-    entries = _write_shards(opts, tok_json, stats["documents_kept"], vocab_size,
-                            os.path.join(work, "progress.json"))
+    pool = _pool(tok_json, opts)
+    try:
+        if fresh:
+            stats = _scan(opts, kept_path, tok, pool)
+            shards.write_json_atomic(scan_stats_path, stats)
+            shards.write_json_atomic(run_path, key)   # last: marks the scan complete
+        else:
+            with open(scan_stats_path) as f:
+                stats = json.load(f)
+            print(f"scan: reusing {kept_path} from an earlier run", file=sys.stderr)
+        vocab_size = tok.get_vocab_size()
+        entries = _write_shards(opts, pool, stats["documents_kept"], vocab_size,
+                                os.path.join(work, "progress.json"))
+    finally:
+        pool.close()
+        pool.join()
     stats["records_out"] = sum(e["documents"] for e in entries)
     stats["tokens_out"] = sum(e["tokens"] for e in entries)
     stats["tokens_kept"] = sum(e["input_tokens"] for e in entries)

@@ -1,4 +1,4 @@
-"""BPE tokenizers with the ModernBERT special-token layout, and loading/fingerprinting them.
+r"""BPE tokenizers with the ModernBERT special-token layout, and loading/fingerprinting them.
 
 Layout (recipe §6): regular tokens take ids [0, unk_id); the five special tokens sit at
     [UNK] unk_id, [CLS] unk_id+1, [SEP] unk_id+2, [PAD] unk_id+3, [MASK] unk_id+4
