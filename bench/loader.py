@@ -75,7 +75,7 @@ def main() -> int:
         it = loader.make_train_iterator(config, process_index=0, process_count=1,
                                         rows_for_step=lambda step: a.rows)
         next(it)                                            # warm-up: workers start
-        tokens = real = masked = eligible = 0
+        tokens = real = masked = 0
         start = time.perf_counter()
         for _ in range(a.batches):
             batch = next(it)

@@ -132,6 +132,7 @@ def data_config(*, model: ml_collections.ConfigDict, seed: int) -> ml_collection
     d.worker_group_rows = 16        # rows a worker hands over at once
     d.worker_buffer_groups = 4      # groups prefetched per worker
     d.pack_pool_size = 256          # packing lookahead (pending document pieces)
+    d.pack_fill_min = 32            # split a piece into a row gap this big (0 = never)
     d.mds_cache_dir = ""            # where zstd MDS shards are decompressed ("" = beside them)
     d.demo_dir = "data/demo"
     d.demo_max_bytes = 8_000_000    # text read from the stdlib for the demo corpus

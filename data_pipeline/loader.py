@@ -208,7 +208,8 @@ def _rows_to_batches(config, docs: grain.MapDataset, *, ratio: float, seed: int,
                      include_metadata: bool) -> grain.DatasetIterator:
     rows = packing.PackIterDataset(docs, seq_len=config.train.seq_len,
                                    pad_id=config.model.pad_token_id,
-                                   pool_size=config.data.pack_pool_size)
+                                   pool_size=config.data.pack_pool_size,
+                                   fill_min=config.data.pack_fill_min)
     rows = rows.map(_objective_fn(config, ratio, seed))
     # Rows cross from the workers in groups: one shared-memory transfer per group, not per row.
     rows = rows.batch(config.data.worker_group_rows, drop_remainder=False)
