@@ -67,7 +67,12 @@ class BatchIterator(grain.DatasetIterator):
             for k in self._ds.keys:
                 parts[k].append(np.stack([self._ds.pad_row[k]] * (want - have)))
         self._step += 1
-        return {k: np.concatenate(v) if len(v) > 1 else v[0] for k, v in parts.items()}
+        # Always copies: group arrays live in worker shared memory, which must not outlive them.
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+    def close(self) -> None:
+        self._group = None
+        super().close()
 
     def get_state(self) -> dict:
         return {"parent": self._group_state, "offset": self._offset, "step": self._step}
