@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from data_pipeline import loader, sources, tokenizer
+from data_pipeline import loader, mixtures, sources, tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file and arg, e.g. "
                                           "configs/ettin_17m.py:mlm", lock_config=True)
@@ -116,8 +116,8 @@ def main(argv):
             except StopIteration:
                 break
         tok = tokenizer.load(loader.tokenizer_path(config))
-        names = ([os.path.basename(s[0].rstrip("/"))
-                  for s in sources.parse_mixture(config.data.mixture)]
+        names = ([os.path.basename(s[0].rstrip("/")) for s in sources.parse_mixture(
+                    mixtures.expand(config.data.mixture, config.phase))]
                  if config.data.mixture else ["demo"])
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

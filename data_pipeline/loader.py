@@ -52,7 +52,8 @@ from typing import Callable
 import grain
 import numpy as np
 
-from data_pipeline import batching, demo_corpus, objectives, packing, shards, sources, tokenizer
+from data_pipeline import (batching, demo_corpus, mixtures, objectives, packing, shards, sources,
+                           tokenizer)
 
 ROW_KEYS = ("input_ids", "segment_ids", "positions", "labels")
 MLM_KEYS = ("mask_positions", "mask_labels")
@@ -79,7 +80,7 @@ def tokenizer_path(config) -> str:
         return config.data.tokenizer
     if not config.data.mixture:
         return _demo_dirs(config)[0]
-    first = sources.parse_mixture(config.data.mixture)[0][0]
+    first = sources.parse_mixture(mixtures.expand(config.data.mixture, config.phase))[0][0]
     copy = os.path.join(first, ".work", "tokenizer.json")
     if os.path.exists(copy):
         return copy
@@ -111,7 +112,7 @@ def _open_sources(config, mixture: str) -> list[sources.Source]:
     d = config.data
     return [sources.open_source(path, weight, vocab_size=config.model.vocab_size,
                                 cache_dir=d.mds_cache_dir or None)
-            for path, weight in sources.parse_mixture(mixture)]
+            for path, weight in sources.parse_mixture(mixtures.expand(mixture, config.phase))]
 
 
 def _resolve(config) -> tuple[list[sources.Source], list[sources.Source] | None, str]:

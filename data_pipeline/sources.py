@@ -3,6 +3,8 @@
 Mixture grammar: comma-separated `PATH[:WEIGHT]` entries, e.g.
     "data/dclm:0.49,data/starcoder:0.155,ettin-decay-data/train/books:0.138"
 WEIGHT is the share of *tokens* the source should contribute (default 1; normalized).
+An entry `ettin:ROOT` stands for Ettin's sources of the config's phase under ROOT, weighted as
+in the paper (data_pipeline.mixtures).
 PATH is detected by what it holds:
     manifest.json          -> ArrayRecord shards from `data_pipeline.prepare`
     index.json (anywhere below) -> MosaicML MDS shards (Ettin's released phase data)

@@ -162,3 +162,31 @@ def test_demo_corpus_trains_without_configured_data(demo):
     assert batch["input_ids"].shape == (8, 128)
     assert (batch["segment_ids"] > 0).mean() > 0.95
     assert loader.tokenizer_path(config) == tok_dir
+
+
+def test_ettin_phase_mixture_expands_to_the_paper_weights(tmp_path, demo):
+    from data_pipeline import mixtures
+    tok_dir, _ = demo
+    rng = np.random.default_rng(6)
+    names = ["DCLM-Dolmino", "code_repos", "arxiv", "StackExchange-Dolmino", "tulu flan",
+             "Math_Dolmino", "wikipedia", "books", "textbooks"]
+    for name in names:
+        write_mds(tmp_path / "decay" / name / "split_0", random_docs(20, rng, lo=30, hi=80))
+    expanded = mixtures.expand(f"ettin:{tmp_path / 'decay'}", "decay")
+    weights = {os.path.basename(p): float(w) for p, w in
+               (e.rsplit(":", 1) for e in expanded.split(","))}
+    assert weights["DCLM-Dolmino"] == 26.0 and weights["tulu flan"] == 4.1
+    assert sum(weights.values()) == pytest.approx(76.3)          # the paper's decay total
+    config = ettin_tiny.get_config("mlm_decay")
+    config.data.mixture = f"ettin:{tmp_path / 'decay'}"
+    config.data.tokenizer, config.data.num_workers, config.data.eval_documents = tok_dir, 0, 0
+    it = loader.make_train_iterator(config, process_index=0, process_count=1,
+                                    include_metadata=True)
+    src = np.concatenate([next(it)["source_ids"] for _ in range(20)])
+    dclm, textbooks = (src == 0).mean(), (src == 8).mean()
+    assert dclm > 0.2 and textbooks < 0.05                      # 34% and 0.7% of tokens
+    os.makedirs(tmp_path / "decay" / "unknown-source")
+    with pytest.raises(ValueError, match=r"without a source in the phase table \['unknown-source'\]"):
+        mixtures.expand(f"ettin:{tmp_path / 'decay'}", "decay")
+    with pytest.raises(ValueError, match=r"sources without a directory \['dclm', 'cc_head'"):
+        mixtures.expand(f"ettin:{tmp_path / 'decay'}", "pretrain")
