@@ -190,3 +190,16 @@ def test_ettin_phase_mixture_expands_to_the_paper_weights(tmp_path, demo):
         mixtures.expand(f"ettin:{tmp_path / 'decay'}", "decay")
     with pytest.raises(ValueError, match=r"sources without a directory \['dclm', 'cc_head'"):
         mixtures.expand(f"ettin:{tmp_path / 'decay'}", "pretrain")
+
+
+def test_data_order_replays_in_published_order(tmp_path, demo):
+    tok_dir, _ = demo
+    docs = random_docs(30, np.random.default_rng(7), lo=40, hi=120)
+    write_order(tmp_path / "order", docs)
+    config = ettin_tiny.get_config("clm")
+    config.data.mixture, config.data.tokenizer = str(tmp_path / "order"), tok_dir
+    config.data.shuffle, config.data.pack_pool_size, config.data.pack_fill_min = False, 1, 0
+    config.data.num_workers, config.data.eval_documents = 0, 0
+    batches = list(loader.make_train_iterator(config, process_index=0, process_count=1))
+    ids = np.concatenate([b["input_ids"][b["segment_ids"] > 0] for b in batches])
+    np.testing.assert_array_equal(ids, np.concatenate(docs))
