@@ -155,6 +155,14 @@ def test_demo_corpus_trains_without_configured_data(demo):
     hf = AutoTokenizer.from_pretrained(tok_dir)
     assert (hf.mask_token_id, hf.pad_token_id, len(hf)) == (504, 503, 512)
     assert "def" in hf.decode(hf("def main():")["input_ids"], skip_special_tokens=True)
+    # what an exported encoder meets: transformers' fill-mask pipeline with this tokenizer
+    from transformers import ModernBertConfig, ModernBertForMaskedLM, pipeline
+    model = ModernBertForMaskedLM(ModernBertConfig(
+        vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=2, pad_token_id=503, cls_token_id=501, sep_token_id=502,
+        bos_token_id=501, eos_token_id=502)).eval()
+    filled = pipeline("fill-mask", model=model, tokenizer=hf)("def main(): return [MASK]", top_k=2)
+    assert len(filled) == 2 and all(f["sequence"].startswith("def main(): return") for f in filled)
     config = ettin_tiny.get_config("clm")
     config.data.demo_dir = os.path.dirname(os.path.dirname(shard_dir))
     config.data.num_workers = 0
