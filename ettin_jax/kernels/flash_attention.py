@@ -342,10 +342,18 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
+_BATCH_AXES = ("data", "fsdp")
+_HEAD_AXIS = "tensor"
+
+
 def flash_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_size=(-1, -1),
                     sm_scale: float | None = None, block_sizes: BlockSizes | None = None,
                     interpret: bool | None = None):
     """Fused attention under `ettin_jax.attention`'s mask rule, differentiable in q, k, v.
+
+    Under an active mesh (`jax.set_mesh`) with more than one device the kernels run per shard
+    through `jax.shard_map`, batch over the mesh's `data`/`fsdp` axes and heads over `tensor`:
+    XLA cannot partition a Triton custom call and would otherwise gather every input.
 
     Args:
       q, k, v: `[batch, seq, heads, head_dim]`, bfloat16/float16/float32, same shape.
@@ -358,36 +366,82 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_s
     Returns:
       `[batch, seq, heads, head_dim]` in q's dtype; rows that see no key are 0.
     """
+    kwargs = dict(causal=causal, window_size=window_size, sm_scale=sm_scale,
+                  block_sizes=block_sizes, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or all(mesh.shape[a] == 1 for a in mesh.axis_names):
+        return _flash_attention_local(q, k, v, segment_ids, **kwargs)
+    P = jax.sharding.PartitionSpec
+    batch_axes = tuple(a for a in _BATCH_AXES if a in mesh.axis_names) or None
+    head_axis = _HEAD_AXIS if _HEAD_AXIS in mesh.axis_names else None
+    qkv_spec, seg_spec = P(batch_axes, None, head_axis, None), P(batch_axes, None)
+    if segment_ids is None:
+        sharded = jax.shard_map(
+            lambda q, k, v: _flash_attention_local(q, k, v, None, **kwargs), mesh=mesh,
+            in_specs=(qkv_spec,) * 3, out_specs=qkv_spec, check_vma=False)
+        return sharded(q, k, v)
+    # check_vma=False: pallas_call declares no varying mesh axes for its outputs.
+    sharded = jax.shard_map(
+        lambda q, k, v, s: _flash_attention_local(q, k, v, s, **kwargs), mesh=mesh,
+        in_specs=(qkv_spec,) * 3 + (seg_spec,), out_specs=qkv_spec, check_vma=False)
+    return sharded(q, k, v, segment_ids)
+
+
+def _flash_attention_local(q, k, v, segment_ids, *, causal, window_size, sm_scale, block_sizes,
+                           interpret):
+    """flash_attention on one device's arrays (see there)."""
+    if q.ndim != 4:
+        raise ValueError(f"q, k, v must be [batch, seq, heads, head_dim]; got {q.shape}")
+    batch, length, _, head_dim = q.shape
+    if segment_ids is not None and segment_ids.shape != (batch, length):
+        raise ValueError(f"segment_ids must be [batch, seq] = {(batch, length)}; "
+                         f"got {segment_ids.shape}")
+    blocks = block_sizes or default_block_sizes(head_dim, q.dtype)
+    seq = _round_up(length, blocks.seq_multiple)
+    if segment_ids is not None:
+        segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, seq - length)))
+    intervals = attention_intervals(seq, length, segment_ids=segment_ids, causal=causal,
+                                    window_size=tuple(int(w) for w in window_size))
+    return flash_attention_from_intervals(q, k, v, intervals, sm_scale=sm_scale,
+                                          block_sizes=blocks, interpret=interpret)
+
+
+def flash_attention_from_intervals(q, k, v, intervals, *, sm_scale: float | None = None,
+                                   block_sizes: BlockSizes | None = None,
+                                   interpret: bool | None = None):
+    """The kernels for a mask already given as intervals (what flash_attention does after
+    `attention_intervals`; the tests use it to run many masks through one compilation).
+
+    Args:
+      q, k, v: `[batch, length, heads, head_dim]`, one dtype of bfloat16/float16/float32.
+      intervals: `(k_start, k_end, q_start, q_end)`, each `[batch or 1, seq]` int32 from
+        `attention_intervals(seq, length, ...)`, seq a multiple of `block_sizes.seq_multiple`.
+    Returns:
+      `[batch, length, heads, head_dim]` in q's dtype.
+    """
     if q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"flash_attention is self-attention with equal shapes; got q {q.shape}, "
                          f"k {k.shape}, v {v.shape}")
-    if q.ndim != 4:
-        raise ValueError(f"q, k, v must be [batch, seq, heads, head_dim]; got {q.shape}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.bfloat16, jnp.float16,
                                                                jnp.float32):
         raise ValueError(f"q, k, v must share one of bfloat16/float16/float32; got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
-    batch, length, heads, head_dim = q.shape
-    if segment_ids is not None and segment_ids.shape != (batch, length):
-        raise ValueError(f"segment_ids must be [batch, seq] = {(batch, length)}; "
-                         f"got {segment_ids.shape}")
-    left, right = (int(w) for w in window_size)
+    batch, length, _, head_dim = q.shape
     blocks = block_sizes or default_block_sizes(head_dim, q.dtype)
     blocks.check()
+    seq = intervals[0].shape[-1]
+    if seq % blocks.seq_multiple or seq < length:
+        raise ValueError(f"intervals have length {seq}: need a multiple of "
+                         f"{blocks.seq_multiple} (the largest block) and >= seq {length}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     scale = float(head_dim ** -0.5 if sm_scale is None else sm_scale)
-
-    # Pad seq to a multiple of every block (padded positions get empty intervals) and head_dim
-    # to a power of two >= 16 (zero columns change neither q.k nor the kept outputs).
-    seq = _round_up(length, blocks.seq_multiple)
+    # Pad seq (padded positions have empty intervals) and head_dim to a power of two >= 16
+    # (zero columns change neither q.k nor the kept output columns).
     dim = max(16, 1 << (head_dim - 1).bit_length())
     pads = ((0, 0), (0, seq - length), (0, 0), (0, dim - head_dim))
-    qp, kp, vp = (jnp.pad(x, pads) if pads != ((0, 0),) * 4 else x for x in (q, k, v))
-    if segment_ids is not None:
-        segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, seq - length)))
-    intervals = attention_intervals(seq, length, segment_ids=segment_ids, causal=causal,
-                                    window_size=(left, right))
-    intervals = [jnp.broadcast_to(x, (batch, seq)) for x in intervals]
-    out = _flash(qp, kp, vp, *intervals, scale, blocks, bool(interpret))
+    if pads != ((0, 0),) * 4:
+        q, k, v = (jnp.pad(x, pads) for x in (q, k, v))
+    intervals = [jnp.broadcast_to(x.astype(jnp.int32), (batch, seq)) for x in intervals]
+    out = _flash(q, k, v, *intervals, scale, blocks, bool(interpret))
     return out[:, :length, :, :head_dim]

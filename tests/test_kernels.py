@@ -1,0 +1,255 @@
+"""Pallas flash attention (interpret mode on CPU) and the cuDNN wrapper against the XLA reference,
+and the GPU lowering of every variant on this CPU-only machine."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import ettin_tiny
+from ettin_jax.attention import attention, attention_mask, xla_attention
+from ettin_jax.kernels import BlockSizes, cudnn_attention, flash_attention
+from ettin_jax.kernels.cudnn import cudnn_mask_support
+from ettin_jax.kernels.flash_attention import _tile_loop_ranges, flash_attention_from_intervals
+from ettin_jax.kernels.intervals import attention_intervals
+from ettin_jax.model import EttinModel
+
+# {bidirectional, causal} x {no window, the encoder's (64, 64), the decoder's window}: the
+# decoder's window is (63, 0) in transformers' semantics and (64, 0) in the original training.
+MASKS = {
+    "bidir": (False, (-1, -1)), "bidir_local": (False, (64, 64)),
+    "bidir_decoder_window": (False, (63, 0)),
+    "causal": (True, (-1, -1)), "causal_local": (True, (64, 64)),
+    "causal_decoder_window": (True, (63, 0)), "causal_training_window": (True, (64, 0)),
+}
+# Small tiles so that a 200..256-token sequence has many tiles: loops start and stop inside the
+# sequence, and masked and unmasked ranges both occur.
+SMALL = BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=32,
+                   block_k_dq=16)
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+def _packed(batch, seq, rng):
+    """`[batch, seq]` contiguous documents of random lengths, then padding (0) at the end."""
+    ids = np.zeros((batch, seq), np.int32)
+    for b in range(batch):
+        end = seq - rng.randint(1, seq // 8)
+        cuts = np.sort(rng.choice(np.arange(1, end), size=3, replace=False))
+        for doc, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, end])):
+            ids[b, lo:hi] = doc + 1
+    return ids
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("seq", [256, 200])
+def test_intervals_equal_the_mask_rule(seq, packed):
+    """k/q intervals describe exactly the reference's mask, including padding and pad-to-block."""
+    padded = 256
+    seg = jnp.asarray(_packed(2, seq, np.random.RandomState(seq))) if packed else None
+    seg_padded = None if seg is None else jnp.pad(seg, ((0, 0), (0, padded - seq)))
+    j = np.arange(padded)
+    for causal, window in MASKS.values():
+        k_start, k_end, q_start, q_end = (np.broadcast_to(np.asarray(x), (2, padded)) for x in
+                                          attention_intervals(padded, seq, segment_ids=seg_padded,
+                                                              causal=causal, window_size=window))
+        rows = (j[None, None] >= k_start[:, :, None]) & (j[None, None] < k_end[:, :, None])
+        cols = (j[None, :, None] >= q_start[:, None, :]) & (j[None, :, None] < q_end[:, None, :])
+        expected = np.zeros((2, padded, padded), bool)
+        expected[:, :seq, :seq] = np.broadcast_to(
+            attention_mask(seq, seq, segment_ids=seg, causal=causal, window_size=window),
+            (2, seq, seq))
+        np.testing.assert_array_equal(rows, expected, err_msg=f"{causal} {window}")
+        np.testing.assert_array_equal(cols, expected, err_msg=f"{causal} {window}")
+        empty = ~expected.any(axis=2)
+        assert (k_start[empty] == padded).all() and (k_end[empty] == 0).all()
+
+
+@pytest.mark.parametrize("dtype,seq,head_dim", [
+    (jnp.float32, 256, 64), (jnp.float32, 200, 128),
+    (jnp.bfloat16, 200, 64), (jnp.bfloat16, 256, 128)])
+def test_kernel_matches_reference_on_every_mask(dtype, seq, head_dim):
+    """Forward and dq/dk/dv against xla_attention for every mask, packed or not, on fresh inputs.
+
+    One compilation serves all masks: the kernels see the mask only as interval arrays."""
+    batch, heads = 2, 2
+
+    @jax.jit
+    def run(q, k, v, do, intervals):
+        out, vjp = jax.vjp(lambda q, k, v: flash_attention_from_intervals(
+            q, k, v, intervals, block_sizes=SMALL, interpret=True), q, k, v)
+        return out, vjp(do)
+    padded = -(-seq // SMALL.seq_multiple) * SMALL.seq_multiple
+    rng = np.random.RandomState(seq + head_dim)
+    failures = []
+    for name, (causal, window) in MASKS.items():
+        for packed in (False, True):
+            seg = jnp.asarray(_packed(batch, seq, rng)) if packed else None
+            q, k, v, do = (jnp.asarray(rng.randn(batch, seq, heads, head_dim), dtype)
+                           for _ in range(4))
+            kw = dict(segment_ids=seg, causal=causal, window_size=window)
+            intervals = attention_intervals(
+                padded, seq, causal=causal, window_size=window,
+                segment_ids=None if seg is None else jnp.pad(seg, ((0, 0), (0, padded - seq))))
+            out, grads = run(q, k, v, do, intervals)
+            ref_out, ref_vjp = jax.vjp(lambda q, k, v, kw=kw: xla_attention(q, k, v, **kw),
+                                       q, k, v)
+            ref_grads = ref_vjp(do)
+            for what, a, b in zip(["out", "dq", "dk", "dv"], [out, *grads], [ref_out, *ref_grads]):
+                assert a.dtype == b.dtype == dtype
+                if not np.isfinite(np.asarray(a, np.float32)).all():
+                    failures.append(f"{name} packed={packed} {what}: not finite")
+                elif _rel(a, b) > TOLERANCE[dtype]:
+                    failures.append(f"{name} packed={packed} {what}: rel err {_rel(a, b):.2e}")
+            if packed:  # rows that see no key are exactly zero
+                assert (np.asarray(out, np.float32)[np.asarray(seg) == 0] == 0).all(), name
+    assert not failures, failures
+
+
+def test_public_entry_point_with_default_tiles():
+    """attention(impl='pallas') -> flash_attention with the default (bf16, head_dim 64) tiles,
+    at a length that is not a multiple of them, packed documents and a window, forward and
+    gradients. (float32's default tiles are the size of SMALL's, which the test above runs.)"""
+    dtype = jnp.bfloat16
+    rng = np.random.RandomState(7)
+    q, k, v, do = (jnp.asarray(rng.randn(1, 300, 2, 64), dtype) for _ in range(4))
+    kw = dict(segment_ids=jnp.asarray(_packed(1, 300, rng)), causal=True, window_size=(64, 0))
+    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, impl="pallas", **kw), q, k, v)
+    ref, ref_vjp = jax.vjp(lambda q, k, v: xla_attention(q, k, v, **kw), q, k, v)
+    for a, b in zip([out, *vjp(do)], [ref, *ref_vjp(do)]):
+        assert _rel(a, b) <= TOLERANCE[dtype]
+
+
+def test_sm_scale_and_odd_head_dim():
+    """sm_scale is honoured, head_dim 40 is padded inside; interpret=None picks the interpreter
+    on this CPU machine (the GPU lowering would raise here)."""
+    rng = np.random.RandomState(3)
+    q, k, v = (jnp.asarray(rng.randn(1, 70, 2, 40), jnp.float32) for _ in range(3))
+    kw = dict(causal=False, window_size=(8, 8), sm_scale=0.3)
+    assert _rel(flash_attention(q, k, v, block_sizes=SMALL, **kw), xla_attention(q, k, v, **kw)) <= 1e-5
+
+
+def test_sharded_over_mesh_matches_reference():
+    """Under a (data=2, fsdp=1, tensor=2) mesh the kernel runs per shard and still agrees."""
+    rng = np.random.RandomState(1)
+    q, k, v = (jnp.asarray(rng.randn(2, 100, 2, 64), jnp.float32) for _ in range(3))
+    kw = dict(segment_ids=jnp.asarray(_packed(2, 100, rng)), causal=False, window_size=(64, 64))
+    mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda q, k, v: flash_attention(q, k, v, block_sizes=SMALL, **kw))(q, k, v)
+    assert out.sharding.spec == jax.sharding.PartitionSpec("data", None, "tensor")
+    assert _rel(out, xla_attention(q, k, v, **kw)) <= 1e-5
+
+
+def test_tiles_outside_the_intervals_are_skipped():
+    """A (64, 64) window at 8k visits O(seq * window) tiles; packed documents skip cross-document
+    tiles. Counted from the kernels' own loop bounds."""
+    seq, block_q, block_k = 8192, 128, 64
+
+    def visited(intervals, row_block, col_block):
+        starts, ends = (x.reshape(-1, row_block) for x in intervals)
+        ranges = jax.vmap(lambda s, e: jnp.stack(_tile_loop_ranges(s, e, col_block)))(starts, ends)
+        lo, full_lo, full_hi, hi = np.asarray(ranges).T
+        assert (lo <= full_lo).all() and (full_lo <= full_hi).all() and (full_hi <= hi).all()
+        return int((hi - lo).sum()), int((hi - lo - (full_hi - full_lo)).sum())
+
+    k_start, k_end, q_start, q_end = (x[0] for x in attention_intervals(
+        seq, seq, window_size=(64, 64)))
+    tiles, masked = visited((k_start, k_end), block_q, block_k)
+    assert tiles <= (seq // block_q) * ((block_q + 128) // block_k + 1)   # 5 of 128 per q tile
+    assert masked <= tiles
+    tiles, _ = visited((q_start, q_end), block_k, block_q)                  # dk/dv side
+    assert tiles <= (seq // block_k) * ((block_k + 128) // block_q + 1)
+
+    docs = np.repeat(np.arange(1, 9), seq // 8)[None]                       # 8 documents of 1k
+    k_start, k_end, _, _ = (x[0] for x in attention_intervals(seq, seq, segment_ids=jnp.asarray(docs)))
+    tiles, masked = visited((k_start, k_end), block_q, block_k)
+    assert tiles == (seq // block_q) * (1024 // block_k) and masked == 0    # 1/8 of all tiles
+
+
+@pytest.mark.parametrize("dtype,head_dim", [(jnp.bfloat16, 64), (jnp.float32, 128)])
+@pytest.mark.parametrize("mask", list(MASKS))
+def test_every_variant_lowers_for_gpu(mask, dtype, head_dim):
+    """Forward and backward lower to Triton kernels for CUDA on this CPU-only machine: catches
+    what interpret mode accepts and the GPU backend rejects."""
+    causal, window = MASKS[mask]
+    q = jax.ShapeDtypeStruct((2, 300, 2, head_dim), dtype)
+    seg = jax.ShapeDtypeStruct((2, 300), jnp.int32)
+
+    def f(q, k, v, seg):
+        return flash_attention(q, k, v, segment_ids=seg, causal=causal, window_size=window,
+                               interpret=False)
+
+    def loss(q, k, v, seg):
+        return jnp.sum(f(q, k, v, seg).astype(jnp.float32))
+
+    for fn, kernels in ((f, 1), (jax.grad(loss, argnums=(0, 1, 2)), 3)):
+        text = jax.jit(fn).trace(q, q, q, seg).lower(lowering_platforms=("cuda",)).as_text()
+        assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == kernels
+
+
+@pytest.mark.parametrize("mask", ["bidir", "causal", "causal_local", "causal_decoder_window",
+                                  "causal_training_window"])
+def test_cudnn_mask_mapping_matches_reference(mask):
+    """The arguments cudnn_attention passes to jax.nn express the reference mask (checked with
+    jax.nn's XLA implementation, which takes the same arguments, since there is no cuDNN here)."""
+    causal, window = MASKS[mask]
+    is_causal, local_window = cudnn_mask_support(causal=causal, window_size=window)
+    rng = np.random.RandomState(5)
+    q, k, v = (jnp.asarray(rng.randn(1, 150, 2, 64), jnp.float32) for _ in range(3))
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, local_window_size=local_window,
+                                       implementation="xla")
+    assert _rel(out, xla_attention(q, k, v, causal=causal, window_size=window)) <= 1e-5
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(segment_ids=jnp.ones((1, 64), jnp.int32)), "segment_ids"),
+    (dict(window_size=(64, 64)), "bidirectional window"),
+    (dict(window_size=(63, 0)), "bidirectional window")])
+def test_cudnn_rejects_masks_it_cannot_express(kw, match):
+    q = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match=match):
+        cudnn_attention(q, q, q, **kw)
+
+
+def test_bad_arguments_raise():
+    q = jnp.zeros((1, 64, 2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="equal shapes"):
+        flash_attention(q, q[:, :32], q[:, :32])
+    with pytest.raises(ValueError, match="segment_ids"):
+        flash_attention(q, q, q, segment_ids=jnp.ones((1, 32), jnp.int32))
+    with pytest.raises(ValueError, match="power of two"):
+        flash_attention(q, q, q, block_sizes=BlockSizes(block_q=48))
+    with pytest.raises(ValueError, match="bfloat16/float16/float32"):
+        flash_attention(q.astype(jnp.int32), q.astype(jnp.int32), q.astype(jnp.int32))
+
+
+@pytest.mark.parametrize("arg", ["mlm", "clm"])
+def test_model_logits_pallas_equal_xla(arg):
+    """The tiny model's logits with attention_impl='pallas' (interpret mode) equal 'xla' on a
+    packed row with padding; its local layers have windows, so every layer kind is used."""
+    model = EttinModel(ettin_tiny.get_config(arg).model, rngs=nnx.Rngs(0))
+    model.eval()
+    rng = np.random.RandomState(0)
+    segment_ids = _packed(1, 150, rng)
+    ids = jnp.asarray(rng.randint(0, 500, (1, 150)))
+    positions = np.zeros_like(segment_ids)
+    for doc in np.unique(segment_ids[segment_ids > 0]):
+        positions[segment_ids == doc] = np.arange((segment_ids == doc).sum())
+    logits = {}
+    for impl in ("xla", "pallas"):
+        model.attention_impl = impl
+        # One jit per implementation (the model is a closed-over constant): compiling the whole
+        # forward once is much faster than running the interpreted kernels op by op.
+        logits[impl] = np.asarray(jax.jit(lambda *args: model(*args))(
+            ids, jnp.asarray(segment_ids), jnp.asarray(positions)))
+    reference, out = logits["xla"], logits["pallas"]
+    real = segment_ids[0] != 0
+    np.testing.assert_allclose(out[0, real], reference[0, real], atol=1e-4)
