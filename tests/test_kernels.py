@@ -1,5 +1,6 @@
 """Pallas flash attention (interpret mode on CPU) and the cuDNN wrapper against the XLA reference,
 and the GPU lowering of every variant on this CPU-only machine."""
+import importlib
 import re
 
 import jax
@@ -229,6 +230,16 @@ def test_bad_arguments_raise():
         flash_attention(q, q, q, block_sizes=BlockSizes(block_q=48))
     with pytest.raises(ValueError, match="bfloat16/float16/float32"):
         flash_attention(q.astype(jnp.int32), q.astype(jnp.int32), q.astype(jnp.int32))
+
+
+def test_missing_triton_backend_is_a_clear_error(monkeypatch):
+    """jax versions without Pallas' Triton backend get a message naming the alternatives."""
+    # The package's `flash_attention` attribute is the function; the module is reached by name.
+    monkeypatch.setattr(importlib.import_module("ettin_jax.kernels.flash_attention"),
+                        "pl_triton", None)
+    q = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.bfloat16)
+    with pytest.raises(RuntimeError, match="attention_impl='cudnn' or 'xla'"):
+        jax.jit(lambda q: flash_attention(q, q, q, interpret=False)).trace(q)
 
 
 @pytest.mark.parametrize("arg", ["mlm", "clm"])

@@ -357,7 +357,9 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_s
 
     Args:
       q, k, v: `[batch, seq, heads, head_dim]`, bfloat16/float16/float32, same shape.
-      segment_ids: `[batch, seq]` int, contiguous runs (packed documents); 0 = padding.
+      segment_ids: `[batch, seq]` int, contiguous runs (packed documents); 0 = padding. A run
+        is one document: an id repeated in a later, separate run starts a new document (the
+        XLA reference would join the two; packing never repeats an id in a row).
       causal: key j visible to query i only if j <= i.
       window_size: `(left, right)`; key j visible only if i-left <= j <= i+right (-1: no bound).
       sm_scale: logit scale, default `head_dim ** -0.5`.
