@@ -1,7 +1,7 @@
 """Loader throughput: packed + masked tokens/s at seq_len 1024 with the default workers.
 
     python bench/loader.py [--config=configs/ettin_17m.py:mlm] [--batches=40] [--rows=256]
-                           [--workers=N] [--no_append]
+                           [--workers=N] [--seq_len=1024] [--no_append]
 
 Builds a synthetic prepared corpus in a temp dir (real ArrayRecord shards; document lengths
 log-normal, median 400 tokens, sigma 1.1, clipped to [16, 20000]: a web-like length mix;
@@ -55,11 +55,12 @@ def main() -> int:
     p.add_argument("--batches", type=int, default=40, help="timed batches")
     p.add_argument("--rows", type=int, default=256, help="rows per batch")
     p.add_argument("--documents", type=int, default=20_000)
+    p.add_argument("--seq_len", type=int, default=1024, help="row length (8192: phases 2-3)")
     p.add_argument("--workers", type=int, default=None, help="default: config.data.num_workers")
     p.add_argument("--no_append", action="store_true", help="do not append to bench/RESULTS.md")
     a = p.parse_args()
     config = load_config(a.config)
-    config.train.seq_len = 1024
+    config.train.seq_len = a.seq_len
     if a.workers is not None:
         config.data.num_workers = a.workers
     m, d = config.model, config.data
@@ -87,7 +88,7 @@ def main() -> int:
         it.close()
     rate = tokens / elapsed
     efficiency = real / tokens
-    line = (f"| {datetime.date.today()} | {config.objective}, seq 1024, {a.rows} rows/batch, "
+    line = (f"| {datetime.date.today()} | {config.objective}, seq {a.seq_len}, {a.rows} rows/batch, "
             f"{d.num_workers} workers | {rate:,.0f} | {efficiency:.4f} | "
             f"{masked / max(real, 1):.3f} | {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
             f"Python {platform.python_version()} | `python bench/loader.py` |")
