@@ -74,6 +74,20 @@ class ParquetDocs:
                                f"{int(ids.max())} >= vocab size {self.vocab_size}")
         return ids.astype(np.int32)
 
+    def mean_length(self, min_rows: int = 1024, max_groups: int = 16) -> float:
+        """Mean row length over the fewest evenly spread row groups (at most `max_groups`)
+        holding `min_rows` rows; a row group is the unit of parquet I/O, so sampling single
+        rows would read as much."""
+        import pyarrow.compute as pc
+        n = len(self._groups)
+        for count in range(1, min(max_groups, n) + 1):
+            picks = np.unique(np.linspace(0, n - 1, count).astype(int))
+            if sum(self._groups[k][2] for k in picks) >= min_rows:
+                break
+        lengths = [pc.list_value_length(self._group(int(k))).to_numpy(zero_copy_only=False)
+                   for k in picks]
+        return float(np.mean(np.concatenate(lengths)))
+
     def _row_offset(self, k: int) -> int:
         """Row number within its file of the first row of row group k."""
         path = self._groups[k][0]

@@ -91,7 +91,7 @@ def open_source(path: str, weight: float, *, vocab_size: int, cache_dir: str | N
         mean = _sampled_mean_length(docs)
     else:
         docs = data_order.ParquetDocs(path, vocab_size=vocab_size)
-        mean = _sampled_mean_length(docs)
+        mean = docs.mean_length()
     if len(docs) == 0:
         raise ValueError(f"config.data.mixture: {path}: has no documents")
     name = (manifest or {}).get("source") or os.path.basename(path.rstrip("/"))

@@ -211,3 +211,10 @@ def test_data_order_replays_in_published_order(tmp_path, demo):
     batches = list(loader.make_train_iterator(config, process_index=0, process_count=1))
     ids = np.concatenate([b["input_ids"][b["segment_ids"] > 0] for b in batches])
     np.testing.assert_array_equal(ids, np.concatenate(docs))
+
+
+def test_data_order_mean_length_reads_whole_row_groups(tmp_path):
+    docs = random_docs(12, np.random.default_rng(8))
+    write_order(tmp_path, docs)                 # 3 files x 3 row groups of <= 2 rows
+    reader = data_order.ParquetDocs(str(tmp_path))
+    assert reader.mean_length() == pytest.approx(np.mean([len(d) for d in docs]))
