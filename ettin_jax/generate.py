@@ -10,6 +10,7 @@ loop is one jitted `lax.while_loop`. `--temperature=0` is greedy decoding.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -150,8 +151,12 @@ def encode_prompt(tokenizer, text: str, config: model_lib.ModelConfig) -> list[i
     return [config.bos_token_id] + tokenizer.encode(text, add_special_tokens=False).ids
 
 
-def load_decoder(checkpoint: str | None, hf_dir: str | None, tokenizer_path: str | None):
-    """(decoder in eval mode, tokenizer) from a training run or a transformers directory."""
+def load_decoder(checkpoint: str | None, hf_dir: str | None, tokenizer_path: str | None,
+                 dtype: str = ""):
+    """(decoder in eval mode, tokenizer) from a training run or a transformers directory.
+
+    dtype: compute dtype ("float32", "bfloat16"); "" keeps the model config's.
+    """
     from data_pipeline import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
     from ettin_jax import hf as hf_lib  # pylint: disable=import-outside-toplevel
 
@@ -164,6 +169,9 @@ def load_decoder(checkpoint: str | None, hf_dir: str | None, tokenizer_path: str
         model, _ = hf_lib.load_hf(hf_dir)
         saved_tokenizer = hf_dir if os.path.exists(os.path.join(hf_dir, "tokenizer.json")) else None
     check_decoder(model, checkpoint or hf_dir)
+    if dtype:
+        model.config = dataclasses.replace(model.config, dtype=dtype)
+        model.config.validate()
     tokenizer_path = tokenizer_path or saved_tokenizer
     if not tokenizer_path:
         raise ValueError(f"{checkpoint or hf_dir}: no tokenizer saved with the model; pass --tokenizer")
@@ -176,7 +184,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
     try:
-        model, tokenizer = load_decoder(f.checkpoint, f.hf, f.tokenizer)
+        model, tokenizer = load_decoder(f.checkpoint, f.hf, f.tokenizer, f.dtype)
         prompt = encode_prompt(tokenizer, f.prompt, model.config)
         logging.info("prompt: %d tokens %s", len(prompt), prompt)
         rows = generate(model, [prompt] * f.num_samples, max_new_tokens=f.max_new_tokens,
@@ -199,6 +207,8 @@ def define_flags():
     flags.DEFINE_string("hf", None, "a transformers directory (config.json + model.safetensors)")
     flags.DEFINE_string("tokenizer", None, "tokenizer directory or tokenizer.json (default: the "
                         "one saved with the run or the transformers directory)")
+    flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"], "compute dtype of the matmuls "
+                      "(parameters stay float32); default: the model config's")
     flags.DEFINE_string("prompt", "", "text to continue (encoded as [CLS] text)")
     flags.DEFINE_integer("max_new_tokens", 64, "stop after this many new tokens at the latest")
     flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples from softmax(logits / T)")

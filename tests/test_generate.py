@@ -28,12 +28,13 @@ def _tiny(objective: str, seed: int = 0) -> EttinModel:
     (at init the logits are nearly flat and float noise could flip an argmax)."""
     config = ettin_tiny.get_config(objective).model
     config.attention_impl = "xla"
+    # Noise from numpy: jax's eager random ops would compile a program per shape.
     model = EttinModel(config, rngs=nnx.Rngs(seed))
+    rng = np.random.default_rng(seed + 1)
     params = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    noisy = [p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
-    nnx.update(model, jax.tree.unflatten(treedef, noisy))
+    nnx.update(model, jax.tree.map(
+        lambda p: jnp.asarray(np.asarray(p) + 0.3 * rng.standard_normal(p.shape).astype(np.float32)),
+        params))
     model.eval()
     return model
 

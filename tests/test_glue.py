@@ -1,0 +1,369 @@
+"""GLUE fine-tuning: metrics against scikit-learn/SciPy, the official TSV layouts, the heads
+against transformers' sequence classifiers, learning on separable synthetic tasks (CLI and
+in-process, encoder and decoder, classification and regression), resume, and bad inputs."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import sklearn.metrics
+import torch
+import transformers
+from flax import nnx
+
+from configs import ettin_tiny
+from data_pipeline import tokenizer as tokenizer_lib
+from ettin_jax import glue, hf
+from ettin_jax import sharding as sharding_lib
+from ettin_jax.model import EttinModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FILLER = "the a cat dog house tree river walks runs sees blue red small large over under with near".split()
+POSITIVE, NEGATIVE = ["great", "good", "lovely"], ["awful", "bad", "poor"]
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_equal_sklearn_and_scipy(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 400))
+    labels, predictions = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    assert glue.accuracy(predictions, labels) == pytest.approx(sklearn.metrics.accuracy_score(labels, predictions), abs=1e-12)
+    assert glue.f1_binary(predictions, labels) == pytest.approx(sklearn.metrics.f1_score(labels, predictions), abs=1e-12)
+    assert glue.matthews_corrcoef(predictions, labels) == pytest.approx(
+        sklearn.metrics.matthews_corrcoef(labels, predictions), abs=1e-12)
+    labels3, predictions3 = rng.integers(0, 3, n), rng.integers(0, 3, n)
+    assert glue.matthews_corrcoef(predictions3, labels3) == pytest.approx(
+        sklearn.metrics.matthews_corrcoef(labels3, predictions3), abs=1e-12)
+    assert glue.accuracy(predictions3, labels3) == pytest.approx(sklearn.metrics.accuracy_score(labels3, predictions3), abs=1e-12)
+    # Regression: continuous values, and coarse ones with many ties (Spearman's average ranks).
+    x, y = rng.normal(size=n), rng.normal(size=n) + 0.3 * np.arange(n) / n
+    assert glue.pearson(x, y) == pytest.approx(scipy.stats.pearsonr(x, y)[0], abs=1e-12)
+    assert glue.spearman(x, y) == pytest.approx(scipy.stats.spearmanr(x, y)[0], abs=1e-12)
+    xt, yt = np.round(x * 2) / 2, rng.integers(0, 6, n).astype(float)
+    assert glue.spearman(xt, yt) == pytest.approx(scipy.stats.spearmanr(xt, yt)[0], abs=1e-12)
+    np.testing.assert_allclose(glue.average_ranks(xt), scipy.stats.rankdata(xt))
+
+
+def test_metric_edge_cases_equal_sklearn():
+    labels = np.array([0, 1, 1, 0, 1])
+    constant = np.ones_like(labels)
+    assert glue.matthews_corrcoef(constant, labels) == sklearn.metrics.matthews_corrcoef(labels, constant) == 0.0
+    no_positives = np.zeros_like(labels)
+    assert glue.f1_binary(no_positives, np.zeros_like(labels)) == 0.0
+    assert glue.f1_binary(constant, labels) == pytest.approx(sklearn.metrics.f1_score(labels, constant))
+    scores = glue.task_metrics(glue.get_task("mrpc"), constant, labels)
+    assert scores == pytest.approx({"f1": 75.0, "accuracy": 60.0})
+
+
+# --- data: the official layouts ----------------------------------------------------------------
+
+# Header rows of the official GLUE files (and a sample row of each, label in official spelling).
+LAYOUTS = {
+    "CoLA": (None, ["gj04", "1", "", "Our friends won't buy this analysis."]),
+    "SST-2": (["sentence", "label"], ["a gripping film ", "1"]),
+    "MRPC": (["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"], ["1", "1", "2", "He said so.", "So he said."]),
+    "STS-B": (["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1",
+               "sentence2", "score"], ["0", "main-captions", "MSRvid", "2012test", "1", "none", "none",
+                                       "A plane is taking off.", "An air plane is taking off.", "5.000"]),
+    "QQP": (["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+            ["1", "2", "3", "How do I \"learn\" jax?", "How to learn jax?", "1"]),
+    "MNLI": (["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+              "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"],
+             ["0", "1", "1e", "gov", "( x )", "( y )", "(ROOT x)", "(ROOT y)", "He ran.", "He moved.",
+              "entailment", "neutral"]),
+    "QNLI": (["index", "question", "sentence", "label"], ["0", "Who ran?", "He ran.", "not_entailment"]),
+    "RTE": (["index", "sentence1", "sentence2", "label"], ["0", "He ran.", "He moved.", "entailment"]),
+}
+EXPECTED = {  # task -> (texts of the sample row, class id or score)
+    "cola": (("Our friends won't buy this analysis.",), 1), "sst2": (("a gripping film ",), 1),
+    "mrpc": (("He said so.", "So he said."), 1),
+    "stsb": (("A plane is taking off.", "An air plane is taking off."), 5.0),
+    "qqp": (("How do I \"learn\" jax?", "How to learn jax?"), 1), "mnli": (("He ran.", "He moved."), 1),
+    "qnli": (("Who ran?", "He ran."), 1), "rte": (("He ran.", "He moved."), 0),
+}
+
+
+def _write_tsv(path, header, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in ([header] if header else []) + rows:
+            f.write("\t".join(row) + "\n")
+
+
+def test_reads_every_official_layout(tmp_path):
+    for folder, (header, row) in LAYOUTS.items():
+        task = next(t for t in glue.TASKS.values() if t.folder == folder)
+        for stem in ("train", *task.dev_files):
+            _write_tsv(str(tmp_path / folder / f"{stem}.tsv"), header, [row, row])
+    for name, (texts, label) in EXPECTED.items():
+        task = glue.get_task(name)
+        train, devs = glue.load_task_data(task, str(tmp_path))
+        assert train.texts == [texts, texts] and list(train.labels) == [label, label], name
+        assert sorted(devs) == sorted(task.dev_files)
+    assert glue.get_task("SST-2").name == "sst2"
+
+
+def test_bad_inputs_name_the_file_and_key(tmp_path):
+    sst2 = glue.get_task("sst2")
+    path = str(tmp_path / "SST-2" / "train.tsv")
+    _write_tsv(path, ["text", "label"], [["good", "1"]])
+    with pytest.raises(glue.GlueDataError, match=f"{path}: missing column 'sentence'"):
+        glue.read_tsv(path, sst2)
+    _write_tsv(path, ["sentence", "label"], [["good", "1"], ["bad", "2"]])
+    with pytest.raises(glue.GlueDataError, match=rf"{path}:3: label '2' is out of range"):
+        glue.read_tsv(path, sst2)
+    _write_tsv(path, ["sentence", "label"], [["good", "1"], ["bad"]])
+    with pytest.raises(glue.GlueDataError, match=rf"{path}:3: 1 columns, expected 2"):
+        glue.read_tsv(path, sst2)
+    stsb_path = str(tmp_path / "STS-B" / "train.tsv")
+    _write_tsv(stsb_path, ["sentence1", "sentence2", "score"], [["a", "b", "7.5"]])
+    with pytest.raises(glue.GlueDataError, match=rf"{stsb_path}:2: label 7.5 is out of range"):
+        glue.read_tsv(stsb_path, glue.get_task("stsb"))
+    mnli_path = str(tmp_path / "MNLI" / "train.tsv")
+    _write_tsv(mnli_path, ["sentence1", "sentence2", "gold_label"], [["a", "b", "maybe"]])
+    with pytest.raises(glue.GlueDataError, match=rf"{mnli_path}:2: label 'maybe'.*entailment"):
+        glue.read_tsv(mnli_path, glue.get_task("mnli"))
+    _write_tsv(str(tmp_path / "MNLI" / "dev_matched.tsv"), ["sentence1", "sentence2", "gold_label"],
+               [["a", "b", "neutral"]])
+    _write_tsv(mnli_path, ["sentence1", "sentence2", "gold_label"], [["a", "b", "neutral"]])
+    with pytest.raises(glue.GlueDataError, match="dev_mismatched.tsv: missing"):
+        glue.load_task_data(glue.get_task("mnli"), str(tmp_path))
+    with pytest.raises(ValueError, match="--task='wnli': unknown GLUE task"):
+        glue.get_task("wnli")
+    # Neither TSVs nor a prepared TFDS dataset: the message names the folder and the builder.
+    with pytest.raises(glue.GlueDataError, match="neither RTE/.*glue/rte"):
+        glue.load_task_data(glue.get_task("rte"), str(tmp_path / "empty"))
+
+
+# --- heads against transformers -------------------------------------------------------------------
+
+def _tiny(objective, seed=0):
+    """The tiny config, weights pushed away from init so that every weight matters."""
+    return _perturbed_tiny(objective, seed, noise=0.1)
+
+
+def _perturbed_tiny(objective, seed, noise):
+    config = ettin_tiny.get_config(objective).model
+    config.attention_impl = "xla"
+    # Noise from numpy: jax's eager random ops would compile a program per shape.
+    model = EttinModel(config, rngs=nnx.Rngs(seed))
+    rng = np.random.default_rng(seed + 7)
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(
+        lambda p: jnp.asarray(np.asarray(p) + noise * rng.standard_normal(p.shape).astype(np.float32)),
+        params))
+    return model
+
+
+@pytest.mark.parametrize("objective,pooling", [("mlm", "cls"), ("mlm", "mean"), ("clm", "last")])
+def test_head_equals_transformers_sequence_classifier(tmp_path, objective, pooling):
+    backbone = _tiny(objective)
+    hf.save_hf(backbone, backbone.config, str(tmp_path))
+    extra = {"classifier_pooling": pooling} if objective == "mlm" else {}
+    torch_model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(tmp_path), num_labels=3, attn_implementation="eager", **extra).eval()
+    ours = glue.SequenceClassifier(backbone, 3, pooling=pooling, dropout=0.0, rngs=nnx.Rngs(0))
+    ours.eval()
+    state = torch_model.state_dict()
+    if objective == "mlm":   # transformers keeps the MLM head's dense and norm, as we do
+        np.testing.assert_array_equal(state["head.dense.weight"].numpy().T, np.asarray(ours.head_dense[...]))
+        ours.classifier_bias[...] = jnp.asarray(state["classifier.bias"].numpy())
+    else:
+        assert "classifier.bias" not in state
+        ours.head_dense[...] = jnp.asarray(state["head.dense.weight"].numpy().T)
+        ours.head_norm[...] = jnp.asarray(state["head.norm.weight"].numpy())
+    ours.classifier[...] = jnp.asarray(state["classifier.weight"].numpy().T)
+
+    rng = np.random.default_rng(0)
+    lengths = [20, 13, 5]
+    ids = np.full((3, 20), ettin_tiny.PAD_ID, np.int64)
+    mask = np.zeros((3, 20), np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(0, 500, n)
+        ids[i, 0] = ettin_tiny.CLS_ID
+        mask[i, :n] = 1
+    with torch.no_grad():
+        expected = torch_model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    got = np.asarray(ours(jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)))
+    np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-4)
+    assert np.abs(expected).max() > 0.1
+
+
+# --- learning on synthetic tasks ---------------------------------------------------------------
+
+def _sentence(rng, positive: bool) -> str:
+    words = list(rng.choice(FILLER, int(rng.integers(4, 10))))
+    words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(POSITIVE if positive else NEGATIVE)))
+    return " ".join(words)
+
+
+def _tokenizer():
+    return tokenizer_lib.train_bpe([" ".join(FILLER + POSITIVE + NEGATIVE)] * 10,
+                                   vocab_size=ettin_tiny.VOCAB_SIZE, unk_id=ettin_tiny.UNK_ID)
+
+
+def _write_sst2(data_dir, rng, n_train=256, n_dev=128):
+    for stem, n in (("train", n_train), ("dev", n_dev)):
+        labels = rng.integers(0, 2, n)
+        _write_tsv(os.path.join(data_dir, "SST-2", f"{stem}.tsv"), ["sentence", "label"],
+                   [[_sentence(rng, bool(y)), str(y)] for y in labels])
+
+
+def test_cli_finetunes_an_encoder_beyond_chance_and_resumes(tmp_path):
+    """A randomly initialised tiny encoder learns keyword sentiment: dev accuracy well above 50%.
+    The subprocess sees 4 CPU devices (conftest), so the batch is split 4 ways (data parallel)."""
+    rng = np.random.default_rng(0)
+    data_dir, workdir, model_dir = (str(tmp_path / d) for d in ("data", "work", "model"))
+    _write_sst2(data_dir, rng)
+    encoder = _tiny("mlm")
+    hf.save_hf(encoder, encoder.config, model_dir, tokenizer=_tokenizer())
+    command = [sys.executable, "-m", "ettin_jax.glue", f"--hf={model_dir}", "--task=sst2",
+               f"--data_dir={data_dir}", f"--workdir={workdir}", "--lrs=1e-3", "--epochs=3",
+               "--seeds=0", "--batch_size=16", "--eval_batch_size=64", "--max_seq_len=32",
+               "--dtype=float32"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    best = results["tasks"][0]["best"]
+    assert best["metrics"]["dev/accuracy"]["mean"] > 85.0, best
+    run_dir = os.path.join(workdir, "sst2", "lr0.001_ep3_seed0")
+    with open(os.path.join(run_dir, "result.json")) as f:
+        run = json.load(f)
+    assert [e["step"] for e in run["evaluations"]] == [16, 32, 48][:len(run["evaluations"])]
+    assert not os.path.exists(os.path.join(run_dir, "checkpoint"))
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(run_dir, "tensorboard")))
+    assert "| sst2 | dev/accuracy |" in open(os.path.join(workdir, "results.md")).read()
+
+    # Bad inputs through the CLI fail before any model loads, naming the file or the key.
+    _write_tsv(os.path.join(data_dir, "SST-2", "dev.tsv"), ["text", "label"], [["good", "1"]])
+    for task, message in (("sst2", "SST-2/dev.tsv: missing column 'sentence'"),
+                          ("sst2,wnli", "--task='wnli': unknown GLUE task")):
+        bad = subprocess.run([sys.executable, "-m", "ettin_jax.glue", f"--hf={model_dir}", f"--task={task}",
+                              f"--data_dir={data_dir}", f"--workdir={workdir}_2"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
+        assert bad.returncode != 0
+        assert message in bad.stderr, bad.stderr[-2000:]
+
+
+def _mesh_one_device():
+    return sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+
+
+def _factory(model):
+    graphdef, state = nnx.split(model)
+
+    def make():
+        backbone = nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
+        backbone.train()
+        return backbone
+    return make
+
+
+def test_decoder_learns_a_pair_task_with_last_token_pooling(tmp_path):
+    """MRPC layout; the label is carried by the second sentence's keyword."""
+    rng = np.random.default_rng(1)
+    data_dir = str(tmp_path / "data")
+    header = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
+    for stem, n in (("train", 256), ("dev", 128)):
+        labels = rng.integers(0, 2, n)
+        _write_tsv(os.path.join(data_dir, "MRPC", f"{stem}.tsv"), header,
+                   [[str(y), "1", "2", " ".join(rng.choice(FILLER, 5)), _sentence(rng, bool(y))]
+                    for y in labels])
+    summary = glue.run_task(
+        glue.get_task("mrpc"), backbone_factory=_factory(_tiny("clm")), tokenizer=_tokenizer(),
+        data_dir=data_dir, workdir=str(tmp_path / "work"), lrs=[1e-3], epochs=[4], seeds=[0],
+        options=glue.FinetuneOptions(batch_size=16, eval_batch_size=64, max_seq_len=32),
+        mesh=_mesh_one_device(), writer_factory=_Writers())
+    assert summary["pooling"] == "last" and summary["objective"] == "clm"
+    metrics = summary["best"]["metrics"]
+    assert metrics["dev/accuracy"]["mean"] > 80.0, metrics
+    assert metrics["dev/f1"]["mean"] > 80.0, metrics
+
+
+class _Writers:
+    """CLU-writer stand-ins that record what a run logs; one can raise at a chosen dev step
+    (an interrupted run)."""
+
+    def __init__(self, crash_at_step=None):
+        self.crash_at_step, self.created, self.scalars = crash_at_step, 0, []
+
+    def __call__(self, logdir):
+        self.created += 1
+        return self
+
+    def write_scalars(self, step, scalars):
+        if "dev/score" in scalars and step == self.crash_at_step:
+            raise KeyboardInterrupt(f"simulated interruption at step {step}")
+        self.scalars.append((step, dict(scalars)))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_encoder_learns_regression_with_mean_pooling(tmp_path):
+    """STS-B layout: score 4.5 +- noise with a positive keyword, 0.5 +- noise with a negative
+    one. A second run_task finds the finished run and trains nothing."""
+    rng = np.random.default_rng(2)
+    data_dir = str(tmp_path / "data")
+    for stem, n in (("train", 256), ("dev", 128)):
+        rows = []
+        for y in rng.integers(0, 2, n):
+            score = float(np.clip(0.5 + 4.0 * y + rng.normal(0, 0.3), 0.0, 5.0))
+            rows.append([" ".join(rng.choice(FILLER, 4)), _sentence(rng, bool(y)), f"{score:.3f}"])
+        _write_tsv(os.path.join(data_dir, "STS-B", f"{stem}.tsv"), ["sentence1", "sentence2", "score"], rows)
+    kwargs = dict(backbone_factory=_factory(_tiny("mlm")), tokenizer=_tokenizer(), data_dir=data_dir,
+                  workdir=str(tmp_path / "work"), lrs=[5e-3], epochs=[3], seeds=[0],
+                  options=glue.FinetuneOptions(batch_size=16, eval_batch_size=64, max_seq_len=32,
+                                               pooling="mean"), mesh=_mesh_one_device())
+    summary = glue.run_task(glue.get_task("stsb"), writer_factory=_Writers(), **kwargs)
+    metrics = summary["best"]["metrics"]
+    # Chance is 0; on 128 dev examples |r| > 0.3 by luck has probability < 0.1%.
+    assert metrics["dev/pearson"]["mean"] > 70.0 and metrics["dev/spearman"]["mean"] > 50.0, metrics
+    writers = _Writers()
+    assert glue.run_task(glue.get_task("stsb"), writer_factory=writers, **kwargs) == summary
+    assert writers.created == 0
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    """A run stopped after its second evaluation continues from the checkpoint of that
+    evaluation and ends exactly where an uninterrupted run ends (same data order and dropout)."""
+    rng = np.random.default_rng(3)
+    data_dir = str(tmp_path / "data")
+    _write_sst2(data_dir, rng, n_train=128, n_dev=64)
+    task, tokenizer, factory = glue.get_task("sst2"), _tokenizer(), _factory(_tiny("mlm"))
+    options = glue.FinetuneOptions(batch_size=16, eval_batch_size=64, max_seq_len=32,
+                                   evals_per_epoch=2, patience=10, classifier_dropout=0.1)
+    finetuner = glue.Finetuner(
+        lambda seed: glue.SequenceClassifier(factory(), 2, pooling="cls", dropout=0.1, rngs=nnx.Rngs(seed)),
+        task, options, _mesh_one_device(), ettin_tiny.PAD_ID)
+    train, devs = glue.load_task_data(task, data_dir)
+
+    def encoded(split):
+        return (glue.encode(tokenizer, split.texts, cls_id=ettin_tiny.CLS_ID, sep_id=ettin_tiny.SEP_ID,
+                            max_len=32), split.labels)
+
+    train, devs = encoded(train), {k: encoded(v) for k, v in devs.items()}
+    spec = glue.RunSpec("sst2", 1e-3, 2, 0)    # 8 steps an epoch, evaluations at 4, 8, 12, 16
+    interrupted = str(tmp_path / "interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        glue.run_one(finetuner, spec, train, devs, interrupted, _Writers(crash_at_step=12))
+    assert os.listdir(os.path.join(interrupted, "checkpoint")) == ["8"]
+    resumed_writers = _Writers()
+    resumed = glue.run_one(finetuner, spec, train, devs, interrupted, resumed_writers)
+    reference = glue.run_one(finetuner, spec, train, devs, str(tmp_path / "straight"), _Writers())
+    assert [e["step"] for e in reference["evaluations"]] == [4, 8, 12, 16]
+    assert resumed["evaluations"] == reference["evaluations"]
+    assert min(step for step, _ in resumed_writers.scalars) > 8
+    assert not os.path.exists(os.path.join(interrupted, "checkpoint"))
