@@ -85,7 +85,8 @@ def tokenizer_path(config) -> str:
     if os.path.exists(copy):
         return copy
     raise ValueError(f"config.data.tokenizer is empty and {first} carries no tokenizer copy; "
-                     "set --config.data.tokenizer=PATH")
+                     "set --config.data.tokenizer=PATH (Ettin's released MDS and data-order "
+                     "files use answerdotai/ModernBERT-base)")
 
 
 def _check_tokenizer(config, srcs: list[sources.Source], tok_path: str) -> None:
