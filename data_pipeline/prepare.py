@@ -234,18 +234,16 @@ def _encode(job: tuple[list[str], dict | None]) -> tuple[list[np.ndarray], int]:
     return out, tokens_in
 
 
-def _kept_batches(kept_path: str, first_doc: int, count: int, batch: int) -> Iterator[list[str]]:
-    with open(kept_path) as f:
-        for _ in range(first_doc):
-            f.readline()
-        texts = []
-        for _ in range(count):
-            texts.append(json.loads(f.readline())["text"])
-            if len(texts) == batch:
-                yield texts
-                texts = []
-        if texts:
+def _text_batches(f, count: int, batch: int) -> Iterator[list[str]]:
+    """The texts of the next `count` lines of the open kept.jsonl, in lists of `batch`."""
+    texts = []
+    for _ in range(count):
+        texts.append(json.loads(f.readline())["text"])
+        if len(texts) == batch:
             yield texts
+            texts = []
+    if texts:
+        yield texts
 
 
 def _write_shards(opts: Options, pool, n_docs: int, vocab_size: int,
@@ -259,29 +257,30 @@ def _write_shards(opts: Options, pool, n_docs: int, vocab_size: int,
     chunk = dataclasses.asdict(opts.chunk) if opts.chunk else None
     progress = Progress("tokenize", n_docs, "documents")
     entries = []
-    for k in range(n_shards):
-        name = shards.shard_name(k)
-        path = os.path.join(opts.output, name)
-        entry = done.get(name)
-        if entry and os.path.exists(path) and os.path.getsize(path) == entry["bytes"]:
-            entries.append(entry)          # finished by an earlier run: keep it
-            continue
-        first = k * opts.docs_per_shard
-        count = min(opts.docs_per_shard, n_docs - first)
-        jobs = ((texts, chunk) for texts in
-                _kept_batches(os.path.join(opts.output, WORK, "kept.jsonl"), first, count,
-                              opts.batch_size))
-        docs, tokens_in = [], 0
-        for i, (batch_docs, batch_tokens) in enumerate(pool.imap(_encode, jobs)):
-            docs.extend(batch_docs)
-            tokens_in += batch_tokens
-            progress.update(first + min(count, (i + 1) * opts.batch_size),
-                            f"shard {k + 1}/{n_shards}")
-        entry = shards.write_shard(path, docs, dtype)
-        entry["input_documents"] = count
-        entry["input_tokens"] = tokens_in
-        entries.append(entry)
-        shards.write_json_atomic(progress_path, {"shards": entries})
+    with open(os.path.join(opts.output, WORK, "kept.jsonl")) as kept:
+        for k in range(n_shards):
+            name = shards.shard_name(k)
+            path = os.path.join(opts.output, name)
+            first = k * opts.docs_per_shard
+            count = min(opts.docs_per_shard, n_docs - first)
+            entry = done.get(name)
+            if entry and os.path.exists(path) and os.path.getsize(path) == entry["bytes"]:
+                entries.append(entry)          # finished by an earlier run: keep it
+                for _ in range(count):
+                    kept.readline()
+                continue
+            jobs = ((texts, chunk) for texts in _text_batches(kept, count, opts.batch_size))
+            docs, tokens_in = [], 0
+            for i, (batch_docs, batch_tokens) in enumerate(pool.imap(_encode, jobs)):
+                docs.extend(batch_docs)
+                tokens_in += batch_tokens
+                progress.update(first + min(count, (i + 1) * opts.batch_size),
+                                f"shard {k + 1}/{n_shards}")
+            entry = shards.write_shard(path, docs, dtype)
+            entry["input_documents"] = count
+            entry["input_tokens"] = tokens_in
+            entries.append(entry)
+            shards.write_json_atomic(progress_path, {"shards": entries})
     progress.update(n_docs, f"{n_shards} shards", force=True)
     return entries
 
