@@ -10,7 +10,7 @@
 
 Batch format: a dict of numpy int32 arrays holding this host's slice of one global batch;
 `batch` = rows_for_step(step) // process_count rows, `seq` = config.train.seq_len:
-    input_ids     [batch, seq]   token ids (MLM: after masking)
+    input_ids     [batch, seq]   token ids (MLM: after masking); [PAD] on padding
     segment_ids   [batch, seq]   1, 2, ... per document piece in the row; 0 = padding
     positions     [batch, seq]   0, 1, ... restarting at every piece; 0 on padding
     labels        [batch, seq]   -100 = no loss. MLM: original id at masked positions.
@@ -24,6 +24,7 @@ Batch format: a dict of numpy int32 arrays holding this host's slice of one glob
   no prediction is ever cut. mask_positions/mask_labels carry the same information as
   `labels`, in the fixed-size form for sparse prediction.
   include_metadata=True adds source_ids [batch, seq] (source index, -1 = padding).
+  A finite stream (eval, num_epochs) ends with a batch filled up by empty rows (all padding).
 
 Pipeline (train): per source: random-access docs -> [CLS]/[SEP] framing check -> seeded
 shuffle (reshuffled each epoch) -> repeat; weighted mixture (weights are token shares,
