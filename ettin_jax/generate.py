@@ -1,6 +1,6 @@
 """Text generation with an Ettin decoder: KV-cache decoding, greedy or temperature/top-p sampling.
 
-    python -m ettin_jax.generate --checkpoint=RUN_DIR | --hf=HF_DIR --prompt="Once upon a time" \
+    python -m ettin_jax.generate (--checkpoint=RUN_DIR | --hf=HF_DIR) --prompt="Once upon a time"
         [--tokenizer=PATH] [--max_new_tokens=64] [--temperature=0.8 --top_p=0.95 --seed=0]
 
 The prompt is encoded as `[CLS] text` (Ettin decoders saw every document start with [CLS])
@@ -10,9 +10,7 @@ loop is one jitted `lax.while_loop`. `--temperature=0` is greedy decoding.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import os
 import sys
 
 import jax
@@ -153,29 +151,13 @@ def encode_prompt(tokenizer, text: str, config: model_lib.ModelConfig) -> list[i
 
 def load_decoder(checkpoint: str | None, hf_dir: str | None, tokenizer_path: str | None,
                  dtype: str = ""):
-    """(decoder in eval mode, tokenizer) from a training run or a transformers directory.
+    """(decoder in eval mode, tokenizer) from a training run or a transformers directory;
+    arguments as glue.load_model's. Raises ValueError naming the source for an encoder."""
+    from ettin_jax import glue  # pylint: disable=import-outside-toplevel
 
-    dtype: compute dtype ("float32", "bfloat16"); "" keeps the model config's.
-    """
-    from data_pipeline import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-    from ettin_jax import hf as hf_lib  # pylint: disable=import-outside-toplevel
-
-    if bool(checkpoint) == bool(hf_dir):
-        raise ValueError("give exactly one of --checkpoint=RUN_DIR or --hf=HF_DIR")
-    if checkpoint:
-        from ettin_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
-        model, _, saved_tokenizer = checkpoint_lib.restore_for_export(checkpoint)
-    else:
-        model, _ = hf_lib.load_hf(hf_dir)
-        saved_tokenizer = hf_dir if os.path.exists(os.path.join(hf_dir, "tokenizer.json")) else None
+    model, tokenizer = glue.load_model(checkpoint, hf_dir, tokenizer_path, dtype)
     check_decoder(model, checkpoint or hf_dir)
-    if dtype:
-        model.config = dataclasses.replace(model.config, dtype=dtype)
-        model.config.validate()
-    tokenizer_path = tokenizer_path or saved_tokenizer
-    if not tokenizer_path:
-        raise ValueError(f"{checkpoint or hf_dir}: no tokenizer saved with the model; pass --tokenizer")
-    return model, tokenizer_lib.load(tokenizer_path)
+    return model, tokenizer
 
 
 def main(argv):

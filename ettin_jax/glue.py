@@ -1,6 +1,6 @@
 """GLUE fine-tuning of Ettin encoders and decoders, with the official dev-set metrics.
 
-    python -m ettin_jax.glue --checkpoint=RUN_DIR | --hf=HF_DIR --task=TASK|all \
+    python -m ettin_jax.glue (--checkpoint=RUN_DIR | --hf=HF_DIR) --task=TASK|all
         --data_dir=GLUE_DIR --workdir=OUT_DIR [--lrs=1e-5,3e-5 --epochs=1,2,3 --seeds=0,1]
 
 Tasks: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte. For every task, every (learning rate,
@@ -734,10 +734,12 @@ def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def load_backbone(checkpoint: str | None, hf_dir: str | None, tokenizer_path: str | None,
-                  dtype: str = ""):
-    """(factory of fresh backbones in train mode, tokenizer) from a run or a transformers dir.
+def load_model(checkpoint: str | None, hf_dir: str | None, tokenizer_path: str | None,
+               dtype: str = ""):
+    """(model in eval mode, tokenizer) from a training run's newest checkpoint or a
+    transformers directory; the GLUE and generation command lines share it.
 
+    tokenizer_path: None = the tokenizer saved with the run or the directory.
     dtype: compute dtype ("float32", "bfloat16"); "" keeps the model config's.
     """
     from data_pipeline import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
@@ -757,9 +759,15 @@ def load_backbone(checkpoint: str | None, hf_dir: str | None, tokenizer_path: st
     tokenizer_path = tokenizer_path or saved_tokenizer
     if not tokenizer_path:
         raise ValueError(f"{checkpoint or hf_dir}: no tokenizer saved with the model; pass --tokenizer")
-    tokenizer = tokenizer_lib.load(tokenizer_path)
+    return model, tokenizer_lib.load(tokenizer_path)
+
+
+def load_backbone(checkpoint: str | None, hf_dir: str | None, tokenizer_path: str | None,
+                  dtype: str = ""):
+    """(factory of fresh backbones in train mode, tokenizer); arguments as load_model's."""
+    model, tokenizer = load_model(checkpoint, hf_dir, tokenizer_path, dtype)
     graphdef, state = nnx.split(model)
-    state = jax.device_get(state)
+    state = jax.device_get(state)   # host copies: every run starts from the same weights
 
     def factory():
         backbone = nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))

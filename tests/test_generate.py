@@ -16,6 +16,7 @@ from flax import nnx
 
 from configs import ettin_tiny
 from data_pipeline import tokenizer as tokenizer_lib
+from ettin_jax import checkpoint
 from ettin_jax import generate as generate_lib
 from ettin_jax import hf
 from ettin_jax.model import EttinModel
@@ -128,9 +129,22 @@ def test_cli_generates_and_refuses_encoders(decoder_dir, tmp_path):
         new = new[:-1]
     assert result.stdout.strip() == ("the cat" + tokenizer.decode(new, skip_special_tokens=False)).strip()
 
-    encoder_dir = str(tmp_path / "encoder")
+    # A training run of the wrong objective (an encoder): refused, naming the run.
+    encoder_run = str(tmp_path / "encoder_run")
     encoder = _tiny("mlm")
-    hf.save_hf(encoder, encoder.config, encoder_dir, tokenizer=os.path.join(path, "tokenizer.json"))
-    result = _cli(f"--hf={encoder_dir}", "--prompt=the cat")
+    checkpoint.save_imported(encoder, dataclasses.asdict(encoder.config), encoder_run)
+    result = _cli(f"--checkpoint={encoder_run}", "--prompt=the cat", f"--tokenizer={path}")
     assert result.returncode != 0
-    assert encoder_dir in result.stderr and "encoder" in result.stderr, result.stderr[-2000:]
+    assert encoder_run in result.stderr and "encoder" in result.stderr, result.stderr[-2000:]
+
+
+def test_loads_a_decoder_from_a_training_run(decoder_dir, tmp_path):
+    path, model = decoder_dir
+    run = str(tmp_path / "run")
+    checkpoint.save_imported(model, dataclasses.asdict(model.config), run)
+    loaded, _ = generate_lib.load_decoder(run, None, path, dtype="float32")
+    prompt = [[ettin_tiny.CLS_ID, 3, 4, 5]]
+    assert (generate_lib.generate(loaded, prompt, max_new_tokens=20)
+            == generate_lib.generate(model, prompt, max_new_tokens=20))
+    with pytest.raises(ValueError, match="exactly one of --checkpoint"):
+        generate_lib.load_decoder(run, path, None)

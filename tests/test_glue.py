@@ -1,6 +1,7 @@
 """GLUE fine-tuning: metrics against scikit-learn/SciPy, the official TSV layouts, the heads
 against transformers' sequence classifiers, learning on separable synthetic tasks (CLI and
 in-process, encoder and decoder, classification and regression), resume, and bad inputs."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ from flax import nnx
 
 from configs import ettin_tiny
 from data_pipeline import tokenizer as tokenizer_lib
-from ettin_jax import glue, hf
+from ettin_jax import checkpoint, glue, hf
 from ettin_jax import sharding as sharding_lib
 from ettin_jax.model import EttinModel
 
@@ -252,6 +253,21 @@ def test_cli_finetunes_an_encoder_beyond_chance_and_resumes(tmp_path):
                              cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
         assert bad.returncode != 0
         assert message in bad.stderr, bad.stderr[-2000:]
+
+
+def test_loads_a_backbone_from_a_training_run(tmp_path):
+    encoder = _tiny("mlm")
+    run, tokenizer_dir = str(tmp_path / "run"), str(tmp_path / "tokenizer")
+    checkpoint.save_imported(encoder, dataclasses.asdict(encoder.config), run)
+    tokenizer_lib.save(_tokenizer(), tokenizer_dir)
+    factory, tokenizer = glue.load_backbone(run, None, tokenizer_dir, dtype="float32")
+    backbone = factory()
+    assert backbone.config.dtype == "float32" and tokenizer.token_to_id("[SEP]") == ettin_tiny.SEP_ID
+    for (key, ours), (_, theirs) in zip(nnx.to_flat_state(nnx.state(backbone, nnx.Param)),
+                                        nnx.to_flat_state(nnx.state(encoder, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(ours[...]), np.asarray(theirs[...]), err_msg=str(key))
+    with pytest.raises(ValueError, match="no tokenizer saved with the model; pass --tokenizer"):
+        glue.load_backbone(run, None, None)
 
 
 def _mesh_one_device():
