@@ -234,7 +234,8 @@ def restore_for_export(workdir: str, step: int | None = None):
     model = model_lib.EttinModel(model_config, rngs=nnx.Rngs(0))
     nnx.update(model, params)
     model.eval()
-    tokenizer = (config.get("data") or {}).get("tokenizer") or None
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    tokenizer = meta.get("tokenizer") or (config.get("data") or {}).get("tokenizer") or None
     return model, config["model"], tokenizer
 
 

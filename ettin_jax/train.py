@@ -162,7 +162,7 @@ class Setup:
     graphdef_eval: Any
     abstract_state: dict           # ShapeDtypeStructs with shardings, like the state
     state_shardings: dict
-    init_state: Callable[[], dict]
+    init_state: Callable[..., dict]  # ([params]) -> {"params", "opt_state"}
     train_step: Callable           # (state, batch, learning_rate, step) -> (state, TrainMetrics)
     eval_step: Callable            # (params, batch) -> EvalMetrics
 
@@ -193,13 +193,18 @@ def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
                                                   state_shardings["opt_state"])}
     replicated = sharding_lib.replicated(mesh)
     loss_fn = loss_fn_for(config)
+    level = config.train.xla_backend_optimization_level
+    compiler_options = {"xla_backend_optimization_level": level} if level >= 0 else None
     seed_key = jax.random.key(config.seed)
 
-    def init_state():
-        params = jax.jit(lambda: nnx.split(ctor(), nnx.Param, ...)[1],
-                         out_shardings=params_sharding)()
-        opt_state = jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params)
-        return {"params": params, "opt_state": opt_state}
+    init_params = jax.jit(lambda: nnx.split(ctor(), nnx.Param, ...)[1],
+                          out_shardings=params_sharding, compiler_options=compiler_options)
+    init_opt_state = jax.jit(tx.init, out_shardings=state_shardings["opt_state"])
+
+    def init_state(params=None):
+        """Fresh state; with `params` (e.g. from another run), a fresh optimizer for them."""
+        params = init_params() if params is None else params
+        return {"params": params, "opt_state": init_opt_state(params)}
 
     # The dropout RNG state (keys and counters of the model's nnx.Dropout streams). Every micro
     # batch re-keys it from (seed, step, index), so only its layout is kept here.
@@ -247,7 +252,7 @@ def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
         tokens = jnp.sum(batch["segment_ids"] > 0, dtype=jnp.float32)
         metrics = TrainMetrics.single_from_model_output(
             loss_sum=stats["loss"], predictions=stats["count"], correct=stats["correct"],
-            grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+            grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
             real_tokens=tokens, tokens=batch["segment_ids"].size)
         return {"params": params, "opt_state": opt_state}, metrics
 
@@ -262,10 +267,10 @@ def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
         train_step,
         in_shardings=(state_shardings, batch_sharding, replicated, replicated),
         out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,))
+        donate_argnums=(0,), compiler_options=compiler_options)
     jit_eval_step = jax.jit(
         eval_step, in_shardings=(params_sharding, sharding_lib.batch_sharding(mesh)),
-        out_shardings=replicated)
+        out_shardings=replicated, compiler_options=compiler_options)
     return Setup(config=config, mesh=mesh, tx=tx, graphdef_train=graphdef_train,
                  graphdef_eval=graphdef_eval, abstract_state=abstract_state,
                  state_shardings=state_shardings, init_state=init_state,
@@ -340,7 +345,7 @@ def demo_config(config):
     decay_share = s.decay_tokens / s.total_tokens
     config.train.global_batch_size = d.global_batch_size
     config.train.seq_len = d.seq_len
-    config.train.grad_accum_steps = 1
+    config.train.grad_accum_steps = d.grad_accum_steps
     config.train.eval_every_steps = d.eval_every_steps
     config.train.eval_batches = min(config.train.eval_batches, 4)
     config.data.eval_batch_size = d.global_batch_size
@@ -432,9 +437,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         params, opt_state, _ = checkpoint_lib.restore_from_run(
             config.train.init_from, abstract_params=abstract["params"],
             abstract_opt_state=abstract["opt_state"] if config.train.init_optimizer_state else None)
-        if opt_state is None:
-            opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])(params)
-        state = {"params": params, "opt_state": opt_state}
+        state = setup.init_state(params) if opt_state is None else {
+            "params": params, "opt_state": opt_state}
         step, tokens = 0, 0
     else:
         state = setup.init_state()
@@ -471,12 +475,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
     peak = device_peak_flops(config) * jax.device_count()
     train_metrics, last = None, {}
     window_start, window_steps, window_rows = time.time(), 0, 0
-    run_start, start_step = time.time(), step
+    run_start = time.time()
+
+    try:   # recorded with each checkpoint, for `python -m ettin_jax.hf export`
+        tokenizer = os.path.abspath(loader.tokenizer_path(config))
+    except ValueError:
+        tokenizer = ""
 
     def save(at_step):
         ckpt.save(at_step, params=state["params"], opt_state=state["opt_state"],
                   meta={"step": at_step, "tokens_seen": tokens, "phase": config.phase,
-                        "objective": config.objective, "init_from": config.train.init_from},
+                        "objective": config.objective, "init_from": config.train.init_from,
+                        "tokenizer": tokenizer},
                   data_iterator=train_iter, config=config)
 
     try:
@@ -498,8 +508,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
                 is_last = step == num_steps
                 scalars = {}
-                if step % config.train.eval_every_steps == 0 or is_last:
-                    scalars.update(evaluate(setup, state["params"], config))
                 if step % config.log.every_steps == 0 or is_last:
                     computed = {k: float(v) for k, v in train_metrics.compute().items()}
                     elapsed = time.time() - window_start
@@ -513,16 +521,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     if config.objective == "clm":
                         computed["perplexity"] = math.exp(min(computed["loss"], 50.0))
                     scalars.update(computed)
-                    eta = (time.time() - run_start) / (step - start_step) * (num_steps - step)
+                    eta = (num_steps - step) * elapsed / window_steps
                     logging.info("step %d/%d (%.0f%%): loss %.4f, accuracy %.3f, lr %.3g, "
                                  "%.0f tokens/s, ETA %s", step, num_steps, 100 * step / num_steps,
                                  computed["loss"], computed["accuracy"], learning_rate,
                                  computed["tokens_per_sec"], _format_duration(eta))
                     train_metrics = None
-                    window_start, window_steps, window_rows = time.time(), 0, 0
+                if config.train.eval_batches and (step % config.train.eval_every_steps == 0
+                                                  or is_last):
+                    scalars.update(evaluate(setup, state["params"], config))
                 if scalars:
                     all_writers.write_scalars(step, scalars)
                     last.update(scalars)
+                    window_start, window_steps, window_rows = time.time(), 0, 0
 
                 stop = _stop_requested(stop_flag)
                 if step % save_every == 0 or is_last or stop:
@@ -538,9 +549,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         signal.signal(signal.SIGTERM, previous_handler)
         all_writers.close()
 
-    if step == num_steps:
-        logging.info("done: %d steps, %s tokens in %s; final loss %.4f%s", step,
-                     f"{tokens:,}", _format_duration(time.time() - run_start),
-                     last.get("loss", float("nan")),
-                     f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
+    if step == num_steps and is_writer:
+        logging.info(
+            "done: %d steps, %s tokens in %s; last logged loss %.4f, accuracy %.3f%s. "
+            "Checkpoints: %s; TensorBoard: tensorboard --logdir %s; metrics: %s; export: "
+            "python -m ettin_jax.hf export --checkpoint=%s --out=%s/hf", step, f"{tokens:,}",
+            _format_duration(time.time() - run_start), last.get("loss", float("nan")),
+            last.get("accuracy", float("nan")),
+            f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "",
+            ckpt.directory, workdir, os.path.join(workdir, "metrics.jsonl"), workdir, workdir)
     return last

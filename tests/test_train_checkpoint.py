@@ -1,0 +1,78 @@
+"""Checkpointer: a damaged newest checkpoint is set aside with a warning and the previous one
+restores (data iterator included); the keep policy. Real Orbax, the tiny model's state, the
+real loader on the demo corpus."""
+import os
+
+import jax
+import numpy as np
+import pytest
+from absl import logging
+
+from configs import ettin_tiny
+from data_pipeline import loader
+from ettin_jax import checkpoint, sharding, train
+
+import train_testlib
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    with train_testlib.persistent_compilation_cache(train_testlib.cache_dir(tmp_path_factory)):
+        yield
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = train.demo_config(ettin_tiny.get_config("mlm"))
+    config.data.num_workers = 0
+    config.train.xla_backend_optimization_level = 0
+    return config, train.make_setup(config, sharding.make_mesh(config.mesh))
+
+
+def save_steps(directory, config, s, steps, **keep):
+    """Saves a changing state at `steps`; returns {step: (params as numpy, iterator state)}."""
+    ckpt = checkpoint.Checkpointer(directory, **keep)
+    it = loader.make_train_iterator(config)
+    state = s.init_state()
+    saved = {}
+    for step in steps:
+        state = jax.tree.map(lambda x: x + 0.5 if x.dtype == np.float32 else x, state)
+        next(it)
+        ckpt.save(step, params=state["params"], opt_state=state["opt_state"],
+                  meta={"step": step, "tokens_seen": step * 100}, data_iterator=it, config=config)
+        saved[step] = (jax.tree.map(np.asarray, state["params"]), it.get_state())
+    ckpt.wait()
+    ckpt.close()
+    return saved
+
+
+def test_damaged_latest_falls_back_to_previous(tmp_path, setup, caplog):
+    config, s = setup
+    saved = save_steps(str(tmp_path), config, s, (2, 4), keep_last=3)
+    for dirpath, _, filenames in os.walk(tmp_path / "checkpoints" / "4" / "params"):
+        for name in filenames:                     # garbage of the same size in every file
+            path = os.path.join(dirpath, name)
+            with open(path, "r+b") as f:
+                f.write(os.urandom(os.path.getsize(path)))
+
+    it = loader.make_train_iterator(config)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), keep_last=3)
+    with caplog.at_level(logging.WARNING):
+        params, _, meta = ckpt.restore_latest(abstract_params=s.abstract_state["params"],
+                                              abstract_opt_state=s.abstract_state["opt_state"],
+                                              data_iterator=it)
+    ckpt.close()
+    assert meta == {"step": 2, "tokens_seen": 200}
+    assert any("cannot be restored" in r.getMessage() and "checkpoints/4" in r.getMessage()
+               for r in caplog.records)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4.damaged"]
+    want_params, want_iterator = saved[2]
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    assert it.get_state() == want_iterator
+
+
+def test_keeps_the_last_k_and_every_mth(tmp_path, setup):
+    config, s = setup
+    save_steps(str(tmp_path), config, s, (2, 4, 6, 8, 10), keep_last=2, keep_every_steps=4)
+    assert sorted(int(n) for n in os.listdir(tmp_path / "checkpoints")) == [4, 8, 10]
