@@ -224,9 +224,12 @@ def load_task_data(task: Task, data_dir: str) -> tuple[Split, dict[str, Split]]:
 
 def encode(tokenizer, texts: Sequence[tuple], *, cls_id: int, sep_id: int, max_len: int):
     """`[CLS] a [SEP] (b [SEP])` token ids, longer text truncated first to fit `max_len`."""
+    # One batched call per text column: the tokenizers library encodes it in parallel.
+    columns = [tokenizer.encode_batch(list(column), add_special_tokens=False)
+               for column in zip(*texts)]
     out = []
-    for pair in texts:
-        parts = [tokenizer.encode(t, add_special_tokens=False).ids for t in pair]
+    for encodings in zip(*columns):
+        parts = [e.ids for e in encodings]
         budget = max_len - 1 - len(parts)
         while sum(len(p) for p in parts) > budget:
             longest = max(range(len(parts)), key=lambda i: len(parts[i]))

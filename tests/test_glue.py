@@ -111,6 +111,55 @@ def test_reads_every_official_layout(tmp_path):
     assert glue.get_task("SST-2").name == "sst2"
 
 
+def test_encode_pairs_and_truncates_the_longer_text_first():
+    tokenizer = _tokenizer()
+    cls, sep = ettin_tiny.CLS_ID, ettin_tiny.SEP_ID
+
+    def ids(text):
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    a, b = "the cat walks over the river near a large house", "blue dog"
+    [full] = glue.encode(tokenizer, [(a, b)], cls_id=cls, sep_id=sep, max_len=64)
+    assert full == [cls] + ids(a) + [sep] + ids(b) + [sep] and len(ids(a)) > 4
+    [cut] = glue.encode(tokenizer, [(a, b)], cls_id=cls, sep_id=sep, max_len=len(full) - 3)
+    assert cut == [cls] + ids(a)[:-3] + [sep] + ids(b) + [sep]
+    [both_cut] = glue.encode(tokenizer, [(a, b)], cls_id=cls, sep_id=sep, max_len=5)
+    assert both_cut == [cls] + ids(a)[:1] + [sep] + ids(b)[:1] + [sep]
+    assert glue.encode(tokenizer, [("red cat",), ("dog",)], cls_id=cls, sep_id=sep, max_len=8) == [
+        [cls] + ids("red cat") + [sep], [cls] + ids("dog") + [sep]]
+
+
+def test_reads_prepared_tfds_builders(tmp_path):
+    """Where no TSV folder exists, a glue/* dataset prepared under data_dir is read: written
+    here with TFDS's own writer and the real GLUE builders' dataset info."""
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    data_dir = str(tmp_path)
+    for name, examples in (
+            ("mnli", {"train": [("p0", "h0", 2), ("p1", "h1", 0)], "validation_matched": [("p2", "h2", 1)],
+                      "validation_mismatched": [("p3", "h3", 0)]}),
+            ("stsb", {"train": [("a", "b", 4.5)], "validation": [("c", "d", 0.25)]}),
+            ("cola", {"train": [("s0", None, 1)], "validation": [("s1", None, 0)]})):
+        task = glue.get_task(name)
+        builder = tfds.builder(f"glue/{name}", data_dir=data_dir)
+        if task.labels is not None:   # our label ids are TFDS's class ids
+            assert builder.info.features["label"].num_classes == len(task.labels)
+            if name in ("mnli", "qnli", "rte"):
+                assert builder.info.features["label"].names == list(task.labels)
+        os.makedirs(builder.data_dir, exist_ok=True)
+        writer = tfds.core.SequentialWriter(builder.info, max_examples_per_shard=100)
+        writer.initialize_splits(list(examples))
+        writer.add_examples({split: [dict({k: t for k, t in zip(task.tfds_texts, (a, b))}, label=y, idx=i)
+                                     for i, (a, b, y) in enumerate(rows)]
+                             for split, rows in examples.items()})
+        writer.close_all()
+        train, devs = glue.load_task_data(task, data_dir)
+        assert train.texts == [tuple(t for t in (a, b) if t is not None) for a, b, _ in examples["train"]]
+        np.testing.assert_allclose(train.labels, [y for _, _, y in examples["train"]])
+        assert sorted(devs) == sorted(task.dev_files)
+        for stem, split in zip(task.dev_files, task.tfds_dev_splits):
+            np.testing.assert_allclose(devs[stem].labels, [y for _, _, y in examples[split]])
+
+
 def test_bad_inputs_name_the_file_and_key(tmp_path):
     sst2 = glue.get_task("sst2")
     path = str(tmp_path / "SST-2" / "train.tsv")
@@ -244,15 +293,13 @@ def test_cli_finetunes_an_encoder_beyond_chance_and_resumes(tmp_path):
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(run_dir, "tensorboard")))
     assert "| sst2 | dev/accuracy |" in open(os.path.join(workdir, "results.md")).read()
 
-    # Bad inputs through the CLI fail before any model loads, naming the file or the key.
+    # A bad input through the CLI fails before the model loads, naming the file and column.
     _write_tsv(os.path.join(data_dir, "SST-2", "dev.tsv"), ["text", "label"], [["good", "1"]])
-    for task, message in (("sst2", "SST-2/dev.tsv: missing column 'sentence'"),
-                          ("sst2,wnli", "--task='wnli': unknown GLUE task")):
-        bad = subprocess.run([sys.executable, "-m", "ettin_jax.glue", f"--hf={model_dir}", f"--task={task}",
-                              f"--data_dir={data_dir}", f"--workdir={workdir}_2"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
-        assert bad.returncode != 0
-        assert message in bad.stderr, bad.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-m", "ettin_jax.glue", f"--hf={model_dir}", "--task=sst2",
+                          f"--data_dir={data_dir}", f"--workdir={workdir}_2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
+    assert bad.returncode != 0
+    assert "SST-2/dev.tsv: missing column 'sentence'" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_loads_a_backbone_from_a_training_run(tmp_path):
@@ -328,41 +375,24 @@ class _Writers:
         pass
 
 
-def test_encoder_learns_regression_with_mean_pooling(tmp_path):
-    """STS-B layout: score 4.5 +- noise with a positive keyword, 0.5 +- noise with a negative
-    one. A second run_task finds the finished run and trains nothing."""
+def test_regression_learns_resumes_exactly_and_skips_finished_runs(tmp_path):
+    """STS-B layout, mean pooling: score 4.5 +- noise with a positive keyword, 0.5 +- noise with
+    a negative one. A run interrupted after its second evaluation continues from the checkpoint
+    of the first and ends exactly where an uninterrupted run ends (same data order and dropout);
+    run_task then finds the finished run and trains nothing."""
     rng = np.random.default_rng(2)
-    data_dir = str(tmp_path / "data")
+    data_dir, workdir = str(tmp_path / "data"), str(tmp_path / "work")
     for stem, n in (("train", 256), ("dev", 128)):
         rows = []
         for y in rng.integers(0, 2, n):
             score = float(np.clip(0.5 + 4.0 * y + rng.normal(0, 0.3), 0.0, 5.0))
             rows.append([" ".join(rng.choice(FILLER, 4)), _sentence(rng, bool(y)), f"{score:.3f}"])
         _write_tsv(os.path.join(data_dir, "STS-B", f"{stem}.tsv"), ["sentence1", "sentence2", "score"], rows)
-    kwargs = dict(backbone_factory=_factory(_tiny("mlm")), tokenizer=_tokenizer(), data_dir=data_dir,
-                  workdir=str(tmp_path / "work"), lrs=[5e-3], epochs=[3], seeds=[0],
-                  options=glue.FinetuneOptions(batch_size=16, eval_batch_size=64, max_seq_len=32,
-                                               pooling="mean"), mesh=_mesh_one_device())
-    summary = glue.run_task(glue.get_task("stsb"), writer_factory=_Writers(), **kwargs)
-    metrics = summary["best"]["metrics"]
-    # Chance is 0; on 128 dev examples |r| > 0.3 by luck has probability < 0.1%.
-    assert metrics["dev/pearson"]["mean"] > 70.0 and metrics["dev/spearman"]["mean"] > 50.0, metrics
-    writers = _Writers()
-    assert glue.run_task(glue.get_task("stsb"), writer_factory=writers, **kwargs) == summary
-    assert writers.created == 0
-
-
-def test_interrupted_run_resumes_to_the_same_result(tmp_path):
-    """A run stopped after its second evaluation continues from the checkpoint of that
-    evaluation and ends exactly where an uninterrupted run ends (same data order and dropout)."""
-    rng = np.random.default_rng(3)
-    data_dir = str(tmp_path / "data")
-    _write_sst2(data_dir, rng, n_train=128, n_dev=64)
-    task, tokenizer, factory = glue.get_task("sst2"), _tokenizer(), _factory(_tiny("mlm"))
-    options = glue.FinetuneOptions(batch_size=16, eval_batch_size=64, max_seq_len=32,
-                                   evals_per_epoch=2, patience=10, classifier_dropout=0.1)
+    task, tokenizer, factory = glue.get_task("stsb"), _tokenizer(), _factory(_tiny("mlm"))
+    options = glue.FinetuneOptions(batch_size=16, eval_batch_size=64, max_seq_len=32, pooling="mean",
+                                   classifier_dropout=0.1)
     finetuner = glue.Finetuner(
-        lambda seed: glue.SequenceClassifier(factory(), 2, pooling="cls", dropout=0.1, rngs=nnx.Rngs(seed)),
+        lambda seed: glue.SequenceClassifier(factory(), 1, pooling="mean", dropout=0.1, rngs=nnx.Rngs(seed)),
         task, options, _mesh_one_device(), ettin_tiny.PAD_ID)
     train, devs = glue.load_task_data(task, data_dir)
 
@@ -371,15 +401,26 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
                             max_len=32), split.labels)
 
     train, devs = encoded(train), {k: encoded(v) for k, v in devs.items()}
-    spec = glue.RunSpec("sst2", 1e-3, 2, 0)    # 8 steps an epoch, evaluations at 4, 8, 12, 16
+    spec = glue.RunSpec("stsb", 5e-3, 3, 0)    # 16 steps an epoch, evaluations at 16, 32, 48
     interrupted = str(tmp_path / "interrupted")
     with pytest.raises(KeyboardInterrupt):
-        glue.run_one(finetuner, spec, train, devs, interrupted, _Writers(crash_at_step=12))
-    assert os.listdir(os.path.join(interrupted, "checkpoint")) == ["8"]
+        glue.run_one(finetuner, spec, train, devs, interrupted, _Writers(crash_at_step=32))
+    assert os.listdir(os.path.join(interrupted, "checkpoint")) == ["16"]
     resumed_writers = _Writers()
     resumed = glue.run_one(finetuner, spec, train, devs, interrupted, resumed_writers)
-    reference = glue.run_one(finetuner, spec, train, devs, str(tmp_path / "straight"), _Writers())
-    assert [e["step"] for e in reference["evaluations"]] == [4, 8, 12, 16]
+    reference = glue.run_one(finetuner, spec, train, devs, os.path.join(workdir, "stsb", spec.name), _Writers())
+    assert [e["step"] for e in reference["evaluations"]] == [16, 32, 48]
     assert resumed["evaluations"] == reference["evaluations"]
-    assert min(step for step, _ in resumed_writers.scalars) > 8
+    assert min(step for step, _ in resumed_writers.scalars) > 16
     assert not os.path.exists(os.path.join(interrupted, "checkpoint"))
+    metrics = reference["best"]["metrics"]["dev"]
+    # Chance is 0; on 128 dev examples |r| > 0.3 by luck has probability < 0.1%.
+    assert metrics["pearson"] > 70.0 and metrics["spearman"] > 50.0, metrics
+
+    writers = _Writers()
+    summary = glue.run_task(task, backbone_factory=factory, tokenizer=tokenizer, data_dir=data_dir,
+                            workdir=workdir, lrs=[spec.lr], epochs=[spec.epochs], seeds=[spec.seed],
+                            options=options, mesh=_mesh_one_device(), writer_factory=writers)
+    assert writers.created == 0
+    assert summary["best"]["score"] == reference["best"]["score"]
+    assert summary["best"]["metrics"]["dev/pearson"]["mean"] == metrics["pearson"]
