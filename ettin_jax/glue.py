@@ -414,9 +414,13 @@ class FinetuneOptions:
     max_train_examples: int = 0      # > 0: use only the first N training examples (smoke runs)
 
 
-def _weight_decay_mask(params):
-    """Decay matrices, not norms or biases (the pre-training rule, optimizer.weight_decay_mask)."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+def learning_rate(step: int, *, peak: float, total_steps: int, warmup_ratio: float) -> float:
+    """LR of update `step` (0-based), as transformers' linear schedule with warmup: rising
+    linearly from 0 over warmup_ratio of the steps, then falling linearly to 0 at the end."""
+    warmup = int(warmup_ratio * total_steps)
+    if step < warmup:
+        return peak * step / warmup
+    return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
 
 def _loss_and_predictions(logits, batch, regression: bool):
@@ -432,54 +436,37 @@ def _loss_and_predictions(logits, batch, regression: bool):
 
 
 class Finetuner:
-    """Jitted train and eval steps of one task on a mesh, shared by the runs of its grid."""
+    """Jitted train and eval steps of one task on a mesh, shared by every run of its grid
+    (the learning rate is an argument of the step, so one compilation serves them all)."""
 
     def __init__(self, make_classifier: Callable[[int], SequenceClassifier], task: Task,
                  options: FinetuneOptions, mesh, pad_id: int):
+        from ettin_jax import optimizer as optimizer_lib  # pylint: disable=import-outside-toplevel
         from ettin_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
 
         self.task, self.options, self.mesh, self.pad_id = task, options, mesh, pad_id
         self.make_classifier = make_classifier
         abstract = nnx.eval_shape(lambda: make_classifier(0))
         abstract.train()
-        self.graphdef_train, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
+        graphdef_train, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
         abstract.eval()
-        self.graphdef_eval, _, _ = nnx.split(abstract, nnx.Param, ...)
-        self.abstract_params = abstract_params
+        graphdef_eval, _, _ = nnx.split(abstract, nnx.Param, ...)
         self.params_sharding = sharding_lib.param_shardings(abstract_params, mesh)
-        self.replicated = sharding_lib.replicated(mesh)
         self.batch_sharding = sharding_lib.batch_sharding(mesh)
-        self.data_parallel = sharding_lib.data_parallel_size(mesh)
+        data_parallel = sharding_lib.data_parallel_size(mesh)
         for what, size in (("--batch_size", options.batch_size),
                            ("--eval_batch_size", options.eval_batch_size)):
-            if size % self.data_parallel:
-                raise ValueError(f"{what}={size} is not a multiple of the {self.data_parallel} "
+            if size % data_parallel:
+                raise ValueError(f"{what}={size} is not a multiple of the {data_parallel} "
                                  "data-parallel devices of the mesh")
-        self._steps = {}
 
-    def init(self, seed: int):
-        """(params, rng state) of a fresh classifier: pre-trained backbone, new head."""
-        model = self.make_classifier(seed)
-        _, params, rngs = nnx.split(model, nnx.Param, ...)
-        # A copy: the train step donates its params, and the backbone factory may hand out
-        # the same buffers to every run.
-        return jax.device_put(params, self.params_sharding, may_alias=False), rngs
+        # AdamW as PyTorch's (decay lr * wd * p), biases and norms not decayed.
+        tx = optimizer_lib.adamw(b1=options.b1, b2=options.b2, eps=options.eps,
+                                 weight_decay=options.weight_decay,
+                                 weight_decay_mask=optimizer_lib.weight_decay_mask(abstract_params))
+        regression = task.labels is None
 
-    def steps(self, lr: float, total_steps: int):
-        """(tx, jitted train step, jitted eval step) for a schedule of `total_steps`."""
-        key = (lr, total_steps)
-        if key in self._steps:
-            return self._steps[key]
-        options, regression = self.options, self.task.labels is None
-        warmup = int(options.warmup_ratio * total_steps)
-        schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)),
-                                         optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1))],
-                                        [warmup])
-        tx = optax.adamw(schedule, b1=options.b1, b2=options.b2, eps=options.eps,
-                         weight_decay=options.weight_decay, mask=_weight_decay_mask)
-        graphdef_train, graphdef_eval = self.graphdef_train, self.graphdef_eval
-
-        def train_step(params, opt_state, rngs, batch, dropout_key):
+        def train_step(params, opt_state, rngs, batch, dropout_key, lr):
             def loss_fn(params):
                 # Fresh Variables for the dropout streams: nnx refuses to mutate the ones
                 # created outside this gradient trace.
@@ -489,7 +476,7 @@ class Finetuner:
                                                 batch, regression)
                 return loss
             loss, grads = jax.value_and_grad(loss_fn)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
+            updates, opt_state = tx.update(grads, opt_state, params, learning_rate=lr)
             return optax.apply_updates(params, updates), opt_state, loss
 
         def eval_step(params, rngs, batch):
@@ -498,31 +485,46 @@ class Finetuner:
                                                    batch, regression)
             return predictions
 
-        from ettin_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
-        opt_sharding = sharding_lib.optimizer_shardings(tx, self.abstract_params,
-                                                        self.params_sharding, self.mesh)
-        jit_train = jax.jit(train_step, donate_argnums=(0, 1),
-                            in_shardings=(self.params_sharding, opt_sharding, None,
-                                          self.batch_sharding, self.replicated),
-                            out_shardings=(self.params_sharding, opt_sharding, self.replicated))
-        jit_eval = jax.jit(eval_step, in_shardings=(self.params_sharding, None, self.batch_sharding),
-                           out_shardings=self.replicated)
-        init_opt = jax.jit(tx.init, out_shardings=opt_sharding)
-        self._steps[key] = (tx, init_opt, jit_train, jit_eval, schedule)
-        return self._steps[key]
+        opt_sharding = sharding_lib.optimizer_shardings(tx, abstract_params, self.params_sharding,
+                                                        mesh)
+        replicated = sharding_lib.replicated(mesh)
+        self.train_step = jax.jit(
+            train_step, donate_argnums=(0, 1),
+            in_shardings=(self.params_sharding, opt_sharding, None, self.batch_sharding,
+                          replicated, replicated),
+            out_shardings=(self.params_sharding, opt_sharding, replicated))
+        self.eval_step = jax.jit(eval_step, out_shardings=replicated,
+                                 in_shardings=(self.params_sharding, None, self.batch_sharding))
+        self.init_optimizer = jax.jit(tx.init, out_shardings=opt_sharding)
+
+    def init(self, seed: int):
+        """(params, optimizer state, rng state) of a fresh classifier: pre-trained backbone,
+        new head."""
+        model = self.make_classifier(seed)
+        _, params, rngs = nnx.split(model, nnx.Param, ...)
+        # A copy: the train step donates its params, and the backbone factory may hand out
+        # the same buffers to every run.
+        params = jax.device_put(params, self.params_sharding, may_alias=False)
+        return params, self.init_optimizer(params), rngs
 
     def to_device(self, batch: dict) -> dict:
         return jax.device_put(batch, self.batch_sharding)
 
-    def predict(self, eval_step, params, rngs, rows, labels) -> np.ndarray:
+    def predict(self, params, rngs, rows, labels) -> np.ndarray:
+        """Predictions `[len(rows)]` (class ids, or scores for regression)."""
         size = self.options.eval_batch_size
         out = []
         for start in range(0, len(rows), size):
             batch = make_batch(rows[start:start + size], labels[start:start + size], size,
                                self.pad_id)
-            predictions = np.asarray(eval_step(params, rngs, self.to_device(batch)))
+            predictions = np.asarray(self.eval_step(params, rngs, self.to_device(batch)))
             out.append(predictions[:len(rows[start:start + size])])
         return np.concatenate(out)
+
+
+def _rank(score: float) -> float:
+    """Orders scores with NaN (e.g. the correlation of constant predictions) below all others."""
+    return -math.inf if math.isnan(score) else score
 
 
 def _score(task: Task, metrics_by_split: dict) -> float:
@@ -545,10 +547,7 @@ def run_one(finetuner: Finetuner, spec: RunSpec, train: tuple, devs: dict, run_d
     evals_per_epoch = max(1, min(options.evals_per_epoch, steps_per_epoch))
     eval_at = {round(steps_per_epoch * (e + k / evals_per_epoch))
                for e in range(spec.epochs) for k in range(1, evals_per_epoch + 1)}
-    _, init_opt, train_step, eval_step, schedule = finetuner.steps(spec.lr, total_steps)
-
-    params, rngs = finetuner.init(spec.seed)
-    opt_state = init_opt(params)
+    params, opt_state, rngs = finetuner.init(spec.seed)
     progress = {"step": 0, "evaluations": [], "best": None, "evals_since_best": 0}
     manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(run_dir, "checkpoint")),
@@ -576,22 +575,24 @@ def run_one(finetuner: Finetuner, spec: RunSpec, train: tuple, devs: dict, run_d
             chosen = order[index * options.batch_size:(index + 1) * options.batch_size]
             batch = make_batch([rows[i] for i in chosen], labels[chosen], options.batch_size,
                                finetuner.pad_id)
-            params, opt_state, loss = train_step(params, opt_state, rngs, finetuner.to_device(batch),
-                                                 jax.random.fold_in(base_key, step))
+            lr = learning_rate(step, peak=spec.lr, total_steps=total_steps,
+                               warmup_ratio=options.warmup_ratio)
+            params, opt_state, loss = finetuner.train_step(
+                params, opt_state, rngs, finetuner.to_device(batch),
+                jax.random.fold_in(base_key, step), jnp.float32(lr))
             step += 1
             if step % 20 == 0 or step == 1:
-                writer.write_scalars(step, {"train/loss": float(loss),
-                                            "train/learning_rate": float(schedule(step - 1))})
+                writer.write_scalars(step, {"train/loss": float(loss), "train/learning_rate": lr})
             if step not in eval_at:
                 continue
-            metrics = {name: task_metrics(task, finetuner.predict(eval_step, params, rngs, *dev), dev[1])
+            metrics = {name: task_metrics(task, finetuner.predict(params, rngs, *dev), dev[1])
                        for name, dev in devs.items()}
             score = _score(task, metrics)
             record = {"step": step, "epoch": step / steps_per_epoch, "score": score, "metrics": metrics}
             progress["evaluations"].append(record)
             writer.write_scalars(step, {f"{split}/{k}": v for split, m in metrics.items()
                                         for k, v in m.items()} | {"dev/score": score})
-            if progress["best"] is None or score > progress["best"]["score"]:
+            if progress["best"] is None or _rank(score) > _rank(progress["best"]["score"]):
                 progress["best"], progress["evals_since_best"] = record, 0
             else:
                 progress["evals_since_best"] += 1
@@ -650,7 +651,7 @@ def summarize(task: Task, results: list[dict]) -> dict:
         grid.append({"lr": lr, "epochs": epochs, "seeds": sorted(r["seed"] for r in runs),
                      "score": float(np.mean(scores)), "score_std": float(np.std(scores)),
                      "metrics": per_metric})
-    best = max(grid, key=lambda g: g["score"])
+    best = max(grid, key=lambda g: _rank(g["score"]))
     return {"task": task.name, "metrics": list(task.metrics), "dev_splits": list(task.dev_files),
             "best": best, "grid": grid}
 

@@ -61,6 +61,27 @@ def test_metric_edge_cases_equal_sklearn():
     assert glue.f1_binary(constant, labels) == pytest.approx(sklearn.metrics.f1_score(labels, constant))
     scores = glue.task_metrics(glue.get_task("mrpc"), constant, labels)
     assert scores == pytest.approx({"f1": 75.0, "accuracy": 60.0})
+    # Constant regression outputs have no correlation (NaN, as SciPy says); such a grid point
+    # ranks below every real one.
+    assert np.isnan(glue.pearson(np.ones(5), labels)) and np.isnan(glue.spearman(np.ones(5), labels))
+    runs = [{"lr": lr, "epochs": 1, "seed": 0, "best": {"score": score, "metrics": {"dev": {"pearson": score, "spearman": score}}}}
+            for lr, score in ((1e-3, float("nan")), (2e-3, -5.0), (3e-3, float("nan")))]
+    assert glue.summarize(glue.get_task("stsb"), runs)["best"]["lr"] == 2e-3
+
+
+@pytest.mark.parametrize("total_steps,warmup_ratio", [(100, 0.06), (48, 0.06), (7, 0.0), (10, 0.5)])
+def test_learning_rate_equals_transformers_linear_schedule(total_steps, warmup_ratio):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-5)
+    scheduler = transformers.get_linear_schedule_with_warmup(
+        optimizer, num_warmup_steps=int(warmup_ratio * total_steps), num_training_steps=total_steps)
+    expected = []
+    for _ in range(total_steps):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    ours = [glue.learning_rate(s, peak=3e-5, total_steps=total_steps, warmup_ratio=warmup_ratio)
+            for s in range(total_steps)]
+    np.testing.assert_allclose(ours, expected, rtol=1e-12, atol=1e-20)
 
 
 # --- data: the official layouts ----------------------------------------------------------------
