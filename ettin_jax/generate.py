@@ -22,8 +22,10 @@ from flax import nnx
 from ettin_jax import model as model_lib
 
 
-def check_decoder(model: model_lib.EttinModel, where: str):
-    if not model.config.causal:
+def check_decoder(model_or_causal, where: str):
+    """Raises ValueError naming `where` unless the model (or `causal` flag) is a decoder."""
+    causal = model_or_causal if isinstance(model_or_causal, bool) else model_or_causal.config.causal
+    if not causal:
         raise ValueError(f"{where}: this is an encoder (masked LM, config.model.causal=False) "
                          "checkpoint; generation needs a decoder (causal LM)")
 
@@ -155,6 +157,10 @@ def load_decoder(checkpoint: str | None, hf_dir: str | None, tokenizer_path: str
     arguments as glue.load_model's. Raises ValueError naming the source for an encoder."""
     from ettin_jax import glue  # pylint: disable=import-outside-toplevel
 
+    if checkpoint and not hf_dir:   # refuse an encoder run before restoring its weights
+        from ettin_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+        config, step = checkpoint_lib.read_config(checkpoint)
+        check_decoder(bool(config.get("model", {}).get("causal", False)), f"{checkpoint} (step {step})")
     model, tokenizer = glue.load_model(checkpoint, hf_dir, tokenizer_path, dtype)
     check_decoder(model, checkpoint or hf_dir)
     return model, tokenizer

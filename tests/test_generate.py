@@ -138,5 +138,9 @@ def test_cli_generates_from_a_training_run_and_refuses_encoders(decoder_dir, tmp
     result = _cli(f"--checkpoint={encoder_run}", "--prompt=the cat", f"--tokenizer={path}")
     assert result.returncode != 0
     assert encoder_run in result.stderr and "encoder" in result.stderr, result.stderr[-2000:]
+    encoder_hf = str(tmp_path / "encoder_hf")
+    hf.save_hf(encoder, encoder.config, encoder_hf)
+    with pytest.raises(ValueError, match=f"{encoder_hf}: this is an encoder"):
+        generate_lib.load_decoder(None, encoder_hf, path)
     with pytest.raises(ValueError, match="exactly one of --checkpoint"):
         generate_lib.load_decoder(run, path, None)
