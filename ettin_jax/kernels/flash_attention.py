@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from ettin_jax.attention import run_per_shard
 from ettin_jax.kernels.intervals import attention_intervals
 
 try:  # The Triton backend is deprecated from jax 0.11 on; import it lazily and say so if gone.
@@ -342,10 +343,6 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-_BATCH_AXES = ("data", "fsdp")
-_HEAD_AXIS = "tensor"
-
-
 def flash_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_size=(-1, -1),
                     sm_scale: float | None = None, block_sizes: BlockSizes | None = None,
                     interpret: bool | None = None):
@@ -368,25 +365,10 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_s
     Returns:
       `[batch, seq, heads, head_dim]` in q's dtype; rows that see no key are 0.
     """
-    kwargs = dict(causal=causal, window_size=window_size, sm_scale=sm_scale,
-                  block_sizes=block_sizes, interpret=interpret)
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or all(mesh.shape[a] == 1 for a in mesh.axis_names):
-        return _flash_attention_local(q, k, v, segment_ids, **kwargs)
-    P = jax.sharding.PartitionSpec
-    batch_axes = tuple(a for a in _BATCH_AXES if a in mesh.axis_names) or None
-    head_axis = _HEAD_AXIS if _HEAD_AXIS in mesh.axis_names else None
-    qkv_spec, seg_spec = P(batch_axes, None, head_axis, None), P(batch_axes, None)
-    if segment_ids is None:
-        sharded = jax.shard_map(
-            lambda q, k, v: _flash_attention_local(q, k, v, None, **kwargs), mesh=mesh,
-            in_specs=(qkv_spec,) * 3, out_specs=qkv_spec, check_vma=False)
-        return sharded(q, k, v)
-    # check_vma=False: pallas_call declares no varying mesh axes for its outputs.
-    sharded = jax.shard_map(
-        lambda q, k, v, s: _flash_attention_local(q, k, v, s, **kwargs), mesh=mesh,
-        in_specs=(qkv_spec,) * 3 + (seg_spec,), out_specs=qkv_spec, check_vma=False)
-    return sharded(q, k, v, segment_ids)
+    return run_per_shard(
+        functools.partial(_flash_attention_local, causal=causal, window_size=window_size,
+                          sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret),
+        q, k, v, segment_ids)
 
 
 def _flash_attention_local(q, k, v, segment_ids, *, causal, window_size, sm_scale, block_sizes,

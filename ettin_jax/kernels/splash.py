@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
+from ettin_jax.attention import run_per_shard
+
 DEFAULT_BLOCK = 512   # head_dim 64 at seq 1024 / 8192: two or sixteen tiles per axis
 
 
@@ -50,10 +52,6 @@ def _kernel(seq_len: int, num_heads: int, causal: bool, window_size: tuple, bloc
                                       interpret=interpret)
 
 
-_BATCH_AXES = ("data", "fsdp")
-_HEAD_AXIS = "tensor"
-
-
 def splash_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_size=(-1, -1),
                      sm_scale: float | None = None, block_size: int | None = None,
                      interpret: bool | None = None):
@@ -64,21 +62,10 @@ def splash_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_
     mesh's `data`/`fsdp` axes, heads over `tensor` (a TPU kernel cannot be partitioned
     by the compiler itself).
     """
-    kwargs = dict(causal=causal, window_size=window_size, sm_scale=sm_scale,
-                  block_size=block_size, interpret=interpret)
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or all(mesh.shape[a] == 1 for a in mesh.axis_names):
-        return _splash_local(q, k, v, segment_ids, **kwargs)
-    P = jax.sharding.PartitionSpec
-    batch_axes = tuple(a for a in _BATCH_AXES if a in mesh.axis_names) or None
-    head_axis = _HEAD_AXIS if _HEAD_AXIS in mesh.axis_names else None
-    qkv_spec, seg_spec = P(batch_axes, None, head_axis, None), P(batch_axes, None)
-    if segment_ids is None:
-        segment_ids = jnp.ones(q.shape[:2], jnp.int32)
-    sharded = jax.shard_map(lambda q, k, v, s: _splash_local(q, k, v, s, **kwargs), mesh=mesh,
-                            in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec), out_specs=qkv_spec,
-                            check_vma=False)  # the stock kernel declares no varying axes
-    return sharded(q, k, v, segment_ids)
+    return run_per_shard(
+        functools.partial(_splash_local, causal=causal, window_size=window_size,
+                          sm_scale=sm_scale, block_size=block_size, interpret=interpret),
+        q, k, v, segment_ids)
 
 
 def _splash_local(q, k, v, segment_ids, *, causal, window_size, sm_scale, block_size, interpret):
