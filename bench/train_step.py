@@ -88,7 +88,8 @@ def time_ours(config, batch, steps, warmup):
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     setup = train.make_setup(config, mesh)
     state = setup.init_state()
-    global_batch = train.host_batch_to_global(batch, mesh, num_micro=1)
+    global_batch = train.host_batch_to_global(
+        {k: batch[k] for k in train.BATCH_KEYS[config.objective]}, mesh, num_micro=1)
     lr = config.optimizer.peak_lr
     for step in range(warmup):
         state, metrics = setup.train_step(state, global_batch, lr, step)

@@ -241,8 +241,9 @@ def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: st
     c.demo.global_batch_size = 16
     c.demo.grad_accum_steps = 1
     c.demo.seq_len = 128
-    c.demo.total_tokens = 160 * 16 * 128    # 160 steps
-    c.demo.lr_warmup_tokens = 20 * 16 * 128
+    c.demo.total_tokens = 120 * 16 * 128    # 120 steps
+    c.demo.lr_warmup_tokens = 15 * 16 * 128
+    c.demo.num_workers = 0                  # tiny batches: loader workers would only compete
     c.demo.eval_every_steps = 40
     c.demo.checkpoint_every_steps = 40
     c.demo.log_every_steps = 10

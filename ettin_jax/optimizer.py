@@ -15,6 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 
 class StableAdamWState(NamedTuple):
@@ -124,5 +125,9 @@ def make_optimizer(optimizer_config, params) -> optax.GradientTransformationExtr
     else:
         raise ValueError(f"config.optimizer.name={name!r}: expected 'stableadamw' or 'adamw'")
     if optimizer_config.grad_clip_norm > 0:
+        if name == "stableadamw":
+            logging.warning("config.optimizer.grad_clip_norm=%s with StableAdamW: the recipe has no "
+                            "gradient clipping, StableAdamW already clips each tensor's update",
+                            optimizer_config.grad_clip_norm)
         tx = optax.chain(optax.clip_by_global_norm(optimizer_config.grad_clip_norm), tx)
     return tx

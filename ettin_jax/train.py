@@ -4,7 +4,8 @@
 
 One optimizer step takes a global batch of `rows_for_step(step)` rows, split into micro batches
 `[num_micro, micro_rows, ...]` whose gradients are summed inside one jitted step (gradient
-accumulation; batch-size warmup adds micro batches). The loss is the mean over every
+accumulation; batch-size warmup adds micro batches, so the step compiles once per distinct
+count, at most `train.grad_accum_steps` times). The loss is the mean over every
 predicted token of the step: MLM predicts the masked positions only (sparse prediction: the
 head runs on the gathered hidden states), CLM every next token, MNTP (encoder from decoder)
 the masked token at position p from the hidden state at p - 1.
@@ -17,7 +18,6 @@ the logical-axis rules (ettin_jax.sharding) and donated to the step. Dropout key
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import signal
@@ -30,9 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 from clu import metrics as clu_metrics
-from clu import periodic_actions
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -84,6 +82,11 @@ def clm_loss(model, batch):
     logits = model(batch["input_ids"], batch["segment_ids"], batch["positions"])
     labels = batch["labels"]
     return _cross_entropy(logits, labels, labels != IGNORE)
+
+
+# What each objective's step reads from the loader's batches (the rest stays on the host).
+BATCH_KEYS = {"mlm": ("input_ids", "segment_ids", "positions", "mask_positions", "mask_labels"),
+              "clm": ("input_ids", "segment_ids", "positions", "labels")}
 
 
 def loss_fn_for(config) -> Callable:
@@ -292,46 +295,6 @@ def host_batch_to_global(host_batch: dict, mesh, *, num_micro: int) -> dict:
 
 # --- the loop ----------------------------------------------------------------------------------
 
-class JsonlWriter(metric_writers.interface.MetricWriter):
-    """Appends one JSON object per `write_scalars` call: {"step": s, name: value, ...}."""
-
-    def __init__(self, path: str):
-        self._file = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
-
-    def write_scalars(self, step, scalars):
-        record = {"step": int(step)}
-        record.update({k: float(v) for k, v in scalars.items()})
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-
-    def write_summaries(self, step, values, metadata=None):
-        pass
-
-    def write_images(self, step, images):
-        pass
-
-    def write_videos(self, step, videos):
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
-
-    def write_texts(self, step, texts):
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        pass
-
-    def write_hparams(self, hparams):
-        pass
-
-    def flush(self):
-        self._file.flush()
-
-    def close(self):
-        self._file.close()
-
-
 def demo_config(config):
     """The config of a run with no dataset (data.mixture == ""): `config.demo` replaces the
     batch, length and token budget so that it ends in minutes on a CPU. Returns a copy."""
@@ -349,6 +312,7 @@ def demo_config(config):
     config.train.eval_every_steps = d.eval_every_steps
     config.train.eval_batches = min(config.train.eval_batches, 4)
     config.data.eval_batch_size = d.global_batch_size
+    config.data.num_workers = d.num_workers
     s.total_tokens = d.total_tokens
     s.decay_tokens = decay_share * d.total_tokens
     if config.optimizer.lr_warmup_tokens > 0:
@@ -383,7 +347,7 @@ def evaluate(setup: Setup, params, config) -> dict:
     for _, host_batch in zip(range(config.train.eval_batches), eval_iter):
         batch = {k: jax.make_array_from_process_local_data(
             sharding, np.asarray(v), (np.shape(v)[0] * jax.process_count(), *np.shape(v)[1:]))
-            for k, v in host_batch.items()}
+            for k, v in host_batch.items() if k in BATCH_KEYS[config.objective]}
         metrics = setup.eval_step(params, batch)
         total = metrics if total is None else total.merge(metrics)
     if total is None:
@@ -397,7 +361,13 @@ def evaluate(setup: Setup, params, config) -> dict:
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains `config` in `workdir` until schedule.total_tokens, resuming from the workdir's
     newest checkpoint if there is one. Returns the last logged metrics."""
-    from data_pipeline import loader  # pylint: disable=import-outside-toplevel
+    # Only the loop writes metrics: clu.metric_writers imports TensorFlow (seconds at start-up,
+    # and absent from the GPU image that runs bench/train_step.py).
+    # pylint: disable=import-outside-toplevel
+    from clu import metric_writers, periodic_actions
+    from data_pipeline import loader
+    from ettin_jax import jsonl_writer
+    # pylint: enable=import-outside-toplevel
 
     config = demo_config(config)
     schedules.validate(config)
@@ -417,6 +387,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     rows_for_step = schedules.rows_schedule(config)
     num_steps = schedules.total_steps(config)
     micro_rows = schedules.micro_batch_size(config)
+    batch_keys = BATCH_KEYS[config.objective]
     train_iter = loader.make_train_iterator(config, rows_for_step=rows_for_step)
 
     save_every = config.checkpoint.every_steps or max(1, math.ceil(
@@ -450,7 +421,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                  config.train.seq_len, f"{config.schedule.total_tokens:,.0f}", step)
 
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_writer)
-    writers = [writer] + ([JsonlWriter(os.path.join(workdir, "metrics.jsonl"))] if is_writer else [])
+    writers = [writer] + ([jsonl_writer.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))]
+                          if is_writer else [])
     all_writers = metric_writers.MultiWriter(writers)
     if is_writer:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -495,7 +467,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 rows = rows_for_step(step)
                 with report_progress.timed("data", wait_jax_async_dispatch=False):
                     host_batch = next(train_iter)
-                batch = host_batch_to_global(host_batch, mesh, num_micro=rows // micro_rows)
+                batch = host_batch_to_global({k: host_batch[k] for k in batch_keys}, mesh,
+                                             num_micro=rows // micro_rows)
                 learning_rate = schedules.learning_rate(config, tokens)
                 with report_progress.timed("train_step", wait_jax_async_dispatch=False):
                     state, metrics = setup.train_step(state, batch, learning_rate, step)

@@ -72,6 +72,12 @@ def wait_for_step(workdir, process, step, timeout=600):
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
+def committed_steps(workdir):
+    """Steps of the finished checkpoints (Orbax writes `<step>.orbax-checkpoint-tmp-*` first)."""
+    directory = os.path.join(workdir, "checkpoints")
+    return [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+
+
 def assert_same_losses(workdir, reference):
     got = losses(workdir)
     assert sorted(got) == list(range(1, STEPS + 1))
@@ -103,13 +109,18 @@ def test_sigkill_at_a_random_step_then_sigterm_then_finish(tmp_path, env, refere
     workdir = tmp_path / "interrupted"
     process = start(workdir, env)
     wait_for_step(workdir, process, kill_after)
+    while not committed_steps(workdir):           # so that there is something to resume from
+        assert process.poll() is None, "run ended before its first checkpoint"
+        time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = max(losses(workdir))
+    resume_from = max(committed_steps(workdir))
+    assert resume_from < STEPS
 
     process = start(workdir, env)
     wait_for_step(workdir, process, killed_at + 1)
-    assert "resumed from" in read_log(workdir)
+    assert f"resumed from {workdir / 'checkpoints'}/{resume_from}" in read_log(workdir)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=300) == 0, read_log(workdir)[-3000:]
     stopped = max(losses(workdir))

@@ -84,7 +84,9 @@ def reference():
     rows_for_step = schedules.rows_schedule(config)
     iterators = [loader.make_train_iterator(config, process_index=i, process_count=2,
                                             rows_for_step=rows_for_step) for i in range(2)]
-    batches = [micro_batches([next(it) for it in iterators]) for _ in range(STEPS)]
+    keys = train.BATCH_KEYS[config.objective]
+    batches = [micro_batches([{k: next_batch[k] for k in keys} for next_batch in
+                              (next(it) for it in iterators)]) for _ in range(STEPS)]
     losses, params = run_steps(config, one_device_mesh(), batches)
     assert all(np.isfinite(losses))
     return config, batches, losses, params
