@@ -23,6 +23,7 @@ SHAPES = [
     dict(hidden_size=128, num_attention_heads=2, num_hidden_layers=2, local_attention=128, seq=150),
 ]
 VOCAB = 101
+forward = nnx.jit(lambda model, *args: model(*args))
 
 
 def _hf_model(shape, causal, seed=0):
@@ -57,7 +58,7 @@ def test_transformers_to_ours(tmp_path, shape, causal):
     model, model_config = hf.load_hf(str(tmp_path), dtype="float32")
     assert model_config.causal == causal
     ids = np.random.RandomState(1).randint(0, 96, size=(2, shape["seq"]))
-    diff = np.abs(np.asarray(model(jnp.asarray(ids))) - _torch_logits(torch_model, ids)).max()
+    diff = np.abs(np.asarray(forward(model, jnp.asarray(ids))) - _torch_logits(torch_model, ids)).max()
     assert diff <= 1e-4
 
 
@@ -80,7 +81,7 @@ def test_ours_to_transformers(tmp_path, causal, window):
     assert saved["rope_parameters"]["sliding_attention"]["rope_theta"] == 2000.0
     assert saved["pad_token_id"] == ettin_tiny.PAD_ID and saved["bos_token_id"] == ettin_tiny.CLS_ID
     ids = np.random.RandomState(2).randint(0, 500, size=(2, 70))   # window is 8+8 keys
-    diff = np.abs(np.asarray(model(jnp.asarray(ids))) - _torch_logits(torch_model.eval(), ids)).max()
+    diff = np.abs(np.asarray(forward(model, jnp.asarray(ids))) - _torch_logits(torch_model.eval(), ids)).max()
     assert diff <= 1e-4
 
 
@@ -92,7 +93,7 @@ def test_training_window_sees_one_key_more():
     b = EttinModel(config, rngs=nnx.Rngs(0))
     a.eval(), b.eval()
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 500, size=(1, 40)))
-    la, lb = np.asarray(a(ids)), np.asarray(b(ids))
+    la, lb = np.asarray(forward(a, ids)), np.asarray(forward(b, ids))
     half = config.local_attention // 2
     # Up to position half-1 every key is inside both windows (and layer 0 is global).
     np.testing.assert_array_equal(la[:, :half], lb[:, :half])
@@ -133,7 +134,7 @@ def test_export_cli_loads_in_transformers(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     model, _ = hf.load_hf(str(out), dtype="float32")
     ids = np.arange(30)[None] % 500
-    diff = np.abs(np.asarray(model(jnp.asarray(ids))) - _torch_logits(torch_model.eval(), ids)).max()
+    diff = np.abs(np.asarray(forward(model, jnp.asarray(ids))) - _torch_logits(torch_model.eval(), ids)).max()
     assert diff <= 1e-4
 
 

@@ -15,6 +15,10 @@ from ettin_jax import attention
 from ettin_jax.model import EttinModel, count_params
 
 
+# One compiled program per shape instead of hundreds of eagerly dispatched ops.
+forward = nnx.jit(lambda model, *args: model(*args))
+
+
 def _model(arg="mlm", seed=0, **overrides):
     config = ettin_tiny.get_config(arg).model
     for key, value in overrides.items():
@@ -34,9 +38,9 @@ def test_packed_documents_equal_documents_alone(arg):
     ids = np.concatenate([doc_a, doc_b, np.full(pad, ettin_tiny.PAD_ID)])[None]
     segment_ids = np.concatenate([np.full(37, 1), np.full(50, 2), np.zeros(pad)])[None].astype(np.int32)
     positions = np.concatenate([np.arange(37), np.arange(50), np.zeros(pad)])[None].astype(np.int32)
-    packed = np.asarray(model(jnp.asarray(ids), jnp.asarray(segment_ids), jnp.asarray(positions)))
-    alone_a = np.asarray(model(jnp.asarray(doc_a[None])))
-    alone_b = np.asarray(model(jnp.asarray(doc_b[None])))
+    packed = np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(segment_ids), jnp.asarray(positions)))
+    alone_a = np.asarray(forward(model, jnp.asarray(doc_a[None])))
+    alone_b = np.asarray(forward(model, jnp.asarray(doc_b[None])))
     np.testing.assert_allclose(packed[0, :37], alone_a[0], atol=2e-5)
     np.testing.assert_allclose(packed[0, 37:87], alone_b[0], atol=2e-5)
     assert np.isfinite(packed).all()
@@ -117,18 +121,18 @@ def test_reference_attention_zero_rows_and_softmax():
 def test_dropout_only_in_training():
     model = _model()
     ids = jnp.arange(24)[None]
-    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(model(ids)))
+    np.testing.assert_array_equal(np.asarray(forward(model, ids)), np.asarray(forward(model, ids)))
     model.train()
-    first, second = np.asarray(model(ids)), np.asarray(model(ids))
+    first, second = np.asarray(forward(model, ids)), np.asarray(forward(model, ids))
     assert np.abs(first - second).max() > 1e-4          # fresh masks each call
     model.eval()
-    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(model(ids)))
+    np.testing.assert_array_equal(np.asarray(forward(model, ids)), np.asarray(forward(model, ids)))
 
 
 def test_bfloat16_compute_tracks_float32():
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 500, (2, 40)))
-    f32 = np.asarray(_model(dtype="float32")(ids))
-    bf16 = np.asarray(_model(dtype="bfloat16")(ids))
+    f32 = np.asarray(forward(_model(dtype="float32"), ids))
+    bf16 = np.asarray(forward(_model(dtype="bfloat16"), ids))
     assert bf16.dtype == np.float32
     assert np.linalg.norm(bf16 - f32) / np.linalg.norm(f32) < 2e-2
     model = _model(dtype="bfloat16")
@@ -141,7 +145,7 @@ def test_sparse_head_equals_dense_logits():
     hidden = model.hidden_states(ids)
     picks = jnp.asarray([[3, 7, 29], [0, 1, 2]])
     sparse = model.head_logits(jnp.take_along_axis(hidden, picks[..., None], axis=1))
-    dense = model(ids)
+    dense = forward(model, ids)
     np.testing.assert_allclose(np.asarray(sparse), np.asarray(jnp.take_along_axis(dense, picks[..., None], 1)),
                                atol=1e-5)
 
@@ -164,12 +168,13 @@ def test_kv_cache_decoding_equals_full_forward():
     across local layers whose window the sequence outgrows."""
     model = _model("clm")
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 500, (2, 30)))
-    full = np.asarray(model(ids))
+    full = np.asarray(forward(model, ids))
+    decode = nnx.jit(lambda model, ids, cache, index: model.decode(ids, cache, index))
     cache = model.init_cache(2, 32)
-    logits, cache = model.decode(ids[:, :12], cache, 0)
+    logits, cache = decode(model, ids[:, :12], cache, jnp.int32(0))
     steps = [np.asarray(logits)]
     for t in range(12, 30):
-        logits, cache = model.decode(ids[:, t:t + 1], cache, t)
+        logits, cache = decode(model, ids[:, t:t + 1], cache, jnp.int32(t))
         steps.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=2e-5)
     with pytest.raises(ValueError, match="needs a decoder"):
