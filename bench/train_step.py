@@ -9,7 +9,8 @@ convention over the device's peak). Batches have the loader's format and MLM sta
 (30% of the positions predicted, rows packed with documents of random lengths) but random
 token ids: throughput does not depend on the text. On CPU it also times transformers'
 `ModernBertForMaskedLM` (sdpa attention, sparse prediction, torch AdamW, float32) on the same
-shape in the same run and prints the ratio. The last line printed is a JSON object; with
+shape in the same run, the two steps taken in turn (so that load from other programs slows both
+alike), and prints the ratio of median step times (wall and CPU time). The last line printed is a JSON object; with
 --results it is also appended to bench/RESULTS.md as a table row.
 """
 import datetime
@@ -81,28 +82,27 @@ def make_batch(config, rows, seq_len, seed=0):
     return batch
 
 
-def time_ours(config, batch, steps, warmup):
+def ours_step_fn(config, batch):
+    """A callable running one train step of ours (blocking), and a callable giving its loss."""
     import jax  # pylint: disable=import-outside-toplevel
     from ettin_jax import sharding, train  # pylint: disable=import-outside-toplevel
 
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     setup = train.make_setup(config, mesh)
-    state = setup.init_state()
     global_batch = train.host_batch_to_global(
         {k: batch[k] for k in train.BATCH_KEYS[config.objective]}, mesh, num_micro=1)
-    lr = config.optimizer.peak_lr
-    for step in range(warmup):
-        state, metrics = setup.train_step(state, global_batch, lr, step)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for step in range(warmup, warmup + steps):
-        state, metrics = setup.train_step(state, global_batch, lr, step)
-    jax.block_until_ready((state, metrics))
-    seconds = (time.perf_counter() - start) / steps
-    return seconds, float(metrics.compute()["loss"])
+    carry = {"state": setup.init_state(), "step": 0, "metrics": None}
+
+    def step():
+        carry["state"], carry["metrics"] = setup.train_step(
+            carry["state"], global_batch, config.optimizer.peak_lr, carry["step"])
+        carry["step"] += 1
+        jax.block_until_ready(carry["metrics"])
+
+    return step, lambda: float(carry["metrics"].compute()["loss"])
 
 
-def time_transformers(config, batch, steps, warmup):
+def transformers_step_fn(config, batch):
     """transformers' ModernBertForMaskedLM training step at the same shape, float32 on CPU."""
     import torch  # pylint: disable=import-outside-toplevel
     import transformers  # pylint: disable=import-outside-toplevel
@@ -123,20 +123,35 @@ def time_transformers(config, batch, steps, warmup):
     input_ids = torch.from_numpy(batch["input_ids"]).long()
     labels = torch.from_numpy(batch["labels"]).long()
     attention_mask = torch.from_numpy(batch["segment_ids"] > 0).long()
+    carry = {"loss": None}
 
     def step():
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach().item()
+        carry["loss"] = loss.detach().item()
+
+    return step, lambda: carry["loss"]
+
+
+def time_interleaved(step_fns, steps, warmup):
+    """Median wall and CPU seconds per step of each callable, their steps taken in turn so that
+    a busy machine slows all of them alike."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
 
     for _ in range(warmup):
-        step()
-    start = time.perf_counter()
+        for step in step_fns:
+            step()
+    wall = [[] for _ in step_fns]
+    cpu = [[] for _ in step_fns]
     for _ in range(steps):
-        loss = step()
-    return (time.perf_counter() - start) / steps, loss, torch.get_num_threads()
+        for i, step in enumerate(step_fns):
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            step()
+            wall[i].append(time.perf_counter() - start_wall)
+            cpu[i].append(time.process_time() - start_cpu)
+    return [(float(np.median(w)), float(np.median(c))) for w, c in zip(wall, cpu)]
 
 
 def main(argv):
@@ -158,27 +173,37 @@ def main(argv):
     device = jax.devices()[0].device_kind
     tokens = F.batch * F.seq_len
 
-    seconds, loss = time_ours(config, batch, F.steps, F.warmup)
+    step_fns, loss_fns = zip(*[ours_step_fn(config, batch)])
+    with_transformers = F.transformers == "yes" or (F.transformers == "auto" and on_cpu)
+    if with_transformers:
+        hf_step, hf_loss = transformers_step_fn(config, batch)
+        step_fns, loss_fns = step_fns + (hf_step,), loss_fns + (hf_loss,)
+    times = time_interleaved(step_fns, F.steps, F.warmup)
+    seconds, cpu_seconds = times[0]
     result = {"config": f"{config.size}:{config.objective}", "device": device,
               "backend": jax.default_backend(), "dtype": config.model.dtype,
               "attention_impl": config.model.attention_impl, "batch": F.batch,
               "seq_len": F.seq_len, "step_ms": round(seconds * 1e3, 2),
-              "tokens_per_sec": round(tokens / seconds, 1), "loss": round(loss, 4)}
+              "step_cpu_ms": round(cpu_seconds * 1e3, 2),
+              "tokens_per_sec": round(tokens / seconds, 1), "loss": round(loss_fns[0](), 4)}
     peak = train.device_peak_flops(config)
     if peak:
         result["mfu"] = round(train.training_flops_per_row(config) * F.batch / seconds / peak, 4)
-    print(f"ettin-jax: {result['step_ms']} ms/step, {result['tokens_per_sec']:,.0f} tokens/s"
-          + (f", MFU {result['mfu']:.1%}" if "mfu" in result else "") + f" ({device})")
-
-    if F.transformers == "yes" or (F.transformers == "auto" and on_cpu):
-        hf_seconds, hf_loss, threads = time_transformers(config, batch, F.steps, F.warmup)
+    print(f"ettin-jax: {result['step_ms']} ms/step (median), {result['tokens_per_sec']:,.0f} "
+          f"tokens/s" + (f", MFU {result['mfu']:.1%}" if "mfu" in result else "") + f" ({device})")
+    if with_transformers:
+        import torch  # pylint: disable=import-outside-toplevel
+        hf_seconds, hf_cpu_seconds = times[1]
         result.update(transformers_step_ms=round(hf_seconds * 1e3, 2),
+                      transformers_step_cpu_ms=round(hf_cpu_seconds * 1e3, 2),
                       transformers_tokens_per_sec=round(tokens / hf_seconds, 1),
-                      transformers_loss=round(hf_loss, 4), torch_threads=threads,
-                      ratio=round(hf_seconds / seconds, 3))
-        print(f"transformers ModernBertForMaskedLM: {result['transformers_step_ms']} ms/step, "
-              f"{result['transformers_tokens_per_sec']:,.0f} tokens/s; ettin-jax is "
-              f"{result['ratio']}x")
+                      transformers_loss=round(loss_fns[1](), 4),
+                      torch_threads=torch.get_num_threads(),
+                      ratio=round(hf_seconds / seconds, 3),
+                      cpu_time_ratio=round(hf_cpu_seconds / cpu_seconds, 3))
+        print(f"transformers ModernBertForMaskedLM: {result['transformers_step_ms']} ms/step "
+              f"(median), {result['transformers_tokens_per_sec']:,.0f} tokens/s; ettin-jax is "
+              f"{result['ratio']}x by wall time, {result['cpu_time_ratio']}x by CPU time")
     if F.results:
         append_results(result, F.note)
     print(json.dumps(result))
@@ -192,13 +217,17 @@ def append_results(result, note):
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     header = ("\n## Train step (bench/train_step.py): tokens/s of the jitted step, one device\n\n"
               "| date | config | batch x seq | dtype | tokens/s | MFU | transformers tokens/s | "
-              "ratio | machine | command |\n|---|---|---|---|---|---|---|---|---|---|\n")
+              "ratio (wall) | ratio (CPU time) | machine | command |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|\n")
     with open(path, encoding="utf-8") as f:
-        has_header = "## Train step (bench/train_step.py)" in f.read()
+        headers = [line for line in f if line.startswith("## ")]
+    # Continue our table only if it is the file's last section (others append here too).
+    has_header = bool(headers) and headers[-1].startswith("## Train step (bench/train_step.py)")
     row = (f"| {datetime.date.today()} | {result['config']} | {result['batch']} x "
            f"{result['seq_len']} | {result['dtype']} | {result['tokens_per_sec']:,.0f} | "
            f"{result.get('mfu', 'n/a')} | {result.get('transformers_tokens_per_sec', 'n/a')} | "
-           f"{result.get('ratio', 'n/a')} | {machine} | `{command}`"
+           f"{result.get('ratio', 'n/a')} | {result.get('cpu_time_ratio', 'n/a')} | {machine} | "
+           f"`{command}`"
            f"{' ' + note if note else ''} |\n")
     with open(path, "a", encoding="utf-8") as f:
         f.write(("" if has_header else header) + row)

@@ -232,20 +232,21 @@ def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
         step_key = jax.random.fold_in(seed_key, step)
         num_micro = batch["input_ids"].shape[0]
 
-        def accumulate(carry, inputs):
-            grads_sum, stats_sum = carry
-            micro_batch, index = inputs
+        def micro_grads(micro_batch, index):
             (loss_sum, stats), grads = grad_fn(params, micro_batch,
                                                jax.random.fold_in(step_key, index))
             grads = jax.lax.with_sharding_constraint(grads, params_sharding)
-            stats = dict(stats, loss=loss_sum)
-            return (jax.tree.map(jnp.add, grads_sum, grads),
-                    jax.tree.map(jnp.add, stats_sum, stats)), None
+            return grads, dict(stats, loss=loss_sum)
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        stats0 = {"count": jnp.zeros([]), "correct": jnp.zeros([]), "loss": jnp.zeros([])}
-        (grads, stats), _ = jax.lax.scan(accumulate, (zeros, stats0),
-                                         (batch, jnp.arange(num_micro)))
+        if num_micro == 1:   # no accumulation: a loop of one would only cost buffers
+            grads, stats = micro_grads(jax.tree.map(lambda x: x[0], batch), 0)
+        else:
+            def accumulate(carry, inputs):
+                return jax.tree.map(jnp.add, carry, micro_grads(*inputs)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, params),
+                     {"count": jnp.zeros([]), "correct": jnp.zeros([]), "loss": jnp.zeros([])})
+            (grads, stats), _ = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(num_micro)))
         # gradient of the summed loss -> gradient of the mean over the step's predictions
         count = jnp.maximum(stats["count"], 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
