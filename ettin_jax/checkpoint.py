@@ -95,9 +95,23 @@ class Checkpointer:
         """Restores the newest readable checkpoint into the abstract targets.
 
         Returns (params, opt_state, meta), or None when there is no checkpoint. The data
-        iterator's state is set in place.
+        iterator's state is set in place. A checkpoint whose tree or shapes differ from the
+        targets raises ValueError (the config changed); an unreadable one is set aside.
         """
         for step in sorted(self.manager.all_steps(), reverse=True):
+            where = f"{self.directory}/{step}"
+            try:
+                metadata = self.manager.item_metadata(step)
+                saved_params, saved_opt_state = metadata["params"], metadata["opt_state"]
+                if saved_params is None or saved_opt_state is None:
+                    raise ValueError("params or opt_state item missing")
+            except Exception as e:  # pylint: disable=broad-except  # unreadable: a damaged one
+                self._damaged(step, e)
+                continue
+            # A readable checkpoint of another shape is no damage but a changed config: stop.
+            check_tree_matches(saved_params, abstract_params, what="parameters", where=where)
+            check_tree_matches(saved_opt_state, abstract_opt_state, what="optimizer states",
+                               where=where)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     params=ocp.args.StandardRestore(abstract_params),
@@ -105,15 +119,18 @@ class Checkpointer:
                     meta=ocp.args.JsonRestore(),
                     data=grain.checkpoint.CheckpointRestore(data_iterator)))
             except Exception as e:  # pylint: disable=broad-except  # any failure: try the previous one
-                logging.warning("checkpoint %s/%d cannot be restored (%s: %s); setting it aside "
-                                "and falling back to the previous checkpoint",
-                                self.directory, step, type(e).__name__, str(e)[:500])
-                self._set_aside(step)
+                self._damaged(step, e)
                 continue
             logging.info("resumed from %s/%d (tokens seen %s)", self.directory, step,
                          restored["meta"].get("tokens_seen"))
             return restored["params"], restored["opt_state"], restored["meta"]
         return None
+
+    def _damaged(self, step: int, error: Exception):
+        logging.warning("checkpoint %s/%d cannot be restored (%s: %s); setting it aside "
+                        "and falling back to the previous checkpoint",
+                        self.directory, step, type(error).__name__, str(error)[:500])
+        self._set_aside(step)
 
     def _set_aside(self, step: int):
         """Renames a damaged `<step>` to `<step>.damaged`, so that no save collides with it."""

@@ -76,3 +76,19 @@ def test_keeps_the_last_k_and_every_mth(tmp_path, setup):
     config, s = setup
     save_steps(str(tmp_path), config, s, (2, 4, 6, 8, 10), keep_last=2, keep_every_steps=4)
     assert sorted(int(n) for n in os.listdir(tmp_path / "checkpoints")) == [4, 8, 10]
+
+
+def test_changed_config_is_an_error_not_damage(tmp_path, setup):
+    """Resuming with a model of another width names the tensors and leaves the checkpoint be."""
+    config, s = setup
+    save_steps(str(tmp_path), config, s, (2,), keep_last=3)
+    wider = train.demo_config(ettin_tiny.get_config("mlm"))
+    wider.model.hidden_size = 32
+    other = train.make_setup(wider, s.mesh)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), keep_last=3)
+    with pytest.raises(ValueError, match=r"layers/0/qkv: \(64, 3, 4, 16\) in the checkpoint"):
+        ckpt.restore_latest(abstract_params=other.abstract_state["params"],
+                            abstract_opt_state=other.abstract_state["opt_state"],
+                            data_iterator=loader.make_train_iterator(config))
+    ckpt.close()
+    assert os.listdir(tmp_path / "checkpoints") == ["2"]
