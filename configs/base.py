@@ -180,6 +180,9 @@ def get_config_for_size(arg: str | None, *, size: str, model: ml_collections.Con
     c.optimizer.b2 = 0.98
     c.optimizer.eps = 1e-6
     c.optimizer.grad_clip_norm = 0.0      # 0 = off (StableAdamW clips updates instead)
+    # Storage dtype of the Adam moments. 'bfloat16' halves their memory (a TPU-friendly
+    # choice); the update itself is always computed in float32.
+    c.optimizer.moments_dtype = "float32"
     c.optimizer.lr_warmup_tokens = lr_warmup_tokens
     c.optimizer.batch_warmup_tokens = batch_warmup_tokens
     # StableAdamW decays weights by wd * lr_t / max_lr, max_lr = peak_lr * max_lr_fraction: the

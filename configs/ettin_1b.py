@@ -6,4 +6,4 @@ def get_config(arg=None):
     model = base.model_config(num_layers=28, hidden_size=1792, intermediate_size=3840, num_heads=28)
     return base.get_config_for_size(
         arg, size="1b", model=model, peak_lr=0.0005, weight_decay=5e-05,
-        lr_warmup_tokens=2e+09, batch_warmup_tokens=3e+09)
+        lr_warmup_tokens=2e9, batch_warmup_tokens=3e9)

@@ -6,4 +6,4 @@ def get_config(arg=None):
     model = base.model_config(num_layers=28, hidden_size=1024, intermediate_size=2624, num_heads=16)
     return base.get_config_for_size(
         arg, size="400m", model=model, peak_lr=0.0005, weight_decay=1e-05,
-        lr_warmup_tokens=2e+09, batch_warmup_tokens=1e+10)
+        lr_warmup_tokens=2e9, batch_warmup_tokens=10e9)

@@ -18,4 +18,5 @@ def get_config(arg=None):
         lr_warmup_tokens=2e4, batch_warmup_tokens=0.0)
     config.train.seq_len = 128 if config.phase == "pretrain" else 256
     config.train.global_batch_size = 8
+    config.train.grad_accum_steps = 1
     return config

@@ -18,10 +18,13 @@ import optax
 from absl import logging
 
 
+MOMENT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 class StableAdamWState(NamedTuple):
     count: jax.Array   # int32 scalar: steps taken, for the debiased betas
-    mu: optax.Updates  # first moment, float32, like params
-    nu: optax.Updates  # second moment, float32, like params
+    mu: optax.Updates  # first moment, like params, in moments_dtype
+    nu: optax.Updates  # second moment, like params, in moments_dtype
 
 
 def debias_beta(beta: float, step):
@@ -31,7 +34,8 @@ def debias_beta(beta: float, step):
 
 
 def stable_adamw(*, b1: float, b2: float, eps: float, weight_decay: float, max_lr: float,
-                 weight_decay_mask=None) -> optax.GradientTransformationExtraArgs:
+                 weight_decay_mask=None,
+                 moments_dtype=jnp.float32) -> optax.GradientTransformationExtraArgs:
     """StableAdamW with fully decoupled weight decay, per recipe §4.1 (optimi semantics).
 
     Per tensor p with gradient g, at step t = 1, 2, ...:
@@ -43,10 +47,11 @@ def stable_adamw(*, b1: float, b2: float, eps: float, weight_decay: float, max_l
       max_lr: the LR weight decay is relative to (the optimizer's configured LR), so the decay
         per step is wd × schedule multiplier / clip, not wd × lr.
       weight_decay_mask: pytree of bools like params (True = decay), or None for all.
+      moments_dtype: storage dtype of m and v (the arithmetic is float32 either way).
     """
 
     def init(params):
-        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
+        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=moments_dtype), params)
         return StableAdamWState(count=jnp.zeros([], jnp.int32), mu=zeros,
                                 nu=jax.tree.map(jnp.zeros_like, zeros))
 
@@ -59,7 +64,7 @@ def stable_adamw(*, b1: float, b2: float, eps: float, weight_decay: float, max_l
             lambda _: True, params)
 
         def one_tensor(g, m, v, p, decay):
-            g = g.astype(jnp.float32)
+            g, m, v = g.astype(jnp.float32), m.astype(jnp.float32), v.astype(jnp.float32)
             m = m + (1.0 - b1_t) * (g - m)
             v = b2_t * v + (1.0 - b2_t) * jnp.square(g)
             rms = jnp.sqrt(jnp.mean(jnp.square(g) / jnp.maximum(v, eps * eps)))
@@ -67,7 +72,7 @@ def stable_adamw(*, b1: float, b2: float, eps: float, weight_decay: float, max_l
             step = -lr_t * m / (jnp.sqrt(v) + eps)
             if decay and weight_decay:
                 step = step - (lr_t / max_lr) * weight_decay * p
-            return step.astype(p.dtype), m, v
+            return step.astype(p.dtype), m.astype(moments_dtype), v.astype(moments_dtype)
 
         out = jax.tree.map(one_tensor, grads, state.mu, state.nu, params, mask)
         updates, mu, nu = jax.tree.transpose(jax.tree.structure(params),
@@ -88,10 +93,11 @@ def scale_by_learning_rate_arg() -> optax.GradientTransformationExtraArgs:
 
 
 def adamw(*, b1: float, b2: float, eps: float, weight_decay: float,
-          weight_decay_mask=None) -> optax.GradientTransformationExtraArgs:
-    """AdamW as PyTorch has it (bias-corrected moments, decay lr·wd·p)."""
+          weight_decay_mask=None, moments_dtype=jnp.float32) -> optax.GradientTransformationExtraArgs:
+    """AdamW as PyTorch has it (bias-corrected moments, decay lr·wd·p).
+    optax keeps only the first moment in `moments_dtype`."""
     return optax.chain(
-        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=moments_dtype),
         optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
         scale_by_learning_rate_arg())
 
@@ -114,14 +120,18 @@ def make_optimizer(optimizer_config, params) -> optax.GradientTransformationExtr
     """
     mask = weight_decay_mask(params)
     name = optimizer_config.name
+    moments = optimizer_config.get("moments_dtype", "float32")
+    if moments not in MOMENT_DTYPES:
+        raise ValueError(f"config.optimizer.moments_dtype={moments!r}: expected one of {sorted(MOMENT_DTYPES)}")
     if name == "stableadamw":
         tx = stable_adamw(b1=optimizer_config.b1, b2=optimizer_config.b2, eps=optimizer_config.eps,
                           weight_decay=optimizer_config.weight_decay,
                           max_lr=optimizer_config.peak_lr * optimizer_config.max_lr_fraction,
-                          weight_decay_mask=mask)
+                          weight_decay_mask=mask, moments_dtype=MOMENT_DTYPES[moments])
     elif name == "adamw":
         tx = adamw(b1=optimizer_config.b1, b2=optimizer_config.b2, eps=optimizer_config.eps,
-                   weight_decay=optimizer_config.weight_decay, weight_decay_mask=mask)
+                   weight_decay=optimizer_config.weight_decay, weight_decay_mask=mask,
+                   moments_dtype=MOMENT_DTYPES[moments])
     else:
         raise ValueError(f"config.optimizer.name={name!r}: expected 'stableadamw' or 'adamw'")
     if optimizer_config.grad_clip_norm > 0:

@@ -52,17 +52,37 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
+def device_grid(mesh_config, devices) -> np.ndarray:
+    """`devices` arranged as the (data, fsdp, tensor) grid of `config.mesh`.
+
+    On a multi-slice TPU job (devices carry different `slice_index`es) `config.mesh`
+    describes one slice, and slices are stacked along `data`: FSDP and tensor parallelism
+    stay on a slice's fast interconnect, only data-parallel gradient reduction crosses the
+    slower links between slices (FSDP over the slice, data parallel across slices).
+    """
+    slices: dict[int, list] = {}
+    for device in devices:
+        slices.setdefault(getattr(device, "slice_index", 0) or 0, []).append(device)
+    per_slice = [slices[k] for k in sorted(slices)]
+    if len({len(s) for s in per_slice}) != 1:
+        raise ValueError(f"slices hold different numbers of devices: {[len(s) for s in per_slice]}")
+    shape = mesh_shape(mesh_config, len(per_slice[0]))
+    return np.concatenate([np.asarray(s, dtype=object).reshape(shape) for s in per_slice], axis=0)
+
+
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
     """The (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
 
-    Axes are Auto: XLA propagates shardings from the inputs we place explicitly.
+    Axes are Auto: XLA propagates shardings from the inputs we place explicitly. Several TPU
+    slices multiply the `data` axis (see `device_grid`).
     """
     devices = jax.devices() if devices is None else list(devices)
-    shape = mesh_shape(mesh_config, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
-    return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+    single_slice = len({getattr(d, "slice_index", 0) or 0 for d in devices}) == 1
+    if single_slice and devices == jax.devices():
+        # jax.make_mesh orders devices for the physical topology (ICI rings on TPU).
+        return jax.make_mesh(mesh_shape(mesh_config, len(devices)), MESH_AXES, axis_types=auto)
+    return jax.sharding.Mesh(device_grid(mesh_config, devices), MESH_AXES, axis_types=auto)
 
 
 def logical_to_spec(names, shape, mesh: jax.sharding.Mesh) -> P:

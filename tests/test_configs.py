@@ -34,6 +34,22 @@ def test_recipe_values():
     assert importlib.import_module("configs.ettin_17m").get_config("clm,window=training").model.decoder_window == "training"
 
 
+# Recipe §2 / §3.1, one row per size: layers, hidden, GeGLU, heads, peak LR, weight decay,
+# LR warmup tokens, batch-size warmup tokens.
+RECIPE = {"17m": (7, 256, 384, 4, 3e-3, 3e-4, 4e9, 125e9), "32m": (10, 384, 576, 6, 3e-3, 3e-4, 4e9, 100e9),
+          "68m": (19, 512, 768, 8, 3e-3, 3e-4, 3e9, 75e9), "150m": (22, 768, 1152, 12, 8e-4, 1e-5, 3e9, 50e9),
+          "400m": (28, 1024, 2624, 16, 5e-4, 1e-5, 2e9, 10e9), "1b": (28, 1792, 3840, 28, 5e-4, 5e-5, 2e9, 3e9)}
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_size_table_is_the_recipe(size):
+    c = importlib.import_module(f"configs.ettin_{size}").get_config("mlm")
+    m, o = c.model, c.optimizer
+    assert (m.num_layers, m.hidden_size, m.intermediate_size, m.num_heads, o.peak_lr, o.weight_decay,
+            o.lr_warmup_tokens, o.batch_warmup_tokens) == RECIPE[size]
+    assert m.hidden_size // m.num_heads == 64 and m.vocab_size == 50368
+
+
 @pytest.mark.parametrize("arg,message", [
     (None, "missing config arg"),
     ("mlmx", "objective 'mlmx'"),

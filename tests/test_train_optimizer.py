@@ -102,3 +102,35 @@ def test_make_optimizer_rejects_unknown_name():
                                          peak_lr=1e-3, max_lr_fraction=1.0, grad_clip_norm=0.0))
     with pytest.raises(ValueError, match="config.optimizer.name='sgd'"):
         optimizer.make_optimizer(cfg, {"w": jnp.zeros((2, 2))})
+
+
+def test_bfloat16_moments_track_the_float32_update():
+    """moments_dtype='bfloat16' (the TPU switch) stores m and v in bfloat16 and stays within
+    bfloat16 rounding of the NumPy transcription."""
+    rng = np.random.default_rng(2)
+    params = {"w": rng.normal(size=(16, 8)).astype(np.float32)}
+    grads = [{"w": rng.normal(size=(16, 8)).astype(np.float32)} for _ in range(5)]
+    lrs = [1e-3] * 5
+    tx = optimizer.stable_adamw(b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, max_lr=1e-3,
+                                moments_dtype=jnp.bfloat16)
+    p = {"w": jnp.asarray(params["w"])}
+    state = tx.init(p)
+    assert state.mu["w"].dtype == jnp.bfloat16 and state.nu["w"].dtype == jnp.bfloat16
+    for g, lr in zip(grads, lrs):
+        updates, state = tx.update({"w": jnp.asarray(g["w"])}, state, p, learning_rate=lr)
+        p = jax.tree.map(lambda a, u: a + u, p, updates)
+    assert p["w"].dtype == jnp.float32 and state.mu["w"].dtype == jnp.bfloat16
+    expected = numpy_stable_adamw(params, grads, lrs, b1=0.9, b2=0.98, eps=1e-6, wd=0.1,
+                                  max_lr=1e-3, decays={"w": True})
+    moved = expected["w"] - params["w"]
+    error = (np.asarray(p["w"]) - params["w"]) - moved
+    assert np.linalg.norm(error) / np.linalg.norm(moved) < 2e-2
+
+
+def test_make_optimizer_rejects_unknown_moments_dtype():
+    import ml_collections
+    cfg = ml_collections.ConfigDict(dict(name="stableadamw", b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.0,
+                                         peak_lr=1e-3, max_lr_fraction=1.0, grad_clip_norm=0.0,
+                                         moments_dtype="float8"))
+    with pytest.raises(ValueError, match="moments_dtype='float8'"):
+        optimizer.make_optimizer(cfg, {"w": jnp.zeros((2, 2))})
