@@ -191,12 +191,10 @@ def main(argv):
 
 def define_flags():
     from absl import flags  # pylint: disable=import-outside-toplevel
-    flags.DEFINE_string("checkpoint", None, "a training run's workdir (its newest checkpoint)")
-    flags.DEFINE_string("hf", None, "a transformers directory (config.json + model.safetensors)")
-    flags.DEFINE_string("tokenizer", None, "tokenizer directory or tokenizer.json (default: the "
-                        "one saved with the run or the transformers directory)")
-    flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"], "compute dtype of the matmuls "
-                      "(parameters stay float32); default: the model config's")
+    from ettin_jax import glue  # pylint: disable=import-outside-toplevel
+    glue.define_model_source_flags()
+    for name in glue.MODEL_SOURCE_FLAGS:   # defined in glue.py: list them in this --help too
+        flags.declare_key_flag(name)
     flags.DEFINE_string("prompt", "", "text to continue (encoded as [CLS] text)")
     flags.DEFINE_integer("max_new_tokens", 64, "stop after this many new tokens at the latest")
     flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples from softmax(logits / T)")

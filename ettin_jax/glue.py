@@ -738,6 +738,21 @@ def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+MODEL_SOURCE_FLAGS = ("checkpoint", "hf", "tokenizer", "dtype")
+
+
+def define_model_source_flags(checkpoint_use: str = "its newest checkpoint"):
+    """--checkpoint / --hf / --tokenizer / --dtype, the flags `load_model` reads (glue and
+    generate). A tool other than glue declares them key flags so that its --help lists them."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    flags.DEFINE_string("checkpoint", None, f"a training run's workdir: {checkpoint_use}")
+    flags.DEFINE_string("hf", None, "a transformers directory (config.json + model.safetensors)")
+    flags.DEFINE_string("tokenizer", None, "tokenizer directory or tokenizer.json (default: the "
+                        "one saved with the run or the transformers directory)")
+    flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"], "compute dtype of the matmuls "
+                      "(parameters stay float32); default: the model config's")
+
+
 def load_model(checkpoint: str | None, hf_dir: str | None, tokenizer_path: str | None,
                dtype: str = ""):
     """(model in eval mode, tokenizer) from a training run's newest checkpoint or a
@@ -827,12 +842,7 @@ def app_usage_error(message):
 def define_flags():
     from absl import flags  # pylint: disable=import-outside-toplevel
     d = FinetuneOptions()
-    flags.DEFINE_string("checkpoint", None, "a training run's workdir: fine-tune its newest checkpoint")
-    flags.DEFINE_string("hf", None, "a transformers directory (config.json + model.safetensors)")
-    flags.DEFINE_string("tokenizer", None, "tokenizer directory or tokenizer.json (default: the "
-                        "one saved with the run or the transformers directory)")
-    flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"], "compute dtype of the matmuls "
-                      "(parameters stay float32); default: the model config's")
+    define_model_source_flags("fine-tune its newest checkpoint")
     flags.DEFINE_string("task", "all", f"comma-separated GLUE tasks ({', '.join(TASKS)}) or 'all'")
     flags.DEFINE_string("data_dir", None, "GLUE TSV folders (CoLA/, SST-2/, ...) or a TFDS data_dir "
                         "with glue/* prepared")
