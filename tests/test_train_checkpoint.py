@@ -12,13 +12,6 @@ from configs import ettin_tiny
 from data_pipeline import loader
 from ettin_jax import checkpoint, sharding, train
 
-import train_testlib
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    with train_testlib.persistent_compilation_cache(train_testlib.cache_dir(tmp_path_factory)):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from flax import nnx
 from configs import ettin_tiny
 from ettin_jax import checkpoint, model as model_lib, train
 
-import train_testlib
 
 ROWS, SEQ = 8, 64
 PEAK = 3e-3                     # configs/ettin_tiny.py
@@ -38,12 +37,6 @@ def tiny_config(arg, *, init_from=""):
     config.train.xla_backend_optimization_level = 0     # compile fast, run a bit slower
     config.train.init_from = init_from
     return config
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    with train_testlib.persistent_compilation_cache(train_testlib.cache_dir(tmp_path_factory)):
-        yield
 
 
 def read_metrics(workdir):

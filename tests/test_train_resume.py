@@ -31,8 +31,8 @@ FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return train_testlib.subprocess_env(train_testlib.cache_dir(tmp_path_factory))
+def env():
+    return train_testlib.subprocess_env()
 
 
 def start(workdir, env, *extra):

@@ -70,12 +70,6 @@ def assert_same(losses, params, ref_losses, ref_params):
                                    err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    with train_testlib.persistent_compilation_cache(train_testlib.cache_dir(tmp_path_factory)):
-        yield
-
-
 @pytest.fixture(scope="module")
 def reference():
     """Losses and final params on one device, on the batches that two hosts make (each host's
@@ -111,12 +105,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_with_jax_distributed_match_one_device(tmp_path, tmp_path_factory,
-                                                             reference):
+def test_two_processes_with_jax_distributed_match_one_device(tmp_path, reference):
     config, _, ref_losses, ref_params = reference
     workdir = tmp_path / "two_processes"
     port = free_port()
-    env = train_testlib.subprocess_env(train_testlib.cache_dir(tmp_path_factory), devices=2)
+    env = train_testlib.subprocess_env(devices=2)
     flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     processes = []
     for process_id in range(2):
