@@ -256,12 +256,19 @@ class EttinModel(nnx.Module):
             x = block(x, positions, segment_ids, dtype=dtype, attention_impl=impl)
         return layer_norm(x, self.final_norm, config.norm_eps)
 
+    def head_features(self, hidden):
+        """Prediction head before the tied decoder: `[..., hidden]` -> `[..., hidden]` float32.
+        Training feeds these to `cross_entropy.cross_entropy` with `tok_embeddings` and
+        `decoder_bias`, which never builds the full logits."""
+        dtype = self.config.compute_dtype
+        h = jnp.einsum("...h,hk->...k", hidden.astype(dtype), self.head_dense[...].astype(dtype))
+        return layer_norm(gelu(h), self.head_norm, self.config.norm_eps)
+
     def head_logits(self, hidden):
         """Prediction head and tied decoder: hidden `[..., hidden]` -> logits `[..., vocab]` float32."""
         dtype = self.config.compute_dtype
-        h = jnp.einsum("...h,hk->...k", hidden.astype(dtype), self.head_dense[...].astype(dtype))
-        h = layer_norm(gelu(h), self.head_norm, self.config.norm_eps)
-        logits = jnp.einsum("...h,vh->...v", h.astype(dtype), self.tok_embeddings[...].astype(dtype),
+        logits = jnp.einsum("...h,vh->...v", self.head_features(hidden).astype(dtype),
+                            self.tok_embeddings[...].astype(dtype),
                             preferred_element_type=jnp.float32)
         return logits + self.decoder_bias[...]
 

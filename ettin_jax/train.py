@@ -35,12 +35,13 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from ettin_jax import checkpoint as checkpoint_lib
+from ettin_jax import cross_entropy
 from ettin_jax import model as model_lib
 from ettin_jax import optimizer as optimizer_lib
 from ettin_jax import schedules
 from ettin_jax import sharding as sharding_lib
 
-IGNORE = -100
+IGNORE = cross_entropy.IGNORE
 
 # bf16 dense peak FLOP/s per device, for MFU when config.log.device_peak_flops is 0.
 _PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
@@ -48,15 +49,12 @@ _PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "
 
 # --- losses ------------------------------------------------------------------------------------
 
-def _cross_entropy(logits, labels, valid):
-    """Sums over valid predictions. logits `[..., vocab]` float32, labels/valid `[...]`."""
-    safe = jnp.where(valid, labels, 0)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    label_logit = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    nll = jnp.where(valid, log_z - label_logit, 0.0)
-    correct = jnp.where(valid, jnp.argmax(logits, axis=-1) == safe, False)
-    return jnp.sum(nll), {"count": jnp.sum(valid, dtype=jnp.float32),
-                          "correct": jnp.sum(correct, dtype=jnp.float32)}
+def _head_loss(model, hidden, labels):
+    """Summed loss of the head on `hidden [..., hidden]` against `labels [...]` (-100 = none),
+    through the chunked cross-entropy (the `[..., vocab]` logits are never built)."""
+    return cross_entropy.cross_entropy(
+        model.head_features(hidden), model.tok_embeddings[...], model.decoder_bias[...],
+        labels, dtype=model.config.compute_dtype)
 
 
 def mlm_loss(model, batch, *, mntp: bool = False):
@@ -74,14 +72,13 @@ def mlm_loss(model, batch, *, mntp: bool = False):
         valid &= ~starts_document
         where = jnp.maximum(where - 1, 0)
     gathered = jnp.take_along_axis(hidden, where[..., None], axis=1)   # [rows, P, hidden]
-    return _cross_entropy(model.head_logits(gathered), labels, valid)
+    return _head_loss(model, gathered, jnp.where(valid, labels, IGNORE))
 
 
 def clm_loss(model, batch):
     """Next-token loss; batch["labels"] `[rows, seq]` is already shifted (-100 = none)."""
-    logits = model(batch["input_ids"], batch["segment_ids"], batch["positions"])
-    labels = batch["labels"]
-    return _cross_entropy(logits, labels, labels != IGNORE)
+    hidden = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"])
+    return _head_loss(model, hidden, batch["labels"])
 
 
 # What each objective's step reads from the loader's batches (the rest stays on the host).

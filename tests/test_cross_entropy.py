@@ -1,0 +1,78 @@
+"""The chunked cross-entropy against dense logits (optax's loss, jnp.argmax)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ettin_jax.cross_entropy import IGNORE, cross_entropy
+
+
+def _dense(features, embedding, bias, labels):
+    logits = features.reshape(-1, features.shape[-1]) @ embedding.T + bias
+    labels = labels.reshape(-1)
+    valid = labels != IGNORE
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+    correct = valid & (jnp.argmax(logits, axis=-1) == labels)
+    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(correct), jnp.sum(valid)
+
+
+def _inputs(seed, shape, hidden, vocab):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    features = jax.random.normal(keys[0], (*shape, hidden))
+    embedding = jax.random.normal(keys[1], (vocab, hidden)) * 0.3
+    bias = jax.random.normal(keys[2], (vocab,))
+    labels = jax.random.randint(keys[3], shape, 0, vocab)
+    ignored = jax.random.uniform(jax.random.fold_in(keys[3], 1), shape) < 0.25
+    return features, embedding, bias, jnp.where(ignored, IGNORE, labels)
+
+
+# vocab a multiple of the chunk, not a multiple (last chunk overlaps), and one chunk; rows
+# below and above row_chunk (several row chunks, the last padded).
+@pytest.mark.parametrize("shape,vocab,vocab_chunk,row_chunk", [
+    ((6, 10), 256, 64, 8192), ((6, 10), 300, 64, 8192), ((3, 7), 97, 128, 8192),
+    ((5, 9), 300, 128, 16)])
+def test_matches_dense_logits(shape, vocab, vocab_chunk, row_chunk):
+    features, embedding, bias, labels = _inputs(vocab + len(shape), shape, 24, vocab)
+
+    def chunked_loss(features, embedding, bias):
+        return cross_entropy(features, embedding, bias, labels, vocab_chunk=vocab_chunk,
+                             row_chunk=row_chunk)[0]
+
+    def dense_loss(features, embedding, bias):
+        return _dense(features, embedding, bias, labels)[0]
+
+    nll, aux = jax.jit(lambda *a: cross_entropy(*a, labels, vocab_chunk=vocab_chunk,
+                                                 row_chunk=row_chunk))(features, embedding, bias)
+    ref_nll, ref_correct, ref_count = _dense(features, embedding, bias, labels)
+    np.testing.assert_allclose(nll, ref_nll, rtol=1e-5)
+    assert float(aux["count"]) == float(ref_count)
+    assert float(aux["correct"]) == float(ref_correct)
+    grads = jax.jit(jax.grad(chunked_loss, argnums=(0, 1, 2)))(features, embedding, bias)
+    ref_grads = jax.grad(dense_loss, argnums=(0, 1, 2))(features, embedding, bias)
+    for got, want in zip(grads, ref_grads):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_argmax_counts_planted_hits_and_first_maximum():
+    """Rows built so that the label is (or is not) the unique maximum, and a tie across two
+    chunks, where the first index wins as with jnp.argmax."""
+    vocab, hidden = 130, 4
+    embedding = jnp.zeros((vocab, hidden)).at[:, 0].set(jnp.arange(vocab) / vocab)
+    embedding = embedding.at[5].set(0.0).at[100].set(0.0)
+    bias = jnp.zeros((vocab,)).at[5].set(10.0).at[100].set(10.0)   # tie: 5 and 100, every row
+    features = jnp.stack([jnp.array([1.0, 0, 0, 0]),     # argmax 5 (tie with 100, first wins)
+                          jnp.array([-1.0, 0, 0, 0]),    # argmax 5 too
+                          jnp.array([1.0, 0, 0, 0])])
+    labels = jnp.array([5, 100, IGNORE])
+    assert list(jnp.argmax(features @ embedding.T + bias, axis=-1)) == [5, 5, 5]
+    _, aux = cross_entropy(features, embedding, bias, labels, vocab_chunk=32)
+    assert float(aux["correct"]) == 1.0 and float(aux["count"]) == 2.0
+
+
+def test_bfloat16_matmuls_stay_close():
+    features, embedding, bias, labels = _inputs(3, (4, 16), 32, 500)
+    nll, _ = cross_entropy(features, embedding, bias, labels, dtype=jnp.bfloat16, vocab_chunk=128)
+    ref_nll = _dense(features, embedding, bias, labels)[0]
+    np.testing.assert_allclose(nll, ref_nll, rtol=1e-2)
