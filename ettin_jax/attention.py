@@ -40,6 +40,16 @@ def attention_mask(q_len: int, k_len: int, *, segment_ids=None, causal: bool = F
     return visible
 
 
+def _masked_softmax(logits, visible):
+    """Softmax over the last axis of float32 `logits` where `visible`; all-hidden rows give 0."""
+    logits = jnp.where(visible, logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    weights = jnp.exp(logits - row_max)
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    return weights / jnp.where(denom == 0, 1.0, denom)
+
+
 def xla_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_size=(-1, -1),
                   sm_scale: float | None = None, q_offset=0):
     """Dense reference attention.
@@ -56,15 +66,81 @@ def xla_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_siz
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     visible = attention_mask(q.shape[1], k.shape[1], segment_ids=segment_ids, causal=causal,
                              window_size=window_size, q_offset=q_offset)[:, None]
-    logits = jnp.where(visible, logits, -jnp.inf)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    weights = jnp.exp(logits - row_max)
-    denom = jnp.sum(weights, axis=-1, keepdims=True)
-    probs = weights / jnp.where(denom == 0, 1.0, denom)
+    probs = _masked_softmax(logits, visible)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
+
+
+BANDED_BLOCK = 64
+
+
+def banded_blocks(seq: int, window_size, block: int = BANDED_BLOCK):
+    """(key blocks before, key blocks after) each query block of `banded_attention` reads, or
+    None when the window does not make that cheaper than dense attention over `seq` keys."""
+    left, right = window_size
+    if left < 0 or right < 0:
+        return None
+    before, after = -(-left // block), -(-right // block)
+    padded = -(-seq // block) * block
+    return (before, after) if (before + 1 + after) * block < padded else None
+
+
+def banded_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_size=(64, 64),
+                     sm_scale: float | None = None, block: int = BANDED_BLOCK):
+    """Sliding-window attention in O(seq x window) with XLA ops (the CPU path's local layers).
+
+    Queries are taken `block` at a time; each query block reads only the key blocks its
+    window can reach (`banded_blocks`), so a (64, 64) window at seq 512 computes 192 of the
+    512 keys per query. Same arguments, mask rule and result as `xla_attention` (tested
+    against it); `window_size` must be finite on both sides.
+    q, k, v: `[batch, seq, heads, head_dim]` -> `[batch, seq, heads, head_dim]`.
+    """
+    batch, seq, heads, head_dim = q.shape
+    blocks = banded_blocks(seq, window_size, block)
+    if blocks is None:
+        raise ValueError(f"banded_attention needs a finite window narrower than the sequence; "
+                         f"got window_size={window_size} at seq {seq}")
+    before, after = blocks
+    left, right = window_size
+    scale = head_dim ** -0.5 if sm_scale is None else sm_scale
+    num_blocks = -(-seq // block)
+    pad = num_blocks * block - seq
+    if segment_ids is None:
+        segment_ids = jnp.ones((batch, seq), jnp.int32)
+    # Segment 0 hides both the tail padding and the key blocks beyond either end.
+    segment_ids = jnp.pad(segment_ids, ((0, 0), (before * block, pad + after * block)))
+    positions = jnp.arange(-before * block, (num_blocks + after) * block)
+
+    def key_windows(x):
+        """[batch, blocks + before + after, block, ...] -> [batch, num_blocks, keys, ...]."""
+        return jnp.concatenate([x[:, j:j + num_blocks] for j in range(before + 1 + after)],
+                               axis=2)
+
+    def by_block(x, lead_pad, tail_pad):
+        x = jnp.pad(x, [(0, 0), (lead_pad, tail_pad), (0, 0), (0, 0)])
+        return x.reshape(batch, -1, block, heads, head_dim)
+
+    k_blocks = key_windows(by_block(k, before * block, pad + after * block))  # [b, n, keys, h, d]
+    v_blocks = key_windows(by_block(v, before * block, pad + after * block))
+    k_segments = key_windows(segment_ids.reshape(batch, -1, block))   # [b, n, keys]
+    k_positions = key_windows(positions.reshape(1, -1, block))[0]     # [n, keys]
+    q_blocks = by_block(q, 0, pad)                                    # [b, n, block, h, d]
+    q_segments = segment_ids[:, before * block:][:, :num_blocks * block].reshape(batch, num_blocks, block)
+    q_positions = jnp.arange(num_blocks * block).reshape(num_blocks, block)
+
+    offset = k_positions[:, None, :] - q_positions[:, :, None]          # [n, block, keys]
+    visible = (offset >= -left) & (offset <= right)
+    if causal:
+        visible &= offset <= 0
+    visible = (visible[None] & (q_segments[..., :, None] == k_segments[..., None, :])
+               & (q_segments[..., :, None] != 0))                       # [b, n, block, keys]
+    logits = jnp.einsum("bnqhd,bnkhd->bnhqk", q_blocks, k_blocks,
+                        preferred_element_type=jnp.float32) * scale
+    probs = _masked_softmax(logits, visible[:, :, None])
+    out = jnp.einsum("bnhqk,bnkhd->bnqhd", probs.astype(v.dtype), v_blocks,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(batch, num_blocks * block, heads, head_dim)[:, :seq].astype(q.dtype)
 
 
 def run_per_shard(local_attention, q, k, v, segment_ids):
@@ -116,6 +192,8 @@ def attention(q, k, v, *, impl: str = "xla", segment_ids=None, causal: bool = Fa
     kwargs = dict(segment_ids=segment_ids, causal=causal, window_size=tuple(window_size),
                   sm_scale=sm_scale)
     if impl == "xla":
+        if banded_blocks(q.shape[1], window_size) is not None:
+            return banded_attention(q, k, v, **kwargs)
         return xla_attention(q, k, v, **kwargs)
     if impl == "pallas":
         from ettin_jax.kernels import flash_attention  # pylint: disable=import-outside-toplevel

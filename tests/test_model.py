@@ -118,6 +118,44 @@ def test_reference_attention_zero_rows_and_softmax():
     np.testing.assert_allclose(out[0, 1], np.einsum("hk,khd->hd", probs, v[0, :3]), rtol=1e-5)
 
 
+def _packed_segments(rng, batch, seq, padding):
+    segment_ids = np.zeros((batch, seq), np.int32)
+    for row in range(batch):
+        start, segment = 0, 1
+        while start < seq - padding:
+            length = min(seq - padding - start, int(rng.randint(seq // 6, seq)))
+            segment_ids[row, start:start + length] = segment
+            start, segment = start + length, segment + 1
+    return jnp.asarray(segment_ids)
+
+
+# Encoder and both decoder windows, an odd asymmetric one, seq a multiple of the 64-query
+# block and not, with and without packed segments + tail padding.
+@pytest.mark.parametrize("causal,window", [(False, (64, 64)), (True, (63, 0)), (True, (64, 0)),
+                                           (False, (5, 70))])
+@pytest.mark.parametrize("seq,packed", [(320, True), (301, False), (301, True)])
+def test_banded_attention_matches_dense(causal, window, seq, packed):
+    rng = np.random.RandomState(seq + window[1])
+    q, k, v, d_out = (jnp.asarray(rng.randn(2, seq, 2, 16).astype(np.float32)) for _ in range(4))
+    kw = dict(causal=causal, window_size=window,
+              segment_ids=_packed_segments(rng, 2, seq, padding=7) if packed else None)
+    assert attention.banded_blocks(seq, window) is not None
+    out, vjp = jax.vjp(lambda q, k, v: attention.banded_attention(q, k, v, **kw), q, k, v)
+    ref, ref_vjp = jax.vjp(lambda q, k, v: attention.xla_attention(q, k, v, **kw), q, k, v)
+    for got, want in zip((out, *vjp(d_out)), (ref, *ref_vjp(d_out))):
+        assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) <= 1e-5
+
+
+def test_banded_only_where_it_saves_work():
+    assert attention.banded_blocks(512, (-1, -1)) is None          # global layer
+    assert attention.banded_blocks(512, (-1, 0)) is None           # causal global
+    assert attention.banded_blocks(150, (64, 64)) is None          # 3 key blocks cover 192 >= 150
+    assert attention.banded_blocks(512, (64, 64)) == (1, 1)        # 192 of 512 keys
+    assert attention.banded_blocks(512, (63, 0)) == (1, 0)
+    with pytest.raises(ValueError, match="finite window"):
+        attention.banded_attention(*(jnp.zeros((1, 64, 1, 8)),) * 3, window_size=(64, 64))
+
+
 def test_dropout_only_in_training():
     model = _model()
     ids = jnp.arange(24)[None]
