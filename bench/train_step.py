@@ -12,13 +12,24 @@ token ids: throughput does not depend on the text. On CPU it also times transfor
 shape in the same run, the two steps taken in turn (so that load from other programs slows both
 alike), and prints the ratio of median step times (wall and CPU time). The last line printed is a JSON object; with
 --results it is also appended to bench/RESULTS.md as a table row.
+
+    python bench/train_step.py --config=configs/ettin_17m.py:mlm --profile
+
+With --profile it times nothing: it runs one step under `jax.profiler.trace` and prints where
+the step's time goes, per XLA operation (each executed thunk named by the JAX operation that
+produced it, digits folded so that all layers add up), matmuls and the rest apart.
 """
+import collections
 import datetime
+import glob
+import gzip
 import json
 import os
 import platform
+import re
 import shlex
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -38,6 +49,8 @@ flags.DEFINE_enum("transformers", "auto", ["auto", "yes", "no"],
                   "also time transformers' ModernBertForMaskedLM (auto: on CPU)")
 flags.DEFINE_bool("results", False, "append the result to bench/RESULTS.md")
 flags.DEFINE_string("note", "", "free text for the RESULTS.md row")
+flags.DEFINE_bool("profile", False, "print the step's time per XLA operation instead of timing it")
+flags.DEFINE_integer("top", 25, "with --profile: entries listed per group")
 flags.mark_flag_as_required("config")
 
 
@@ -154,12 +167,74 @@ def time_interleaved(step_fns, steps, warmup):
     return [(float(np.median(w)), float(np.median(c))) for w, c in zip(wall, cpu)]
 
 
+def thunk_durations(trace_dir: str) -> collections.Counter:
+    """Total microseconds per event name in the perfetto trace written under trace_dir."""
+    path = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
+    with gzip.open(path) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    totals = collections.Counter()
+    for event in events:
+        if event.get("ph") == "X":
+            totals[event["name"]] += event.get("dur", 0)
+    return totals
+
+
+def op_names(hlo_text: str) -> dict:
+    """Instruction name -> its op_name metadata with digits folded (layers grouped)."""
+    names = {}
+    for line in hlo_text.splitlines():
+        match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+        source = re.search(r'op_name="([^"]+)"', line)
+        if match and source:
+            names[match.group(1)] = re.sub(r"\d+", "#", source.group(1))
+    return names
+
+
+def profile(config, batch, top: int):
+    """Prints the thunk time of one step per JAX operation (see the module docstring)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    from ettin_jax import sharding, train  # pylint: disable=import-outside-toplevel
+
+    step, _ = ours_step_fn(config, batch)
+    step()
+    step()
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            step()
+        totals = thunk_durations(trace_dir)
+    # The same computation compiled again (deterministic names) to map thunks to operations.
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    setup = train.make_setup(config, mesh)
+    global_batch = train.host_batch_to_global(
+        {k: batch[k] for k in train.BATCH_KEYS[config.objective]}, mesh, num_micro=1)
+    names = op_names(setup.train_step.lower(setup.init_state(), global_batch,
+                                            config.optimizer.peak_lr, 0).compile().as_text())
+    by_op = collections.Counter()
+    for thunk, micros in totals.items():
+        if thunk in names:
+            by_op[names[thunk]] += micros
+    dots = collections.Counter({k: v for k, v in by_op.items() if "dot_general" in k})
+    rest = collections.Counter({k: v for k, v in by_op.items() if "dot_general" not in k})
+    print(f"{config.size}:{config.objective} {batch['input_ids'].shape[0]}x"
+          f"{batch['input_ids'].shape[1]} on {jax.devices()[0].device_kind}: matmuls "
+          f"{sum(dots.values()) / 1e3:.1f} ms, everything else {sum(rest.values()) / 1e3:.1f} ms "
+          "(thunk time of one step)")
+    for title, group in (("matmuls", dots), ("everything else", rest)):
+        print(f"-- {title}")
+        for name, micros in group.most_common(top):
+            print(f"{micros / 1e3:9.1f} ms  {name}")
+
+
 def main(argv):
     del argv
+    F = flags.FLAGS
+    if F.profile:   # per-thunk trace events on CPU; read when the backend starts, below
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_cpu_enable_xprof_traceme=true").strip()
     import jax  # pylint: disable=import-outside-toplevel
     from ettin_jax import train  # pylint: disable=import-outside-toplevel
 
-    F = flags.FLAGS
     config = F.config
     config.train.global_batch_size = F.batch
     config.train.seq_len = F.seq_len
@@ -170,6 +245,9 @@ def main(argv):
     if F.attention_impl:
         config.model.attention_impl = F.attention_impl
     batch = make_batch(config, F.batch, F.seq_len)
+    if F.profile:
+        profile(config, batch, F.top)
+        return
     device = jax.devices()[0].device_kind
     tokens = F.batch * F.seq_len
 
