@@ -64,10 +64,11 @@ def _chunk_start(index, vocab_chunk: int, vocab: int):
 
 
 def _chunk_logits(features, embedding, bias, start, owned, dtype):
-    """`[rows, vocab_chunk]` float32 logits of the columns start.. (-inf where not owned)."""
+    """`[rows, vocab_chunk]` float32 logits of the columns start.. (-inf where not owned).
+    `features` come already in `dtype`; the chunk's weight rows are cast here."""
     vocab_chunk = owned.shape[0]
     weight = jax.lax.dynamic_slice_in_dim(embedding, start, vocab_chunk)
-    logits = jnp.einsum("rh,vh->rv", features.astype(dtype), weight.astype(dtype),
+    logits = jnp.einsum("rh,vh->rv", features, weight.astype(dtype),
                         preferred_element_type=jnp.float32)
     logits = logits + jax.lax.dynamic_slice_in_dim(bias, start, vocab_chunk)
     return jnp.where(owned, logits, -jnp.inf), weight
@@ -76,11 +77,12 @@ def _chunk_logits(features, embedding, bias, start, owned, dtype):
 def _forward(features, embedding, bias, labels, dtype, vocab_chunk):
     rows, vocab = features.shape[0], embedding.shape[0]
     num_chunks = -(-vocab // vocab_chunk)
+    features_in_dtype = features.astype(dtype)
 
     def body(carry, index):
         running_max, running_sum, label_logit, best, best_id = carry
         start, owned = _chunk_start(index, vocab_chunk, vocab)
-        logits, _ = _chunk_logits(features, embedding, bias, start, owned, dtype)
+        logits, _ = _chunk_logits(features_in_dtype, embedding, bias, start, owned, dtype)
         chunk_max = jnp.max(logits, axis=-1)
         new_max = jnp.maximum(running_max, chunk_max)
         running_sum = (running_sum * jnp.exp(running_max - new_max)
@@ -121,17 +123,18 @@ def _chunked_loss_bwd(dtype, vocab_chunk, residuals, cotangents):
     vocab = embedding.shape[0]
     num_chunks = -(-vocab // vocab_chunk)
     row_scale = jnp.where(labels != IGNORE, d_nll, 0.0)[:, None]
+    features_in_dtype = features.astype(dtype)
 
     def body(carry, index):
         d_features, d_embedding, d_bias = carry
         start, owned = _chunk_start(index, vocab_chunk, vocab)
-        logits, weight = _chunk_logits(features, embedding, bias, start, owned, dtype)
+        logits, weight = _chunk_logits(features_in_dtype, embedding, bias, start, owned, dtype)
         is_label = (labels - start)[:, None] == jnp.arange(vocab_chunk)[None, :]
         # d nll / d logits = softmax - one_hot(label); zero on columns the chunk does not own.
         d_logits = (jnp.exp(logits - log_z[:, None]) - (is_label & owned)) * row_scale
         d_features += jnp.einsum("rv,vh->rh", d_logits.astype(dtype), weight.astype(dtype),
                                  preferred_element_type=jnp.float32)
-        d_weight = jnp.einsum("rv,rh->vh", d_logits.astype(dtype), features.astype(dtype),
+        d_weight = jnp.einsum("rv,rh->vh", d_logits.astype(dtype), features_in_dtype,
                               preferred_element_type=jnp.float32)
         d_embedding = jax.lax.dynamic_update_slice_in_dim(
             d_embedding, jax.lax.dynamic_slice_in_dim(d_embedding, start, vocab_chunk) + d_weight,
