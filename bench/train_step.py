@@ -96,7 +96,7 @@ def make_batch(config, rows, seq_len, seed=0):
 
 
 def ours_step_fn(config, batch):
-    """A callable running one train step of ours (blocking), and a callable giving its loss."""
+    """Callables: one train step of ours (blocking), its loss, and the step's compiled HLO."""
     import jax  # pylint: disable=import-outside-toplevel
     from ettin_jax import sharding, train  # pylint: disable=import-outside-toplevel
 
@@ -112,7 +112,11 @@ def ours_step_fn(config, batch):
         carry["step"] += 1
         jax.block_until_ready(carry["metrics"])
 
-    return step, lambda: float(carry["metrics"].compute()["loss"])
+    def hlo_text():
+        return setup.train_step.lower(carry["state"], global_batch, config.optimizer.peak_lr,
+                                      0).compile().as_text()
+
+    return step, lambda: float(carry["metrics"].compute()["loss"]), hlo_text
 
 
 def transformers_step_fn(config, batch):
@@ -194,22 +198,15 @@ def op_names(hlo_text: str) -> dict:
 def profile(config, batch, top: int):
     """Prints the thunk time of one step per JAX operation (see the module docstring)."""
     import jax  # pylint: disable=import-outside-toplevel
-    from ettin_jax import sharding, train  # pylint: disable=import-outside-toplevel
 
-    step, _ = ours_step_fn(config, batch)
+    step, _, hlo_text = ours_step_fn(config, batch)
     step()
     step()
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             step()
         totals = thunk_durations(trace_dir)
-    # The same computation compiled again (deterministic names) to map thunks to operations.
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    setup = train.make_setup(config, mesh)
-    global_batch = train.host_batch_to_global(
-        {k: batch[k] for k in train.BATCH_KEYS[config.objective]}, mesh, num_micro=1)
-    names = op_names(setup.train_step.lower(setup.init_state(), global_batch,
-                                            config.optimizer.peak_lr, 0).compile().as_text())
+    names = op_names(hlo_text())   # the same computation, to name each thunk by its operation
     by_op = collections.Counter()
     for thunk, micros in totals.items():
         if thunk in names:
@@ -251,7 +248,7 @@ def main(argv):
     device = jax.devices()[0].device_kind
     tokens = F.batch * F.seq_len
 
-    step_fns, loss_fns = zip(*[ours_step_fn(config, batch)])
+    step_fns, loss_fns = zip(*[ours_step_fn(config, batch)[:2]])
     with_transformers = F.transformers == "yes" or (F.transformers == "auto" and on_cpu)
     if with_transformers:
         hf_step, hf_loss = transformers_step_fn(config, batch)

@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-IGNORE = -100
+from data_pipeline.objectives import IGNORE  # the loader's "no target" label
 
 
 def cross_entropy(features, embedding, bias, labels, *, dtype=jnp.float32,
