@@ -93,8 +93,12 @@ def read_metrics(path: str) -> tuple[list[dict], dict[int, str]]:
     """(records by ascending step, fingerprints by step) of one metrics.jsonl."""
     records: list[dict] = []
     fingerprints: dict[int, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CompareError(f"{path}:{line_number}: not UTF-8 text ({e.reason})") from None
             if not line.strip():
                 continue
             where = f"{path}:{line_number}"
@@ -168,7 +172,7 @@ def attach_glue(runs: list[Run], specs: list[str]) -> None:
     """--glue=RUN=GLUE_WORKDIR specs first, else <run>/glue/results.json when it exists."""
     given = {}
     for spec in specs:
-        key, sep, workdir = spec.rpartition("=")
+        key, sep, workdir = spec.partition("=")
         matches = [r for r in runs if key in (r.path, r.name, os.path.normpath(r.path))]
         if not sep or not key or len(matches) != 1:
             raise CompareError(f"--glue={spec}: expected RUN=GLUE_WORKDIR with RUN one of "

@@ -177,6 +177,13 @@ def test_bad_input_is_one_error_line_naming_run_and_line(tmp_path, capsys):
     assert re.search(re.escape(os.path.join(broken, "metrics.jsonl")) + r":3: not a JSON", err[1])
     assert not out.exists()          # nothing is reported from runs that cannot be read
 
+    lines[2] = b'{"step": 3, "loss": \xff}\n'
+    with open(os.path.join(broken, "metrics.jsonl"), "wb") as f:
+        f.writelines(l if isinstance(l, bytes) else l.encode() for l in lines)
+    assert run_main([good, broken, f"--out={out}"]) == 1
+    (line,) = errors_of(capsys)
+    assert os.path.join(broken, "metrics.jsonl") + ":3: not UTF-8" in line
+
     bigger = write_run(tmp_path / "big", "clm", make_records("clm", 4), size="17m")
     assert run_main([good, bigger, f"--out={out}"]) == 1
     (line,) = errors_of(capsys)

@@ -34,9 +34,8 @@ def tiny_config(objective, corpus, *, seed=0):
     return config
 
 
-def fingerprints(config, steps, rows_for_step=None):
-    it = loader.make_train_iterator(config, process_index=0, process_count=1,
-                                    rows_for_step=rows_for_step)
+def fingerprints(config, steps):
+    it = loader.make_train_iterator(config, process_index=0, process_count=1)
     out = [fingerprint.batch_fingerprint(next(it), config.objective) for _ in range(steps)]
     it.close()
     return out
