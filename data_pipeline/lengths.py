@@ -95,9 +95,7 @@ def measure_source(src: sources.Source, *, seq_len: int, stop: int, frame=None,
                              f"lengths ({e})") from None
 
     exact = stop <= sample_documents
-    if exact:
-        lengths = framed_lengths(np.arange(stop))
-    else:
+    if not exact:
         batches = _index_batches(src.docs, stop, np.random.default_rng(seed), sample_documents)
         parts, target, read = [], sample_documents, 0
         while True:
@@ -106,17 +104,23 @@ def measure_source(src: sources.Source, *, seq_len: int, stop: int, frame=None,
                 read += batch.size
                 if read >= target:
                     break
-            else:
-                exact = True               # a parquet source whose every row group was read
+            else:                          # a parquet source whose every row group was read
+                return _summary(src.path, stop, np.concatenate(parts), seq_len, exact=True)
             lengths = np.concatenate(parts)
-            pieces = -(-lengths // seq_len)
-            if exact or _ratio_error(lengths, pieces) <= max_relative_error / 2:
-                break
+            if _ratio_error(lengths, -(-lengths // seq_len)) <= max_relative_error / 2:
+                return _summary(src.path, stop, lengths, seq_len, exact=False)
             target *= 2
+            if target >= stop:             # reading everything costs about as much
+                break
+    return _summary(src.path, stop, framed_lengths(np.arange(stop)), seq_len, exact=True)
+
+
+def _summary(path: str, stop: int, lengths: np.ndarray, seq_len: int, *,
+             exact: bool) -> SourceLengths:
     pieces = -(-lengths // seq_len)
     if pieces.sum() == 0:
-        raise ValueError(f"config.data.mixture: {src.path}: every measured document is empty")
-    return SourceLengths(path=src.path, documents=stop, measured=int(lengths.size), exact=exact,
+        raise ValueError(f"config.data.mixture: {path}: every measured document is empty")
+    return SourceLengths(path=path, documents=stop, measured=int(lengths.size), exact=exact,
                          tokens_per_document=float(lengths.mean()),
                          pieces_per_document=float(pieces.mean()),
                          relative_error=0.0 if exact else _ratio_error(lengths, pieces))
