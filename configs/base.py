@@ -23,6 +23,7 @@ import ml_collections
 
 OBJECTIVES = ("mlm", "clm")
 PHASES = ("pretrain", "ext", "decay", "cross")
+DATA_SEED = 21           # `shuffle_seed` of every Ettin yaml, cross-objective runs included
 
 # Special token ids of the ModernBERT tokenizer (recipe §6).
 UNK_ID, CLS_ID, SEP_ID, PAD_ID, MASK_ID = 50280, 50281, 50282, 50283, 50284
@@ -32,7 +33,8 @@ VOCAB_SIZE = 50368
 _OPTIONS = {
     "mntp": (lambda s: _parse_bool("mntp", s),
              "encoder-from-decoder run trains with masked next-token prediction"),
-    "window": (str, "decoder local window: 'transformers' (64 keys) or 'training' (65 keys)"),
+    "window": (str, "decoder local window: 'training' (65 keys, as Ettin trained; the default) or "
+                       "'transformers' (64 keys)"),
 }
 
 
@@ -89,9 +91,9 @@ def model_config(*, num_layers: int, hidden_size: int, intermediate_size: int,
     m.causal = False                      # False: encoder (MLM); True: decoder (CLM)
     m.global_attn_every_n_layers = 3      # layer i is global iff i % 3 == 0
     m.local_attention = 128               # encoder local layers see |i-j| <= 64
-    # Decoder local layers: 'transformers' = keys i-63..i (what exported models do),
-    # 'training' = keys i-64..i (FA2 window (64, 64) + causal, as Ettin trained).
-    m.decoder_window = "transformers"
+    # Decoder local layers: 'training' = keys i-64..i (FA2 window (64, 64) + causal, as Ettin
+    # trained; recipe §3.2.1), 'transformers' = keys i-63..i (transformers' own sliding window).
+    m.decoder_window = "training"
     m.global_rope_theta = 10_000.0
     m.local_rope_theta = 10_000.0
     m.max_position_embeddings = 1024
@@ -139,6 +141,26 @@ def data_config(*, model: ml_collections.ConfigDict, seed: int) -> ml_collection
     return d
 
 
+# Sizes whose clm_decay yaml keeps the local RoPE base at 10k (standard/<size>/prolong_decay/
+# decoder_<size>.yaml sets local_attn_rotary_emb_base: 10000.0); the others leave it unset.
+_CLM_DECAY_LOCAL_10K = ("17m", "32m", "68m", "400m")
+
+
+def rope_thetas(size: str, objective: str, phase: str) -> tuple[float, float]:
+    """(global, local) RoPE base of a run, as Ettin's released yamls set them (recipe §3.2.1).
+
+    A yaml without `local_attn_rotary_emb_base` (or with -1) uses the global base for local
+    layers too. Sizes not in Ettin's table (e.g. `tiny`) follow the "otherwise" rows.
+    """
+    if phase == "pretrain":
+        return 10_000.0, 10_000.0
+    if phase == "ext":
+        return 160_000.0, 10_000.0 if size == "17m" else 160_000.0
+    if phase == "decay" and objective == "clm":
+        return 160_000.0, 10_000.0 if size in _CLM_DECAY_LOCAL_10K else 160_000.0
+    return 160_000.0, 160_000.0            # mlm_decay and both cross-objective runs
+
+
 def get_config_for_size(arg: str | None, *, size: str, model: ml_collections.ConfigDict,
                         peak_lr: float, weight_decay: float, lr_warmup_tokens: float,
                         batch_warmup_tokens: float) -> ml_collections.ConfigDict:
@@ -157,10 +179,9 @@ def get_config_for_size(arg: str | None, *, size: str, model: ml_collections.Con
             raise ValueError(f"config option window={options['window']!r}: "
                              "expected 'transformers' or 'training'")
         c.model.decoder_window = options["window"]
+    c.model.global_rope_theta, c.model.local_rope_theta = rope_thetas(size, objective, phase)
     long_context = phase != "pretrain"
     if long_context:                       # phases 2-3 and cross-objective (recipe §3.2, §3.3)
-        c.model.global_rope_theta = 160_000.0
-        c.model.local_rope_theta = 160_000.0
         c.model.max_position_embeddings = 7999
 
     c.train = ml_collections.ConfigDict()
@@ -170,7 +191,8 @@ def get_config_for_size(arg: str | None, *, size: str, model: ml_collections.Con
     c.train.seq_len = 8192 if long_context else 1024
     c.train.global_batch_size = 4608      # sequences per optimizer step, every phase
     c.train.init_from = ""                # workdir of the previous phase (phases 2-3, cross)
-    c.data = data_config(model=c.model, seed=c.seed)
+    # Cross-objective runs seed the model with 210 but shuffle the data with 21 (recipe §3.2.1).
+    c.data = data_config(model=c.model, seed=DATA_SEED)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "stableadamw"
@@ -227,7 +249,8 @@ def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: st
         c.optimizer.max_lr_fraction = c.schedule.lr_fraction
 
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_tokens = 8.5e9       # recipe §3.3; converted to steps at the full batch
+    # Recipe §3.3 (cross-objective: §3.2.1); converted to steps by schedules.checkpoint_every_steps.
+    c.checkpoint.every_tokens = {"cross": 3.333333333e9 if huge else 1e10}.get(phase, 8.5e9)
     c.checkpoint.every_steps = 0            # > 0 overrides every_tokens
     c.checkpoint.keep_last = 3
     c.checkpoint.keep_every_nth = 10        # also keep every 10th save for good (0 = none)

@@ -75,6 +75,11 @@ class ParquetDocs:
                                f"{int(ids.max())} >= vocab size {self.vocab_size}")
         return ids.astype(np.int32)
 
+    def row_group_starts(self) -> np.ndarray:
+        """int64 [row groups + 1]: index of each row group's first row, then len(self).
+        Row groups are parquet's unit of I/O: samplers should draw whole groups."""
+        return self._starts.copy()
+
     def mean_length(self, min_rows: int = 1024, max_groups: int = 16) -> float:
         """Mean row length over the fewest evenly spread row groups (at most `max_groups`)
         holding `min_rows` rows; a row group is the unit of parquet I/O, so sampling single

@@ -2,7 +2,10 @@
 
 Time is counted in tokens, as bert24 counts it: the tokens seen *before* a step decide its
 learning rate and batch size. Here a step's tokens are its rows × `train.seq_len` (packed
-rows; the recipe's unpadded count differs by the packing padding only).
+rows; the recipe's unpadded count differs by the packing padding only). Batch sizes are
+counted in Ettin's unpacked sequences (`train.global_batch_size` = 4608) and converted to
+packed rows with the data's mean sequence length (`rows_per_step`; data_pipeline.lengths
+measures it).
 
 Multipliers (of the phase LR `optimizer.peak_lr × schedule.lr_fraction`):
   warmup_stable_decay  linear 1e-10 → 1 over `warmup_tokens`, 1 until `total − decay_tokens`,
@@ -57,11 +60,41 @@ def learning_rate(config, tokens: float) -> float:
     return config.optimizer.peak_lr * config.schedule.lr_fraction * lr_multiplier(config, tokens)
 
 
-def num_micro_batches(config, tokens: float) -> int:
-    """Micro batches (of `micro_batch_size(config)` rows) in the step after `tokens` tokens.
+def rows_per_step(config, mean_sequence_length: float | None = None, data_parallel: int = 1,
+                  *, sequences: int | None = None) -> int:
+    """Packed rows of `train.seq_len` tokens that carry `sequences` (default
+    `train.global_batch_size`) sequences of the data's mean length.
 
-    Batch-size warmup (recipe §4.4): the rows per step grow linearly from one micro batch to
+    Ettin's step was 4608 unpacked sequences (recipe §3.2.1); our rows are packed, so a step
+    holds sequences x mean_sequence_length / seq_len rows, rounded to the nearest multiple of
+    grad_accum_steps x data_parallel (whole micro batches that split over the data-parallel
+    groups), and at least one row per micro batch and group. mean_sequence_length is what
+    data_pipeline.lengths measures; None (the demo, or no measurement) keeps one row per
+    sequence, i.e. rows = sequences.
+    """
+    seqs = config.train.global_batch_size if sequences is None else sequences
+    if mean_sequence_length is None:
+        return seqs
+    seq_len = config.train.seq_len
+    if not 0 < mean_sequence_length <= seq_len:
+        raise ValueError(f"mean_sequence_length={mean_sequence_length}: must lie in "
+                         f"(0, config.train.seq_len={seq_len}] (pieces longer than seq_len "
+                         "are split by the loader)")
+    quantum = config.train.grad_accum_steps * data_parallel
+    if quantum < 1:
+        raise ValueError(f"config.train.grad_accum_steps={config.train.grad_accum_steps} and "
+                         f"data_parallel={data_parallel} must be >= 1")
+    rows = seqs * mean_sequence_length / seq_len
+    return quantum * max(1, round(rows / quantum))
+
+
+def num_micro_batches(config, tokens: float) -> int:
+    """Micro batches in the step after `tokens` tokens (each of `micro_batch_size` rows).
+
+    Batch-size warmup (recipe §4.4) counts sequences: a step carries one micro batch's share
+    (global_batch_size / grad_accum_steps sequences) at first, growing linearly to
     `train.global_batch_size` over `optimizer.batch_warmup_tokens`, in whole micro batches.
+    Rows convert sequences as rows_per_step does, so the count does not depend on the mean.
     """
     full = config.train.global_batch_size // micro_batch_size(config)
     warmup = config.optimizer.batch_warmup_tokens
@@ -70,42 +103,60 @@ def num_micro_batches(config, tokens: float) -> int:
     return max(1, min(full, 1 + int((full - 1) * tokens / warmup)))
 
 
-def micro_batch_size(config) -> int:
-    """Rows per micro batch (all hosts together): global_batch_size / grad_accum_steps."""
-    rows, accum = config.train.global_batch_size, config.train.grad_accum_steps
-    if accum < 1 or rows % accum:
-        raise ValueError(f"config.train.global_batch_size={rows} is not a multiple of "
+def micro_batch_size(config, mean_sequence_length: float | None = None,
+                     data_parallel: int = 1) -> int:
+    """Rows per micro batch (all hosts together): rows_per_step / grad_accum_steps."""
+    seqs, accum = config.train.global_batch_size, config.train.grad_accum_steps
+    if accum < 1 or seqs % accum:
+        raise ValueError(f"config.train.global_batch_size={seqs} is not a multiple of "
                          f"config.train.grad_accum_steps={accum}")
-    return rows // accum
+    return rows_per_step(config, mean_sequence_length, data_parallel) // accum
 
 
-def rows_schedule(config):
+def rows_schedule(config, mean_sequence_length: float | None = None, data_parallel: int = 1):
     """rows_for_step(step) -> global rows of optimizer step `step` (0-based) of this phase.
 
-    Steps are replayed from the start, so the answer is the same on a resumed run.
+    A step's tokens are its rows x seq_len. Steps are replayed from the start, so the answer
+    is the same on a resumed run; after the batch-size warmup every step is full.
     """
-    micro = micro_batch_size(config)
+    micro = micro_batch_size(config, mean_sequence_length, data_parallel)
+    full = rows_per_step(config, mean_sequence_length, data_parallel)
     seq_len = config.train.seq_len
-    rows = []      # rows[k] of every step computed so far
+    warmup = config.optimizer.batch_warmup_tokens
+    rows = []      # rows of every warmup step computed so far
     tokens = [0]   # tokens seen before step len(rows)
 
     def rows_for_step(step: int) -> int:
-        while len(rows) <= step:
+        while len(rows) <= step and tokens[0] < warmup:
             rows.append(micro * num_micro_batches(config, tokens[0]))
             tokens[0] += rows[-1] * seq_len
-        return rows[step]
+        return rows[step] if step < len(rows) else full
 
     return rows_for_step
 
 
-def total_steps(config) -> int:
+def total_steps(config, mean_sequence_length: float | None = None, data_parallel: int = 1) -> int:
     """Optimizer steps until `schedule.total_tokens` are seen."""
-    rows_for_step = rows_schedule(config)
+    rows_for_step = rows_schedule(config, mean_sequence_length, data_parallel)
+    full_tokens = rows_per_step(config, mean_sequence_length, data_parallel) * config.train.seq_len
     step, tokens = 0, 0
     while tokens < config.schedule.total_tokens:
-        tokens += rows_for_step(step) * config.train.seq_len
+        rows = rows_for_step(step)
+        if rows * config.train.seq_len == full_tokens and tokens >= config.optimizer.batch_warmup_tokens:
+            return step + math.ceil((config.schedule.total_tokens - tokens) / full_tokens)
+        tokens += rows * config.train.seq_len
         step += 1
     return step
+
+
+def checkpoint_every_steps(config, mean_sequence_length: float | None = None,
+                           data_parallel: int = 1) -> int:
+    """Steps between checkpoints: `checkpoint.every_steps` if > 0, else
+    `checkpoint.every_tokens` over the tokens of a full step (rows_per_step x seq_len)."""
+    if config.checkpoint.every_steps > 0:
+        return int(config.checkpoint.every_steps)
+    full_tokens = rows_per_step(config, mean_sequence_length, data_parallel) * config.train.seq_len
+    return max(1, math.ceil(config.checkpoint.every_tokens / full_tokens))
 
 
 def validate(config):

@@ -62,3 +62,47 @@ def test_size_table_is_the_recipe(size):
 def test_bad_args_say_what_is_wrong(arg, message):
     with pytest.raises(ValueError, match=message):
         base.parse_arg(arg)
+
+
+# Recipe §3.2.1, written out from Ettin's yamls (pretraining/configs/standard/<size>/{,de_decay/,
+# prolong_decay/}, cross-train/): (global, local) RoPE base per run; "rest" = every other size.
+K10, K160 = 10_000.0, 160_000.0
+ROPE = {"mlm": {"rest": (K10, K10)}, "clm": {"rest": (K10, K10)},
+        "mlm_ext": {"17m": (K160, K10), "rest": (K160, K160)},
+        "clm_ext": {"17m": (K160, K10), "rest": (K160, K160)},
+        "mlm_decay": {"rest": (K160, K160)},
+        "clm_decay": {"17m": (K160, K10), "32m": (K160, K10), "68m": (K160, K10),
+                      "400m": (K160, K10), "rest": (K160, K160)},
+        "mlm_from_clm": {"rest": (K160, K160)}, "clm_from_mlm": {"rest": (K160, K160)}}
+MASK = {"mlm": 0.30, "clm": 0.30, "mlm_ext": 0.30, "clm_ext": 0.30, "mlm_decay": 0.15,
+        "clm_decay": 0.15, "mlm_from_clm": 0.15, "clm_from_mlm": 0.15}
+
+
+@pytest.mark.parametrize("size", SIZES + ["tiny"])
+@pytest.mark.parametrize("run", RUNS)
+def test_rope_and_mask_ratio_follow_ettins_yamls(size, run):
+    c = importlib.import_module(f"configs.ettin_{size}").get_config(run)
+    table = ROPE[run]
+    assert (c.model.global_rope_theta, c.model.local_rope_theta) == table.get(size, table["rest"])
+    assert c.train.mask_ratio == MASK[run]
+    assert c.train.eval_mask_ratio == 0.15
+
+
+@pytest.mark.parametrize("size", SIZES + ["tiny"])
+def test_decoder_window_defaults_to_the_trained_65_keys(size):
+    module = importlib.import_module(f"configs.ettin_{size}")
+    assert module.get_config("clm").model.decoder_window == "training"
+    assert module.get_config("clm_decay,window=transformers").model.decoder_window == "transformers"
+    with pytest.raises(ValueError, match="window='wide'"):
+        module.get_config("clm,window=wide")
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("run", RUNS)
+def test_seeds_and_checkpoint_interval(size, run):
+    c = importlib.import_module(f"configs.ettin_{size}").get_config(run)
+    cross = c.phase == "cross"
+    assert c.seed == (210 if cross else 21)
+    assert c.data.seed == 21                                  # shuffle_seed: 21 in every yaml
+    every = ({"1b": 3_333_333_333}.get(size, 10_000_000_000) if cross else 8_500_000_000)
+    assert c.checkpoint.every_tokens == pytest.approx(every, rel=1e-9)

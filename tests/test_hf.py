@@ -87,7 +87,7 @@ def test_ours_to_transformers(tmp_path, causal, window):
 
 def test_training_window_sees_one_key_more():
     """The 65-key option differs from transformers' 64 keys exactly at the window's edge."""
-    config = ettin_tiny.get_config("clm").model
+    config = ettin_tiny.get_config("clm,window=transformers").model
     a = EttinModel(config, rngs=nnx.Rngs(0))
     config.decoder_window = "training"
     b = EttinModel(config, rngs=nnx.Rngs(0))

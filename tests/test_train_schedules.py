@@ -1,6 +1,7 @@
 """LR and batch-size schedules against the recipe's phase table (recipe §3.2, §3.3, §4.2)."""
 import math
 
+import numpy as np
 import pytest
 
 from configs import ettin_150m, ettin_1b, ettin_17m
@@ -92,3 +93,60 @@ def test_validate_names_the_bad_key():
     c.schedule.name = "cosine"
     with pytest.raises(ValueError, match="config.schedule.name"):
         schedules.validate(c)
+
+
+def test_rows_per_step_rounds_to_whole_micro_batches_over_data_parallel_groups():
+    c = ettin_17m.get_config("mlm")
+    assert schedules.rows_per_step(c) == 4608                 # no mean (demo): rows = sequences
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        c.train.seq_len = int(rng.choice([128, 1024, 8192]))
+        c.train.grad_accum_steps = int(rng.choice([1, 2, 8, 16]))
+        dp = int(rng.choice([1, 2, 4, 64]))
+        mean = float(rng.uniform(1, c.train.seq_len))
+        rows = schedules.rows_per_step(c, mean, dp)
+        quantum = c.train.grad_accum_steps * dp
+        exact = 4608 * mean / c.train.seq_len
+        assert rows % quantum == 0 and rows >= quantum
+        assert abs(rows - exact) <= quantum / 2 or rows == quantum    # nearest multiple
+        assert schedules.micro_batch_size(c, mean, dp) * c.train.grad_accum_steps == rows
+    c.train.seq_len, c.train.grad_accum_steps = 1024, 8
+    assert schedules.rows_per_step(c, 1024.0) == 4608          # full rows: one per sequence
+    assert schedules.rows_per_step(c, 1.0, 4) == 32            # at least a row per micro batch
+    with pytest.raises(ValueError, match="config.train.seq_len=1024"):
+        schedules.rows_per_step(c, 2000.0)
+
+
+def test_warmup_steps_and_checkpoints_follow_the_packed_rows():
+    c = ettin_17m.get_config("mlm")
+    c.schedule.total_tokens = 4e9
+    c.optimizer.batch_warmup_tokens = 1e9
+    mean, seq_len, accum = 700.0, c.train.seq_len, c.train.grad_accum_steps
+    full = schedules.rows_per_step(c, mean)
+    assert full == accum * round(4608 * mean / seq_len / accum)
+    rows_for_step = schedules.rows_schedule(c, mean)
+    # replay by hand: sequences ramp from a micro batch's share to 4608 over the warmup tokens,
+    # converted to rows as rows_per_step converts 4608 (whole micro batches of full / accum)
+    tokens, step = 0.0, 0
+    while tokens < c.schedule.total_tokens:
+        sequences = 4608 / accum * (1 + math.floor((accum - 1) * min(1.0, tokens / 1e9)))
+        assert rows_for_step(step) == sequences / 4608 * full, step
+        tokens += rows_for_step(step) * seq_len
+        step += 1
+    assert rows_for_step(0) == full // accum and rows_for_step(10**6) == full
+    assert schedules.total_steps(c, mean) == step
+    assert schedules.total_steps(c) > 0 and schedules.total_steps(c) < step
+    every = c.checkpoint.every_tokens
+    assert schedules.checkpoint_every_steps(c, mean) == math.ceil(every / (full * seq_len))
+    assert schedules.checkpoint_every_steps(c) == math.ceil(every / (4608 * seq_len))
+    c.checkpoint.every_steps = 7
+    assert schedules.checkpoint_every_steps(c, mean) == 7
+
+
+def test_total_steps_matches_a_step_by_step_count_without_warmup():
+    c = ettin_150m.get_config("clm_decay")                    # no batch warmup in phase 3
+    c.schedule.total_tokens = 3e10
+    for mean in (None, 2500.0):
+        rows = schedules.rows_per_step(c, mean, data_parallel=4)
+        assert schedules.total_steps(c, mean, data_parallel=4) == math.ceil(
+            3e10 / (rows * c.train.seq_len))
