@@ -115,8 +115,8 @@ def load_hf(path: str, *, dtype: str | None = None):
         config.validate()
     tensors = _read_safetensors(path)
 
-    parts = model_loader.model_parts(config)
-    flat = dict(nnx.to_flat_state(parts.abstract_params))
+    structure = model_loader.model_parts(config)
+    flat = dict(nnx.to_flat_state(structure.abstract_params))
     values: dict[tuple, np.ndarray] = {}
     split_qkv: dict[tuple, list] = {}
     used = set()
@@ -144,8 +144,8 @@ def load_hf(path: str, *, dtype: str | None = None):
                             f"{' ...' if len(unexpected) > 5 else ''} for {hf['architectures'][0] if hf.get('architectures') else config}")
     for key, variable in flat.items():
         variable.set_value(jax.numpy.asarray(values[key]))
-    model = nnx.merge(parts.graphdef_eval, nnx.from_flat_state(flat),
-                      model_loader.fresh_rng_state(parts.rng_layout))
+    model = nnx.merge(structure.graphdef_eval, nnx.from_flat_state(flat),
+                      model_loader.fresh_rng_state(structure.rng_layout))
     return model, config
 
 
