@@ -5,7 +5,8 @@
     python -m ettin_jax.hf import --hf=HF_DIR --out=RUN_DIR
 
 `--config=configs/...` is read relative to the working directory; run from the repository
-root (`python -m` puts it on sys.path, so the config files' `from configs import base` works).
+root (`python -m` adds the working directory to the import path, where the config files
+find the `configs` package they import).
 """
 from __future__ import annotations
 
