@@ -40,10 +40,10 @@ def test_metrics_equal_sklearn_and_scipy(seed):
     assert metrics_lib.accuracy(predictions, labels) == pytest.approx(sklearn.metrics.accuracy_score(labels, predictions), abs=1e-12)
     assert metrics_lib.f1_binary(predictions, labels) == pytest.approx(sklearn.metrics.f1_score(labels, predictions), abs=1e-12)
     assert metrics_lib.matthews_corrcoef(predictions, labels) == pytest.approx(
-        sklearn.metrics_lib.matthews_corrcoef(labels, predictions), abs=1e-12)
+        sklearn.metrics.matthews_corrcoef(labels, predictions), abs=1e-12)
     labels3, predictions3 = rng.integers(0, 3, n), rng.integers(0, 3, n)
     assert metrics_lib.matthews_corrcoef(predictions3, labels3) == pytest.approx(
-        sklearn.metrics_lib.matthews_corrcoef(labels3, predictions3), abs=1e-12)
+        sklearn.metrics.matthews_corrcoef(labels3, predictions3), abs=1e-12)
     assert metrics_lib.accuracy(predictions3, labels3) == pytest.approx(sklearn.metrics.accuracy_score(labels3, predictions3), abs=1e-12)
     # Regression: continuous values, and coarse ones with many ties (Spearman's average ranks).
     x, y = rng.normal(size=n), rng.normal(size=n) + 0.3 * np.arange(n) / n
@@ -57,7 +57,7 @@ def test_metrics_equal_sklearn_and_scipy(seed):
 def test_metric_edge_cases_equal_sklearn():
     labels = np.array([0, 1, 1, 0, 1])
     constant = np.ones_like(labels)
-    assert metrics_lib.matthews_corrcoef(constant, labels) == sklearn.metrics_lib.matthews_corrcoef(labels, constant) == 0.0
+    assert metrics_lib.matthews_corrcoef(constant, labels) == sklearn.metrics.matthews_corrcoef(labels, constant) == 0.0
     no_positives = np.zeros_like(labels)
     assert metrics_lib.f1_binary(no_positives, np.zeros_like(labels)) == 0.0
     assert metrics_lib.f1_binary(constant, labels) == pytest.approx(sklearn.metrics.f1_score(labels, constant))

@@ -9,6 +9,10 @@ is evaluated on dev after every epoch (or `--evals_per_epoch` times per epoch) a
 early when the task score has not improved for `--patience` evaluations. A run reports its
 best evaluation. The grid point with the best mean score over seeds is the task's result.
 
+Modules: `tasks` (task specs, reading TSV / TFDS data), `batches` (tokenising, padded
+batches), `metrics` (the official metrics), `classifier` (SequenceClassifier), `finetune`
+(the jitted steps, one run, a task's grid, the results table), `__main__` (the command line).
+
 Head (what transformers does, so that exported models fine-tune alike):
   encoder  pool (CLS token, or mean over tokens) -> dense -> gelu -> LayerNorm -> dropout
            -> classifier with bias; dense and LayerNorm start from the MLM head
