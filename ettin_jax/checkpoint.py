@@ -15,6 +15,7 @@ from another run's latest checkpoint; a tree or shape mismatch names the paramet
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -26,10 +27,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from ettin_jax import model as model_lib
-
-_ITEMS = ("params", "opt_state", "meta", "data", "config")
-
+from ettin_jax.model_config import ModelConfig
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -73,9 +71,6 @@ class Checkpointer:
         self.directory = checkpoint_dir(workdir)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers=_handlers())
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
 
     def save(self, step: int, *, params, opt_state, meta: dict, data_iterator, config):
         saved = self.manager.save(step, args=ocp.args.Composite(
@@ -173,7 +168,8 @@ def check_tree_matches(saved_tree, target_tree, *, what: str, where: str):
         raise ValueError(f"{where}: the {what} do not match this run's config: {listed}")
 
 
-def _read_only_manager(workdir: str, *, with_data: bool = False) -> ocp.CheckpointManager:
+def read_only_manager(workdir: str, *, with_data: bool = False) -> ocp.CheckpointManager:
+    """A manager that reads (never writes or cleans up) a run's `checkpoints/`."""
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir}: no checkpoints/ directory; expected a training run's "
@@ -182,7 +178,8 @@ def _read_only_manager(workdir: str, *, with_data: bool = False) -> ocp.Checkpoi
                                  item_handlers=_handlers(with_data))
 
 
-def _readable_steps(manager, workdir: str) -> list[int]:
+def readable_steps(manager, workdir: str) -> list[int]:
+    """The run's checkpoint steps, newest first; FileNotFoundError when there is none."""
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
         raise FileNotFoundError(f"{workdir}: the run has no checkpoint yet")
@@ -196,9 +193,9 @@ def restore_from_run(workdir: str, *, abstract_params, abstract_opt_state=None):
     Returns (params, opt_state or None, meta of the source checkpoint). The optimizer state
     is None when the source has none (e.g. a run imported from Hugging Face).
     """
-    manager = _read_only_manager(workdir)
+    manager = read_only_manager(workdir)
     errors = []
-    for step in _readable_steps(manager, workdir):
+    for step in readable_steps(manager, workdir):
         where = f"config.train.init_from={workdir} (step {step})"
         metadata = manager.item_metadata(step)
         if metadata.get("params") is None:
@@ -229,37 +226,15 @@ def restore_from_run(workdir: str, *, abstract_params, abstract_opt_state=None):
 
 def read_config(workdir: str, step: int | None = None) -> tuple[dict, int]:
     """The JSON config saved with a run's checkpoint (newest by default), and its step."""
-    manager = _read_only_manager(workdir)
-    step = _readable_steps(manager, workdir)[0] if step is None else step
+    manager = read_only_manager(workdir)
+    step = readable_steps(manager, workdir)[0] if step is None else step
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"], step
-
-
-def restore_for_export(workdir: str, step: int | None = None):
-    """(model in eval mode on one device, model config dict, tokenizer path or None) of a run."""
-    config, step = read_config(workdir, step)
-    model_config = model_lib.ModelConfig.from_config(config["model"])
-    abstract_model = nnx.eval_shape(lambda: model_lib.EttinModel(model_config, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          abstract_params)
-    manager = _read_only_manager(workdir)
-    check_tree_matches(manager.item_metadata(step)["params"], target, what="parameters",
-                       where=f"{workdir} (step {step})")
-    params = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target)))["params"]
-    model = model_lib.EttinModel(model_config, rngs=nnx.Rngs(0))
-    nnx.update(model, params)
-    model.eval()
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    tokenizer = meta.get("tokenizer") or (config.get("data") or {}).get("tokenizer") or None
-    return model, config["model"], tokenizer
 
 
 def save_imported(model, model_config, workdir: str):
     """Writes `model`'s params as step 0 of a run at `workdir`, for config.train.init_from."""
     params = nnx.state(model, nnx.Param)
-    model_json = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    model_json = dataclasses.asdict(ModelConfig.from_config(model_config))
     manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=_handlers(False))
     manager.save(0, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),

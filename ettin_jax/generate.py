@@ -19,7 +19,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from ettin_jax import checkpoint as checkpoint_lib
 from ettin_jax import model as model_lib
+from ettin_jax import model_loader
 
 
 def check_decoder(model_or_causal, where: str):
@@ -154,14 +156,12 @@ def encode_prompt(tokenizer, text: str, config: model_lib.ModelConfig) -> list[i
 def load_decoder(checkpoint: str | None, hf_dir: str | None, tokenizer_path: str | None,
                  dtype: str = ""):
     """(decoder in eval mode, tokenizer) from a training run or a transformers directory;
-    arguments as glue.load_model's. Raises ValueError naming the source for an encoder."""
-    from ettin_jax import glue  # pylint: disable=import-outside-toplevel
-
+    arguments as model_loader.load_for_inference's. Raises ValueError naming the source for
+    an encoder."""
     if checkpoint and not hf_dir:   # refuse an encoder run before restoring its weights
-        from ettin_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
         config, step = checkpoint_lib.read_config(checkpoint)
         check_decoder(bool(config.get("model", {}).get("causal", False)), f"{checkpoint} (step {step})")
-    model, tokenizer = glue.load_model(checkpoint, hf_dir, tokenizer_path, dtype)
+    model, tokenizer = model_loader.load_for_inference(checkpoint, hf_dir, tokenizer_path, dtype)
     check_decoder(model, checkpoint or hf_dir)
     return model, tokenizer
 
@@ -191,10 +191,9 @@ def main(argv):
 
 def define_flags():
     from absl import flags  # pylint: disable=import-outside-toplevel
-    from ettin_jax import glue  # pylint: disable=import-outside-toplevel
-    glue.define_model_source_flags()
-    for name in glue.MODEL_SOURCE_FLAGS:   # defined in glue.py: list them in this --help too
-        flags.declare_key_flag(name)
+    from ettin_jax import cli  # pylint: disable=import-outside-toplevel
+    cli.define_model_source_flags()
+    flags.adopt_module_key_flags(cli)   # defined in cli.py: list them in this --help too
     flags.DEFINE_string("prompt", "", "text to continue (encoded as [CLS] text)")
     flags.DEFINE_integer("max_new_tokens", 64, "stop after this many new tokens at the latest")
     flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples from softmax(logits / T)")

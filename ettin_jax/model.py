@@ -20,97 +20,14 @@ stream, norms, RoPE and softmax stay in float32, as under PyTorch autocast.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ettin_jax import attention as attention_lib
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Static architecture, built from the `config.model` ConfigDict by `from_config`."""
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    causal: bool = False
-    global_attn_every_n_layers: int = 3
-    local_attention: int = 128
-    decoder_window: str = "transformers"
-    global_rope_theta: float = 10_000.0
-    local_rope_theta: float = 10_000.0
-    max_position_embeddings: int = 1024
-    norm_eps: float = 1e-5
-    embedding_dropout: float = 0.0
-    attn_out_dropout: float = 0.1
-    mlp_dropout: float = 0.0
-    initializer_range: float = 0.02
-    initializer_cutoff_factor: float = 2.0
-    dtype: str = "bfloat16"
-    attention_impl: str = "auto"
-    pad_token_id: int = 50283
-    cls_token_id: int = 50281
-    sep_token_id: int = 50282
-    mask_token_id: int = 50284
-    bos_token_id: int = 50281
-    eos_token_id: int = 50282
-
-    @classmethod
-    def from_config(cls, config: Any) -> "ModelConfig":
-        """Accepts a ModelConfig, an ml_collections ConfigDict or a plain dict."""
-        if isinstance(config, cls):
-            return config
-        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"config.model has unknown keys {unknown}; known keys: {sorted(known)}")
-        result = cls(**values)
-        result.validate()
-        return result
-
-    def validate(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"config.model.hidden_size={self.hidden_size} is not a multiple of "
-                             f"num_heads={self.num_heads}")
-        if self.decoder_window not in ("transformers", "training"):
-            raise ValueError(f"config.model.decoder_window={self.decoder_window!r}: expected "
-                             "'transformers' or 'training'")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"config.model.dtype={self.dtype!r}: expected one of {sorted(_DTYPES)}")
-        attention_lib.resolve_implementation(self.attention_impl)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def compute_dtype(self):
-        return _DTYPES[self.dtype]
-
-    def is_global(self, layer: int) -> bool:
-        return layer % self.global_attn_every_n_layers == 0
-
-    def window_size(self, layer: int) -> tuple[int, int]:
-        """(left, right) keys a query sees around itself in `layer`; -1 = unbounded."""
-        if self.is_global(layer):
-            return (-1, -1)
-        half = self.local_attention // 2
-        if not self.causal:
-            return (half, half)
-        # transformers: keys i-63..i (64 keys); Ettin's training (FA2 (64,64) + causal): i-64..i.
-        return (half - 1, 0) if self.decoder_window == "transformers" else (half, 0)
-
-    def rope_theta(self, layer: int) -> float:
-        return self.global_rope_theta if self.is_global(layer) else self.local_rope_theta
+from ettin_jax.model_config import ModelConfig
 
 
 def _truncated_normal(rngs: nnx.Rngs, shape, std: float, cutoff: float):

@@ -19,8 +19,10 @@ from flax import nnx
 
 from configs import ettin_tiny
 from data_pipeline import tokenizer as tokenizer_lib
-from ettin_jax import checkpoint, glue, hf
+from ettin_jax import checkpoint, hf
 from ettin_jax import sharding as sharding_lib
+from ettin_jax.glue import batches, classifier, finetune, tasks
+from ettin_jax.glue import metrics as metrics_lib
 from ettin_jax.model import EttinModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,38 +37,38 @@ def test_metrics_equal_sklearn_and_scipy(seed):
     rng = np.random.default_rng(seed)
     n = int(rng.integers(20, 400))
     labels, predictions = rng.integers(0, 2, n), rng.integers(0, 2, n)
-    assert glue.accuracy(predictions, labels) == pytest.approx(sklearn.metrics.accuracy_score(labels, predictions), abs=1e-12)
-    assert glue.f1_binary(predictions, labels) == pytest.approx(sklearn.metrics.f1_score(labels, predictions), abs=1e-12)
-    assert glue.matthews_corrcoef(predictions, labels) == pytest.approx(
+    assert metrics_lib.accuracy(predictions, labels) == pytest.approx(sklearn.metrics.accuracy_score(labels, predictions), abs=1e-12)
+    assert metrics_lib.f1_binary(predictions, labels) == pytest.approx(sklearn.metrics.f1_score(labels, predictions), abs=1e-12)
+    assert metrics_lib.matthews_corrcoef(predictions, labels) == pytest.approx(
         sklearn.metrics.matthews_corrcoef(labels, predictions), abs=1e-12)
     labels3, predictions3 = rng.integers(0, 3, n), rng.integers(0, 3, n)
-    assert glue.matthews_corrcoef(predictions3, labels3) == pytest.approx(
+    assert metrics_lib.matthews_corrcoef(predictions3, labels3) == pytest.approx(
         sklearn.metrics.matthews_corrcoef(labels3, predictions3), abs=1e-12)
-    assert glue.accuracy(predictions3, labels3) == pytest.approx(sklearn.metrics.accuracy_score(labels3, predictions3), abs=1e-12)
+    assert metrics_lib.accuracy(predictions3, labels3) == pytest.approx(sklearn.metrics.accuracy_score(labels3, predictions3), abs=1e-12)
     # Regression: continuous values, and coarse ones with many ties (Spearman's average ranks).
     x, y = rng.normal(size=n), rng.normal(size=n) + 0.3 * np.arange(n) / n
-    assert glue.pearson(x, y) == pytest.approx(scipy.stats.pearsonr(x, y)[0], abs=1e-12)
-    assert glue.spearman(x, y) == pytest.approx(scipy.stats.spearmanr(x, y)[0], abs=1e-12)
+    assert metrics_lib.pearson(x, y) == pytest.approx(scipy.stats.pearsonr(x, y)[0], abs=1e-12)
+    assert metrics_lib.spearman(x, y) == pytest.approx(scipy.stats.spearmanr(x, y)[0], abs=1e-12)
     xt, yt = np.round(x * 2) / 2, rng.integers(0, 6, n).astype(float)
-    assert glue.spearman(xt, yt) == pytest.approx(scipy.stats.spearmanr(xt, yt)[0], abs=1e-12)
-    np.testing.assert_allclose(glue.average_ranks(xt), scipy.stats.rankdata(xt))
+    assert metrics_lib.spearman(xt, yt) == pytest.approx(scipy.stats.spearmanr(xt, yt)[0], abs=1e-12)
+    np.testing.assert_allclose(metrics_lib.average_ranks(xt), scipy.stats.rankdata(xt))
 
 
 def test_metric_edge_cases_equal_sklearn():
     labels = np.array([0, 1, 1, 0, 1])
     constant = np.ones_like(labels)
-    assert glue.matthews_corrcoef(constant, labels) == sklearn.metrics.matthews_corrcoef(labels, constant) == 0.0
+    assert metrics_lib.matthews_corrcoef(constant, labels) == sklearn.metrics.matthews_corrcoef(labels, constant) == 0.0
     no_positives = np.zeros_like(labels)
-    assert glue.f1_binary(no_positives, np.zeros_like(labels)) == 0.0
-    assert glue.f1_binary(constant, labels) == pytest.approx(sklearn.metrics.f1_score(labels, constant))
-    scores = glue.task_metrics(glue.get_task("mrpc"), constant, labels)
+    assert metrics_lib.f1_binary(no_positives, np.zeros_like(labels)) == 0.0
+    assert metrics_lib.f1_binary(constant, labels) == pytest.approx(sklearn.metrics.f1_score(labels, constant))
+    scores = metrics_lib.task_metrics(tasks.get_task("mrpc"), constant, labels)
     assert scores == pytest.approx({"f1": 75.0, "accuracy": 60.0})
     # Constant regression outputs have no correlation (NaN, as SciPy says); such a grid point
     # ranks below every real one.
-    assert np.isnan(glue.pearson(np.ones(5), labels)) and np.isnan(glue.spearman(np.ones(5), labels))
+    assert np.isnan(metrics_lib.pearson(np.ones(5), labels)) and np.isnan(metrics_lib.spearman(np.ones(5), labels))
     runs = [{"lr": lr, "epochs": 1, "seed": 0, "best": {"score": score, "metrics": {"dev": {"pearson": score, "spearman": score}}}}
             for lr, score in ((1e-3, float("nan")), (2e-3, -5.0), (3e-3, float("nan")))]
-    assert glue.summarize(glue.get_task("stsb"), runs)["best"]["lr"] == 2e-3
+    assert finetune.summarize(tasks.get_task("stsb"), runs)["best"]["lr"] == 2e-3
 
 
 @pytest.mark.parametrize("total_steps,warmup_ratio", [(100, 0.06), (48, 0.06), (7, 0.0), (10, 0.5)])
@@ -79,7 +81,7 @@ def test_learning_rate_equals_transformers_linear_schedule(total_steps, warmup_r
         expected.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    ours = [glue.learning_rate(s, peak=3e-5, total_steps=total_steps, warmup_ratio=warmup_ratio)
+    ours = [finetune.learning_rate(s, peak=3e-5, total_steps=total_steps, warmup_ratio=warmup_ratio)
             for s in range(total_steps)]
     np.testing.assert_allclose(ours, expected, rtol=1e-12, atol=1e-20)
 
@@ -121,15 +123,15 @@ def _write_tsv(path, header, rows):
 
 def test_reads_every_official_layout(tmp_path):
     for folder, (header, row) in LAYOUTS.items():
-        task = next(t for t in glue.TASKS.values() if t.folder == folder)
+        task = next(t for t in tasks.TASKS.values() if t.folder == folder)
         for stem in ("train", *task.dev_files):
             _write_tsv(str(tmp_path / folder / f"{stem}.tsv"), header, [row, row])
     for name, (texts, label) in EXPECTED.items():
-        task = glue.get_task(name)
-        train, devs = glue.load_task_data(task, str(tmp_path))
+        task = tasks.get_task(name)
+        train, devs = tasks.load_task_data(task, str(tmp_path))
         assert train.texts == [texts, texts] and list(train.labels) == [label, label], name
         assert sorted(devs) == sorted(task.dev_files)
-    assert glue.get_task("SST-2").name == "sst2"
+    assert tasks.get_task("SST-2").name == "sst2"
 
 
 def test_encode_pairs_and_truncates_the_longer_text_first():
@@ -140,13 +142,13 @@ def test_encode_pairs_and_truncates_the_longer_text_first():
         return tokenizer.encode(text, add_special_tokens=False).ids
 
     a, b = "the cat walks over the river near a large house", "blue dog"
-    [full] = glue.encode(tokenizer, [(a, b)], cls_id=cls, sep_id=sep, max_len=64)
+    [full] = batches.encode(tokenizer, [(a, b)], cls_id=cls, sep_id=sep, max_len=64)
     assert full == [cls] + ids(a) + [sep] + ids(b) + [sep] and len(ids(a)) > 4
-    [cut] = glue.encode(tokenizer, [(a, b)], cls_id=cls, sep_id=sep, max_len=len(full) - 3)
+    [cut] = batches.encode(tokenizer, [(a, b)], cls_id=cls, sep_id=sep, max_len=len(full) - 3)
     assert cut == [cls] + ids(a)[:-3] + [sep] + ids(b) + [sep]
-    [both_cut] = glue.encode(tokenizer, [(a, b)], cls_id=cls, sep_id=sep, max_len=5)
+    [both_cut] = batches.encode(tokenizer, [(a, b)], cls_id=cls, sep_id=sep, max_len=5)
     assert both_cut == [cls] + ids(a)[:1] + [sep] + ids(b)[:1] + [sep]
-    assert glue.encode(tokenizer, [("red cat",), ("dog",)], cls_id=cls, sep_id=sep, max_len=8) == [
+    assert batches.encode(tokenizer, [("red cat",), ("dog",)], cls_id=cls, sep_id=sep, max_len=8) == [
         [cls] + ids("red cat") + [sep], [cls] + ids("dog") + [sep]]
 
 
@@ -160,7 +162,7 @@ def test_reads_prepared_tfds_builders(tmp_path):
                       "validation_mismatched": [("p3", "h3", 0)]}),
             ("stsb", {"train": [("a", "b", 4.5)], "validation": [("c", "d", 0.25)]}),
             ("cola", {"train": [("s0", None, 1)], "validation": [("s1", None, 0)]})):
-        task = glue.get_task(name)
+        task = tasks.get_task(name)
         builder = tfds.builder(f"glue/{name}", data_dir=data_dir)
         if task.labels is not None:   # our label ids are TFDS's class ids
             assert builder.info.features["label"].num_classes == len(task.labels)
@@ -173,7 +175,7 @@ def test_reads_prepared_tfds_builders(tmp_path):
                                      for i, (a, b, y) in enumerate(rows)]
                              for split, rows in examples.items()})
         writer.close_all()
-        train, devs = glue.load_task_data(task, data_dir)
+        train, devs = tasks.load_task_data(task, data_dir)
         assert train.texts == [tuple(t for t in (a, b) if t is not None) for a, b, _ in examples["train"]]
         np.testing.assert_allclose(train.labels, [y for _, _, y in examples["train"]])
         assert sorted(devs) == sorted(task.dev_files)
@@ -182,35 +184,35 @@ def test_reads_prepared_tfds_builders(tmp_path):
 
 
 def test_bad_inputs_name_the_file_and_key(tmp_path):
-    sst2 = glue.get_task("sst2")
+    sst2 = tasks.get_task("sst2")
     path = str(tmp_path / "SST-2" / "train.tsv")
     _write_tsv(path, ["text", "label"], [["good", "1"]])
-    with pytest.raises(glue.GlueDataError, match=f"{path}: missing column 'sentence'"):
-        glue.read_tsv(path, sst2)
+    with pytest.raises(tasks.GlueDataError, match=f"{path}: missing column 'sentence'"):
+        tasks.read_tsv(path, sst2)
     _write_tsv(path, ["sentence", "label"], [["good", "1"], ["bad", "2"]])
-    with pytest.raises(glue.GlueDataError, match=rf"{path}:3: label '2' is out of range"):
-        glue.read_tsv(path, sst2)
+    with pytest.raises(tasks.GlueDataError, match=rf"{path}:3: label '2' is out of range"):
+        tasks.read_tsv(path, sst2)
     _write_tsv(path, ["sentence", "label"], [["good", "1"], ["bad"]])
-    with pytest.raises(glue.GlueDataError, match=rf"{path}:3: 1 columns, expected 2"):
-        glue.read_tsv(path, sst2)
+    with pytest.raises(tasks.GlueDataError, match=rf"{path}:3: 1 columns, expected 2"):
+        tasks.read_tsv(path, sst2)
     stsb_path = str(tmp_path / "STS-B" / "train.tsv")
     _write_tsv(stsb_path, ["sentence1", "sentence2", "score"], [["a", "b", "7.5"]])
-    with pytest.raises(glue.GlueDataError, match=rf"{stsb_path}:2: label 7.5 is out of range"):
-        glue.read_tsv(stsb_path, glue.get_task("stsb"))
+    with pytest.raises(tasks.GlueDataError, match=rf"{stsb_path}:2: label 7.5 is out of range"):
+        tasks.read_tsv(stsb_path, tasks.get_task("stsb"))
     mnli_path = str(tmp_path / "MNLI" / "train.tsv")
     _write_tsv(mnli_path, ["sentence1", "sentence2", "gold_label"], [["a", "b", "maybe"]])
-    with pytest.raises(glue.GlueDataError, match=rf"{mnli_path}:2: label 'maybe'.*entailment"):
-        glue.read_tsv(mnli_path, glue.get_task("mnli"))
+    with pytest.raises(tasks.GlueDataError, match=rf"{mnli_path}:2: label 'maybe'.*entailment"):
+        tasks.read_tsv(mnli_path, tasks.get_task("mnli"))
     _write_tsv(str(tmp_path / "MNLI" / "dev_matched.tsv"), ["sentence1", "sentence2", "gold_label"],
                [["a", "b", "neutral"]])
     _write_tsv(mnli_path, ["sentence1", "sentence2", "gold_label"], [["a", "b", "neutral"]])
-    with pytest.raises(glue.GlueDataError, match="dev_mismatched.tsv: missing"):
-        glue.load_task_data(glue.get_task("mnli"), str(tmp_path))
+    with pytest.raises(tasks.GlueDataError, match="dev_mismatched.tsv: missing"):
+        tasks.load_task_data(tasks.get_task("mnli"), str(tmp_path))
     with pytest.raises(ValueError, match="--task='wnli': unknown GLUE task"):
-        glue.get_task("wnli")
+        tasks.get_task("wnli")
     # Neither TSVs nor a prepared TFDS dataset: the message names the folder and the builder.
-    with pytest.raises(glue.GlueDataError, match="neither RTE/.*glue/rte"):
-        glue.load_task_data(glue.get_task("rte"), str(tmp_path / "empty"))
+    with pytest.raises(tasks.GlueDataError, match="neither RTE/.*glue/rte"):
+        tasks.load_task_data(tasks.get_task("rte"), str(tmp_path / "empty"))
 
 
 # --- heads against transformers -------------------------------------------------------------------
@@ -240,7 +242,7 @@ def test_head_equals_transformers_sequence_classifier(tmp_path, objective, pooli
     extra = {"classifier_pooling": pooling} if objective == "mlm" else {}
     torch_model = transformers.AutoModelForSequenceClassification.from_pretrained(
         str(tmp_path), num_labels=3, attn_implementation="eager", **extra).eval()
-    ours = glue.SequenceClassifier(backbone, 3, pooling=pooling, dropout=0.0, rngs=nnx.Rngs(0))
+    ours = classifier.SequenceClassifier(backbone, 3, pooling=pooling, dropout=0.0, rngs=nnx.Rngs(0))
     ours.eval()
     state = torch_model.state_dict()
     if objective == "mlm":   # transformers keeps the MLM head's dense and norm, as we do
@@ -328,14 +330,14 @@ def test_loads_a_backbone_from_a_training_run(tmp_path):
     run, tokenizer_dir = str(tmp_path / "run"), str(tmp_path / "tokenizer")
     checkpoint.save_imported(encoder, dataclasses.asdict(encoder.config), run)
     tokenizer_lib.save(_tokenizer(), tokenizer_dir)
-    factory, tokenizer = glue.load_backbone(run, None, tokenizer_dir, dtype="float32")
+    factory, tokenizer = finetune.load_backbone(run, None, tokenizer_dir, dtype="float32")
     backbone = factory()
     assert backbone.config.dtype == "float32" and tokenizer.token_to_id("[SEP]") == ettin_tiny.SEP_ID
     for (key, ours), (_, theirs) in zip(nnx.to_flat_state(nnx.state(backbone, nnx.Param)),
                                         nnx.to_flat_state(nnx.state(encoder, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(ours[...]), np.asarray(theirs[...]), err_msg=str(key))
     with pytest.raises(ValueError, match="no tokenizer saved with the model; pass --tokenizer"):
-        glue.load_backbone(run, None, None)
+        finetune.load_backbone(run, None, None)
 
 
 def _mesh_one_device():
@@ -362,10 +364,10 @@ def test_decoder_learns_a_pair_task_with_last_token_pooling(tmp_path):
         _write_tsv(os.path.join(data_dir, "MRPC", f"{stem}.tsv"), header,
                    [[str(y), "1", "2", " ".join(rng.choice(FILLER, 5)), _sentence(rng, bool(y))]
                     for y in labels])
-    summary = glue.run_task(
-        glue.get_task("mrpc"), backbone_factory=_factory(_tiny("clm")), tokenizer=_tokenizer(),
+    summary = finetune.run_task(
+        tasks.get_task("mrpc"), backbone_factory=_factory(_tiny("clm")), tokenizer=_tokenizer(),
         data_dir=data_dir, workdir=str(tmp_path / "work"), lrs=[1e-3], epochs=[4], seeds=[0],
-        options=glue.FinetuneOptions(batch_size=16, eval_batch_size=64, max_seq_len=32),
+        options=finetune.FinetuneOptions(batch_size=16, eval_batch_size=64, max_seq_len=32),
         mesh=_mesh_one_device(), writer_factory=_Writers())
     assert summary["pooling"] == "last" and summary["objective"] == "clm"
     metrics = summary["best"]["metrics"]
@@ -409,27 +411,27 @@ def test_regression_learns_resumes_exactly_and_skips_finished_runs(tmp_path):
             score = float(np.clip(0.5 + 4.0 * y + rng.normal(0, 0.3), 0.0, 5.0))
             rows.append([" ".join(rng.choice(FILLER, 4)), _sentence(rng, bool(y)), f"{score:.3f}"])
         _write_tsv(os.path.join(data_dir, "STS-B", f"{stem}.tsv"), ["sentence1", "sentence2", "score"], rows)
-    task, tokenizer, factory = glue.get_task("stsb"), _tokenizer(), _factory(_tiny("mlm"))
-    options = glue.FinetuneOptions(batch_size=16, eval_batch_size=64, max_seq_len=32, pooling="mean",
+    task, tokenizer, factory = tasks.get_task("stsb"), _tokenizer(), _factory(_tiny("mlm"))
+    options = finetune.FinetuneOptions(batch_size=16, eval_batch_size=64, max_seq_len=32, pooling="mean",
                                    classifier_dropout=0.1)
-    finetuner = glue.Finetuner(
-        lambda seed: glue.SequenceClassifier(factory(), 1, pooling="mean", dropout=0.1, rngs=nnx.Rngs(seed)),
+    finetuner = finetune.Finetuner(
+        lambda seed: classifier.SequenceClassifier(factory(), 1, pooling="mean", dropout=0.1, rngs=nnx.Rngs(seed)),
         task, options, _mesh_one_device(), ettin_tiny.PAD_ID)
-    train, devs = glue.load_task_data(task, data_dir)
+    train, devs = tasks.load_task_data(task, data_dir)
 
     def encoded(split):
-        return (glue.encode(tokenizer, split.texts, cls_id=ettin_tiny.CLS_ID, sep_id=ettin_tiny.SEP_ID,
+        return (batches.encode(tokenizer, split.texts, cls_id=ettin_tiny.CLS_ID, sep_id=ettin_tiny.SEP_ID,
                             max_len=32), split.labels)
 
     train, devs = encoded(train), {k: encoded(v) for k, v in devs.items()}
-    spec = glue.RunSpec("stsb", 5e-3, 3, 0)    # 16 steps an epoch, evaluations at 16, 32, 48
+    spec = finetune.RunSpec("stsb", 5e-3, 3, 0)    # 16 steps an epoch, evaluations at 16, 32, 48
     interrupted = str(tmp_path / "interrupted")
     with pytest.raises(KeyboardInterrupt):
-        glue.run_one(finetuner, spec, train, devs, interrupted, _Writers(crash_at_step=32))
+        finetune.run_one(finetuner, spec, train, devs, interrupted, _Writers(crash_at_step=32))
     assert os.listdir(os.path.join(interrupted, "checkpoint")) == ["16"]
     resumed_writers = _Writers()
-    resumed = glue.run_one(finetuner, spec, train, devs, interrupted, resumed_writers)
-    reference = glue.run_one(finetuner, spec, train, devs, os.path.join(workdir, "stsb", spec.name), _Writers())
+    resumed = finetune.run_one(finetuner, spec, train, devs, interrupted, resumed_writers)
+    reference = finetune.run_one(finetuner, spec, train, devs, os.path.join(workdir, "stsb", spec.name), _Writers())
     assert [e["step"] for e in reference["evaluations"]] == [16, 32, 48]
     assert resumed["evaluations"] == reference["evaluations"]
     assert min(step for step, _ in resumed_writers.scalars) > 16
@@ -439,7 +441,7 @@ def test_regression_learns_resumes_exactly_and_skips_finished_runs(tmp_path):
     assert metrics["pearson"] > 70.0 and metrics["spearman"] > 50.0, metrics
 
     writers = _Writers()
-    summary = glue.run_task(task, backbone_factory=factory, tokenizer=tokenizer, data_dir=data_dir,
+    summary = finetune.run_task(task, backbone_factory=factory, tokenizer=tokenizer, data_dir=data_dir,
                             workdir=workdir, lrs=[spec.lr], epochs=[spec.epochs], seeds=[spec.seed],
                             options=options, mesh=_mesh_one_device(), writer_factory=writers)
     assert writers.created == 0

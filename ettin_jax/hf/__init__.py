@@ -1,0 +1,229 @@
+"""Hugging Face interop: transformers directories <-> EttinModel.
+
+    load_hf(path) -> (model, model_config)        # config.json + model.safetensors
+    save_hf(model, model_config, path, tokenizer=None)
+
+Encoders map to `ModernBertForMaskedLM`, decoders to `ModernBertDecoderForCausalLM`
+(recipe §1.6 for the key table). Our tree keeps q, k and v fused for both; the decoder's
+`q_proj/k_proj/v_proj` are the three thirds of that fused matrix.
+
+Command line (`__main__.py`):
+    python -m ettin_jax.hf export --checkpoint=RUN_DIR --out=HF_DIR [--tokenizer=tokenizer.json]
+    python -m ettin_jax.hf export --config=configs/ettin_17m.py:mlm --out=HF_DIR   # fresh init
+    python -m ettin_jax.hf import --hf=HF_DIR --out=RUN_DIR
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+from flax import nnx
+
+from ettin_jax import model as model_lib
+from ettin_jax import model_loader
+from ettin_jax.model_config import DECODER_ARCH, ENCODER_ARCH, HFFormatError, ModelConfig
+
+__all__ = ["DECODER_ARCH", "ENCODER_ARCH", "HFFormatError", "hf_state_dict", "load_hf",
+           "save_hf", "save_tokenizer"]
+
+# Keys transformers may write that carry no weights of their own.
+_IGNORED_KEYS = ("decoder.weight",)
+
+
+# --- the key table --------------------------------------------------------------------------
+
+def _weight_table(config: ModelConfig):
+    """[(hf_key, our_path, hf_shape, to_hf, from_hf)]: to_hf maps our array to the torch
+    layout (Linear weights are [out, in]); from_hf is its inverse."""
+    H, I, nH, hd, V = (config.hidden_size, config.intermediate_size, config.num_heads,
+                       config.head_dim, config.vocab_size)
+    same = (lambda a: a, lambda a: a)
+    linear = (lambda a: a.T, lambda a: a.T)            # kernel [in, out] <-> weight [out, in]
+    head = "lm_head" if config.causal else "head"
+    rows = [
+        ("model.embeddings.tok_embeddings.weight", ("tok_embeddings",), (V, H), *same),
+        ("model.embeddings.norm.weight", ("embed_norm",), (H,), *same),
+        ("model.final_norm.weight", ("final_norm",), (H,), *same),
+        (f"{head}.dense.weight", ("head_dense",), (H, H), *linear),
+        (f"{head}.norm.weight", ("head_norm",), (H,), *same),
+        ("decoder.bias", ("decoder_bias",), (V,), *same),
+    ]
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}"
+        if i > 0:
+            rows.append((f"{p}.attn_norm.weight", ("layers", i, "attn_norm"), (H,), *same))
+        rows += [
+            (f"{p}.attn.Wo.weight", ("layers", i, "attn_out"), (H, H),
+             lambda a: a.reshape(H, H).T, lambda a: a.T.reshape(nH, hd, H)),
+            (f"{p}.mlp_norm.weight", ("layers", i, "mlp_norm"), (H,), *same),
+            (f"{p}.mlp.Wi.weight", ("layers", i, "mlp_in"), (2 * I, H),
+             lambda a: a.reshape(H, 2 * I).T, lambda a: a.T.reshape(H, 2, I)),
+            (f"{p}.mlp.Wo.weight", ("layers", i, "mlp_out"), (H, I), *linear),
+        ]
+        if config.causal:
+            # Split views of the fused [H, 3, nH, hd] kernel; assembled again in _qkv_from_split.
+            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                rows.append((f"{p}.attn.{name}.weight", ("layers", i, "qkv", j), (H, H),
+                             (lambda j: lambda a: a[:, j].reshape(H, H).T)(j),
+                             lambda a: a.T.reshape(H, nH, hd)))
+        else:
+            rows.append((f"{p}.attn.Wqkv.weight", ("layers", i, "qkv"), (3 * H, H),
+                         lambda a: a.reshape(H, 3 * H).T, lambda a: a.T.reshape(H, 3, nH, hd)))
+    return rows
+
+
+# --- load ------------------------------------------------------------------------------------
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise HFFormatError(f"{path}: no model.safetensors (or model.safetensors.index.json)")
+    tensors = {}
+    for name in files:
+        # framework="flax" reads bfloat16 too; everything becomes float32 parameters.
+        with safe_open(os.path.join(path, name), framework="flax") as f:
+            for key in f.keys():
+                tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+    return tensors
+
+
+def load_hf(path: str, *, dtype: str | None = None):
+    """Reads a transformers directory into `(EttinModel in eval mode, its ModelConfig)`.
+
+    Raises HFFormatError naming the file and key for an unknown architecture, a missing
+    or unexpected weight, or a weight of the wrong shape.
+    """
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise HFFormatError(f"{path}: no config.json")
+    with open(config_path) as f:
+        hf = json.load(f)
+    config = ModelConfig.from_hf_dict(hf, config_path)
+    if dtype is not None:
+        config = dataclasses.replace(config, dtype=dtype)
+        config.validate()
+    tensors = _read_safetensors(path)
+
+    structure = model_loader.model_parts(config)
+    flat = dict(nnx.to_flat_state(structure.abstract_params))
+    values: dict[tuple, np.ndarray] = {}
+    split_qkv: dict[tuple, list] = {}
+    used = set()
+    table = _weight_table(config)
+    missing = [f"{k!r} {shape}" for k, _, shape, _, _ in table if k not in tensors]
+    if missing:
+        raise HFFormatError(f"{path}: missing weights (key, expected shape): {', '.join(missing[:6])}"
+                            f"{' ...' if len(missing) > 6 else ''}")
+    for hf_key, path_, hf_shape, _, from_hf in table:
+        found = tuple(tensors[hf_key].shape)
+        if found != hf_shape:
+            raise HFFormatError(f"{path}: weight {hf_key!r} has shape {found}, expected {hf_shape} "
+                                f"for the config in config.json")
+        used.add(hf_key)
+        array = from_hf(tensors[hf_key])
+        if path_[-1] in (0, 1, 2) and path_[-2] == "qkv":
+            split_qkv.setdefault(path_[:-1], [None] * 3)[path_[-1]] = array
+        else:
+            values[path_] = array
+    for path_, parts in split_qkv.items():
+        values[path_] = np.stack(parts, axis=1)      # [H, 3, nH, hd]
+    unexpected = sorted(k for k in tensors if k not in used and k not in _IGNORED_KEYS)
+    if unexpected:
+        raise HFFormatError(f"{path}: unexpected weights {unexpected[:5]}"
+                            f"{' ...' if len(unexpected) > 5 else ''} for {hf['architectures'][0] if hf.get('architectures') else config}")
+    for key, variable in flat.items():
+        variable.set_value(jax.numpy.asarray(values[key]))
+    model = nnx.merge(structure.graphdef_eval, nnx.from_flat_state(flat),
+                      model_loader.fresh_rng_state(structure.rng_layout))
+    return model, config
+
+
+# --- save ------------------------------------------------------------------------------------
+
+def hf_state_dict(model: model_lib.EttinModel) -> dict[str, np.ndarray]:
+    """Our parameters as transformers' state dict (numpy float32, torch layouts)."""
+    config = model.config
+    flat = {k: np.asarray(v.get_value(), dtype=np.float32)
+            for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    out = {}
+    for hf_key, path_, hf_shape, to_hf, _ in _weight_table(config):
+        source = flat[path_[:-1]] if path_[-1] in (0, 1, 2) and path_[-2] == "qkv" else flat[path_]
+        array = np.ascontiguousarray(to_hf(source))
+        assert array.shape == hf_shape, (hf_key, array.shape, hf_shape)
+        out[hf_key] = array
+    return out
+
+
+def save_hf(model: model_lib.EttinModel, model_config=None, path: str = ".", tokenizer=None):
+    """Writes `config.json` + `model.safetensors` (+ tokenizer files) that transformers'
+    AutoModelForMaskedLM / AutoModelForCausalLM load with no missing or unexpected weights.
+
+    tokenizer: None, a `tokenizers.Tokenizer`, a tokenizer.json path, or a directory holding
+    tokenizer files (copied as they are).
+    """
+    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+
+    config = ModelConfig.from_config(model_config) if model_config is not None else model.config
+    if config.causal != model.config.causal or config.num_layers != model.config.num_layers:
+        raise ValueError("save_hf: model_config does not describe this model "
+                         f"(causal {config.causal} vs {model.config.causal}, "
+                         f"layers {config.num_layers} vs {model.config.num_layers})")
+    os.makedirs(path, exist_ok=True)
+    hf = config.to_hf_dict()
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+    save_file(hf_state_dict(model), os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
+    if config.causal:
+        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                      "pad_token_id": config.pad_token_id}
+        with open(os.path.join(path, "generation_config.json"), "w") as f:
+            json.dump(generation, f, indent=2)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, path, config)
+
+
+def save_tokenizer(tokenizer, path: str, config: ModelConfig):
+    """Writes tokenizer.json plus the tokenizer_config.json transformers needs to load it."""
+    if isinstance(tokenizer, str) and os.path.isdir(tokenizer):
+        for name in os.listdir(tokenizer):
+            if name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges")):
+                shutil.copy(os.path.join(tokenizer, name), os.path.join(path, name))
+        if os.path.exists(os.path.join(path, "tokenizer_config.json")):
+            return
+        tokenizer = os.path.join(tokenizer, "tokenizer.json")
+    if isinstance(tokenizer, str):
+        from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+        if not os.path.exists(tokenizer):
+            raise FileNotFoundError(f"tokenizer file {tokenizer!r} does not exist")
+        tokenizer = Tokenizer.from_file(tokenizer)
+    tokenizer.save(os.path.join(path, "tokenizer.json"))
+
+    def token(token_id):
+        text = tokenizer.id_to_token(token_id)
+        if text is None:
+            raise ValueError(f"tokenizer has no token with id {token_id} (from the model config)")
+        return text
+
+    specials = {"unk_token": token(config.cls_token_id - 1), "cls_token": token(config.cls_token_id),
+                "sep_token": token(config.sep_token_id), "pad_token": token(config.pad_token_id),
+                "mask_token": token(config.mask_token_id), "bos_token": token(config.bos_token_id),
+                "eos_token": token(config.eos_token_id)}
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": True,
+                        "model_max_length": config.max_position_embeddings,
+                        "model_input_names": ["input_ids", "attention_mask"], **specials}
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(tokenizer_config, f, indent=2)
+    with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
+        json.dump(specials, f, indent=2)

@@ -1,0 +1,221 @@
+"""The static architecture of an Ettin model, and its transformers config.json translation.
+
+    ModelConfig.from_config(config.model)     # from the ConfigDict configs/base.py builds
+    ModelConfig.from_hf_dict(json.load(...))  # from a transformers config.json
+    model_config.to_hf_dict()                 # the config.json transformers reads
+
+Encoders map to `ModernBertForMaskedLM`, decoders to `ModernBertDecoderForCausalLM`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from ettin_jax import attention as attention_lib
+
+ENCODER_ARCH = "ModernBertForMaskedLM"
+DECODER_ARCH = "ModernBertDecoderForCausalLM"
+_MODEL_TYPES = {"modernbert": ENCODER_ARCH, "modernbert-decoder": DECODER_ARCH}
+
+
+class HFFormatError(ValueError):
+    """A transformers directory that does not describe a loadable Ettin model."""
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static architecture, built from the `config.model` ConfigDict by `from_config`."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    causal: bool = False
+    global_attn_every_n_layers: int = 3
+    local_attention: int = 128
+    decoder_window: str = "transformers"
+    global_rope_theta: float = 10_000.0
+    local_rope_theta: float = 10_000.0
+    max_position_embeddings: int = 1024
+    norm_eps: float = 1e-5
+    embedding_dropout: float = 0.0
+    attn_out_dropout: float = 0.1
+    mlp_dropout: float = 0.0
+    initializer_range: float = 0.02
+    initializer_cutoff_factor: float = 2.0
+    dtype: str = "bfloat16"
+    attention_impl: str = "auto"
+    pad_token_id: int = 50283
+    cls_token_id: int = 50281
+    sep_token_id: int = 50282
+    mask_token_id: int = 50284
+    bos_token_id: int = 50281
+    eos_token_id: int = 50282
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelConfig":
+        """Accepts a ModelConfig, an ml_collections ConfigDict or a plain dict."""
+        if isinstance(config, cls):
+            return config
+        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config.model has unknown keys {unknown}; known keys: {sorted(known)}")
+        result = cls(**values)
+        result.validate()
+        return result
+
+    def validate(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"config.model.hidden_size={self.hidden_size} is not a multiple of "
+                             f"num_heads={self.num_heads}")
+        if self.decoder_window not in ("transformers", "training"):
+            raise ValueError(f"config.model.decoder_window={self.decoder_window!r}: expected "
+                             "'transformers' or 'training'")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"config.model.dtype={self.dtype!r}: expected one of {sorted(_DTYPES)}")
+        attention_lib.resolve_implementation(self.attention_impl)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    def is_global(self, layer: int) -> bool:
+        return layer % self.global_attn_every_n_layers == 0
+
+    def window_size(self, layer: int) -> tuple[int, int]:
+        """(left, right) keys a query sees around itself in `layer`; -1 = unbounded."""
+        if self.is_global(layer):
+            return (-1, -1)
+        half = self.local_attention // 2
+        if not self.causal:
+            return (half, half)
+        # transformers: keys i-63..i (64 keys); Ettin's training (FA2 (64,64) + causal): i-64..i.
+        return (half - 1, 0) if self.decoder_window == "transformers" else (half, 0)
+
+    def rope_theta(self, layer: int) -> float:
+        return self.global_rope_theta if self.is_global(layer) else self.local_rope_theta
+
+    # --- transformers config.json ---------------------------------------------------------
+
+    def to_hf_dict(self) -> dict:
+        """The transformers config.json of this config (fields of HF 4.57 and 5.x alike)."""
+        local_attention = self.local_attention
+        if self.causal and self.decoder_window == "training":
+            # transformers' decoder sees sliding_window = local_attention // 2 keys; Ettin trained
+            # with one key more, which transformers expresses as a window two wider.
+            local_attention += 2
+        layer_types = ["full_attention" if self.is_global(i) else "sliding_attention"
+                       for i in range(self.num_layers)]
+        out = {
+            "architectures": [DECODER_ARCH if self.causal else ENCODER_ARCH],
+            "model_type": "modernbert-decoder" if self.causal else "modernbert",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "hidden_activation": "gelu",
+            "classifier_activation": "gelu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "initializer_range": self.initializer_range,
+            "initializer_cutoff_factor": self.initializer_cutoff_factor,
+            "norm_eps": self.norm_eps,
+            "norm_bias": False,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "decoder_bias": True,
+            "classifier_bias": False,
+            "attention_dropout": 0.0,
+            "embedding_dropout": self.embedding_dropout,
+            "mlp_dropout": self.mlp_dropout,
+            "global_attn_every_n_layers": self.global_attn_every_n_layers,
+            "local_attention": local_attention,
+            "layer_types": layer_types,
+            "global_rope_theta": self.global_rope_theta,
+            "local_rope_theta": self.local_rope_theta,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": self.global_rope_theta},
+                "sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta},
+            },
+            "tie_word_embeddings": True,
+            "pad_token_id": self.pad_token_id,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "cls_token_id": self.cls_token_id,
+            "sep_token_id": self.sep_token_id,
+            "torch_dtype": "float32",
+        }
+        if 0 <= self.mask_token_id < self.vocab_size:
+            out["mask_token_id"] = self.mask_token_id
+        if self.causal:
+            out["use_cache"] = True
+        else:
+            out.update(classifier_pooling="cls", sparse_prediction=False,
+                       sparse_pred_ignore_index=-100)
+        return out
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
+        """The ModelConfig of a transformers config.json dict; fields that config.json does
+        not set keep this class's defaults. Raises HFFormatError naming `where` and the key
+        for an architecture or option Ettin does not have."""
+        arch = (hf.get("architectures") or [None])[0] or _MODEL_TYPES.get(hf.get("model_type"))
+        if arch not in (ENCODER_ARCH, DECODER_ARCH):
+            raise HFFormatError(
+                f"{where}: architecture {arch!r} (model_type {hf.get('model_type')!r}) is not "
+                f"{ENCODER_ARCH} or {DECODER_ARCH}")
+        causal = arch == DECODER_ARCH
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"):
+            if key not in hf:
+                raise HFFormatError(f"{where}: missing key {key!r}")
+        for key, expected in (("hidden_activation", "gelu"), ("norm_bias", False),
+                              ("attention_bias", False), ("mlp_bias", False),
+                              ("decoder_bias", True), ("classifier_bias", False)):
+            if hf.get(key, expected) != expected:
+                raise HFFormatError(f"{where}: {key}={hf[key]!r} is not supported "
+                                    f"(Ettin uses {expected!r})")
+        if hf.get("tie_word_embeddings", True) is False:
+            raise HFFormatError(f"{where}: tie_word_embeddings=false is not supported "
+                                "(Ettin ties them)")
+        rope = hf.get("rope_parameters") or {}
+        global_theta = rope.get("full_attention", {}).get(
+            "rope_theta", hf.get("global_rope_theta", 160_000.0))
+        if "sliding_attention" in rope:
+            local_theta = rope["sliding_attention"]["rope_theta"]
+        elif causal and str(hf.get("transformers_version", "5")).startswith("4."):
+            local_theta = global_theta   # transformers 4.x decoders ignore local_rope_theta
+        else:
+            local_theta = hf.get("local_rope_theta", 10_000.0)
+        values = dict(
+            num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_heads=hf["num_attention_heads"],
+            vocab_size=hf["vocab_size"], causal=causal,
+            global_attn_every_n_layers=hf.get("global_attn_every_n_layers", 3),
+            local_attention=hf.get("local_attention", 128),
+            decoder_window="transformers",   # the mask transformers applies is what we reproduce
+            global_rope_theta=float(global_theta), local_rope_theta=float(local_theta),
+            max_position_embeddings=hf.get("max_position_embeddings", 8192),
+            norm_eps=hf.get("norm_eps", 1e-5),
+            initializer_range=hf.get("initializer_range", 0.02),
+            initializer_cutoff_factor=hf.get("initializer_cutoff_factor", 2.0) or 3.0,
+            embedding_dropout=hf.get("embedding_dropout", 0.0),
+            mlp_dropout=hf.get("mlp_dropout", 0.0))
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id",
+                    "sep_token_id", "mask_token_id"):
+            if isinstance(hf.get(key), int):
+                values[key] = hf[key]
+        result = cls(**values)
+        result.validate()
+        return result

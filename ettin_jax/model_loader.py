@@ -1,0 +1,190 @@
+"""The one way to get an EttinModel with weights: from a config, a training run, or a
+transformers directory, on one device or placed on a mesh.
+
+    parts = model_parts(model_config)          # graphdefs + abstract params, nothing allocated
+    model = from_config(model_config, seed=0)  # fresh initialisation
+    loaded = from_run("runs/enc150m")          # Loaded(model, config, tokenizer, meta)
+    loaded = from_hf("hf/enc150m")
+    model, tokenizer = load_for_inference(checkpoint, hf_dir, tokenizer_path, dtype)
+
+Models read from a run or a transformers directory are in eval mode (dropout off).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from ettin_jax import checkpoint as checkpoint_lib
+from ettin_jax import model as model_lib
+from ettin_jax import sharding as sharding_lib
+from ettin_jax.model_config import ModelConfig
+
+
+@dataclasses.dataclass
+class ModelParts:
+    """A module's structure without its values (from `nnx.eval_shape`: nothing is allocated).
+
+    graphdef_train / graphdef_eval: the module with dropout on / off, to `nnx.merge` with
+    params and an rng state. abstract_params: nnx.State of abstract nnx.Param values (shapes,
+    dtypes and logical-axis metadata). rng_layout: the abstract non-Param state (the dropout
+    streams' keys and counters), for `fresh_rng_state`.
+    """
+    graphdef_train: Any
+    graphdef_eval: Any
+    abstract_params: nnx.State
+    rng_layout: nnx.State
+
+
+def module_parts(make_module: Callable[[], nnx.Module]) -> ModelParts:
+    """The ModelParts of the module `make_module()` builds (an EttinModel or a module that
+    holds one, such as glue's SequenceClassifier)."""
+    abstract = nnx.eval_shape(make_module)
+    abstract.train()
+    graphdef_train, abstract_params, rng_layout = nnx.split(abstract, nnx.Param, ...)
+    abstract.eval()
+    graphdef_eval, _, _ = nnx.split(abstract, nnx.Param, ...)
+    return ModelParts(graphdef_train, graphdef_eval, abstract_params, rng_layout)
+
+
+def model_parts(model_config, *, seed: int = 0) -> ModelParts:
+    """The ModelParts of `EttinModel(model_config)`; model_config: a ModelConfig, a
+    `config.model` ConfigDict or a dict."""
+    config = ModelConfig.from_config(model_config)
+    return module_parts(lambda: model_lib.EttinModel(config, rngs=nnx.Rngs(seed)))
+
+
+def fresh_rng_state(rng_layout: nnx.State, seed: int = 0) -> nnx.State:
+    """Concrete dropout RNG state for `rng_layout` (ModelParts.rng_layout): stream i (in the
+    order of the state paths) gets key fold_in(key(seed), i), every counter 0. Pure, so it
+    also runs inside jit (the layout is not modified)."""
+    items = sorted(nnx.to_flat_state(rng_layout), key=lambda kv: str(kv[0]))
+    fresh = {}
+    for index, (path, variable) in enumerate(items):
+        if isinstance(variable, nnx.RngKey):
+            value = jax.random.fold_in(jax.random.key(seed), index)
+        elif isinstance(variable, nnx.RngCount):
+            value = jnp.zeros(variable.get_value().shape, jnp.uint32)
+        else:
+            raise TypeError(f"unexpected non-parameter state {path} of type "
+                            f"{type(variable).__name__}; only dropout RNG streams are expected")
+        fresh[path] = variable.replace(value)
+    return nnx.from_flat_state(fresh)
+
+
+def _params_target(abstract_params: nnx.State, mesh) -> nnx.State:
+    """ShapeDtypeStructs of the params, placed on `mesh` by their logical axes, or on the
+    first local device when mesh is None."""
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            abstract_params)
+    return checkpoint_lib.abstract_like(abstract_params,
+                                        sharding_lib.param_shardings(abstract_params, mesh))
+
+
+def from_config(model_config, *, seed: int = 0, mesh=None) -> model_lib.EttinModel:
+    """A freshly initialised EttinModel (train mode, as constructed); with `mesh`, its params
+    are created already sharded by their logical axes."""
+    config = ModelConfig.from_config(model_config)
+
+    def make():
+        return model_lib.EttinModel(config, rngs=nnx.Rngs(seed))
+
+    if mesh is None:
+        return make()
+    parts = module_parts(make)
+    shardings = (sharding_lib.param_shardings(parts.abstract_params, mesh),
+                 sharding_lib.replicated(mesh))
+    params, rest = jax.jit(lambda: nnx.split(make(), nnx.Param, ...)[1:],
+                           out_shardings=shardings)()
+    return nnx.merge(parts.graphdef_train, params, rest)
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A model with weights and where they came from.
+
+    config: the run's saved config as a dict (from a transformers directory: {"model": ...});
+    tokenizer: the tokenizer path saved with the source, or None; meta: the checkpoint's
+    meta item (step, tokens seen, ...; {} for a transformers directory).
+    """
+    model: model_lib.EttinModel
+    config: dict
+    tokenizer: str | None
+    meta: dict
+
+
+def _with_dtype(config: ModelConfig, dtype: str | None) -> ModelConfig:
+    if not dtype:
+        return config
+    config = dataclasses.replace(config, dtype=dtype)
+    config.validate()
+    return config
+
+
+def from_run(workdir: str, *, step: int | None = None, mesh=None,
+             dtype: str | None = None) -> Loaded:
+    """The model (eval mode) of a training run's checkpoint `step` (default: the newest).
+
+    Params are placed on `mesh` by their logical axes when given, else on one device.
+    dtype: compute dtype to use instead of the saved config's. Raises FileNotFoundError for a
+    directory without checkpoints and ValueError naming every parameter whose shape differs
+    from the saved config's model.
+    """
+    manager = checkpoint_lib.read_only_manager(workdir)
+    try:
+        step = checkpoint_lib.readable_steps(manager, workdir)[0] if step is None else step
+        # The config decides the params' shapes and shardings: read it (and meta) first.
+        saved = manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        config, meta = saved["config"], saved["meta"] or {}
+        model_config = _with_dtype(ModelConfig.from_config(config["model"]), dtype)
+        parts = model_parts(model_config)
+        target = _params_target(parts.abstract_params, mesh)
+        checkpoint_lib.check_tree_matches(manager.item_metadata(step)["params"], target,
+                                          what="parameters", where=f"{workdir} (step {step})")
+        params = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(target)))["params"]
+    finally:
+        manager.close()
+    model = nnx.merge(parts.graphdef_eval, params, fresh_rng_state(parts.rng_layout))
+    tokenizer = meta.get("tokenizer") or (config.get("data") or {}).get("tokenizer") or None
+    return Loaded(model, config, tokenizer, meta)
+
+
+def from_hf(path: str, *, dtype: str | None = None, mesh=None) -> Loaded:
+    """The model (eval mode) of a transformers directory (config.json + model.safetensors);
+    raises hf.HFFormatError naming the file and key for anything that does not fit."""
+    from ettin_jax import hf as hf_lib  # pylint: disable=import-outside-toplevel  # hf imports this module
+
+    model, model_config = hf_lib.load_hf(path, dtype=dtype or None)
+    if mesh is not None:
+        params = nnx.state(model, nnx.Param)
+        nnx.update(model, jax.device_put(params, sharding_lib.param_shardings(params, mesh)))
+    tokenizer = path if os.path.exists(os.path.join(path, "tokenizer.json")) else None
+    return Loaded(model, {"model": dataclasses.asdict(model_config)}, tokenizer, {})
+
+
+def load_for_inference(checkpoint: str | None, hf_dir: str | None, tokenizer_path: str | None,
+                       dtype: str = ""):
+    """(model in eval mode, tokenizer) from a training run's newest checkpoint or a
+    transformers directory (the --checkpoint / --hf / --tokenizer / --dtype flags of cli.py).
+
+    tokenizer_path: None = the tokenizer saved with the run or the directory.
+    dtype: compute dtype ("float32", "bfloat16"); "" keeps the model config's.
+    """
+    from data_pipeline import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+
+    if bool(checkpoint) == bool(hf_dir):
+        raise ValueError("give exactly one of --checkpoint=RUN_DIR or --hf=HF_DIR")
+    loaded = from_run(checkpoint, dtype=dtype) if checkpoint else from_hf(hf_dir, dtype=dtype)
+    tokenizer_path = tokenizer_path or loaded.tokenizer
+    if not tokenizer_path:
+        raise ValueError(f"{checkpoint or hf_dir}: no tokenizer saved with the model; pass --tokenizer")
+    return loaded.model, tokenizer_lib.load(tokenizer_path)

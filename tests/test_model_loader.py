@@ -1,0 +1,118 @@
+"""model_loader: a run's checkpoint comes back with the same weights on one device and on a
+mesh, a mismatched run is refused naming the parameter, sharded fresh init equals the
+unsharded one, the fresh RNG state works inside jit; ModelConfig <-> config.json round trip."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import ettin_tiny
+from ettin_jax import checkpoint, model_loader
+from ettin_jax import sharding as sharding_lib
+from ettin_jax.model_config import HFFormatError, ModelConfig
+
+
+def _tiny_config(objective="mlm", **changes) -> ModelConfig:
+    return dataclasses.replace(ModelConfig.from_config(ettin_tiny.get_config(objective).model),
+                               attention_impl="xla", **changes)
+
+
+def _params(model) -> dict:
+    return {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _mesh():
+    return sharding_lib.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, devices=jax.devices()[:4])
+
+
+def test_from_run_restores_the_saved_weights_on_one_device_and_on_a_mesh(tmp_path):
+    config = _tiny_config("clm")
+    model = model_loader.from_config(config, seed=5)
+    run = str(tmp_path / "run")
+    checkpoint.save_imported(model, config, run)
+    expected = _params(model)
+
+    loaded = model_loader.from_run(run)
+    assert loaded.config["model"]["causal"] is True and loaded.meta["imported"] is True
+    assert loaded.tokenizer is None
+    assert _params(loaded.model).keys() == expected.keys()
+    for key, value in _params(loaded.model).items():
+        np.testing.assert_array_equal(value, expected[key], err_msg=str(key))
+
+    mesh = _mesh()
+    sharded = model_loader.from_run(run, mesh=mesh, dtype="bfloat16")
+    assert sharded.model.config.dtype == "bfloat16"
+    embeddings = sharded.model.tok_embeddings.get_value()   # [vocab, embed]: tensor x fsdp
+    assert embeddings.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    for key, value in _params(sharded.model).items():
+        np.testing.assert_array_equal(value, expected[key], err_msg=str(key))
+    # Eval mode: dropout off, so two calls agree.
+    ids = jnp.arange(24, dtype=jnp.int32)[None] % 500
+    forward = nnx.jit(lambda m, x: m(x))
+    np.testing.assert_array_equal(np.asarray(forward(loaded.model, ids)),
+                                  np.asarray(forward(loaded.model, ids)))
+
+
+def test_from_run_refuses_another_architecture_naming_the_parameter(tmp_path):
+    config = _tiny_config()
+    # Weights of a wider MLP saved with a config that does not describe them.
+    wide = dataclasses.replace(config, intermediate_size=config.intermediate_size + 8)
+    other = str(tmp_path / "other")
+    checkpoint.save_imported(model_loader.from_config(wide), config, other)
+    with pytest.raises(ValueError, match=r"\(step 0\).*layers/0/mlp_in: \(64, 2, 104\) in the "
+                                         r"checkpoint, \(64, 2, 96\) in this run"):
+        model_loader.from_run(other)
+    with pytest.raises(FileNotFoundError, match="no checkpoints/ directory"):
+        model_loader.from_run(str(tmp_path / "missing"))
+
+
+def test_sharded_fresh_init_equals_unsharded():
+    config = _tiny_config()
+    plain, sharded = model_loader.from_config(config, seed=3), model_loader.from_config(
+        config, seed=3, mesh=_mesh())
+    expected = _params(plain)
+    for key, value in _params(sharded).items():
+        np.testing.assert_array_equal(value, expected[key], err_msg=str(key))
+    assert sharded.tok_embeddings.get_value().sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+
+
+def test_fresh_rng_state_in_and_out_of_jit():
+    parts = model_loader.model_parts(_tiny_config())
+    eager = model_loader.fresh_rng_state(parts.rng_layout, seed=7)
+    jitted = jax.jit(lambda: model_loader.fresh_rng_state(parts.rng_layout, seed=7))()
+    eager_flat, jitted_flat = dict(nnx.to_flat_state(eager)), dict(nnx.to_flat_state(jitted))
+    assert eager_flat.keys() == jitted_flat.keys() and eager_flat
+    keys = []
+    for path, variable in eager_flat.items():
+        other = jitted_flat[path].get_value()
+        value = variable.get_value()
+        if isinstance(variable, nnx.RngKey):
+            np.testing.assert_array_equal(jax.random.key_data(value), jax.random.key_data(other))
+            keys.append(tuple(np.asarray(jax.random.key_data(value)).ravel()))
+        else:
+            assert int(value) == int(other) == 0
+    assert len(set(keys)) == len(keys)   # every dropout stream has its own key
+    # The layout is left abstract, so the parts can be used again.
+    assert all(isinstance(v.get_value(), jax.ShapeDtypeStruct)
+               for _, v in nnx.to_flat_state(parts.rng_layout))
+    # A train-mode model built from the parts runs dropout with the fresh state.
+    params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), parts.abstract_params)
+    model = nnx.merge(parts.graphdef_train, params, eager)
+    assert model.layers[0].attn_out_dropout.deterministic is False
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_hf_dict_round_trip(objective):
+    config = _tiny_config(objective, global_rope_theta=500.0, local_rope_theta=2000.0,
+                          max_position_embeddings=256, embedding_dropout=0.1)
+    back = ModelConfig.from_hf_dict(config.to_hf_dict())
+    # config.json carries no compute dtype, attention implementation or training-only dropout.
+    assert back == dataclasses.replace(config, dtype="bfloat16", attention_impl="auto",
+                                       attn_out_dropout=0.1)
+    hf = config.to_hf_dict()
+    hf["norm_bias"] = True
+    with pytest.raises(HFFormatError, match=r"my/config.json: norm_bias=True is not supported"):
+        ModelConfig.from_hf_dict(hf, "my/config.json")
