@@ -106,8 +106,11 @@ def test_fresh_rng_state_in_and_out_of_jit():
 
 @pytest.mark.parametrize("objective", ["mlm", "clm"])
 def test_hf_dict_round_trip(objective):
+    # The 64-key decoder window: the one a config.json names directly (the 65-key training
+    # window comes back as a wider transformers window, tested in test_hf.py).
     config = _tiny_config(objective, global_rope_theta=500.0, local_rope_theta=2000.0,
-                          max_position_embeddings=256, embedding_dropout=0.1)
+                          max_position_embeddings=256, embedding_dropout=0.1,
+                          decoder_window="transformers")
     back = ModelConfig.from_hf_dict(config.to_hf_dict())
     # config.json carries no compute dtype, attention implementation or training-only dropout.
     assert back == dataclasses.replace(config, dtype="bfloat16", attention_impl="auto",
