@@ -32,6 +32,16 @@ from ettin_jax import attention as attention_lib
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+# Rematerialisation of the scanned layer group (config.model.remat): what its backward pass
+# keeps from the forward. "full" keeps only the group's input; "dots" also keeps the outputs
+# of the weight matmuls (dot_generals without batch dimensions: the projections, not the
+# attention scores), recomputing norms, activations and attention.
+_REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -56,6 +66,8 @@ class ModelConfig:
     initializer_cutoff_factor: float = 2.0
     dtype: str = "bfloat16"
     attention_impl: str = "auto"
+    scan_layers: bool = True
+    remat: str = "none"
     pad_token_id: int = 50283
     cls_token_id: int = 50281
     sep_token_id: int = 50282
@@ -87,6 +99,12 @@ class ModelConfig:
         if self.dtype not in _DTYPES:
             raise ValueError(f"config.model.dtype={self.dtype!r}: expected one of {sorted(_DTYPES)}")
         attention_lib.resolve_implementation(self.attention_impl)
+        if self.remat not in _REMAT_POLICIES:
+            raise ValueError(f"config.model.remat={self.remat!r}: expected one of "
+                             f"{sorted(_REMAT_POLICIES)}")
+        if self.remat != "none" and not self.scan_layers:
+            raise ValueError(f"config.model.remat={self.remat!r} rematerialises the scanned layer "
+                             "groups: set config.model.scan_layers=True, or remat='none'")
 
     @property
     def head_dim(self) -> int:
@@ -111,6 +129,12 @@ class ModelConfig:
 
     def rope_theta(self, layer: int) -> float:
         return self.global_rope_theta if self.is_global(layer) else self.local_rope_theta
+
+    @property
+    def num_layer_groups(self) -> int:
+        """Whole (local, ..., global) groups after layer 0: layers 1 + n*g .. n*(g+1), n =
+        global_attn_every_n_layers, share shapes and attention pattern for every group g."""
+        return (self.num_layers - 1) // self.global_attn_every_n_layers
 
 
 def _truncated_normal(rngs: nnx.Rngs, shape, std: float, cutoff: float):
@@ -186,10 +210,19 @@ class Block(nnx.Module):
         self.mlp_out = _param(_truncated_normal(rngs, (I, H), std_out, c), ("mlp", "embed"))
         self.mlp_dropout = nnx.Dropout(config.mlp_dropout, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, *, dtype, attention_impl: str, cache=None):
+    def dropout_keys(self):
+        """The keys this layer's two dropouts draw from their streams in one call (None for
+        one that is off: eval mode or rate 0), advancing the streams as that call would."""
+        return tuple(None if dropout.deterministic or dropout.rate in (0.0, 1.0)
+                     else dropout.rngs()
+                     for dropout in (self.attn_out_dropout, self.mlp_dropout))
+
+    def __call__(self, x, positions, segment_ids, *, dtype, attention_impl: str, cache=None,
+                 dropout_keys=(None, None)):
         """x: `[batch, seq, hidden]` float32 residual stream -> same.
 
-        With `cache=(k, v, index)` (decoding; k, v `[batch, max_len, heads, head_dim]`) the
+        `dropout_keys` (from `dropout_keys()`) replace the dropouts' own streams, which a
+        scanned layer group cannot advance. With `cache=(k, v, index)` (decoding; k, v `[batch, max_len, heads, head_dim]`) the
         new keys and values are written at `index..` and the queries attend to the whole
         cache; returns `(x, (k, v))` then.
         """
@@ -209,12 +242,13 @@ class Block(nnx.Module):
             attn = attention_lib.xla_attention(q, k.astype(dtype), v.astype(dtype), causal=True,
                                                window_size=self.window_size, q_offset=index)
         out = jnp.einsum("bsnd,ndh->bsh", attn, self.attn_out[...].astype(dtype))
-        x = x + self.attn_out_dropout(out).astype(jnp.float32)
+        attn_key, mlp_key = dropout_keys
+        x = x + self.attn_out_dropout(out, rngs=attn_key).astype(jnp.float32)
 
         h = layer_norm(x, self.mlp_norm, self.eps).astype(dtype)
         gate_in = jnp.einsum("bsh,hci->bsci", h, self.mlp_in[...].astype(dtype))
         inner = gelu(gate_in[:, :, 0]) * gate_in[:, :, 1]
-        out = jnp.einsum("bsi,ih->bsh", self.mlp_dropout(inner), self.mlp_out[...].astype(dtype))
+        out = jnp.einsum("bsi,ih->bsh", self.mlp_dropout(inner, rngs=mlp_key), self.mlp_out[...].astype(dtype))
         x = x + out.astype(jnp.float32)
         return x if cache is None else (x, (k, v))
 
@@ -257,9 +291,55 @@ class EttinModel(nnx.Module):
         impl = attention_lib.resolve_implementation(self.attention_impl)
         x = jnp.take(self.tok_embeddings[...], input_ids, axis=0)
         x = self.embed_dropout(layer_norm(x, self.embed_norm, config.norm_eps))
-        for block in self.layers:
-            x = block(x, positions, segment_ids, dtype=dtype, attention_impl=impl)
+        run = dict(positions=positions, segment_ids=segment_ids, dtype=dtype, attention_impl=impl)
+        if not config.scan_layers:     # the reference: every layer traced and compiled apart
+            for block in self.layers:
+                x = block(x, **run)
+            return layer_norm(x, self.final_norm, config.norm_eps)
+        n, groups = config.global_attn_every_n_layers, config.num_layer_groups
+        x = self.layers[0](x, **run)
+        if groups:
+            x = self._scan_groups(x, range(1, 1 + n * groups), run)
+        for block in self.layers[1 + n * groups:]:   # a last group that is not whole
+            x = block(x, **run)
         return layer_norm(x, self.final_norm, config.norm_eps)
+
+    def _scan_groups(self, x, layers, run):
+        """Layers `layers` (whole groups of global_attn_every_n_layers) as one `lax.scan` over
+        the groups, so XLA compiles one group body instead of every layer.
+
+        Each layer keeps its own parameters (checkpoints, sharding and HF keys see the same
+        tree): they are stacked here per position in the group, `[groups, *shape]`, and the
+        gradient of the stack flows back to them. The body rebuilds the group's layers from
+        the first group's graph (same shapes, window and RoPE theta at each position) and the
+        scanned slice. Dropout keys are drawn from each layer's own stream before the scan,
+        so the masks equal the unrolled model's.
+        """
+        n = self.config.global_attn_every_n_layers
+        layers = list(layers)
+        graphs, rests, stacked, keys = [], [], [], []
+        for position in range(n):
+            members = [self.layers[i] for i in layers[position::n]]
+            graph, _, rest = nnx.split(members[0], nnx.Param, ...)
+            params = [nnx.state(block, nnx.Param) for block in members]
+            graphs.append(graph)
+            rests.append(rest)
+            stacked.append(jax.tree.map(lambda *leaves: jnp.stack(leaves), *params))
+            member_keys = [block.dropout_keys() for block in members]
+            keys.append(jax.tree.map(lambda *leaves: jnp.stack(leaves), *member_keys))
+
+        def group(x, scanned):
+            group_params, group_keys = scanned
+            for graph, rest, params, dropout_keys in zip(graphs, rests, group_params, group_keys):
+                block = nnx.merge(graph, params, rest)
+                x = block(x, dropout_keys=dropout_keys, **run)
+            return x, None
+
+        policy = _REMAT_POLICIES[self.config.remat]
+        if self.config.remat != "none":
+            group = jax.checkpoint(group, policy=policy, prevent_cse=False)
+        x, _ = jax.lax.scan(group, x, (stacked, keys))
+        return x
 
     def head_features(self, hidden):
         """Prediction head before the tied decoder: `[..., hidden]` -> `[..., hidden]` float32.
