@@ -14,6 +14,10 @@ and split only on Hugging Face export), so a checkpoint moves between objectives
 
 Layer i is global iff i % global_attn_every_n_layers == 0, else local (a window of
 local_attention // 2 on each side for the encoder; the last 64 or 65 keys for the decoder).
+After layer 0 the layers repeat in groups of global_attn_every_n_layers (local, local,
+global); with `config.scan_layers` the whole groups run as one `lax.scan` (XLA compiles one
+group, not every layer), optionally rematerialised (`config.remat`), while each layer keeps
+its own parameters (`layers/<i>/...`).
 Parameters are float32 and carry logical axis names (`vocab`, `embed`, `heads`, `kv`,
 `mlp`, `norm`) for the sharding rules; matmuls run in `config.dtype`; the residual
 stream, norms, RoPE and softmax stay in float32, as under PyTorch autocast.
@@ -222,9 +226,9 @@ class Block(nnx.Module):
         """x: `[batch, seq, hidden]` float32 residual stream -> same.
 
         `dropout_keys` (from `dropout_keys()`) replace the dropouts' own streams, which a
-        scanned layer group cannot advance. With `cache=(k, v, index)` (decoding; k, v `[batch, max_len, heads, head_dim]`) the
-        new keys and values are written at `index..` and the queries attend to the whole
-        cache; returns `(x, (k, v))` then.
+        scanned layer group cannot advance. With `cache=(k, v, index)` (decoding; k, v
+        `[batch, max_len, heads, head_dim]`) the new keys and values are written at
+        `index..` and the queries attend to the whole cache; returns `(x, (k, v))` then.
         """
         h = x if self.attn_norm is None else layer_norm(x, self.attn_norm, self.eps)
         qkv = jnp.einsum("bsh,hcnd->bscnd", h.astype(dtype), self.qkv[...].astype(dtype))
@@ -248,7 +252,8 @@ class Block(nnx.Module):
         h = layer_norm(x, self.mlp_norm, self.eps).astype(dtype)
         gate_in = jnp.einsum("bsh,hci->bsci", h, self.mlp_in[...].astype(dtype))
         inner = gelu(gate_in[:, :, 0]) * gate_in[:, :, 1]
-        out = jnp.einsum("bsi,ih->bsh", self.mlp_dropout(inner, rngs=mlp_key), self.mlp_out[...].astype(dtype))
+        out = jnp.einsum("bsi,ih->bsh", self.mlp_dropout(inner, rngs=mlp_key),
+                         self.mlp_out[...].astype(dtype))
         x = x + out.astype(jnp.float32)
         return x if cache is None else (x, (k, v))
 
@@ -315,18 +320,19 @@ class EttinModel(nnx.Module):
         scanned slice. Dropout keys are drawn from each layer's own stream before the scan,
         so the masks equal the unrolled model's.
         """
+        def stack(trees):
+            return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
         n = self.config.global_attn_every_n_layers
         layers = list(layers)
         graphs, rests, stacked, keys = [], [], [], []
         for position in range(n):
             members = [self.layers[i] for i in layers[position::n]]
             graph, _, rest = nnx.split(members[0], nnx.Param, ...)
-            params = [nnx.state(block, nnx.Param) for block in members]
             graphs.append(graph)
             rests.append(rest)
-            stacked.append(jax.tree.map(lambda *leaves: jnp.stack(leaves), *params))
-            member_keys = [block.dropout_keys() for block in members]
-            keys.append(jax.tree.map(lambda *leaves: jnp.stack(leaves), *member_keys))
+            stacked.append(stack([nnx.state(block, nnx.Param) for block in members]))
+            keys.append(stack([block.dropout_keys() for block in members]))
 
         def group(x, scanned):
             group_params, group_keys = scanned
@@ -335,9 +341,9 @@ class EttinModel(nnx.Module):
                 x = block(x, dropout_keys=dropout_keys, **run)
             return x, None
 
-        policy = _REMAT_POLICIES[self.config.remat]
         if self.config.remat != "none":
-            group = jax.checkpoint(group, policy=policy, prevent_cse=False)
+            group = jax.checkpoint(group, policy=_REMAT_POLICIES[self.config.remat],
+                                   prevent_cse=False)   # scan already keeps CSE out
         x, _ = jax.lax.scan(group, x, (stacked, keys))
         return x
 

@@ -113,16 +113,32 @@ def test_layers_draw_distinct_dropout_keys():
 @pytest.mark.parametrize("num_layers, length", [(4, 1), (5, 1), (8, 2), (22, 7)])
 def test_one_scan_over_the_whole_groups(num_layers, length):
     """The program holds one scan over the groups (and none when unrolled)."""
+    assert _scans(num_layers, scan_layers=True) == [length]
+    assert _scans(num_layers, scan_layers=False) == []
+
+
+@pytest.mark.parametrize("remat, policy", [
+    ("full", jax.checkpoint_policies.nothing_saveable),
+    ("dots", jax.checkpoint_policies.dots_with_no_batch_dims_saveable)])
+def test_remat_wraps_the_group_body(remat, policy):
+    """Equal results alone would not show that the group is rematerialised at all."""
+    body = _scan_equations(8, scan_layers=True, remat=remat)[0].params["jaxpr"].jaxpr
+    policies = [eqn.params["policy"] for eqn in body.eqns if "policy" in eqn.params]
+    assert policies == [policy]
+    none_body = _scan_equations(8, scan_layers=True)[0].params["jaxpr"].jaxpr
+    assert not [eqn for eqn in none_body.eqns if "policy" in eqn.params]
+
+
+def _scan_equations(num_layers, **overrides):
     ids = jnp.zeros((1, 16), jnp.int32)
+    model = nnx.eval_shape(lambda: _model("mlm", num_layers, **overrides))
+    graph, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graph, s).hidden_states(ids))(state)
+    return [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "scan"]
 
-    def scans(scan_layers):
-        model = nnx.eval_shape(lambda: _model("mlm", num_layers, scan_layers=scan_layers))
-        graph, state = nnx.split(model)
-        jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graph, s).hidden_states(ids))(state)
-        return [eqn.params["length"] for eqn in jaxpr.eqns if eqn.primitive.name == "scan"]
 
-    assert scans(True) == [length]
-    assert scans(False) == []
+def _scans(num_layers, **overrides):
+    return [eqn.params["length"] for eqn in _scan_equations(num_layers, **overrides)]
 
 
 def test_remat_names_are_checked():
