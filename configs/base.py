@@ -105,6 +105,12 @@ def model_config(*, num_layers: int, hidden_size: int, intermediate_size: int,
     m.initializer_cutoff_factor = 2.0
     m.dtype = "bfloat16"                  # compute dtype; parameters stay float32
     m.attention_impl = "auto"             # auto | xla | pallas | cudnn | splash
+    # Run the repeated (local, local, global) layer groups as one lax.scan, so XLA compiles
+    # one group instead of every layer (start-up time); False = a Python loop over layers.
+    m.scan_layers = True
+    # Rematerialise the scanned group in the backward pass to save activation memory:
+    # none | full (keep only each group's input) | dots (also keep the weight matmuls' outputs).
+    m.remat = "none"
     m.pad_token_id = PAD_ID
     m.cls_token_id = CLS_ID
     m.sep_token_id = SEP_ID

@@ -14,6 +14,10 @@ and split only on Hugging Face export), so a checkpoint moves between objectives
 
 Layer i is global iff i % global_attn_every_n_layers == 0, else local (a window of
 local_attention // 2 on each side for the encoder; the last 64 or 65 keys for the decoder).
+After layer 0 the layers repeat in groups of global_attn_every_n_layers (local, local,
+global); with `config.scan_layers` the whole groups run as one `lax.scan` (XLA compiles one
+group, not every layer), optionally rematerialised (`config.remat`), while each layer keeps
+its own parameters (`layers/<i>/...`).
 Parameters are float32 and carry logical axis names (`vocab`, `embed`, `heads`, `kv`,
 `mlp`, `norm`) for the sharding rules; matmuls run in `config.dtype`; the residual
 stream, norms, RoPE and softmax stay in float32, as under PyTorch autocast.
@@ -27,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ettin_jax import attention as attention_lib
-from ettin_jax.model_config import ModelConfig
+from ettin_jax.model_config import REMAT_POLICIES, ModelConfig
 
 
 def _truncated_normal(rngs: nnx.Rngs, shape, std: float, cutoff: float):
@@ -103,12 +107,21 @@ class Block(nnx.Module):
         self.mlp_out = _param(_truncated_normal(rngs, (I, H), std_out, c), ("mlp", "embed"))
         self.mlp_dropout = nnx.Dropout(config.mlp_dropout, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, *, dtype, attention_impl: str, cache=None):
+    def dropout_keys(self):
+        """The keys this layer's two dropouts draw from their streams in one call (None for
+        one that is off: eval mode or rate 0), advancing the streams as that call would."""
+        return tuple(None if dropout.deterministic or dropout.rate in (0.0, 1.0)
+                     else dropout.rngs()
+                     for dropout in (self.attn_out_dropout, self.mlp_dropout))
+
+    def __call__(self, x, positions, segment_ids, *, dtype, attention_impl: str, cache=None,
+                 dropout_keys=(None, None)):
         """x: `[batch, seq, hidden]` float32 residual stream -> same.
 
-        With `cache=(k, v, index)` (decoding; k, v `[batch, max_len, heads, head_dim]`) the
-        new keys and values are written at `index..` and the queries attend to the whole
-        cache; returns `(x, (k, v))` then.
+        `dropout_keys` (from `dropout_keys()`) replace the dropouts' own streams, which a
+        scanned layer group cannot advance. With `cache=(k, v, index)` (decoding; k, v
+        `[batch, max_len, heads, head_dim]`) the new keys and values are written at
+        `index..` and the queries attend to the whole cache; returns `(x, (k, v))` then.
         """
         h = x if self.attn_norm is None else layer_norm(x, self.attn_norm, self.eps)
         qkv = jnp.einsum("bsh,hcnd->bscnd", h.astype(dtype), self.qkv[...].astype(dtype))
@@ -126,12 +139,14 @@ class Block(nnx.Module):
             attn = attention_lib.xla_attention(q, k.astype(dtype), v.astype(dtype), causal=True,
                                                window_size=self.window_size, q_offset=index)
         out = jnp.einsum("bsnd,ndh->bsh", attn, self.attn_out[...].astype(dtype))
-        x = x + self.attn_out_dropout(out).astype(jnp.float32)
+        attn_key, mlp_key = dropout_keys
+        x = x + self.attn_out_dropout(out, rngs=attn_key).astype(jnp.float32)
 
         h = layer_norm(x, self.mlp_norm, self.eps).astype(dtype)
         gate_in = jnp.einsum("bsh,hci->bsci", h, self.mlp_in[...].astype(dtype))
         inner = gelu(gate_in[:, :, 0]) * gate_in[:, :, 1]
-        out = jnp.einsum("bsi,ih->bsh", self.mlp_dropout(inner), self.mlp_out[...].astype(dtype))
+        out = jnp.einsum("bsi,ih->bsh", self.mlp_dropout(inner, rngs=mlp_key),
+                         self.mlp_out[...].astype(dtype))
         x = x + out.astype(jnp.float32)
         return x if cache is None else (x, (k, v))
 
@@ -174,9 +189,56 @@ class EttinModel(nnx.Module):
         impl = attention_lib.resolve_implementation(self.attention_impl)
         x = jnp.take(self.tok_embeddings[...], input_ids, axis=0)
         x = self.embed_dropout(layer_norm(x, self.embed_norm, config.norm_eps))
-        for block in self.layers:
-            x = block(x, positions, segment_ids, dtype=dtype, attention_impl=impl)
+        run = dict(positions=positions, segment_ids=segment_ids, dtype=dtype, attention_impl=impl)
+        if not config.scan_layers:     # the reference: every layer traced and compiled apart
+            for block in self.layers:
+                x = block(x, **run)
+            return layer_norm(x, self.final_norm, config.norm_eps)
+        n, groups = config.global_attn_every_n_layers, config.num_layer_groups
+        x = self.layers[0](x, **run)
+        if groups:
+            x = self._scan_groups(x, range(1, 1 + n * groups), run)
+        for block in self.layers[1 + n * groups:]:   # a last group that is not whole
+            x = block(x, **run)
         return layer_norm(x, self.final_norm, config.norm_eps)
+
+    def _scan_groups(self, x, layers, run):
+        """Layers `layers` (whole groups of global_attn_every_n_layers) as one `lax.scan` over
+        the groups, so XLA compiles one group body instead of every layer.
+
+        Each layer keeps its own parameters (checkpoints, sharding and HF keys see the same
+        tree): they are stacked here per position in the group, `[groups, *shape]`, and the
+        gradient of the stack flows back to them. The body rebuilds the group's layers from
+        the first group's graph (same shapes, window and RoPE theta at each position) and the
+        scanned slice. Dropout keys are drawn from each layer's own stream before the scan,
+        so the masks equal the unrolled model's.
+        """
+        def stack(trees):
+            return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+        n = self.config.global_attn_every_n_layers
+        layers = list(layers)
+        graphs, rests, stacked, keys = [], [], [], []
+        for position in range(n):
+            members = [self.layers[i] for i in layers[position::n]]
+            graph, _, rest = nnx.split(members[0], nnx.Param, ...)
+            graphs.append(graph)
+            rests.append(rest)
+            stacked.append(stack([nnx.state(block, nnx.Param) for block in members]))
+            keys.append(stack([block.dropout_keys() for block in members]))
+
+        def group(x, scanned):
+            group_params, group_keys = scanned
+            for graph, rest, params, dropout_keys in zip(graphs, rests, group_params, group_keys):
+                block = nnx.merge(graph, params, rest)
+                x = block(x, dropout_keys=dropout_keys, **run)
+            return x, None
+
+        if self.config.remat != "none":
+            group = jax.checkpoint(group, policy=REMAT_POLICIES[self.config.remat],
+                                   prevent_cse=False)   # scan already keeps CSE out
+        x, _ = jax.lax.scan(group, x, (stacked, keys))
+        return x
 
     def head_features(self, hidden):
         """Prediction head before the tied decoder: `[..., hidden]` -> `[..., hidden]` float32.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from ettin_jax import attention as attention_lib
@@ -25,6 +26,16 @@ class HFFormatError(ValueError):
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Rematerialisation of the scanned layer group (config.model.remat): what its backward pass
+# keeps from the forward. "full" keeps only the group's input; "dots" also keeps the outputs
+# of the weight matmuls (dot_generals without batch dimensions: the projections, not the
+# attention scores), recomputing norms, activations and attention.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +61,8 @@ class ModelConfig:
     initializer_cutoff_factor: float = 2.0
     dtype: str = "bfloat16"
     attention_impl: str = "auto"
+    scan_layers: bool = True
+    remat: str = "none"
     pad_token_id: int = 50283
     cls_token_id: int = 50281
     sep_token_id: int = 50282
@@ -81,6 +94,12 @@ class ModelConfig:
         if self.dtype not in _DTYPES:
             raise ValueError(f"config.model.dtype={self.dtype!r}: expected one of {sorted(_DTYPES)}")
         attention_lib.resolve_implementation(self.attention_impl)
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"config.model.remat={self.remat!r}: expected one of "
+                             f"{sorted(REMAT_POLICIES)}")
+        if self.remat != "none" and not self.scan_layers:
+            raise ValueError(f"config.model.remat={self.remat!r} rematerialises the scanned layer "
+                             "groups: set config.model.scan_layers=True, or remat='none'")
 
     @property
     def head_dim(self) -> int:
@@ -105,6 +124,12 @@ class ModelConfig:
 
     def rope_theta(self, layer: int) -> float:
         return self.global_rope_theta if self.is_global(layer) else self.local_rope_theta
+
+    @property
+    def num_layer_groups(self) -> int:
+        """Whole (local, ..., global) groups after layer 0: layers 1 + n*g .. n*(g+1), n =
+        global_attn_every_n_layers, share shapes and attention pattern for every group g."""
+        return (self.num_layers - 1) // self.global_attn_every_n_layers
 
     # --- transformers config.json ---------------------------------------------------------
 

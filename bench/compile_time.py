@@ -1,0 +1,138 @@
+"""Compile time of the model's loss + gradient with the layer groups scanned and unrolled.
+
+    python bench/compile_time.py --config=configs/ettin_150m.py:mlm --batch=1 --seq_len=1024
+
+Start-up of a run is dominated by XLA compiling the train step, and with
+`config.model.scan_layers=False` every layer is traced and compiled apart. For each setting
+of --scan (default: off, then on) this builds `jax.jit(jax.value_and_grad(loss))` of the
+model in train mode (dropout re-keyed from an argument, as the train step does) with loss =
+cross-entropy of the prediction head on every position (`ettin_jax.cross_entropy`, the
+train step's loss), then times `.lower(...)` (tracing to StableHLO) and `.compile()` (XLA)
+apart on abstract inputs: no parameter is materialised, nothing runs. The persistent
+compilation cache is off, so each compile is a cold one. The optimizer update is left out:
+its cost grows with the parameter count, not with how the layers are traced.
+
+With --results the figures are appended to bench/RESULTS.md with the command and machine.
+"""
+import datetime
+import os
+import platform
+import shlex
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+config_flags.DEFINE_config_file("config", None, "FILE:ARG, e.g. configs/ettin_150m.py:mlm",
+                                lock_config=False)
+flags.DEFINE_integer("batch", 1, "rows of the traced batch")
+flags.DEFINE_integer("seq_len", 1024, "tokens per row")
+flags.DEFINE_list("scan", ["false", "true"], "config.model.scan_layers settings to time, in order")
+flags.DEFINE_string("remat", None, "override config.model.remat (none, full, dots)")
+flags.DEFINE_string("dtype", None, "override config.model.dtype (compute dtype)")
+flags.DEFINE_bool("results", False, "append the figures to bench/RESULTS.md")
+flags.DEFINE_string("note", "", "free text for the RESULTS.md entry")
+flags.mark_flag_as_required("config")
+
+FLAGS = flags.FLAGS
+
+
+def _loss_and_grad(model_config):
+    """The jitted (params, rest, input_ids, segment_ids, positions, labels, key) -> (loss, grads)
+    and abstract arguments for it."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    from ettin_jax import cross_entropy, model as model_lib  # pylint: disable=import-outside-toplevel
+
+    def ctor():
+        model = model_lib.EttinModel(model_config, rngs=nnx.Rngs(params=0, dropout=0))
+        model.train()
+        return model
+
+    graphdef, params, rest = nnx.split(nnx.eval_shape(ctor), nnx.Param, ...)
+
+    def loss(params, rest, input_ids, segment_ids, positions, labels, key):
+        # Fresh Variables for the RNG state at this trace level, as train.py's step builds
+        # them: the ones rebuilt from jit's arguments belong to the outer trace.
+        model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
+        nnx.reseed(model, dropout=key)
+        hidden = model.hidden_states(input_ids, segment_ids, positions)
+        nll, _ = cross_entropy.cross_entropy(
+            model.head_features(hidden), model.tok_embeddings[...], model.decoder_bias[...],
+            labels, dtype=model_config.compute_dtype)
+        return nll
+
+    tokens = jax.ShapeDtypeStruct((FLAGS.batch, FLAGS.seq_len), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    args = (params, rest, tokens, tokens, tokens, tokens, key)
+    return jax.jit(jax.value_and_grad(loss)), args
+
+
+def _time(config, scan_layers: bool) -> dict:
+    from ettin_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+    model = dict(config.model.to_dict(), scan_layers=scan_layers)
+    if FLAGS.remat is not None:
+        model["remat"] = FLAGS.remat
+    if FLAGS.dtype is not None:
+        model["dtype"] = FLAGS.dtype
+    if not scan_layers:
+        model["remat"] = "none"       # remat applies to the scanned groups only
+    model_config = model_lib.ModelConfig.from_config(model)
+    step, args = _loss_and_grad(model_config)
+    start = time.perf_counter()
+    lowered = step.lower(*args)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    compiled_at = time.perf_counter()
+    return {"scan_layers": scan_layers, "remat": model_config.remat,
+            "lower_s": lowered_at - start, "compile_s": compiled_at - lowered_at,
+            "stablehlo_chars": len(lowered.as_text()),
+            "optimized_hlo_chars": len(compiled.as_text() or "")}
+
+
+def _append_results(config, rows, command):
+    import jax  # pylint: disable=import-outside-toplevel
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    device = jax.devices()[0]
+    machine = (f"{os.cpu_count()}-core {platform.machine()} {device.platform}"
+               if device.platform == "cpu" else device.device_kind)
+    lines = [
+        f"\n## Compile time of loss + grad, {config.size} {config.objective}, batch {FLAGS.batch} x "
+        f"{FLAGS.seq_len}, {machine}, load {os.getloadavg()[0]:.1f}, jax {jax.__version__}, {now}\n",
+        f"Command: `{command}`. {FLAGS.note}\n",
+        "| scan_layers | remat | lower s | compile s | StableHLO chars | optimized HLO chars |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [f"| {r['scan_layers']} | {r['remat']} | {r['lower_s']:.1f} | {r['compile_s']:.1f} | "
+              f"{r['stablehlo_chars']:,} | {r['optimized_hlo_chars']:,} |" for r in rows]
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv):
+    del argv
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_enable_compilation_cache", False)   # cold compiles only
+    config = FLAGS.config
+    rows = []
+    for text in FLAGS.scan:
+        if text.lower() not in ("true", "false"):
+            raise app.UsageError(f"--scan={text!r}: expected a list of true/false")
+        row = _time(config, text.lower() == "true")
+        print(f"scan_layers={row['scan_layers']!s:5} remat={row['remat']:4} "
+              f"lower {row['lower_s']:6.1f} s  compile {row['compile_s']:6.1f} s  "
+              f"StableHLO {row['stablehlo_chars']:,} chars  "
+              f"optimized HLO {row['optimized_hlo_chars']:,} chars", flush=True)
+        rows.append(row)
+    if FLAGS.results:
+        command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+        _append_results(config, rows, command)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,148 @@
+"""Scanned layer groups (config.model.scan_layers=True) against the unrolled layer loop.
+
+The unrolled loop (scan_layers=False) is the reference: the same parameters must give the
+same logits and parameter gradients, in eval mode and with dropout in train mode, for
+depths that fill whole (local, local, global) groups after layer 0 and depths that leave
+layers over, under every rematerialisation policy.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import ettin_tiny
+from ettin_jax.model import EttinModel
+
+SEQ = 48
+
+
+def _model(arg, num_layers, *, scan_layers, remat="none", dropout=0.0, seed=0):
+    config = ettin_tiny.get_config(arg).model
+    config.num_layers, config.scan_layers, config.remat = num_layers, scan_layers, remat
+    config.embedding_dropout = config.attn_out_dropout = config.mlp_dropout = dropout
+    # A "dropout" stream, as train.py builds it: nnx.reseed(dropout=...) re-keys only that.
+    return EttinModel(config, rngs=nnx.Rngs(params=seed, dropout=seed))
+
+
+def _packed_batch():
+    """Two rows: two packed documents + padding, and one document filling the row."""
+    rng = np.random.RandomState(0)
+    ids = rng.randint(0, 500, (2, SEQ)).astype(np.int32)
+    segment_ids = np.stack([np.repeat([1, 2, 0], [20, 22, 6]), np.ones(SEQ)]).astype(np.int32)
+    positions = np.stack([np.concatenate([np.arange(20), np.arange(22), np.zeros(6)]),
+                          np.arange(SEQ)]).astype(np.int32)
+    weights = rng.normal(size=(2, SEQ, ettin_tiny.VOCAB_SIZE)).astype(np.float32)
+    return tuple(map(jnp.asarray, (ids, segment_ids, positions, weights)))
+
+
+@nnx.jit
+def _logits_and_grads(model, ids, segment_ids, positions, weights):
+    """Logits and the gradient of a weighted logit sum with respect to every parameter."""
+    def loss(model):
+        logits = model(ids, segment_ids, positions)
+        return jnp.sum(logits * weights), logits
+
+    (_, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+    return logits, grads
+
+
+def _run(model, key=None):
+    if key is not None:
+        nnx.reseed(model, dropout=key)
+    logits, grads = _logits_and_grads(model, *_packed_batch())
+    return np.asarray(logits), {jax.tree_util.keystr(path): np.asarray(leaf)
+                                for path, leaf in jax.tree_util.tree_leaves_with_path(grads)}
+
+
+def _assert_same(actual, expected):
+    (logits, grads), (ref_logits, ref_grads) = actual, expected
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        ref = ref_grads[name]
+        scale = np.abs(ref).max()
+        assert scale > 0, f"{name}: zero reference gradient, the test would not see an error"
+        np.testing.assert_allclose(grad, ref, rtol=1e-5, atol=1e-6 * scale, err_msg=name)
+
+
+@functools.lru_cache(maxsize=None)
+def _unrolled(arg, num_layers):
+    return _run(_model(arg, num_layers, scan_layers=False))
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+@pytest.mark.parametrize("num_layers", [4, 5, 8])
+@pytest.mark.parametrize("arg", ["mlm", "clm"])
+def test_scanned_equals_unrolled(arg, num_layers, remat):
+    model = _model(arg, num_layers, scan_layers=True, remat=remat)
+    _assert_same(_run(model), _unrolled(arg, num_layers))
+
+
+@pytest.mark.parametrize("arg", ["mlm", "clm"])
+def test_dropout_masks_equal_unrolled_and_follow_the_key(arg):
+    """Train mode: the reseeded key alone fixes the masks (a resumed run repeats them), each
+    layer draws its own (the unrolled reference keeps one stream per layer), another key
+    gives other masks."""
+    scanned = _model(arg, 8, scan_layers=True, dropout=0.1)
+    unrolled = _model(arg, 8, scan_layers=False, dropout=0.1)
+    scanned.train()
+    unrolled.train()
+    key, other_key = jax.random.key(7), jax.random.key(8)
+    first = _run(scanned, key)
+    _assert_same(first, _run(unrolled, key))
+    again = _run(scanned, key)
+    np.testing.assert_array_equal(first[0], again[0])
+    other = _run(scanned, other_key)
+    assert np.abs(other[0] - first[0]).max() > 1e-3
+    scanned.eval()
+    assert np.abs(_run(scanned)[0] - first[0]).max() > 1e-3     # dropout was on
+
+
+def test_layers_draw_distinct_dropout_keys():
+    model = _model("mlm", 8, scan_layers=True, dropout=0.1)
+    model.train()
+    nnx.reseed(model, dropout=jax.random.key(3))
+    keys = [jax.random.key_data(key) for block in model.layers for key in block.dropout_keys()]
+    assert len(keys) == 2 * 8
+    assert len({tuple(np.asarray(k).ravel()) for k in keys}) == len(keys)
+
+
+@pytest.mark.parametrize("num_layers, length", [(4, 1), (5, 1), (8, 2), (22, 7)])
+def test_one_scan_over_the_whole_groups(num_layers, length):
+    """The program holds one scan over the groups (and none when unrolled)."""
+    assert _scans(num_layers, scan_layers=True) == [length]
+    assert _scans(num_layers, scan_layers=False) == []
+
+
+@pytest.mark.parametrize("remat, policy", [
+    ("full", jax.checkpoint_policies.nothing_saveable),
+    ("dots", jax.checkpoint_policies.dots_with_no_batch_dims_saveable)])
+def test_remat_wraps_the_group_body(remat, policy):
+    """Equal results alone would not show that the group is rematerialised at all."""
+    body = _scan_equations(8, scan_layers=True, remat=remat)[0].params["jaxpr"].jaxpr
+    policies = [eqn.params["policy"] for eqn in body.eqns if "policy" in eqn.params]
+    assert policies == [policy]
+    none_body = _scan_equations(8, scan_layers=True)[0].params["jaxpr"].jaxpr
+    assert not [eqn for eqn in none_body.eqns if "policy" in eqn.params]
+
+
+def _scan_equations(num_layers, **overrides):
+    ids = jnp.zeros((1, 16), jnp.int32)
+    model = nnx.eval_shape(lambda: _model("mlm", num_layers, **overrides))
+    graph, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graph, s).hidden_states(ids))(state)
+    return [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "scan"]
+
+
+def _scans(num_layers, **overrides):
+    return [eqn.params["length"] for eqn in _scan_equations(num_layers, **overrides)]
+
+
+def test_remat_names_are_checked():
+    with pytest.raises(ValueError, match=r"config.model.remat='some'"):
+        _model("mlm", 4, scan_layers=True, remat="some")
+    with pytest.raises(ValueError, match="config.model.scan_layers=True"):
+        _model("mlm", 4, scan_layers=False, remat="full")
