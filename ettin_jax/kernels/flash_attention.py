@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ettin_jax.attention import run_per_shard
 from ettin_jax.kernels.intervals import attention_intervals
+from ettin_jax.sharding import run_per_shard
 
 try:  # The Triton backend is deprecated from jax 0.11 on; import it lazily and say so if gone.
     from jax.experimental.pallas import triton as pl_triton
