@@ -268,7 +268,7 @@ def _add_demo_variant(c: ml_collections.ConfigDict):
     demo.schedule.decay_tokens = demo.schedule.get_ref("total_tokens") * decay_share
     demo.optimizer = ml_collections.ConfigDict()
     # A warmup only where the phase has one (not in extension and decay).
-    demo.optimizer.lr_warmup_tokens = 15 * 16 * 128 if c.optimizer.lr_warmup_tokens > 0 else 0.0
+    demo.optimizer.lr_warmup_tokens = 15.0 * 16 * 128 if c.optimizer.lr_warmup_tokens > 0 else 0.0
     demo.optimizer.batch_warmup_tokens = 0.0
     demo.checkpoint = ml_collections.ConfigDict()
     demo.checkpoint.every_steps = 40
