@@ -6,6 +6,10 @@ The mesh has three axes (`config.mesh`, -1 = all remaining devices):
   tensor  model parallelism: heads, MLP width and vocabulary split.
 Parameters carry logical axis names (model.py); `LOGICAL_RULES` maps them onto mesh axes.
 A dimension that a mesh axis does not divide stays replicated along it.
+
+Batches: `host_batch_to_global` turns each process's loader rows into the global arrays the
+train and eval steps take. Kernels the compiler cannot partition (Pallas) run per shard
+through `run_per_shard`.
 """
 from __future__ import annotations
 

@@ -160,3 +160,18 @@ def test_tpu_slices_stack_along_data():
     assert grid.shape == (2, 2, 2) and {d.slice_index for d in grid[1].ravel()} == {1}
     with pytest.raises(ValueError, match="different numbers of devices"):
         sharding.device_grid({"data": 1, "fsdp": -1, "tensor": 1}, devices[:7])
+
+
+def test_host_batch_to_global_lays_out_micro_batches_and_eval_rows():
+    """One process: micro batch i is rows [i*n/k, (i+1)*n/k) (as `micro_batches` builds them
+    by hand), split over data x fsdp; without num_micro the rows stay as they are."""
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 1})
+    host = {"input_ids": np.arange(8 * 3, dtype=np.int32).reshape(8, 3)}
+    micro = sharding.host_batch_to_global(host, mesh, num_micro=ACCUM)["input_ids"]
+    np.testing.assert_array_equal(np.asarray(micro), micro_batches([host])["input_ids"])
+    assert micro.sharding.shard_shape(micro.shape) == (ACCUM, 1, 3)
+    rows = sharding.host_batch_to_global(host, mesh)["input_ids"]
+    np.testing.assert_array_equal(np.asarray(rows), host["input_ids"])
+    assert rows.sharding.shard_shape(rows.shape) == (2, 3)
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        sharding.host_batch_to_global(host, mesh, num_micro=3)
