@@ -15,7 +15,7 @@ import pytest
 
 from configs import ettin_tiny
 from data_pipeline import loader
-from ettin_jax import checkpoint, demo, losses, schedules, sharding, train
+from ettin_jax import checkpoint, demo, losses as losses_lib, schedules, sharding, train
 
 import train_testlib
 
@@ -79,7 +79,7 @@ def reference():
     rows_for_step = schedules.rows_schedule(config)
     iterators = [loader.make_train_iterator(config, process_index=i, process_count=2,
                                             rows_for_step=rows_for_step) for i in range(2)]
-    keys = losses.BATCH_KEYS[config.objective]
+    keys = losses_lib.BATCH_KEYS[config.objective]
     batches = [micro_batches([{k: next_batch[k] for k in keys} for next_batch in
                               (next(it) for it in iterators)]) for _ in range(STEPS)]
     losses, params = run_steps(config, one_device_mesh(), batches)
