@@ -5,15 +5,10 @@ through `--config.a.b=value` (e.g. `--config.optimizer.peak_lr=3e-4`). Later pha
 previous run: `--config=configs/ettin_150m.py:mlm_ext --config.train.init_from=runs/enc150m`.
 With several hosts, start one process per host (or per GPU) with `--distributed`.
 """
-import os
-import sys
-
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/* import configs.base
 
 config_flags.DEFINE_config_file(
     "config", None, "FILE:ARG, e.g. configs/ettin_150m.py:mlm (runs: mlm, clm, mlm_ext, clm_ext, "

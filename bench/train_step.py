@@ -4,7 +4,7 @@
     python bench/train_step.py --config=configs/ettin_150m.py:mlm --batch=64 --seq_len=1024  # GPU
 
 Times `train.make_setup(...).train_step` (forward, backward, StableAdamW update, one micro
-batch) on one device after warm-up, and reports tokens/s and MFU (ettin_jax.train's FLOP
+batch) on one device after warm-up, and reports tokens/s and MFU (ettin_jax.train_metrics' FLOP
 convention over the device's peak). Batches have the loader's format and MLM statistics
 (30% of the positions predicted, rows packed with documents of random lengths) but random
 token ids: throughput does not depend on the text. On CPU it also times transformers'
@@ -98,12 +98,12 @@ def make_batch(config, rows, seq_len, seed=0):
 def ours_step_fn(config, batch):
     """Callables: one train step of ours (blocking), its loss, and the step's compiled HLO."""
     import jax  # pylint: disable=import-outside-toplevel
-    from ettin_jax import sharding, train  # pylint: disable=import-outside-toplevel
+    from ettin_jax import losses, sharding, train  # pylint: disable=import-outside-toplevel
 
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     setup = train.make_setup(config, mesh)
-    global_batch = train.host_batch_to_global(
-        {k: batch[k] for k in train.BATCH_KEYS[config.objective]}, mesh, num_micro=1)
+    global_batch = sharding.host_batch_to_global(
+        {k: batch[k] for k in losses.BATCH_KEYS[config.objective]}, mesh, num_micro=1)
     carry = {"state": setup.init_state(), "step": 0, "metrics": None}
 
     def step():
@@ -230,7 +230,7 @@ def main(argv):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + " --xla_cpu_enable_xprof_traceme=true").strip()
     import jax  # pylint: disable=import-outside-toplevel
-    from ettin_jax import train  # pylint: disable=import-outside-toplevel
+    from ettin_jax import train_metrics  # pylint: disable=import-outside-toplevel
 
     config = F.config
     config.train.global_batch_size = F.batch
@@ -261,9 +261,10 @@ def main(argv):
               "seq_len": F.seq_len, "step_ms": round(seconds * 1e3, 2),
               "step_cpu_ms": round(cpu_seconds * 1e3, 2),
               "tokens_per_sec": round(tokens / seconds, 1), "loss": round(loss_fns[0](), 4)}
-    peak = train.device_peak_flops(config)
+    peak = train_metrics.device_peak_flops(config)
     if peak:
-        result["mfu"] = round(train.training_flops_per_row(config) * F.batch / seconds / peak, 4)
+        result["mfu"] = round(train_metrics.training_flops_per_row(config) * F.batch / seconds
+                              / peak, 4)
     print(f"ettin-jax: {result['step_ms']} ms/step (median), {result['tokens_per_sec']:,.0f} "
           f"tokens/s" + (f", MFU {result['mfu']:.1%}" if "mfu" in result else "") + f" ({device})")
     if with_transformers:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import ml_collections
 
 OBJECTIVES = ("mlm", "clm")
-PHASES = ("pretrain", "ext", "decay", "cross")
 DATA_SEED = 21           # `shuffle_seed` of every Ettin yaml, cross-objective runs included
 
 # Special token ids of the ModernBERT tokenizer (recipe §6).
@@ -219,6 +218,7 @@ def get_config_for_size(arg: str | None, *, size: str, model: ml_collections.Con
     c.optimizer.max_lr_fraction = 1.0
 
     _add_training_sections(c, size=size, phase=phase)
+    _add_demo_variant(c)
     return c
 
 
@@ -267,22 +267,41 @@ def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: st
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
 
-    # With no dataset configured (data.mixture == "") the run is a demo on the stdlib corpus
-    # that ends in minutes on a laptop CPU: these replace the recipe's batch, length and budget.
-    c.demo = ml_collections.ConfigDict()
-    c.demo.global_batch_size = 16
-    c.demo.grad_accum_steps = 1
-    c.demo.seq_len = 128
-    c.demo.total_tokens = 120 * 16 * 128    # 120 steps
-    c.demo.lr_warmup_tokens = 15 * 16 * 128
-    c.demo.num_workers = 0                  # tiny batches: loader workers would only compete
-    c.demo.eval_every_steps = 40
-    c.demo.checkpoint_every_steps = 40
-    c.demo.log_every_steps = 10
-    c.demo.cpu_float32 = True               # CPUs lack fast bfloat16 matmuls
-
     c.log = ml_collections.ConfigDict()
     c.log.every_steps = 50
     c.log.progress_every_secs = 60.0
     c.log.device_peak_flops = 0.0           # per device, for MFU; 0 = from jax's device_kind
     c.log.profile_steps = 0                 # > 0: capture a profile of that many steps
+
+
+def _add_demo_variant(c: ml_collections.ConfigDict):
+    """`config.demo`: with no dataset configured (data.mixture == "") the run is a demo on the
+    stdlib corpus that ends in minutes on a laptop CPU. It mirrors the sections it replaces
+    (ettin_jax.demo.apply_demo copies every key over); values that follow from the phase are
+    derived here, values that follow from other demo keys by reference (flags may change them).
+    """
+    demo = c.demo = ml_collections.ConfigDict()
+    demo.train = ml_collections.ConfigDict()
+    demo.train.global_batch_size = 16
+    demo.train.grad_accum_steps = 1
+    demo.train.seq_len = 128
+    demo.train.eval_every_steps = 40
+    demo.train.eval_batches = min(c.train.eval_batches, 4)
+    demo.data = ml_collections.ConfigDict()
+    demo.data.eval_batch_size = demo.train.get_ref("global_batch_size")
+    demo.data.num_workers = 0               # tiny batches: loader workers would only compete
+    demo.schedule = ml_collections.ConfigDict()
+    demo.schedule.total_tokens = 120 * 16 * 128    # 120 steps
+    # The phase's decay keeps its share of the budget (all of it for extension and decay).
+    decay_share = c.schedule.decay_tokens / c.schedule.total_tokens
+    demo.schedule.decay_tokens = demo.schedule.get_ref("total_tokens") * decay_share
+    demo.optimizer = ml_collections.ConfigDict()
+    # A warmup only where the phase has one (not in extension and decay).
+    demo.optimizer.lr_warmup_tokens = 15.0 * 16 * 128 if c.optimizer.lr_warmup_tokens > 0 else 0.0
+    demo.optimizer.batch_warmup_tokens = 0.0
+    demo.checkpoint = ml_collections.ConfigDict()
+    demo.checkpoint.every_steps = 40
+    demo.log = ml_collections.ConfigDict()
+    demo.log.every_steps = 10
+    # model.dtype on a CPU backend ("" = keep): CPUs lack fast bfloat16 matmuls.
+    demo.cpu_model_dtype = "float32"

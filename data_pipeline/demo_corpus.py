@@ -9,6 +9,8 @@ prepare on it, so training can start with no data configured and no network:
 
 Outputs under OUTPUT: corpus.jsonl, tokenizer/ (transformers-readable), shards/ (manifest.json).
 A finished build is reused (it is keyed by the vocabulary layout and size limit).
+`configure(config)` builds it for a config's vocabulary layout and points the config's data at
+it (the demo variant of a run, ettin_jax.demo).
 """
 from __future__ import annotations
 
@@ -97,6 +99,18 @@ def build(output: str, *, vocab_size: int, unk_id: int, max_bytes: int = 8_000_0
     prepare.run(prepare.Options(inputs=[corpus], output=shard_dir, tokenizer=tok_dir,
                                 source="python-stdlib", filters=(), docs_per_shard=2000,
                                 workers=workers))
+    return tok_dir, shard_dir
+
+
+def configure(config) -> tuple[str, str]:
+    """Builds (or reuses) the corpus for `config.model`'s vocabulary layout under
+    config.data.demo_dir and sets config.data.mixture and config.data.tokenizer to it.
+    Returns (tokenizer_dir, shards_dir)."""
+    d, m = config.data, config.model
+    output = os.path.join(d.demo_dir, f"v{m.vocab_size}-unk{d.unk_token_id}")
+    tok_dir, shard_dir = build(output, vocab_size=m.vocab_size, unk_id=d.unk_token_id,
+                               max_bytes=d.demo_max_bytes)
+    d.mixture, d.tokenizer = shard_dir, tok_dir
     return tok_dir, shard_dir
 
 

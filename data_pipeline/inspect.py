@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from data_pipeline import loader, mixtures, sources, tokenizer
+from data_pipeline import demo_corpus, loader, mixtures, sources, tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file and arg, e.g. "
                                           "configs/ettin_17m.py:mlm", lock_config=True)
@@ -103,6 +103,11 @@ def main(argv):
         config.train.global_batch_size = _ROWS.value
         config.data.eval_batch_size = _ROWS.value
     try:
+        names = ([os.path.basename(s[0].rstrip("/")) for s in sources.parse_mixture(
+                    mixtures.expand(config.data.mixture, config.phase))]
+                 if config.data.mixture else ["demo"])
+        if not config.data.mixture:
+            demo_corpus.configure(config)
         if _EVAL.value:
             it = loader.make_eval_iterator(config, process_index=0, process_count=1,
                                            include_metadata=True)
@@ -116,9 +121,6 @@ def main(argv):
             except StopIteration:
                 break
         tok = tokenizer.load(loader.tokenizer_path(config))
-        names = ([os.path.basename(s[0].rstrip("/")) for s in sources.parse_mixture(
-                    mixtures.expand(config.data.mixture, config.phase))]
-                 if config.data.mixture else ["demo"])
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -40,9 +40,9 @@ config.data.num_workers) and the position in the stream. `it.get_state()` / `it.
 (or Orbax with `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` inside
 `ocp.args.Composite`) resume exactly, given the same process count and worker count.
 
-No data configured (config.data.mixture == ""): the demo corpus from the Python standard
-library is built under config.data.demo_dir with a tokenizer of the model's vocabulary layout
-(data_pipeline.demo_corpus) and used for training and eval.
+No data configured (config.data.mixture == "") is an error here: the demo corpus from the
+Python standard library is built explicitly, by `demo_corpus.configure(config)` (which the
+demo variant of a run, ettin_jax.demo, calls), and then named by config.data.mixture.
 """
 from __future__ import annotations
 
@@ -53,8 +53,7 @@ from typing import Callable
 import grain
 import numpy as np
 
-from data_pipeline import (batching, demo_corpus, mixtures, objectives, packing, shards, sources,
-                           tokenizer)
+from data_pipeline import batching, mixtures, objectives, packing, shards, sources, tokenizer
 
 ROW_KEYS = ("input_ids", "segment_ids", "positions", "labels")
 MLM_KEYS = ("mask_positions", "mask_labels")
@@ -67,20 +66,18 @@ def _host(process_index, process_count) -> tuple[int, int]:
     return int(process_index), int(process_count)
 
 
-def _demo_dirs(config) -> tuple[str, str]:
-    d, m = config.data, config.model
-    out = os.path.join(d.demo_dir, f"v{m.vocab_size}-unk{d.unk_token_id}")
-    return demo_corpus.build(out, vocab_size=m.vocab_size, unk_id=d.unk_token_id,
-                             max_bytes=d.demo_max_bytes)
+_NO_MIXTURE = ("config.data.mixture is empty: set it to the data (PATH[:TOKEN_SHARE],...), or "
+               "build the demo corpus first with data_pipeline.demo_corpus.configure(config) "
+               "(main.py does so for a run with no data configured)")
 
 
 def tokenizer_path(config) -> str:
-    """The tokenizer the data was made with: config.data.tokenizer, else the demo one, else
-    the copy prepare kept next to the first source's shards."""
+    """The tokenizer the data was made with: config.data.tokenizer, else the copy prepare kept
+    next to the first source's shards."""
     if config.data.tokenizer:
         return config.data.tokenizer
     if not config.data.mixture:
-        return _demo_dirs(config)[0]
+        raise ValueError(_NO_MIXTURE)
     first = sources.parse_mixture(mixtures.expand(config.data.mixture, config.phase))[0][0]
     copy = os.path.join(first, ".work", "tokenizer.json")
     if os.path.exists(copy):
@@ -121,13 +118,10 @@ def _resolve(config) -> tuple[list[sources.Source], list[sources.Source] | None,
     """(train sources, eval sources or None = hold out from train, tokenizer path)."""
     d = config.data
     if not d.mixture:
-        tok_dir, shard_dir = _demo_dirs(config)
-        train = [sources.open_source(shard_dir, 1.0, vocab_size=config.model.vocab_size)]
-        evals = None
-    else:
-        train = _open_sources(config, d.mixture)
-        evals = _open_sources(config, d.eval_mixture) if d.eval_mixture else None
-        tok_dir = tokenizer_path(config)
+        raise ValueError(_NO_MIXTURE)
+    train = _open_sources(config, d.mixture)
+    evals = _open_sources(config, d.eval_mixture) if d.eval_mixture else None
+    tok_dir = tokenizer_path(config)
     _check_tokenizer(config, train + (evals or []), tok_dir)
     return train, evals, tok_dir
 

@@ -27,8 +27,6 @@ _SHAPE_DTYPES = (np.uint8, np.uint16, np.uint32, np.uint64)
 _DTYPE_CODES = {8: np.uint8, 9: np.int8, 16: np.uint16, 17: np.int16, 18: np.float16,
                 32: np.uint32, 33: np.int32, 34: np.float32, 64: np.uint64, 65: np.int64,
                 66: np.float64}
-_SCALARS = {"int": 8, "int8": 1, "int16": 2, "int32": 4, "int64": 8, "uint8": 1, "uint16": 2,
-            "uint32": 4, "uint64": 8, "float16": 2, "float32": 4, "float64": 8}
 
 
 class MDSError(ValueError):

@@ -15,9 +15,8 @@ Algorithm (best fit with a lookahead pool): keep up to `pool_size` pending piece
 order; a row starts with the oldest piece (so no piece waits forever), then repeatedly takes
 the longest pending piece that still fits, until none fits. A gap of at least `fill_min` tokens
 (0 = never) that no piece fits is filled with the head of the oldest pending piece (its tail
-stays pending), so efficiency stays >= 1 - fill_min/seq_len per row. On a web-like length mix
-at seq_len 1024 (bench/loader.py's), pool 256: no filling 99.65% non-pad; fill_min 32 99.74%
-with ~5% more pieces; fill_min 8 99.93% with ~13% more pieces (2000 rows each).
+stays pending), so efficiency stays >= 1 - fill_min/seq_len per row (measured efficiencies
+per fill_min: bench/RESULTS.md).
 
 State (for Orbax via Grain): {"next": next parent index to read, "pool": [[index, start, end],
 ...], "rows": rows emitted}. Pending pieces are stored as references into the parent and

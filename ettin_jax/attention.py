@@ -143,31 +143,6 @@ def banded_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_
     return out.reshape(batch, num_blocks * block, heads, head_dim)[:, :seq].astype(q.dtype)
 
 
-def run_per_shard(local_attention, q, k, v, segment_ids):
-    """Runs `local_attention(q, k, v, segment_ids)` per shard of the active mesh.
-
-    A Pallas kernel is a custom call the compiler cannot partition: left to GSPMD, every
-    device would gather the whole batch. Under `jax.set_mesh` with more than one device this
-    splits the batch over the mesh's `data`/`fsdp` axes and heads over `tensor` with
-    `jax.shard_map`; without a mesh it calls `local_attention` directly.
-    q, k, v: `[batch, seq, heads, head_dim]`; segment_ids `[batch, seq]` or None.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or all(mesh.shape[a] == 1 for a in mesh.axis_names):
-        return local_attention(q, k, v, segment_ids)
-    P = jax.sharding.PartitionSpec
-    batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names) or None
-    head_axis = "tensor" if "tensor" in mesh.axis_names else None
-    qkv_spec, seg_spec = P(batch_axes, None, head_axis, None), P(batch_axes, None)
-    if segment_ids is None:
-        return jax.shard_map(lambda q, k, v: local_attention(q, k, v, None), mesh=mesh,
-                             in_specs=(qkv_spec,) * 3, out_specs=qkv_spec,
-                             check_vma=False)(q, k, v)
-    # check_vma=False: pallas_call declares no varying mesh axes for its outputs.
-    return jax.shard_map(local_attention, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,),
-                         out_specs=qkv_spec, check_vma=False)(q, k, v, segment_ids)
-
-
 def default_implementation() -> str:
     backend = jax.default_backend()
     if backend == "gpu":

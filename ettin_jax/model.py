@@ -74,8 +74,8 @@ def apply_rope(x, cos, sin):
 
     rotate_half(x) = (-x2, x1) is the two halves swapped (a flip of the size-2 axis) with
     the sign folded into `sin`: elementwise work XLA fuses into one loop, where slicing and
-    concatenating halves copies the tensor (and zero-pads it in the gradient); forward +
-    backward of one [8, 512, 4, 64] rotation on 2 CPU cores: 9.1 ms against 13.6 ms."""
+    concatenating halves copies the tensor (and zero-pads it in the gradient; timings in
+    bench/RESULTS.md)."""
     halves = x.astype(jnp.float32).reshape(*x.shape[:-1], 2, x.shape[-1] // 2)
     return (halves * cos + jnp.flip(halves, axis=-2) * sin).reshape(x.shape).astype(x.dtype)
 

@@ -56,7 +56,21 @@ def model_parts(model_config, *, seed: int = 0) -> ModelParts:
     """The ModelParts of `EttinModel(model_config)`; model_config: a ModelConfig, a
     `config.model` ConfigDict or a dict."""
     config = ModelConfig.from_config(model_config)
-    return module_parts(lambda: model_lib.EttinModel(config, rngs=nnx.Rngs(seed)))
+    return module_parts(lambda: new_model(config, seed=seed))
+
+
+def new_model(model_config, *, seed: int = 0) -> model_lib.EttinModel:
+    """A freshly initialised EttinModel (train mode) on the default device.
+
+    Separate `params` and `dropout` streams: the train step re-keys dropout with
+    `nnx.reseed(model, dropout=key)`, which finds nothing to re-key in a model built on one
+    default stream (its masks would then repeat every step)."""
+    return model_lib.EttinModel(model_config, rngs=nnx.Rngs(params=seed, dropout=seed))
+
+
+def init_params(model_config, *, seed: int = 0) -> nnx.State:
+    """The fresh params of `new_model` (jit it with out_shardings to create them sharded)."""
+    return nnx.split(new_model(model_config, seed=seed), nnx.Param, ...)[1]
 
 
 def fresh_rng_state(rng_layout: nnx.State, seed: int = 0) -> nnx.State:
@@ -92,16 +106,12 @@ def from_config(model_config, *, seed: int = 0, mesh=None) -> model_lib.EttinMod
     """A freshly initialised EttinModel (train mode, as constructed); with `mesh`, its params
     are created already sharded by their logical axes."""
     config = ModelConfig.from_config(model_config)
-
-    def make():
-        return model_lib.EttinModel(config, rngs=nnx.Rngs(seed))
-
     if mesh is None:
-        return make()
-    parts = module_parts(make)
+        return new_model(config, seed=seed)
+    parts = model_parts(config, seed=seed)
     shardings = (sharding_lib.param_shardings(parts.abstract_params, mesh),
                  sharding_lib.replicated(mesh))
-    params, rest = jax.jit(lambda: nnx.split(make(), nnx.Param, ...)[1:],
+    params, rest = jax.jit(lambda: nnx.split(new_model(config, seed=seed), nnx.Param, ...)[1:],
                            out_shardings=shardings)()
     return nnx.merge(parts.graphdef_train, params, rest)
 

@@ -6,6 +6,10 @@ The mesh has three axes (`config.mesh`, -1 = all remaining devices):
   tensor  model parallelism: heads, MLP width and vocabulary split.
 Parameters carry logical axis names (model.py); `LOGICAL_RULES` maps them onto mesh axes.
 A dimension that a mesh axis does not divide stays replicated along it.
+
+Batches: `host_batch_to_global` turns each process's loader rows into the global arrays the
+train and eval steps take. Kernels the compiler cannot partition (Pallas) run per shard
+through `run_per_shard`.
 """
 from __future__ import annotations
 
@@ -141,18 +145,58 @@ def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def host_batch_to_global(batch: dict, mesh: jax.sharding.Mesh, *, leading_axes: int = 0) -> dict:
-    """This process's rows (numpy) -> global jax arrays split over data x fsdp.
+def host_batch_to_global(host_batch: dict, mesh: jax.sharding.Mesh, *,
+                         num_micro: int | None = None) -> dict:
+    """This process's rows (numpy `[rows, ...]`) -> global jax arrays, rows split over
+    data x fsdp; each process passes its own equal slice of the global batch, as the loader
+    produces them.
 
-    Each process passes its own slice of the global batch (rows `process_index` of
-    `process_count` equal parts), as the loader produces them.
+    num_micro=None: global `[process_count * rows, ...]` (eval). num_micro=k: global
+    `[k, process_count * rows / k, ...]` for gradient accumulation; micro batch i holds rows
+    [i*rows/k, (i+1)*rows/k) of every process, process 0's first.
     """
-    sharding = batch_sharding(mesh, leading_axes=leading_axes)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in batch.items()}
+    sharding = batch_sharding(mesh, leading_axes=0 if num_micro is None else 1)
+    out = {}
+    for key, rows in host_batch.items():
+        rows = np.asarray(rows)
+        if num_micro is None:
+            local = rows
+            global_shape = (rows.shape[0] * jax.process_count(), *rows.shape[1:])
+        else:
+            if rows.shape[0] % num_micro:
+                raise ValueError(f"batch[{key!r}]: {rows.shape[0]} rows do not split into "
+                                 f"{num_micro} micro batches (config.train.grad_accum_steps)")
+            local = rows.reshape(num_micro, rows.shape[0] // num_micro, *rows.shape[1:])
+            global_shape = (num_micro, local.shape[1] * jax.process_count(), *rows.shape[1:])
+        out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+    return out
 
 
 def log_mesh(mesh: jax.sharding.Mesh):
     logging.info("mesh %s over %d devices (%d processes, this is %d): %s",
                  dict(mesh.shape), mesh.devices.size, jax.process_count(), jax.process_index(),
                  jax.devices()[0].device_kind)
+
+
+def run_per_shard(local_attention, q, k, v, segment_ids):
+    """Runs `local_attention(q, k, v, segment_ids)` per shard of the active mesh.
+
+    A Pallas kernel is a custom call the compiler cannot partition: left to GSPMD, every
+    device would gather the whole batch. Under `jax.set_mesh` with more than one device this
+    splits the batch over the mesh's `data`/`fsdp` axes and heads over `tensor` with
+    `jax.shard_map`; without a mesh it calls `local_attention` directly.
+    q, k, v: `[batch, seq, heads, head_dim]`; segment_ids `[batch, seq]` or None.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or all(mesh.shape[a] == 1 for a in mesh.axis_names):
+        return local_attention(q, k, v, segment_ids)
+    batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
+    head_axis = "tensor" if "tensor" in mesh.axis_names else None
+    qkv_spec, seg_spec = P(batch_axes, None, head_axis, None), P(batch_axes, None)
+    if segment_ids is None:
+        return jax.shard_map(lambda q, k, v: local_attention(q, k, v, None), mesh=mesh,
+                             in_specs=(qkv_spec,) * 3, out_specs=qkv_spec,
+                             check_vma=False)(q, k, v)
+    # check_vma=False: pallas_call declares no varying mesh axes for its outputs.
+    return jax.shard_map(local_attention, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,),
+                         out_specs=qkv_spec, check_vma=False)(q, k, v, segment_ids)

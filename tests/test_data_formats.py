@@ -166,6 +166,7 @@ def test_demo_corpus_trains_without_configured_data(demo):
     config = ettin_tiny.get_config("clm")
     config.data.demo_dir = os.path.dirname(os.path.dirname(shard_dir))
     config.data.num_workers = 0
+    demo_corpus.configure(config)      # what a run with no data configured does first
     batch = next(loader.make_train_iterator(config, process_index=0, process_count=1))
     assert batch["input_ids"].shape == (8, 128)
     assert (batch["segment_ids"] > 0).mean() > 0.95

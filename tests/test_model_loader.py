@@ -119,3 +119,21 @@ def test_hf_dict_round_trip(objective):
     hf["norm_bias"] = True
     with pytest.raises(HFFormatError, match=r"my/config.json: norm_bias=True is not supported"):
         ModelConfig.from_hf_dict(hf, "my/config.json")
+
+
+def test_train_graph_dropout_follows_reseed():
+    """The train step merges model_parts' train graph with fresh_rng_state and re-keys dropout
+    with nnx.reseed(dropout=key): a key must change the masks, the same key repeat them."""
+    config = _tiny_config("mlm")
+    parts = model_loader.model_parts(config, seed=0)
+    params = model_loader.init_params(config, seed=0)
+    ids = jnp.asarray(np.arange(32, dtype=np.int32).reshape(2, 16) % 400)
+
+    def hidden(key):
+        model = nnx.merge(parts.graphdef_train, params, model_loader.fresh_rng_state(parts.rng_layout))
+        nnx.reseed(model, dropout=key)
+        return np.asarray(model.hidden_states(ids))
+
+    first, again, other = hidden(jax.random.key(1)), hidden(jax.random.key(1)), hidden(jax.random.key(2))
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - other).max() > 1e-3

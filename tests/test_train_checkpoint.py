@@ -10,13 +10,13 @@ from absl import logging
 
 from configs import ettin_tiny
 from data_pipeline import loader
-from ettin_jax import checkpoint, sharding, train
+from ettin_jax import checkpoint, demo, sharding, train
 
 
 
 @pytest.fixture(scope="module")
 def setup():
-    config = train.demo_config(ettin_tiny.get_config("mlm"))
+    config = demo.apply_demo(ettin_tiny.get_config("mlm"))
     config.data.num_workers = 0
     config.train.xla_backend_optimization_level = 0
     return config, train.make_setup(config, sharding.make_mesh(config.mesh))
@@ -75,7 +75,7 @@ def test_changed_config_is_an_error_not_damage(tmp_path, setup):
     """Resuming with a model of another width names the tensors and leaves the checkpoint be."""
     config, s = setup
     save_steps(str(tmp_path), config, s, (2,), keep_last=3)
-    wider = train.demo_config(ettin_tiny.get_config("mlm"))
+    wider = demo.apply_demo(ettin_tiny.get_config("mlm"))
     wider.model.hidden_size = 32
     other = train.make_setup(wider, s.mesh)
     ckpt = checkpoint.Checkpointer(str(tmp_path), keep_last=3)

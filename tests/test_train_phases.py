@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import ettin_tiny
-from ettin_jax import checkpoint, model as model_lib, train
+from ettin_jax import checkpoint, demo, model as model_lib, train
 
 
 ROWS, SEQ = 8, 64
@@ -25,15 +25,16 @@ STEPS = {"pretrain": 4, "ext": 3, "decay": 3, "cross": 4}
 def tiny_config(arg, *, init_from=""):
     config = ettin_tiny.get_config(arg)
     phase = config.phase
-    config.data.num_workers = 0
-    config.demo.global_batch_size = ROWS
-    config.demo.seq_len = SEQ
-    config.demo.total_tokens = STEPS[phase] * ROWS * SEQ
-    config.demo.lr_warmup_tokens = 2 * ROWS * SEQ       # pre-training and cross: 2-step warmup
-    config.demo.log_every_steps = 1
-    config.demo.eval_every_steps = 1000                 # eval once, at the last step
-    config.demo.checkpoint_every_steps = 2
-    config.train.eval_batches = 0                       # eval has its own test
+    config.demo.data.num_workers = 0
+    config.demo.train.global_batch_size = ROWS
+    config.demo.train.seq_len = SEQ
+    config.demo.schedule.total_tokens = STEPS[phase] * ROWS * SEQ
+    if config.demo.optimizer.lr_warmup_tokens > 0:      # pre-training and cross: 2-step warmup
+        config.demo.optimizer.lr_warmup_tokens = 2 * ROWS * SEQ
+    config.demo.log.every_steps = 1
+    config.demo.train.eval_every_steps = 1000           # eval once, at the last step
+    config.demo.checkpoint.every_steps = 2
+    config.demo.train.eval_batches = 0                  # eval has its own test
     config.train.xla_backend_optimization_level = 0     # compile fast, run a bit slower
     config.train.init_from = init_from
     return config
@@ -80,7 +81,7 @@ def run(arg, workdir, init_from=""):
 
 def saved_state(workdir, arg):
     """(params, optimizer step count) of a run's newest checkpoint, on one device."""
-    config = train.demo_config(tiny_config(arg))
+    config = demo.apply_demo(tiny_config(arg))
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     setup = train.make_setup(config, mesh)
     params, opt_state, _ = checkpoint.restore_from_run(

@@ -18,14 +18,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 FLAGS = [
     "--config=configs/ettin_tiny.py:mlm",
-    "--config.data.num_workers=0",
-    "--config.demo.global_batch_size=8",
-    "--config.demo.seq_len=64",
-    f"--config.demo.total_tokens={STEPS * 8 * 64}",
-    "--config.demo.log_every_steps=1",
-    "--config.demo.eval_every_steps=1000",
-    "--config.demo.checkpoint_every_steps=2",
-    "--config.train.eval_batches=1",
+    "--config.demo.data.num_workers=0",
+    "--config.demo.train.global_batch_size=8",
+    "--config.demo.train.seq_len=64",
+    f"--config.demo.schedule.total_tokens={STEPS * 8 * 64}",
+    "--config.demo.log.every_steps=1",
+    "--config.demo.train.eval_every_steps=1000",
+    "--config.demo.checkpoint.every_steps=2",
+    "--config.demo.train.eval_batches=1",
     "--config.train.xla_backend_optimization_level=0",
 ]
 

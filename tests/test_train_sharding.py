@@ -2,6 +2,7 @@
 (2,1,2) on 4 CPU devices, and `main.py` as 2 processes x 2 devices over jax.distributed (gloo
 collectives on localhost). Same batches from the real loader, gradient accumulation on (2 micro
 batches per step), dropout on."""
+import functools
 import json
 import os
 import socket
@@ -14,17 +15,17 @@ import pytest
 
 from configs import ettin_tiny
 from data_pipeline import loader
-from ettin_jax import checkpoint, schedules, sharding, train
+from ettin_jax import checkpoint, demo, losses as losses_lib, schedules, sharding, train
 
 import train_testlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, ROWS, SEQ, ACCUM = 3, 8, 64, 2
 OVERRIDES = {  # as --config.KEY=VALUE flags for main.py, and applied in-process below
-    "data.num_workers": 0, "demo.global_batch_size": ROWS, "demo.seq_len": SEQ,
-    "demo.grad_accum_steps": ACCUM, "demo.total_tokens": STEPS * ROWS * SEQ,
-    "demo.lr_warmup_tokens": ROWS * SEQ, "demo.log_every_steps": 1,
-    "demo.checkpoint_every_steps": 1000, "train.eval_batches": 0,
+    "demo.data.num_workers": 0, "demo.train.global_batch_size": ROWS, "demo.train.seq_len": SEQ,
+    "demo.train.grad_accum_steps": ACCUM, "demo.schedule.total_tokens": STEPS * ROWS * SEQ,
+    "demo.optimizer.lr_warmup_tokens": ROWS * SEQ, "demo.log.every_steps": 1,
+    "demo.checkpoint.every_steps": 1000, "demo.train.eval_batches": 0,
     "train.xla_backend_optimization_level": 0,
 }
 
@@ -32,9 +33,9 @@ OVERRIDES = {  # as --config.KEY=VALUE flags for main.py, and applied in-process
 def make_config():
     config = ettin_tiny.get_config("mlm")
     for key, value in OVERRIDES.items():
-        section, name = key.split(".")
-        setattr(config[section], name, value)
-    return train.demo_config(config)
+        *sections, name = key.split(".")
+        setattr(functools.reduce(getattr, sections, config), name, value)
+    return demo.apply_demo(config)
 
 
 def one_device_mesh():
@@ -57,7 +58,7 @@ def run_steps(config, mesh, global_batches):
 
 def micro_batches(host_batches):
     """The global [micro, rows, ...] batch that hosts' row slices make (host 0's rows first in
-    every micro batch), as train.host_batch_to_global lays them out."""
+    every micro batch), as sharding.host_batch_to_global lays them out."""
     return {k: np.concatenate([np.asarray(b[k]).reshape(ACCUM, -1, *np.shape(b[k])[1:])
                                for b in host_batches], axis=1) for k in host_batches[0]}
 
@@ -78,7 +79,7 @@ def reference():
     rows_for_step = schedules.rows_schedule(config)
     iterators = [loader.make_train_iterator(config, process_index=i, process_count=2,
                                             rows_for_step=rows_for_step) for i in range(2)]
-    keys = train.BATCH_KEYS[config.objective]
+    keys = losses_lib.BATCH_KEYS[config.objective]
     batches = [micro_batches([{k: next_batch[k] for k in keys} for next_batch in
                               (next(it) for it in iterators)]) for _ in range(STEPS)]
     losses, params = run_steps(config, one_device_mesh(), batches)
@@ -159,3 +160,18 @@ def test_tpu_slices_stack_along_data():
     assert grid.shape == (2, 2, 2) and {d.slice_index for d in grid[1].ravel()} == {1}
     with pytest.raises(ValueError, match="different numbers of devices"):
         sharding.device_grid({"data": 1, "fsdp": -1, "tensor": 1}, devices[:7])
+
+
+def test_host_batch_to_global_lays_out_micro_batches_and_eval_rows():
+    """One process: micro batch i is rows [i*n/k, (i+1)*n/k) (as `micro_batches` builds them
+    by hand), split over data x fsdp; without num_micro the rows stay as they are."""
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 1})
+    host = {"input_ids": np.arange(8 * 3, dtype=np.int32).reshape(8, 3)}
+    micro = sharding.host_batch_to_global(host, mesh, num_micro=ACCUM)["input_ids"]
+    np.testing.assert_array_equal(np.asarray(micro), micro_batches([host])["input_ids"])
+    assert micro.sharding.shard_shape(micro.shape) == (ACCUM, 1, 3)
+    rows = sharding.host_batch_to_global(host, mesh)["input_ids"]
+    np.testing.assert_array_equal(np.asarray(rows), host["input_ids"])
+    assert rows.sharding.shard_shape(rows.shape) == (2, 3)
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        sharding.host_batch_to_global(host, mesh, num_micro=3)

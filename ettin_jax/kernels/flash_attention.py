@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ettin_jax.attention import run_per_shard
 from ettin_jax.kernels.intervals import attention_intervals
+from ettin_jax.sharding import run_per_shard
 
 try:  # The Triton backend is deprecated from jax 0.11 on; import it lazily and say so if gone.
     from jax.experimental.pallas import triton as pl_triton
@@ -75,12 +75,10 @@ def default_block_sizes(head_dim: int, dtype) -> BlockSizes:
     """Tiles by input dtype and head_dim.
 
     bfloat16/float16 at head_dim 64 (every Ettin size) use the default, the fastest of
-    bench/attention.py's sweep on an H100 (bench/RESULTS.md): 64-row backward tiles halved
-    the backward time against (64, 128)/(128, 64) ones. float32 runs its dots in full IEEE
-    precision (no tensor cores), which Triton turns into FMA code that compiles slowly: on an
-    H100, six head_dim-64 float32 checks with bf16-sized tiles took most of a 590 s run and
-    the first head_dim-128 one did not finish, so float32 gets small tiles (not yet timed on a
-    GPU; float32 is for tests, training runs bfloat16).
+    bench/attention.py's sweep on an H100 (64-row backward tiles; bench/RESULTS.md). float32
+    runs its dots in full IEEE precision (no tensor cores), which Triton turns into FMA code
+    that compiles slowly with bf16-sized tiles (bench/RESULTS.md), so float32 gets small tiles
+    (not yet timed on a GPU; float32 is for tests, training runs bfloat16).
     """
     if jnp.dtype(dtype) == jnp.float32:
         return BlockSizes(32, 32, 32, 32, 32, 32, num_warps=4, num_warps_bwd=4)

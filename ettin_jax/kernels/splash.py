@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-from ettin_jax.attention import run_per_shard
+from ettin_jax.sharding import run_per_shard
 
 DEFAULT_BLOCK = 512   # head_dim 64 at seq 1024 / 8192: two or sixteen tiles per axis
 

@@ -1,0 +1,42 @@
+"""The demo variant of a config: what a run with no dataset configured (config.data.mixture
+== "") trains, so that `python main.py --config=configs/ettin_17m.py:mlm --workdir=runs/demo`
+ends in minutes on a CPU.
+
+    apply_demo(config) -> config   # a copy; unchanged (but resolved) when a mixture is set
+
+`config.demo` mirrors the sections it replaces (`demo.train.seq_len`,
+`demo.schedule.total_tokens`, ...; configs/base.py derives the dependent values). Applying
+it copies those keys over, then builds the stdlib corpus (data_pipeline.demo_corpus) and
+points config.data.mixture and config.data.tokenizer at it: everything downstream (loader,
+checkpoints, export) sees a normal run.
+"""
+from __future__ import annotations
+
+import jax
+import ml_collections
+from absl import logging
+
+from data_pipeline import demo_corpus
+
+
+def apply_demo(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    config = config.copy_and_resolve_references()
+    if config.data.mixture:
+        return config
+    demo = config.demo
+    for section, values in demo.items():
+        if not isinstance(values, ml_collections.ConfigDict):
+            continue
+        for key, value in values.items():
+            if section not in config or key not in config[section]:
+                raise ValueError(f"config.demo.{section}.{key} replaces config.{section}.{key}, "
+                                 "which this config does not have (configs/base.py)")
+            config[section][key] = value
+    if demo.cpu_model_dtype and jax.default_backend() == "cpu":
+        config.model.dtype = demo.cpu_model_dtype
+    tokenizer_dir, shards_dir = demo_corpus.configure(config)
+    logging.info("config.data.mixture is empty: demo run (config.demo) on the stdlib corpus "
+                 "%s (tokenizer %s) with %d rows of %d tokens for %d tokens", shards_dir,
+                 tokenizer_dir, config.train.global_batch_size, config.train.seq_len,
+                 config.schedule.total_tokens)
+    return config

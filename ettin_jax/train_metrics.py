@@ -1,0 +1,73 @@
+"""What the train loop reports: clu metric collections, model FLOPs per row, device peak.
+
+    TrainMetrics, EvalMetrics          clu Collections built inside the jitted steps
+    ratio_metric(total, count)         an Average weighted by a count (e.g. loss per token)
+    training_flops_per_row(config)     forward + backward FLOPs of one row, for MFU
+    device_peak_flops(config)          bf16 dense peak FLOP/s of one device (0 = unknown)
+"""
+# No `from __future__ import annotations`: clu reads the metric classes from __annotations__.
+
+import flax
+import jax
+import jax.numpy as jnp
+from clu import metrics as clu_metrics
+
+# bf16 dense peak FLOP/s per device, for MFU when config.log.device_peak_flops is 0.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def ratio_metric(total_name: str, count_name: str):
+    """An Average whose update is (kwargs[total_name], kwargs[count_name]): merged over steps it
+    weighs every step by its count (e.g. loss per predicted token over a logging window)."""
+
+    @flax.struct.dataclass
+    class Ratio(clu_metrics.Average):
+        @classmethod
+        def from_model_output(cls, **kwargs) -> clu_metrics.Average:
+            return cls(total=jnp.asarray(kwargs[total_name], jnp.float32),
+                       count=jnp.asarray(kwargs[count_name], jnp.float32))
+
+    return Ratio
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+    loss: ratio_metric("loss_sum", "predictions")            # per predicted token
+    accuracy: ratio_metric("correct", "predictions")         # argmax == label
+    grad_norm: clu_metrics.Average.from_output("grad_norm")  # of the step's mean gradient
+    param_norm: clu_metrics.LastValue.from_output("param_norm")
+    packing_efficiency: ratio_metric("real_tokens", "tokens")  # non-padding share of the rows
+
+
+@flax.struct.dataclass
+class EvalMetrics(clu_metrics.Collection):
+    loss: ratio_metric("loss_sum", "predictions")
+    accuracy: ratio_metric("correct", "predictions")
+
+
+def training_flops_per_row(config) -> float:
+    """Model FLOPs of one row (forward + backward) under the stated convention:
+    6 x (layer matmul params) per token, 6 x (head + decoder params) per predicted token
+    (the masked fraction for MLM, every token for CLM), and attention scores + values
+    12 x hidden x keys per token per layer, keys = seq for global layers, the window for
+    local ones, halved when causal. Embedding lookups count zero; padding counts fully."""
+    m, seq = config.model, config.train.seq_len
+    H, I, V = m.hidden_size, m.intermediate_size, m.vocab_size
+    layer_params = 3 * H * H + H * H + 2 * H * I + I * H
+    predicted = seq * config.train.mask_ratio if config.objective == "mlm" else seq
+    flops = 6 * layer_params * m.num_layers * seq + 6 * (H * H + V * H) * predicted
+    for layer in range(m.num_layers):
+        is_global = layer % m.global_attn_every_n_layers == 0
+        keys = seq if is_global else min(seq, m.local_attention + 1)
+        if m.causal:
+            keys = keys / 2
+        flops += 12 * H * keys * seq
+    return float(flops)
+
+
+def device_peak_flops(config) -> float:
+    """config.log.device_peak_flops, else the PEAK_FLOPS entry of jax's device_kind, else 0."""
+    if config.log.device_peak_flops > 0:
+        return float(config.log.device_peak_flops)
+    kind = jax.devices()[0].device_kind
+    return next((peak for name, peak in PEAK_FLOPS.items() if name in kind), 0.0)
