@@ -22,6 +22,9 @@ flags.DEFINE_integer("num_processes", None, "with --distributed: number of proce
 flags.DEFINE_integer("process_id", None, "with --distributed: this process's index")
 flags.DEFINE_enum("cpu_collectives", None, ["gloo", "mpi"],
                   "with --distributed on CPU: the collectives implementation (gloo for tests)")
+flags.DEFINE_bool("dry_run", False, "print the run's plan (tokens per step, steps, LR, "
+                  "checkpoints, parameters, what it restores) and exit; compiles, trains and "
+                  "writes nothing (ettin_jax.plan)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -35,6 +38,10 @@ class _QuietOrbaxInfo(logging.logging.Filter):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides are --config.KEY=VALUE")
+    if flags.FLAGS.dry_run:   # before jax.distributed and any compilation; writes nothing
+        from ettin_jax import plan  # pylint: disable=import-outside-toplevel
+        print(plan.format_plan(plan.make_plan(flags.FLAGS.config, flags.FLAGS.workdir)))
+        return 0
     logging.get_absl_handler().addFilter(_QuietOrbaxInfo())
     import jax  # pylint: disable=import-outside-toplevel  # after flags: XLA_FLAGS may be set
 

@@ -2,7 +2,8 @@
 == "") trains, so that `python main.py --config=configs/ettin_17m.py:mlm --workdir=runs/demo`
 ends in minutes on a CPU.
 
-    apply_demo(config) -> config   # a copy; unchanged (but resolved) when a mixture is set
+    apply_demo(config) -> config     # a copy; unchanged (but resolved) when a mixture is set
+    demo_variant(config) -> config   # the same keys, without building the corpus (the plan)
 
 `config.demo` mirrors the sections it replaces (`demo.train.seq_len`,
 `demo.schedule.total_tokens`, ...; configs/base.py derives the dependent values). Applying
@@ -19,7 +20,9 @@ from absl import logging
 from data_pipeline import demo_corpus
 
 
-def apply_demo(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def demo_variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A resolved copy of `config` with `config.demo`'s keys copied over when no mixture is
+    set (else unchanged); the corpus is not built and config.data.mixture stays empty."""
     config = config.copy_and_resolve_references()
     if config.data.mixture:
         return config
@@ -34,6 +37,13 @@ def apply_demo(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             config[section][key] = value
     if demo.cpu_model_dtype and jax.default_backend() == "cpu":
         config.model.dtype = demo.cpu_model_dtype
+    return config
+
+
+def apply_demo(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    if config.data.mixture:
+        return config.copy_and_resolve_references()
+    config = demo_variant(config)
     tokenizer_dir, shards_dir = demo_corpus.configure(config)
     logging.info("config.data.mixture is empty: demo run (config.demo) on the stdlib corpus "
                  "%s (tokenizer %s) with %d rows of %d tokens for %d tokens", shards_dir,

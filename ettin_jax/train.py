@@ -38,6 +38,7 @@ from ettin_jax import model_loader
 from ettin_jax import optimizer as optimizer_lib
 from ettin_jax import schedules
 from ettin_jax import sharding as sharding_lib
+from ettin_jax import step_tokens
 from ettin_jax.train_metrics import (EvalMetrics, TrainMetrics, device_peak_flops,
                                      training_flops_per_row)
 
@@ -179,10 +180,31 @@ def _check_batch_splits(config, mesh):
             f"over data x fsdp = {devices} devices")
 
 
-def _make_checkpointer(config, workdir: str) -> tuple[checkpoint_lib.Checkpointer, int]:
+def _mean_sequence_length(config, workdir: str, *, demo_run: bool) -> float | None:
+    """The run's mean sequence length (ettin_jax.step_tokens): process 0 reads the workdir's
+    stored figure or measures the data and stores it; every process gets process 0's value,
+    bit for bit (the steps' row counts must agree). None for the demo."""
+    mean = None
+    if jax.process_index() == 0:
+        record = step_tokens.for_run(config, workdir, demo=demo_run)
+        if not record["stored"]:
+            step_tokens.store(workdir, record)
+        mean = record["mean_sequence_length"]
+        logging.info("mean sequence length %s (%s %s)", mean,
+                     "stored in" if record["stored"] else "measured on the data, stored in",
+                     step_tokens.path(workdir))
+    if jax.process_count() > 1:   # float64 travels as its 8 bytes: no float32 rounding
+        raw = np.frombuffer(np.float64(np.nan if mean is None else mean).tobytes(), np.uint8)
+        raw = multihost_utils.broadcast_one_to_all(raw.astype(np.int32))
+        value = float(np.frombuffer(np.asarray(raw, np.uint8).tobytes(), np.float64)[0])
+        mean = None if math.isnan(value) else value
+    return mean
+
+
+def _make_checkpointer(config, workdir: str, mean_sequence_length: float | None,
+                       data_parallel: int) -> tuple[checkpoint_lib.Checkpointer, int]:
     """(the workdir's Checkpointer, steps between saves)."""
-    save_every = config.checkpoint.every_steps or max(1, math.ceil(
-        config.checkpoint.every_tokens / (config.train.global_batch_size * config.train.seq_len)))
+    save_every = schedules.checkpoint_every_steps(config, mean_sequence_length, data_parallel)
     ckpt = checkpoint_lib.Checkpointer(
         workdir, keep_last=config.checkpoint.keep_last,
         keep_every_steps=save_every * config.checkpoint.keep_every_nth,
@@ -259,7 +281,8 @@ def _train_scalars(window: _Window, config, *, step: int, num_steps: int, learni
     scalars = {k: float(v) for k, v in window.metrics.compute().items()}
     elapsed = time.time() - window.start
     rows_per_sec = window.rows / elapsed
-    scalars.update(learning_rate=learning_rate, batch_size=rows, tokens_seen=tokens,
+    scalars.update(learning_rate=learning_rate, batch_size=rows,
+                   tokens_per_step=rows * config.train.seq_len, tokens_seen=tokens,
                    tokens_per_sec=rows_per_sec * config.train.seq_len,
                    steps_per_sec=window.steps / elapsed)
     if peak_flops:
@@ -294,11 +317,12 @@ class _StopOnSigterm:
         signal.signal(signal.SIGTERM, self.previous)
 
 
-def _save(ckpt, step: int, state: dict, tokens: int, config, train_iter, tokenizer: str):
+def _save(ckpt, step: int, state: dict, tokens: int, config, train_iter, tokenizer: str,
+          mean_sequence_length: float | None):
     ckpt.save(step, params=state["params"], opt_state=state["opt_state"],
               meta={"step": step, "tokens_seen": tokens, "phase": config.phase,
                     "objective": config.objective, "init_from": config.train.init_from,
-                    "tokenizer": tokenizer},
+                    "tokenizer": tokenizer, "mean_sequence_length": mean_sequence_length},
               data_iterator=train_iter, config=config)
 
 
@@ -317,6 +341,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     from data_pipeline import loader  # pylint: disable=import-outside-toplevel
 
     # Config: with no data configured, the demo variant (it builds the demo corpus).
+    demo_run = not config.data.mixture
     config = demo.apply_demo(config)
     schedules.validate(config)
     workdir = os.path.abspath(workdir)
@@ -330,10 +355,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # Model and optimizer state: layout and jitted steps (arrays come with the restore).
     setup = make_setup(config, mesh)
 
+    # Tokens per step: 4608 sequences of the data's mean length in packed rows, the mean
+    # measured at the first start and read back on every resume (ettin_jax.step_tokens).
+    mean = _mean_sequence_length(config, workdir, demo_run=demo_run)
+    data_parallel = sharding_lib.data_parallel_size(mesh)
+    rows_per_step = schedules.rows_per_step(config, mean, data_parallel)
+    logging.info("tokens per step: %d sequences of mean length %s -> %d rows of %d = %s tokens",
+                 config.train.global_batch_size, "(demo: one row each)" if mean is None else
+                 f"{mean:.1f}", rows_per_step, config.train.seq_len,
+                 f"{rows_per_step * config.train.seq_len:,}")
+
     # Data.
-    rows_for_step = schedules.rows_schedule(config)
-    num_steps = schedules.total_steps(config)
-    micro_rows = schedules.micro_batch_size(config)
+    rows_for_step = schedules.rows_schedule(config, mean, data_parallel)
+    num_steps = schedules.total_steps(config, mean, data_parallel)
+    micro_rows = schedules.micro_batch_size(config, mean, data_parallel)
     batch_keys = losses.BATCH_KEYS[config.objective]
     train_iter = loader.make_train_iterator(config, rows_for_step=rows_for_step)
     try:   # recorded with each checkpoint, for `python -m ettin_jax.hf export`
@@ -342,12 +377,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         tokenizer = ""
 
     # Restore (see _restore_or_init for the order).
-    ckpt, save_every = _make_checkpointer(config, workdir)
+    ckpt, save_every = _make_checkpointer(config, workdir, mean, data_parallel)
     state, step, tokens = _restore_or_init(config, setup, ckpt, train_iter)
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     logging.info("%s %s, %s: %s parameters, %d steps of up to %d x %d tokens (%s tokens), "
                  "starting at step %d", config.size, config.objective, config.phase,
-                 f"{num_params:,}", num_steps, config.train.global_batch_size,
+                 f"{num_params:,}", num_steps, rows_per_step,
                  config.train.seq_len, f"{config.schedule.total_tokens:,.0f}", step)
 
     # Writers.
@@ -393,7 +428,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
                 stopping = stop.requested()
                 if step % save_every == 0 or is_last or stopping:
-                    _save(ckpt, step, state, tokens, config, train_iter, tokenizer)
+                    _save(ckpt, step, state, tokens, config, train_iter, tokenizer, mean)
                 if stopping:
                     ckpt.wait()
                     logging.warning("stopped by SIGTERM at step %d; the checkpoint is saved, "

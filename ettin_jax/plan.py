@@ -1,0 +1,217 @@
+"""The plan of a run, as `python main.py --config=... --workdir=W --dry_run` prints it.
+
+    plan = make_plan(config, workdir)   # dict: the run's figures (keys below)
+    print(format_plan(plan))            # readable lines, then the dict as one JSON line
+
+Made without compiling, training or writing anything: the workdir is only read (a stored
+tokens-per-step figure and its checkpoints), the data is read to measure its mean sequence
+length (data_pipeline.lengths) exactly as the first start of the run would (ettin_jax.step_tokens;
+a workdir that already has the figure keeps it, as a resume does), and the parameter count
+comes from the model's shapes (`nnx.eval_shape`: nothing allocated). Rows per step are rounded
+for the data-parallel groups of `config.mesh` over `num_devices` (default: this machine's
+devices, i.e. where the command runs).
+
+JSON keys: size, objective, phase, seq_len, rows_per_step, tokens_per_step,
+mean_sequence_length (null for the demo), sequences_per_step, total_tokens, total_steps,
+schedule, lr_start, lr_end, peak_lr (the highest LR of this phase: optimizer.peak_lr x
+schedule.lr_fraction), lr_warmup_tokens, batch_warmup_tokens, batch_warmup_steps,
+first_step_rows, global_rope_theta, local_rope_theta, mask_ratio (MLM runs),
+decoder_window_keys (CLM runs), data_seed, model_seed, sources (path, token_share, measured
+mean), demo, tokenizer, checkpoint_every_steps, checkpoint_every_tokens, num_params,
+data_parallel, num_devices, figure_stored, restore (what a real run would start from:
+workdir / init_from / fresh), init_from, tokens_per_sec_estimate, estimated_wall_seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from flax import nnx
+
+from ettin_jax import checkpoint as checkpoint_lib
+from ettin_jax import demo
+from ettin_jax import model as model_lib
+from ettin_jax import model_loader
+from ettin_jax import schedules
+from ettin_jax import sharding as sharding_lib
+from ettin_jax import step_tokens
+from ettin_jax.model_config import ModelConfig
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+    """Finished checkpoint steps of a run, read from its directory listing (Orbax names a
+    finished checkpoint `<step>`; one being written carries a suffix)."""
+    directory = checkpoint_lib.checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def _restore(config, workdir: str) -> dict:
+    """What a real run starts from, in train._restore_or_init's order."""
+    own = _checkpoint_steps(workdir)
+    if own:
+        return {"from": "workdir", "path": checkpoint_lib.checkpoint_dir(workdir),
+                "step": own[-1]}
+    init_from = config.train.init_from
+    if init_from:
+        steps = _checkpoint_steps(init_from)
+        return {"from": "init_from", "path": os.path.abspath(init_from),
+                "step": steps[-1] if steps else None,
+                "optimizer_state": bool(config.train.init_optimizer_state)}
+    return {"from": "fresh"}
+
+
+def _decoder_window_keys(config) -> int:
+    """Keys a decoder's local layer sees (the query's own included)."""
+    model = ModelConfig.from_config(config.model)
+    local = next(i for i in range(model.num_layers) if not model.is_global(i))
+    return model.window_size(local)[0] + 1
+
+
+def make_plan(config, workdir: str, *, num_devices: int | None = None) -> dict:
+    """The figures of the run `config` would train in `workdir` (module docstring)."""
+    demo_run = not config.data.mixture
+    config = demo.demo_variant(config)
+    schedules.validate(config)
+    if num_devices is None:
+        import jax  # pylint: disable=import-outside-toplevel
+        num_devices = jax.device_count()
+    data, fsdp, _ = sharding_lib.mesh_shape(config.mesh, num_devices)
+    data_parallel = data * fsdp
+
+    tokenizer = ""
+    if not demo_run:   # what the loader checks first: sources open, tokenizer fits the model
+        from data_pipeline import loader  # pylint: disable=import-outside-toplevel
+        tokenizer = os.path.abspath(loader._resolve(config)[2])  # pylint: disable=protected-access
+    record = step_tokens.for_run(config, workdir, demo=demo_run)
+    mean = record["mean_sequence_length"]
+    seq_len = int(config.train.seq_len)
+    rows = schedules.rows_per_step(config, mean, data_parallel)
+    total_steps = schedules.total_steps(config, mean, data_parallel)
+    rows_for_step = schedules.rows_schedule(config, mean, data_parallel)
+    warmup_steps = 0
+    while warmup_steps < total_steps and rows_for_step(warmup_steps) < rows:
+        warmup_steps += 1
+    every_steps = schedules.checkpoint_every_steps(config, mean, data_parallel)
+    total_tokens = float(config.schedule.total_tokens)
+    num_params = model_lib.count_params(
+        nnx.eval_shape(lambda: model_loader.new_model(config.model, seed=config.seed)))
+    estimate = float(config.log.tokens_per_sec_estimate)
+
+    plan = {
+        "size": config.size, "objective": config.objective, "phase": config.phase,
+        "demo": demo_run, "seq_len": seq_len,
+        "sequences_per_step": int(config.train.global_batch_size),
+        "mean_sequence_length": mean, "rows_per_step": rows, "tokens_per_step": rows * seq_len,
+        "figure_stored": record["stored"], "figure_path": step_tokens.path(workdir),
+        "total_tokens": total_tokens, "total_steps": total_steps,
+        "schedule": config.schedule.name,
+        "peak_lr": config.optimizer.peak_lr * config.schedule.lr_fraction,
+        "lr_start": schedules.learning_rate(config, 0.0),
+        "lr_end": schedules.learning_rate(config, total_tokens),
+        "lr_warmup_tokens": float(config.optimizer.lr_warmup_tokens),
+        "batch_warmup_tokens": float(config.optimizer.batch_warmup_tokens),
+        "batch_warmup_steps": warmup_steps, "first_step_rows": rows_for_step(0),
+        "global_rope_theta": float(config.model.global_rope_theta),
+        "local_rope_theta": float(config.model.local_rope_theta),
+        "data_seed": int(config.data.seed), "model_seed": int(config.seed),
+        "sources": [{"path": s["path"], "token_share": s["token_share"],
+                     "mean_sequence_length": s["mean_sequence_length"]}
+                    for s in record["sources"]],
+        "tokenizer": tokenizer,
+        "checkpoint_every_steps": every_steps,
+        "checkpoint_every_tokens": every_steps * rows * seq_len,
+        "num_params": num_params, "num_devices": num_devices, "data_parallel": data_parallel,
+        "restore": _restore(config, workdir), "init_from": config.train.init_from,
+        "tokens_per_sec_estimate": estimate,
+        "estimated_wall_seconds": total_tokens / estimate if estimate > 0 else None,
+    }
+    if config.objective == "mlm":
+        plan["mask_ratio"] = float(config.train.mask_ratio)
+        plan["mntp"] = bool(config.train.mntp)
+    else:
+        plan["decoder_window_keys"] = _decoder_window_keys(config)
+    return plan
+
+
+def _amount(x: float) -> str:
+    """2.5e11 -> '250B', 2.82e6 -> '2.82M'."""
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _duration(seconds: float) -> str:
+    hours = seconds / 3600
+    return f"{hours / 24:.1f} days" if hours >= 48 else f"{hours:.1f} h"
+
+
+def _restore_line(plan: dict) -> str:
+    r = plan["restore"]
+    if r["from"] == "workdir":
+        line = f"resumes from {r['path']}/{r['step']} (this workdir's newest checkpoint)"
+        if plan["init_from"]:
+            line += f"; train.init_from={plan['init_from']} is not used on a resume"
+        return line
+    if r["from"] == "init_from":
+        found = (f"newest checkpoint step {r['step']}" if r["step"] is not None
+                 else "NO checkpoint there yet: a real run would fail to start")
+        what = "params and optimizer state" if r["optimizer_state"] else "params only"
+        return f"train.init_from={r['path']} ({found}), restoring {what}"
+    line = "fresh initialisation (train.init_from is not set)"
+    if plan["phase"] != "pretrain":
+        line += (f"; phase {plan['phase']} usually continues another run: "
+                 "--config.train.init_from=WORKDIR")
+    return line
+
+
+def format_plan(plan: dict) -> str:
+    """Readable lines, then `plan` as one JSON object on the last line."""
+    p = plan
+    if p["mean_sequence_length"] is None:
+        step = (f"{p['rows_per_step']} rows x {p['seq_len']} = {p['tokens_per_step']:,} tokens "
+                "(demo: one row per sequence)")
+    else:
+        step = (f"{p['sequences_per_step']} sequences x mean length "
+                f"{p['mean_sequence_length']:.1f} -> {p['rows_per_step']} rows x {p['seq_len']} "
+                f"= {p['tokens_per_step']:,} tokens ({'stored in' if p['figure_stored'] else 'measured now; a run stores it in'} "
+                f"{p['figure_path']})")
+    lines = [
+        f"run        {p['size']} {p['objective']}, phase {p['phase']}"
+        + (" (demo: no data configured)" if p["demo"] else ""),
+        f"model      {p['num_params']:,} parameters; RoPE theta global {p['global_rope_theta']:g}, "
+        f"local {p['local_rope_theta']:g}; seed {p['model_seed']}",
+    ]
+    if "mask_ratio" in p:
+        lines.append(f"objective  MLM, mask ratio {p['mask_ratio']:g}" + (" (MNTP)" if p["mntp"] else ""))
+    else:
+        lines.append(f"objective  CLM, decoder local window {p['decoder_window_keys']} keys")
+    lines += [
+        f"step       {step}",
+        f"devices    {p['num_devices']}, {p['data_parallel']} data-parallel groups",
+        f"length     {_amount(p['total_tokens'])} tokens in {p['total_steps']:,} steps",
+        f"lr         {p['schedule']}: {p['lr_start']:.3g} at start, peak {p['peak_lr']:.3g}, "
+        f"{p['lr_end']:.3g} at the end; warmup {_amount(p['lr_warmup_tokens'])} tokens",
+        f"batch      warmup {_amount(p['batch_warmup_tokens'])} tokens: "
+        + (f"{p['batch_warmup_steps']:,} steps from {p['first_step_rows']} rows"
+           if p["batch_warmup_steps"] else "none (full steps from the start)"),
+        f"data       seed {p['data_seed']}; "
+        + ("the stdlib demo corpus (built by the first run)" if p["demo"] else
+           ", ".join(f"{s['path']} ({100 * s['token_share']:.1f}% of tokens, mean "
+                     f"{s['mean_sequence_length']:.1f})" for s in p["sources"])),
+    ]
+    if p["tokenizer"]:
+        lines.append(f"tokenizer  {p['tokenizer']}")
+    lines += [
+        f"checkpoint every {p['checkpoint_every_steps']:,} steps "
+        f"({_amount(p['checkpoint_every_tokens'])} tokens)",
+        f"start      {_restore_line(p)}",
+        "wall time  " + (f"{_duration(p['estimated_wall_seconds'])} at "
+                         f"{_amount(p['tokens_per_sec_estimate'])} tokens/s"
+                         if p["estimated_wall_seconds"] else
+                         "unknown (set --config.log.tokens_per_sec_estimate=TOKENS_PER_SEC)"),
+        json.dumps(p, sort_keys=True),
+    ]
+    return "\n".join(lines)

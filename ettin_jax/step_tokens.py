@@ -1,0 +1,107 @@
+"""The run's tokens-per-step figure: the data's mean sequence length, measured once and stored
+in the workdir, so that every start of the run (and its plan) sizes steps the same way.
+
+    record = for_run(config, workdir, demo=False)  # the stored record, else a fresh measurement
+    store(workdir, record)                         # `workdir/step_tokens.json` (once)
+
+A step is `train.global_batch_size` (4608) sequences of the data's mean length, packed into
+`schedules.rows_per_step(config, mean, data_parallel)` rows of `train.seq_len` tokens
+(recipe §3.2.1; the mean comes from data_pipeline.lengths). Rows per step, the batch-size
+warmup, total steps and the checkpoint interval all follow from the mean, so a resumed run
+must keep the figure its first start used: re-measuring a sampled source, or data that moved
+or grew, would change the steps under a run's checkpoints. A stored record is therefore
+never recomputed: a changed mixture only logs a warning (delete the file to re-measure);
+a changed `train.seq_len` is an error, as the mean is only valid for the row length it was
+measured at. The demo (no data configured) stores a mean of null: one row per sequence.
+
+Record (JSON):
+    mean_sequence_length  float, or null (the demo)
+    seq_len               train.seq_len it was measured at
+    mixture               config.data.mixture it was measured on ("" for the demo)
+    sources               per source: path, token_share (configured), documents, measured,
+                          exact, tokens_per_document, pieces_per_document, mean_sequence_length,
+                          relative_error
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from absl import logging
+
+FILENAME = "step_tokens.json"
+
+
+def path(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), FILENAME)
+
+
+def read(workdir: str) -> dict | None:
+    """The stored record of the run in `workdir`, or None when there is none."""
+    file = path(workdir)
+    if not os.path.exists(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as f:
+            record = json.load(f)
+        if not isinstance(record, dict) or not {"mean_sequence_length", "seq_len"} <= set(record):
+            raise ValueError("mean_sequence_length or seq_len missing")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: not a readable tokens-per-step record ({type(e).__name__}: "
+                         f"{e}); restore it, or delete it to measure the data again") from None
+    return record
+
+
+def measure(config, *, demo: bool) -> dict:
+    """A fresh record for `config` (data_pipeline.lengths over config.data.mixture); with
+    demo=True, the demo's record (no mean: one row per sequence)."""
+    seq_len = int(config.train.seq_len)
+    if demo:
+        return {"mean_sequence_length": None, "seq_len": seq_len, "mixture": "", "sources": []}
+    from data_pipeline import lengths, mixtures, sources  # pylint: disable=import-outside-toplevel
+    result = lengths.measure(config)
+    weights = [w for _, w in sources.parse_mixture(mixtures.expand(config.data.mixture,
+                                                                   config.phase))]
+    return {
+        "mean_sequence_length": result.mean_sequence_length,
+        "seq_len": seq_len,
+        "mixture": config.data.mixture,
+        "sources": [{"path": s.path, "token_share": w / sum(weights), "documents": s.documents,
+                     "measured": s.measured, "exact": s.exact,
+                     "tokens_per_document": s.tokens_per_document,
+                     "pieces_per_document": s.pieces_per_document,
+                     "mean_sequence_length": s.mean_sequence_length,
+                     "relative_error": s.relative_error}
+                    for s, w in zip(result.sources, weights)],
+    }
+
+
+def for_run(config, workdir: str, *, demo: bool) -> dict:
+    """The run's record: the one stored in `workdir` (never re-measured), else a fresh
+    measurement. Adds "stored": whether it came from the workdir. Writes nothing."""
+    stored = read(workdir)
+    if stored is None:
+        return dict(measure(config, demo=demo), stored=False)
+    file = path(workdir)
+    if stored["mean_sequence_length"] is not None and stored["seq_len"] != config.train.seq_len:
+        raise ValueError(
+            f"{file}: the mean sequence length was measured at train.seq_len="
+            f"{stored['seq_len']}, but config.train.seq_len={config.train.seq_len}; a run keeps "
+            "its row length (start a new workdir, or delete the file to measure again)")
+    if not demo and stored.get("mixture") != config.data.mixture:
+        logging.warning("%s was measured on config.data.mixture=%r, this run reads %r: keeping "
+                        "the stored mean sequence length %s (steps stay as the run began; "
+                        "delete the file to measure again)", file, stored.get("mixture"),
+                        config.data.mixture, stored["mean_sequence_length"])
+    return dict(stored, stored=True)
+
+
+def store(workdir: str, record: dict) -> str:
+    """Writes `record` (without its "stored" flag) to `workdir/step_tokens.json` atomically;
+    returns the path."""
+    file = path(workdir)
+    tmp = file + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({k: v for k, v in record.items() if k != "stored"}, f, indent=2)
+    os.replace(tmp, file)
+    return file

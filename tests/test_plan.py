@@ -1,0 +1,150 @@
+"""The run plan (`main.py --dry_run`, ettin_jax.plan) and the tokens-per-step figure a run
+stores (ettin_jax.step_tokens): at the recipe's scale on MDS data of known sequence lengths,
+against 4608 x their mean computed here with numpy (recipe §3.2.1); the dry run writes nothing;
+a short real run logs the plan's tokens per step, and a resume keeps the stored figure when the
+data directory changed."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import train_testlib
+from configs import ettin_tiny
+from data_pipeline import tokenizer
+from ettin_jax import plan as plan_lib
+from ettin_jax import schedules, step_tokens, train
+from test_data_formats import write_mds
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXTS = ["def main(): return 0", "The capital of France is Paris.", "x = [i for i in y]"] * 20
+JSON_KEYS = {"size", "objective", "phase", "seq_len", "rows_per_step", "tokens_per_step",
+             "mean_sequence_length", "total_tokens", "total_steps", "global_rope_theta",
+             "local_rope_theta", "data_seed", "peak_lr", "checkpoint_every_tokens"}
+
+
+def make_tokenizer(directory, *, vocab_size, unk_id):
+    return tokenizer.save(tokenizer.train_bpe(TEXTS, vocab_size=vocab_size, unk_id=unk_id),
+                          str(directory))
+
+
+def framed_mean(body_lengths, seq_len):
+    """Hand rule: the loader adds [CLS]/[SEP] and cuts a document into ceil(n / seq_len) pieces."""
+    n = np.asarray(body_lengths) + 2
+    return n.sum() / np.ceil(n / seq_len).sum()
+
+
+def dry_run(workdir, *flags):
+    result = subprocess.run(
+        [sys.executable, "main.py", f"--workdir={workdir}", *flags, "--dry_run"], cwd=ROOT,
+        env=train_testlib.subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()
+
+
+@pytest.mark.parametrize("arg,seq_len", [("mlm", 1024), ("mlm_ext", 8192)])
+def test_dry_run_at_scale_carries_4608_sequences_of_the_data(tmp_path, arg, seq_len):
+    rng = np.random.default_rng(seq_len)
+    # web-like lengths, a tail longer than seq_len (split by the loader)
+    sizes = rng.lognormal(np.log(seq_len / 3), 1.0, 300).astype(int) + 1
+    write_mds(tmp_path / "mds", [rng.integers(0, 50000, n) for n in sizes], per_shard=100)
+    tok = make_tokenizer(tmp_path / "tok", vocab_size=50368, unk_id=50280)
+    workdir = tmp_path / "run"
+    if arg == "mlm":
+        workdir.mkdir()                       # an existing, empty workdir stays empty
+    lines = dry_run(workdir, f"--config=configs/ettin_150m.py:{arg}",
+                    f"--config.data.mixture={tmp_path / 'mds'}", f"--config.data.tokenizer={tok}",
+                    "--config.data.eval_documents=0", "--config.log.tokens_per_sec_estimate=1e6",
+                    "--config.train.init_from=" + ("" if arg == "mlm" else str(tmp_path / "p1")))
+    plan = json.loads(lines[-1])
+    assert JSON_KEYS | {"mask_ratio"} <= set(plan)
+    assert (os.listdir(workdir) == []) if arg == "mlm" else not workdir.exists()
+
+    known = framed_mean(sizes, seq_len)
+    assert plan["mean_sequence_length"] == pytest.approx(known, rel=1e-9)
+    assert plan["seq_len"] == seq_len and plan["num_devices"] == 4
+    assert plan["rows_per_step"] % (8 * 4) == 0              # whole micro batches on 4 devices
+    assert plan["tokens_per_step"] == plan["rows_per_step"] * seq_len
+    assert plan["tokens_per_step"] == pytest.approx(4608 * known, rel=0.03)
+    assert plan["tokens_per_step"] < 4608 * seq_len          # not 4608 full rows
+    assert plan["checkpoint_every_steps"] == math.ceil(8.5e9 / plan["tokens_per_step"])
+    # 150m by hand: embeddings, 22 layers (layer 0 without attention norm), final norm,
+    # head dense + norm, decoder bias (tied weights counted once)
+    V, H, I, L = 50368, 768, 1152, 22
+    assert plan["num_params"] == V * H + H + L * (4 * H * H + 3 * H * I + 2 * H) - H + H \
+        + H * H + H + V
+    assert plan["estimated_wall_seconds"] == pytest.approx(plan["total_tokens"] / 1e6)
+    assert plan["mask_ratio"] == 0.3 and plan["data_seed"] == 21
+    if arg == "mlm":   # 1.7T tokens; the LR warms up from ~0 and holds 8e-4; 50B batch warmup
+        assert plan["total_tokens"] == 1.7e12 and plan["global_rope_theta"] == 10_000
+        assert plan["lr_start"] == pytest.approx(8e-14) and plan["lr_end"] == pytest.approx(8e-4)
+        assert plan["first_step_rows"] == plan["rows_per_step"] // 8
+        assert plan["batch_warmup_steps"] > 0
+        assert plan["restore"] == {"from": "fresh"}
+    else:              # 250B tokens of full steps; 1-sqrt from 8e-4 to 4e-4; RoPE 160k/160k
+        assert plan["total_steps"] == math.ceil(2.5e11 / plan["tokens_per_step"])
+        assert (plan["global_rope_theta"], plan["local_rope_theta"]) == (160_000, 160_000)
+        assert (plan["lr_start"], plan["lr_end"]) == pytest.approx((8e-4, 4e-4))
+        assert plan["restore"]["from"] == "init_from" and plan["restore"]["step"] is None
+        assert any("NO checkpoint" in line for line in lines[:-1])   # said, not fatal
+
+
+def tiny_data_config(mixture, tok, *, steps, rows=8):
+    config = ettin_tiny.get_config("mlm")
+    config.data.mixture, config.data.tokenizer = str(mixture), str(tok)
+    config.data.num_workers, config.data.eval_documents = 0, 0
+    config.train.seq_len, config.train.global_batch_size = 64, 16
+    config.train.eval_batches = 0
+    config.train.xla_backend_optimization_level = 0
+    config.schedule.total_tokens = steps * rows * 64
+    config.log.every_steps, config.checkpoint.every_steps = 1, 2
+    return config
+
+
+def logged(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def test_a_run_logs_the_plans_tokens_per_step_and_a_resume_keeps_the_stored_figure(tmp_path):
+    rng = np.random.default_rng(0)
+    tok = make_tokenizer(tmp_path / "tok", vocab_size=512, unk_id=500)
+    # 16 sequences of mean ~32 tokens -> 8 rows of 64 on 4 devices; the longer data -> 16 rows
+    write_mds(tmp_path / "short", [rng.integers(0, 500, n) for n in rng.integers(20, 41, 200)])
+    write_mds(tmp_path / "long", [rng.integers(0, 500, n) for n in rng.integers(50, 61, 200)])
+    workdir = tmp_path / "run"
+    config = tiny_data_config(tmp_path / "short", tok, steps=4)
+    plan = plan_lib.make_plan(config, str(workdir))
+    assert not workdir.exists() and not plan["figure_stored"]
+    assert plan["rows_per_step"] == 8 and plan["total_steps"] == 4
+
+    train.train_and_evaluate(config, str(workdir))
+    records = logged(workdir)
+    assert sorted(records) == [1, 2, 3, 4]
+    assert {r["batch_size"] for r in records.values()} == {plan["rows_per_step"]}
+    assert {r["tokens_per_step"] for r in records.values()} == {plan["tokens_per_step"]}
+    assert records[4]["tokens_seen"] == 4 * plan["tokens_per_step"]
+    stored = step_tokens.read(str(workdir))
+    assert stored["mean_sequence_length"] == plan["mean_sequence_length"]
+
+    # the data directory changes under the run: the plan and the resume keep the stored mean
+    moved = tiny_data_config(tmp_path / "long", tok, steps=6)
+    fresh = step_tokens.measure(moved, demo=False)["mean_sequence_length"]
+    assert schedules.rows_per_step(moved, fresh, 4) == 16     # what re-measuring would give
+    replan = plan_lib.make_plan(moved, str(workdir))
+    assert replan["figure_stored"] and replan["restore"] == {
+        "from": "workdir", "path": str(workdir / "checkpoints"), "step": 4}
+    assert replan["rows_per_step"] == 8 and replan["total_steps"] == 6
+    train.train_and_evaluate(moved, str(workdir))
+    records = logged(workdir)
+    assert sorted(records) == [1, 2, 3, 4, 5, 6]
+    assert records[5]["batch_size"] == records[6]["batch_size"] == 8
+    assert records[6]["tokens_seen"] == 6 * plan["tokens_per_step"]
+    assert step_tokens.read(str(workdir)) == stored
+
+    moved.train.seq_len = 128                              # a mean is valid for its row length
+    with pytest.raises(ValueError, match=r"step_tokens\.json.*config\.train\.seq_len=128"):
+        step_tokens.for_run(moved, str(workdir), demo=False)
