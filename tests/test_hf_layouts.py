@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -36,6 +37,13 @@ def _ours(objective, **changes):
         global_rope_theta=500.0, local_rope_theta=2000.0, **changes)
     model = EttinModel(config, rngs=nnx.Rngs(3))
     model.eval()
+    # Far from init, so that attention is sharp and the window and RoPE thetas show in the
+    # logits (at init the scores are near zero and attention near uniform).
+    rng = np.random.default_rng(0)
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(
+        lambda p: jnp.asarray(np.asarray(p) + 0.1 * rng.standard_normal(p.shape), jnp.float32),
+        params))
     return model, config
 
 

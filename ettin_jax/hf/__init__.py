@@ -15,7 +15,6 @@ Command line (`__main__.py`):
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -154,10 +153,9 @@ def load_hf(path: str, *, dtype: str | None = None):
     with open(config_path) as f:
         hf = json.load(f)
     tensors, stored_dtype = read_weights(path)
+    if dtype is not None:   # an explicit compute dtype wins over the stored one
+        hf = {**hf, "dtype": dtype}
     config = ModelConfig.from_hf_dict(hf, config_path, weights_dtype=stored_dtype)
-    if dtype is not None:
-        config = dataclasses.replace(config, dtype=dtype)
-        config.validate()
 
     structure = model_loader.model_parts(config)
     flat = dict(nnx.to_flat_state(structure.abstract_params))
