@@ -26,6 +26,9 @@ class HFFormatError(ValueError):
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+CLASSIFIER_POOLINGS = ("cls", "mean")
+# save_hf writes float32 weights; config.json names this dtype.
+STORED_DTYPE = "float32"
 
 # Rematerialisation of the scanned layer group (config.model.remat): what its backward pass
 # keeps from the forward. "full" keeps only the group's input; "dots" also keeps the outputs
@@ -69,6 +72,9 @@ class ModelConfig:
     mask_token_id: int = 50284
     bos_token_id: int = 50281
     eos_token_id: int = 50282
+    # What transformers' ModernBertForSequenceClassification pools (config.json
+    # `classifier_pooling`); kept so that an imported encoder exports as it came.
+    classifier_pooling: str = "cls"
 
     @classmethod
     def from_config(cls, config: Any) -> "ModelConfig":
@@ -91,6 +97,9 @@ class ModelConfig:
         if self.decoder_window not in ("transformers", "training"):
             raise ValueError(f"config.model.decoder_window={self.decoder_window!r}: expected "
                              "'transformers' or 'training'")
+        if self.classifier_pooling not in CLASSIFIER_POOLINGS:
+            raise ValueError(f"config.model.classifier_pooling={self.classifier_pooling!r}: expected "
+                             f"one of {CLASSIFIER_POOLINGS}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"config.model.dtype={self.dtype!r}: expected one of {sorted(_DTYPES)}")
         attention_lib.resolve_implementation(self.attention_impl)
@@ -134,12 +143,16 @@ class ModelConfig:
     # --- transformers config.json ---------------------------------------------------------
 
     def to_hf_dict(self) -> dict:
-        """The transformers config.json of this config (fields of HF 4.57 and 5.x alike)."""
+        """The transformers config.json of this config: fields that transformers 4.5x and 5.x
+        both read (legacy `global_rope_theta`/`local_rope_theta` beside `rope_parameters`,
+        `sliding_window` beside `local_attention`), and every field `from_hf_dict` reads, so
+        that to_hf_dict(from_hf_dict(d)) == d for a d this method wrote."""
         local_attention = self.local_attention
-        if self.causal and self.decoder_window == "training":
-            # transformers' decoder sees sliding_window = local_attention // 2 keys; Ettin trained
-            # with one key more, which transformers expresses as a window two wider.
-            local_attention += 2
+        if self.causal:
+            # transformers' decoder sees sliding_window = local_attention // 2 keys (itself
+            # included); written as 2 * keys so that 4.x, which derives sliding_window from
+            # local_attention, and 5.x, which reads sliding_window, agree.
+            local_attention = 2 * self.decoder_window_keys
         layer_types = ["full_attention" if self.is_global(i) else "sliding_attention"
                        for i in range(self.num_layers)]
         out = {
@@ -179,22 +192,37 @@ class ModelConfig:
             "eos_token_id": self.eos_token_id,
             "cls_token_id": self.cls_token_id,
             "sep_token_id": self.sep_token_id,
-            "torch_dtype": "float32",
+            # The dtype of the stored weights (save_hf writes float32), under the names of
+            # transformers 5.x (`dtype`) and 4.x (`torch_dtype`).
+            "dtype": STORED_DTYPE,
+            "torch_dtype": STORED_DTYPE,
         }
         if 0 <= self.mask_token_id < self.vocab_size:
             out["mask_token_id"] = self.mask_token_id
         if self.causal:
-            out["use_cache"] = True
+            out.update(use_cache=True, sliding_window=self.decoder_window_keys)
         else:
-            out.update(classifier_pooling="cls", sparse_prediction=False,
+            out.update(classifier_pooling=self.classifier_pooling, sparse_prediction=False,
                        sparse_pred_ignore_index=-100)
         return out
 
+    @property
+    def decoder_window_keys(self) -> int:
+        """Keys a decoder's local layer sees, itself included (transformers' sliding_window)."""
+        # window_size's (half - 1, 0) or (half, 0), keys counted with the query itself.
+        half = self.local_attention // 2
+        return half if self.decoder_window == "transformers" else half + 1
+
     @classmethod
-    def from_hf_dict(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
-        """The ModelConfig of a transformers config.json dict; fields that config.json does
-        not set keep this class's defaults. Raises HFFormatError naming `where` and the key
-        for an architecture or option Ettin does not have."""
+    def from_hf_dict(cls, hf: dict, where: str = "config.json", *,
+                     weights_dtype: str | None = None) -> "ModelConfig":
+        """The ModelConfig of a transformers config.json dict, read as the pinned transformers
+        (5.x) reads it, including the layouts 4.4x-4.5x wrote (see _hf_window below).
+        weights_dtype: the stored weights' dtype, the compute dtype when config.json
+        names none (as transformers' dtype="auto"); float32 when that is None too.
+
+        Raises HFFormatError naming `where` and the key for an architecture or option Ettin
+        does not have."""
         arch = (hf.get("architectures") or [None])[0] or _MODEL_TYPES.get(hf.get("model_type"))
         if arch not in (ENCODER_ARCH, DECODER_ARCH):
             raise HFFormatError(
@@ -214,29 +242,32 @@ class ModelConfig:
         if hf.get("tie_word_embeddings", True) is False:
             raise HFFormatError(f"{where}: tie_word_embeddings=false is not supported "
                                 "(Ettin ties them)")
-        rope = hf.get("rope_parameters") or {}
-        global_theta = rope.get("full_attention", {}).get(
-            "rope_theta", hf.get("global_rope_theta", 160_000.0))
-        if "sliding_attention" in rope:
-            local_theta = rope["sliding_attention"]["rope_theta"]
-        elif causal and str(hf.get("transformers_version", "5")).startswith("4."):
-            local_theta = global_theta   # transformers 4.x decoders ignore local_rope_theta
-        else:
-            local_theta = hf.get("local_rope_theta", 10_000.0)
+        num_layers = hf["num_hidden_layers"]
+        local_attention, decoder_window = _hf_window(hf, causal, where)
+        dtype = hf.get("dtype") or hf.get("torch_dtype") or weights_dtype or STORED_DTYPE
+        if dtype not in _DTYPES:
+            raise HFFormatError(f"{where}: dtype {dtype!r} is not one of {sorted(_DTYPES)}; "
+                                "pass dtype= to load_hf (--dtype) to compute in another")
+        pooling = "cls" if causal else hf.get("classifier_pooling", "cls")
+        if pooling not in CLASSIFIER_POOLINGS:
+            raise HFFormatError(f"{where}: classifier_pooling={pooling!r} is not one of "
+                                f"{CLASSIFIER_POOLINGS}")
         values = dict(
-            num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
+            num_layers=num_layers, hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"], num_heads=hf["num_attention_heads"],
             vocab_size=hf["vocab_size"], causal=causal,
-            global_attn_every_n_layers=hf.get("global_attn_every_n_layers", 3),
-            local_attention=hf.get("local_attention", 128),
-            decoder_window="transformers",   # the mask transformers applies is what we reproduce
-            global_rope_theta=float(global_theta), local_rope_theta=float(local_theta),
+            global_attn_every_n_layers=_hf_global_every(hf, num_layers, where),
+            local_attention=local_attention, decoder_window=decoder_window,
+            global_rope_theta=_hf_rope_theta(hf, "full_attention", "global_rope_theta",
+                                             160_000.0, where),
+            local_rope_theta=_hf_rope_theta(hf, "sliding_attention", "local_rope_theta",
+                                            10_000.0, where),
             max_position_embeddings=hf.get("max_position_embeddings", 8192),
             norm_eps=hf.get("norm_eps", 1e-5),
             initializer_range=hf.get("initializer_range", 0.02),
             initializer_cutoff_factor=hf.get("initializer_cutoff_factor", 2.0) or 3.0,
             embedding_dropout=hf.get("embedding_dropout", 0.0),
-            mlp_dropout=hf.get("mlp_dropout", 0.0))
+            mlp_dropout=hf.get("mlp_dropout", 0.0), dtype=dtype, classifier_pooling=pooling)
         for key in ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id",
                     "sep_token_id", "mask_token_id"):
             if isinstance(hf.get(key), int):
@@ -244,3 +275,68 @@ class ModelConfig:
         result = cls(**values)
         result.validate()
         return result
+
+
+# What transformers 5.x does with each field, from its models/modernbert{,_decoder}/
+# configuration_*.py and modeling_*.py (the layouts 4.4x-4.5x wrote have no rope_parameters,
+# the 4.x decoder writes sliding_window and layer_types but no local_attention).
+
+def _hf_window(hf: dict, causal: bool, where: str) -> tuple[int, str]:
+    """(local_attention, decoder_window) giving the local mask transformers builds.
+
+    Encoder: |i - j| <= sliding_window = local_attention // 2; a `sliding_window` key sets
+    local_attention = 2 * sliding_window (the config's property setter), after local_attention.
+    Decoder: keys i - sliding_window + 1 .. i; config.json's `sliding_window` overrides the
+    local_attention // 2 the config derives (kwargs are set after __post_init__ derives it).
+    """
+    if not causal:
+        if "sliding_window" in hf:
+            return 2 * int(hf["sliding_window"]), "transformers"
+        return int(hf.get("local_attention", 128)), "transformers"
+    keys = hf.get("sliding_window")
+    if keys is None:
+        local_attention = hf.get("local_attention", 128)
+        keys = local_attention // 2 if local_attention else -1
+    if not isinstance(keys, int) or keys < 1:
+        raise HFFormatError(f"{where}: sliding_window={keys!r} (local_attention="
+                            f"{hf.get('local_attention')!r}): a decoder needs a window of >= 1 key")
+    # Odd windows are Ettin's training window (local_attention // 2 + 1 keys), even ones
+    # transformers' (local_attention // 2): both give the window a whole local_attention.
+    return (2 * (keys - 1), "training") if keys % 2 else (2 * keys, "transformers")
+
+
+def _hf_global_every(hf: dict, num_layers: int, where: str) -> int:
+    """global_attn_every_n_layers of the layer pattern transformers uses: `layer_types` when
+    config.json has it (5.x ignores global_attn_every_n_layers then), else every n-th layer
+    from 0 is full attention."""
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        every = hf.get("global_attn_every_n_layers", 3)
+        if not isinstance(every, int) or every < 1:
+            raise HFFormatError(f"{where}: global_attn_every_n_layers={every!r}: expected >= 1")
+        return every
+    full = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+    every = (full[1] if len(full) > 1 else max(num_layers, 1)) if full else 0
+    expected = ["full_attention" if every and i % every == 0 else "sliding_attention"
+                for i in range(num_layers)]
+    if list(layer_types) != expected:
+        raise HFFormatError(
+            f"{where}: layer_types={layer_types} is not num_hidden_layers={num_layers} layers "
+            "with full_attention at layers 0, n, 2n, ... and sliding_attention elsewhere, the "
+            "only pattern Ettin's layer groups have")
+    return every
+
+
+def _hf_rope_theta(hf: dict, layer_type: str, legacy_key: str, default: float,
+                   where: str) -> float:
+    """rope_parameters[layer_type]["rope_theta"], else the 4.x key, else 5.x's default (the
+    same rule for encoder and decoder in 5.x: a 4.x decoder's local_rope_theta is used)."""
+    if hf.get("rope_scaling"):
+        raise HFFormatError(f"{where}: rope_scaling={hf['rope_scaling']!r} is not supported "
+                            "(Ettin uses plain RoPE)")
+    params = (hf.get("rope_parameters") or {}).get(layer_type) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise HFFormatError(f"{where}: rope_parameters.{layer_type}.rope_type={rope_type!r} is "
+                            "not supported (Ettin uses 'default')")
+    return float(params.get("rope_theta", hf.get(legacy_key, default)))

@@ -169,8 +169,11 @@ def from_run(workdir: str, *, step: int | None = None, mesh=None,
 
 
 def from_hf(path: str, *, dtype: str | None = None, mesh=None) -> Loaded:
-    """The model (eval mode) of a transformers directory (config.json + model.safetensors);
-    raises hf.HFFormatError naming the file and key for anything that does not fit."""
+    """The model (eval mode) of a transformers directory (config.json + weights, see
+    hf.load_hf); raises hf.HFFormatError naming the file and key for anything that does not fit.
+
+    dtype: compute dtype; None computes in the directory's stored dtype, as transformers does.
+    """
     from ettin_jax import hf as hf_lib  # pylint: disable=import-outside-toplevel  # hf imports this module
 
     model, model_config = hf_lib.load_hf(path, dtype=dtype or None)
@@ -187,7 +190,8 @@ def load_for_inference(checkpoint: str | None, hf_dir: str | None, tokenizer_pat
     transformers directory (the --checkpoint / --hf / --tokenizer / --dtype flags of cli.py).
 
     tokenizer_path: None = the tokenizer saved with the run or the directory.
-    dtype: compute dtype ("float32", "bfloat16"); "" keeps the model config's.
+    dtype: compute dtype ("float32", "bfloat16"); "" keeps the run config's, or for a
+    transformers directory its stored dtype (as transformers' from_pretrained).
     """
     from data_pipeline import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
 

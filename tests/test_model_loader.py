@@ -106,15 +106,19 @@ def test_fresh_rng_state_in_and_out_of_jit():
 
 @pytest.mark.parametrize("objective", ["mlm", "clm"])
 def test_hf_dict_round_trip(objective):
-    # The 64-key decoder window: the one a config.json names directly (the 65-key training
-    # window comes back as a wider transformers window, tested in test_hf.py).
-    config = _tiny_config(objective, global_rope_theta=500.0, local_rope_theta=2000.0,
-                          max_position_embeddings=256, embedding_dropout=0.1,
-                          decoder_window="transformers")
-    back = ModelConfig.from_hf_dict(config.to_hf_dict())
-    # config.json carries no compute dtype, attention implementation or training-only dropout.
-    assert back == dataclasses.replace(config, dtype="bfloat16", attention_impl="auto",
-                                       attn_out_dropout=0.1)
+    # Both decoder windows come back as they were: transformers' 64 keys (even) and the
+    # training window's 65 (odd) are told apart by sliding_window (tests/test_hf_layouts.py).
+    for window in ("transformers", "training"):
+        config = _tiny_config(objective, global_rope_theta=500.0, local_rope_theta=2000.0,
+                              max_position_embeddings=256, embedding_dropout=0.1,
+                              decoder_window=window, dtype="bfloat16", classifier_pooling="mean")
+        back = ModelConfig.from_hf_dict(config.to_hf_dict())
+        # config.json carries the stored weights' dtype (float32), no attention implementation
+        # or training-only dropout, and no pooling for a decoder.
+        assert back == dataclasses.replace(
+            config, dtype="float32", attention_impl="auto", attn_out_dropout=0.1,
+            decoder_window=window if objective == "clm" else "transformers",
+            classifier_pooling="mean" if objective == "mlm" else "cls")
     hf = config.to_hf_dict()
     hf["norm_bias"] = True
     with pytest.raises(HFFormatError, match=r"my/config.json: norm_bias=True is not supported"):

@@ -1,6 +1,7 @@
 """Hugging Face interop: transformers directories <-> EttinModel.
 
-    load_hf(path) -> (model, model_config)        # config.json + model.safetensors
+    load_hf(path) -> (model, model_config)   # config.json + model.safetensors (or its sharded
+                                             # index, or pytorch_model.bin with torch)
     save_hf(model, model_config, path, tokenizer=None)
 
 Encoders map to `ModernBertForMaskedLM`, decoders to `ModernBertDecoderForCausalLM`
@@ -14,12 +15,12 @@ Command line (`__main__.py`):
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -28,7 +29,7 @@ from ettin_jax import model_loader
 from ettin_jax.model_config import DECODER_ARCH, ENCODER_ARCH, HFFormatError, ModelConfig
 
 __all__ = ["DECODER_ARCH", "ENCODER_ARCH", "HFFormatError", "hf_state_dict", "load_hf",
-           "save_hf", "save_tokenizer"]
+           "read_weights", "save_hf", "save_tokenizer"]
 
 # Keys transformers may write that carry no weights of their own.
 _IGNORED_KEYS = ("decoder.weight",)
@@ -78,28 +79,70 @@ def _weight_table(config: ModelConfig):
 
 # --- load ------------------------------------------------------------------------------------
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+# The weight files transformers looks for, in its order of preference: (single file, index).
+_WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
+                 ("pytorch_model.bin", "pytorch_model.bin.index.json"))
 
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise HFFormatError(f"{path}: no model.safetensors (or model.safetensors.index.json)")
-    tensors = {}
-    for name in files:
-        # framework="flax" reads bfloat16 too; everything becomes float32 parameters.
-        with safe_open(os.path.join(path, name), framework="flax") as f:
-            for key in f.keys():
-                tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
-    return tensors
+
+def _weight_files(path: str) -> list[str]:
+    """The weight files of a transformers directory: one file, or every shard its index names."""
+    for single, index in _WEIGHT_FILES:
+        if os.path.exists(os.path.join(path, single)):
+            return [single]
+        if os.path.exists(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                weight_map = json.load(f).get("weight_map")
+            if not weight_map:
+                raise HFFormatError(f"{os.path.join(path, index)}: no 'weight_map'")
+            return sorted(set(weight_map.values()))
+    raise HFFormatError(f"{path}: no weights: expected one of "
+                        f"{', '.join(name for pair in _WEIGHT_FILES for name in pair)}")
+
+
+def _read_one(file: str) -> dict[str, np.ndarray]:
+    """The tensors of one weight file, in their stored dtype (ml_dtypes' bfloat16 included)."""
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+        # framework="flax" reads bfloat16 too (numpy has no bfloat16 of its own).
+        with safe_open(file, framework="flax") as f:
+            return {key: np.asarray(f.get_tensor(key)) for key in f.keys()}
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise HFFormatError(f"{file}: reading PyTorch pickles needs torch (pip install torch), "
+                            "or save the weights as model.safetensors") from e
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    out = {}
+    for key, tensor in state.items():
+        if tensor.dtype == torch.bfloat16:   # torch cannot hand numpy a bfloat16 array
+            out[key] = tensor.float().numpy().astype(jnp.bfloat16)
+        else:
+            out[key] = tensor.numpy()
+    return out
+
+
+def read_weights(path: str) -> tuple[dict[str, np.ndarray], str | None]:
+    """(tensors by transformers key as float32 arrays, the stored floating dtype's name or None)
+    of a directory's model.safetensors, sharded safetensors index, pytorch_model.bin or its
+    sharded index. The dtype is the first floating tensor's, as transformers' dtype="auto"
+    takes it when config.json names none."""
+    tensors, stored = {}, None
+    for name in _weight_files(path):
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            raise HFFormatError(f"{file}: named by the weight index but missing")
+        for key, array in _read_one(file).items():
+            if stored is None and jnp.issubdtype(array.dtype, jnp.floating):
+                stored = jnp.dtype(array.dtype).name
+            tensors[key] = np.asarray(array, dtype=np.float32)
+    return tensors, stored
 
 
 def load_hf(path: str, *, dtype: str | None = None):
     """Reads a transformers directory into `(EttinModel in eval mode, its ModelConfig)`.
+
+    dtype: the compute dtype; None computes in the checkpoint's stored dtype as transformers'
+    from_pretrained does (config.json `dtype`, else `torch_dtype`, else the weights' own).
 
     Raises HFFormatError naming the file and key for an unknown architecture, a missing
     or unexpected weight, or a weight of the wrong shape.
@@ -109,11 +152,10 @@ def load_hf(path: str, *, dtype: str | None = None):
         raise HFFormatError(f"{path}: no config.json")
     with open(config_path) as f:
         hf = json.load(f)
-    config = ModelConfig.from_hf_dict(hf, config_path)
-    if dtype is not None:
-        config = dataclasses.replace(config, dtype=dtype)
-        config.validate()
-    tensors = _read_safetensors(path)
+    tensors, stored_dtype = read_weights(path)
+    if dtype is not None:   # an explicit compute dtype wins over the stored one
+        hf = {**hf, "dtype": dtype}
+    config = ModelConfig.from_hf_dict(hf, config_path, weights_dtype=stored_dtype)
 
     structure = model_loader.model_parts(config)
     flat = dict(nnx.to_flat_state(structure.abstract_params))
