@@ -247,7 +247,7 @@ class ModelConfig:
         dtype = hf.get("dtype") or hf.get("torch_dtype") or weights_dtype or STORED_DTYPE
         if dtype not in _DTYPES:
             raise HFFormatError(f"{where}: dtype {dtype!r} is not one of {sorted(_DTYPES)}; "
-                                "pass dtype= to load_hf (--dtype) to compute in another")
+                                "pass dtype= to model_loader.load_hf (--dtype) to compute in another")
         pooling = "cls" if causal else hf.get("classifier_pooling", "cls")
         if pooling not in CLASSIFIER_POOLINGS:
             raise HFFormatError(f"{where}: classifier_pooling={pooling!r} is not one of "

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ettin_jax import checkpoint as checkpoint_lib
+from ettin_jax import hf as hf_lib
 from ettin_jax import model as model_lib
 from ettin_jax import sharding as sharding_lib
 from ettin_jax.model_config import ModelConfig
@@ -168,15 +169,26 @@ def from_run(workdir: str, *, step: int | None = None, mesh=None,
     return Loaded(model, config, tokenizer, meta)
 
 
-def from_hf(path: str, *, dtype: str | None = None, mesh=None) -> Loaded:
-    """The model (eval mode) of a transformers directory (config.json + weights, see
-    hf.load_hf); raises hf.HFFormatError naming the file and key for anything that does not fit.
+def load_hf(path: str, *, dtype: str | None = None) -> tuple[model_lib.EttinModel, ModelConfig]:
+    """(EttinModel in eval mode, its ModelConfig) of a transformers directory (config.json +
+    model.safetensors, a sharded index or pytorch_model.bin; hf.read_hf translates them).
 
     dtype: compute dtype; None computes in the directory's stored dtype, as transformers does.
+    Raises hf.HFFormatError naming the file and key for anything that does not fit.
     """
-    from ettin_jax import hf as hf_lib  # pylint: disable=import-outside-toplevel  # hf imports this module
+    config, values = hf_lib.read_hf(path, dtype=dtype or None)
+    parts = model_parts(config)
+    flat = dict(nnx.to_flat_state(parts.abstract_params))
+    for key, variable in flat.items():
+        variable.set_value(jnp.asarray(values[key]))
+    model = nnx.merge(parts.graphdef_eval, nnx.from_flat_state(flat),
+                      fresh_rng_state(parts.rng_layout))
+    return model, config
 
-    model, model_config = hf_lib.load_hf(path, dtype=dtype or None)
+
+def from_hf(path: str, *, dtype: str | None = None, mesh=None) -> Loaded:
+    """`load_hf`'s model as a Loaded (params placed on `mesh` by their logical axes when given)."""
+    model, model_config = load_hf(path, dtype=dtype)
     if mesh is not None:
         params = nnx.state(model, nnx.Param)
         nnx.update(model, jax.device_put(params, sharding_lib.param_shardings(params, mesh)))

@@ -12,7 +12,7 @@ import transformers
 from flax import nnx
 
 from configs import ettin_tiny
-from ettin_jax import hf
+from ettin_jax import hf, model_loader
 from ettin_jax.model import EttinModel
 
 # (hidden, heads, layers, local_attention, seq): head_dim 24/16/64, layer counts not a
@@ -55,7 +55,7 @@ def _torch_logits(model, ids):
 def test_transformers_to_ours(tmp_path, shape, causal):
     _, torch_model = _hf_model(shape, causal)
     torch_model.save_pretrained(tmp_path)
-    model, model_config = hf.load_hf(str(tmp_path), dtype="float32")
+    model, model_config = model_loader.load_hf(str(tmp_path), dtype="float32")
     assert model_config.causal == causal
     ids = np.random.RandomState(1).randint(0, 96, size=(2, shape["seq"]))
     diff = np.abs(np.asarray(forward(model, jnp.asarray(ids))) - _torch_logits(torch_model, ids)).max()
@@ -108,19 +108,19 @@ def test_bad_files_name_the_key(tmp_path):
     config["intermediate_size"] = 41
     json.dump(config, open(tmp_path / "config.json", "w"))
     with pytest.raises(hf.HFFormatError, match=r"model.layers.0.mlp.Wi.weight.*\(80, 48\).*\(82, 48\)"):
-        hf.load_hf(str(tmp_path))
+        model_loader.load_hf(str(tmp_path))
 
     config["intermediate_size"] = 40
     config["architectures"] = ["BertForMaskedLM"]
     config["model_type"] = "bert"
     json.dump(config, open(tmp_path / "config.json", "w"))
     with pytest.raises(hf.HFFormatError, match="BertForMaskedLM"):
-        hf.load_hf(str(tmp_path))
+        model_loader.load_hf(str(tmp_path))
 
     config["architectures"] = [hf.DECODER_ARCH]   # an encoder's file read as a decoder
     json.dump(config, open(tmp_path / "config.json", "w"))
     with pytest.raises(hf.HFFormatError, match=r"missing weights.*'lm_head.dense.weight'.*'model.layers.0.attn.q_proj.weight'"):
-        hf.load_hf(str(tmp_path))
+        model_loader.load_hf(str(tmp_path))
 
 
 def test_export_cli_loads_in_transformers(tmp_path):
@@ -132,7 +132,7 @@ def test_export_cli_loads_in_transformers(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     torch_model, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    model, _ = hf.load_hf(str(out), dtype="float32")
+    model, _ = model_loader.load_hf(str(out), dtype="float32")
     ids = np.arange(30)[None] % 500
     diff = np.abs(np.asarray(forward(model, jnp.asarray(ids))) - _torch_logits(torch_model.eval(), ids)).max()
     assert diff <= 1e-4

@@ -60,7 +60,7 @@ def _torch_logits(directory, causal, ids):
 
 def _assert_parity(directory, causal, seed=0):
     """load_hf(directory) with no arguments computes what transformers computes."""
-    model, config = hf.load_hf(str(directory))
+    model, config = model_loader.load_hf(str(directory))
     ids = _ids(seed, config.vocab_size)
     ours = np.asarray(forward(model, jnp.asarray(ids)))
     theirs = _torch_logits(directory, causal, ids)
@@ -139,7 +139,7 @@ def test_irregular_layer_types_name_the_key(tmp_path):
     _write_legacy(tmp_path, model, legacy)
     with pytest.raises(hf.HFFormatError, match=r"config.json: layer_types=.*full_attention at "
                                                r"layers 0, n, 2n"):
-        hf.load_hf(str(tmp_path))
+        model_loader.load_hf(str(tmp_path))
 
 
 def _transformers_encoder(dtype=torch.float32):
@@ -178,7 +178,7 @@ def test_pytorch_model_bin_and_its_dtype(tmp_path):
     torch.save(torch_model.to(torch.bfloat16).state_dict(), tmp_path / "pytorch_model.bin")
     reference = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path))
     assert reference.dtype == torch.bfloat16
-    model, config = hf.load_hf(str(tmp_path))
+    model, config = model_loader.load_hf(str(tmp_path))
     assert config.dtype == "bfloat16"
     np.testing.assert_array_equal(   # bfloat16 values read exactly
         np.asarray(model.tok_embeddings[...]),
@@ -193,7 +193,7 @@ def test_pytorch_model_bin_without_torch(tmp_path, monkeypatch):
     torch.save(torch_model.state_dict(), tmp_path / "pytorch_model.bin")
     monkeypatch.setitem(sys.modules, "torch", None)   # `import torch` raises ImportError
     with pytest.raises(hf.HFFormatError, match=r"pytorch_model.bin: .*pip install torch"):
-        hf.load_hf(str(tmp_path))
+        model_loader.load_hf(str(tmp_path))
 
 
 @pytest.mark.parametrize("config_json,expected", [
@@ -217,7 +217,7 @@ def test_export_import_export_is_lossless(tmp_path, objective, window):
                           max_position_embeddings=7999, dtype="bfloat16")
     first, second = tmp_path / "first", tmp_path / "second"
     hf.save_hf(model, config, str(first))
-    loaded, loaded_config = hf.load_hf(str(first))
+    loaded, loaded_config = model_loader.load_hf(str(first))
     assert loaded_config.dtype == "float32"     # the stored weights' dtype
     assert loaded_config.decoder_window == window and loaded_config.local_attention == 128
     hf.save_hf(loaded, loaded_config, str(second))

@@ -1,8 +1,11 @@
 """Hugging Face interop: transformers directories <-> EttinModel.
 
-    load_hf(path) -> (model, model_config)   # config.json + model.safetensors (or its sharded
-                                             # index, or pytorch_model.bin with torch)
+    read_hf(path) -> (model_config, {param path: array})  # config.json + model.safetensors
+                              # (or its sharded index, or pytorch_model.bin with torch)
     save_hf(model, model_config, path, tokenizer=None)
+
+Building a model from a directory is model_loader's job (`model_loader.load_hf(path)`, or
+`from_hf` on a mesh); this module only translates configs and weights, so it imports no loader.
 
 Encoders map to `ModernBertForMaskedLM`, decoders to `ModernBertDecoderForCausalLM`
 (recipe §1.6 for the key table). Our tree keeps q, k and v fused for both; the decoder's
@@ -19,16 +22,14 @@ import json
 import os
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from ettin_jax import model as model_lib
-from ettin_jax import model_loader
 from ettin_jax.model_config import DECODER_ARCH, ENCODER_ARCH, HFFormatError, ModelConfig
 
-__all__ = ["DECODER_ARCH", "ENCODER_ARCH", "HFFormatError", "hf_state_dict", "load_hf",
+__all__ = ["DECODER_ARCH", "ENCODER_ARCH", "HFFormatError", "hf_state_dict", "read_hf",
            "read_weights", "save_hf", "save_tokenizer"]
 
 # Keys transformers may write that carry no weights of their own.
@@ -138,14 +139,14 @@ def read_weights(path: str) -> tuple[dict[str, np.ndarray], str | None]:
     return tensors, stored
 
 
-def load_hf(path: str, *, dtype: str | None = None):
-    """Reads a transformers directory into `(EttinModel in eval mode, its ModelConfig)`.
+def read_hf(path: str, *, dtype: str | None = None) -> tuple[ModelConfig, dict[tuple, np.ndarray]]:
+    """Reads a transformers directory into (its ModelConfig, {our parameter path: array}).
 
     dtype: the compute dtype; None computes in the checkpoint's stored dtype as transformers'
     from_pretrained does (config.json `dtype`, else `torch_dtype`, else the weights' own).
-
-    Raises HFFormatError naming the file and key for an unknown architecture, a missing
-    or unexpected weight, or a weight of the wrong shape.
+    `model_loader.load_hf` builds the model from these. Raises HFFormatError naming the file
+    and key for an unknown architecture, a missing or unexpected weight, or a weight of the
+    wrong shape.
     """
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
@@ -157,8 +158,6 @@ def load_hf(path: str, *, dtype: str | None = None):
         hf = {**hf, "dtype": dtype}
     config = ModelConfig.from_hf_dict(hf, config_path, weights_dtype=stored_dtype)
 
-    structure = model_loader.model_parts(config)
-    flat = dict(nnx.to_flat_state(structure.abstract_params))
     values: dict[tuple, np.ndarray] = {}
     split_qkv: dict[tuple, list] = {}
     used = set()
@@ -184,11 +183,7 @@ def load_hf(path: str, *, dtype: str | None = None):
     if unexpected:
         raise HFFormatError(f"{path}: unexpected weights {unexpected[:5]}"
                             f"{' ...' if len(unexpected) > 5 else ''} for {hf['architectures'][0] if hf.get('architectures') else config}")
-    for key, variable in flat.items():
-        variable.set_value(jax.numpy.asarray(values[key]))
-    model = nnx.merge(structure.graphdef_eval, nnx.from_flat_state(flat),
-                      model_loader.fresh_rng_state(structure.rng_layout))
-    return model, config
+    return config, values
 
 
 # --- save ------------------------------------------------------------------------------------

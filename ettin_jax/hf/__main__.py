@@ -38,7 +38,7 @@ def _export(flags_):
 
 
 def _import(flags_):
-    model, model_config = hf.load_hf(flags_.hf)
+    model, model_config = model_loader.load_hf(flags_.hf)
     checkpoint.save_imported(model, model_config, flags_.out)
     print(f"wrote {model_lib.count_params(model):,} parameters from {flags_.hf} to {flags_.out}; "
           f"continue training with --config.train.init_from={flags_.out}")
