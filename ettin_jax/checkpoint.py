@@ -8,7 +8,8 @@ A run's workdir holds `checkpoints/<step>/` with five items:
   config     JSON: the full config of the run (export rebuilds the model from it)
 
 Which checkpoints are kept for good (every `keep_every_steps`) is decided when one is saved
-and recorded in `checkpoints/kept_for_good.json` before it is written; retention reads the
+and recorded in `<workdir>/kept_for_good.json` before it is written (beside checkpoints/, which
+holds only what Orbax writes); retention reads the
 record, so a later change of the checkpoint interval cannot delete them.
 
 Resuming restores all five into abstract targets that carry this run's shardings, so a run
@@ -60,13 +61,13 @@ KEPT_FOR_GOOD_NAME = "kept_for_good.json"
 
 
 class RecordedSteps(ocp.checkpoint_managers.PreservationPolicy):
-    """Preserves the steps recorded in `checkpoints/kept_for_good.json` ({"steps": [...]}).
+    """Preserves the steps recorded in `<workdir>/kept_for_good.json` ({"steps": [...]}).
 
     `add` records a step (atomically, process 0 writes) before its checkpoint is saved.
     """
 
-    def __init__(self, directory: str):
-        self.path = os.path.join(directory, KEPT_FOR_GOOD_NAME)
+    def __init__(self, workdir: str):
+        self.path = os.path.join(os.path.abspath(workdir), KEPT_FOR_GOOD_NAME)
         self.steps: set[int] = set()
         if os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as f:
@@ -76,6 +77,8 @@ class RecordedSteps(ocp.checkpoint_managers.PreservationPolicy):
         return os.path.exists(self.path)
 
     def add(self, *steps: int):
+        if not steps:                  # nothing kept for good: no file in checkpoints/
+            return
         self.steps.update(steps)
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -98,7 +101,7 @@ class Checkpointer:
                  async_save: bool = True):
         self.directory = checkpoint_dir(workdir)
         self.keep_every_steps = keep_every_steps
-        self.kept_for_good = RecordedSteps(self.directory)
+        self.kept_for_good = RecordedSteps(workdir)
         policies = [ocp.checkpoint_managers.LatestN(keep_last), self.kept_for_good]
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save,

@@ -61,7 +61,7 @@ def good_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reliability") / "good"
     train.train_and_evaluate(make_config(), str(workdir))
     assert checkpoint_steps(workdir) == [4, 6, 8]
-    with open(workdir / "checkpoints" / checkpoint.KEPT_FOR_GOOD_NAME) as f:
+    with open(workdir / checkpoint.KEPT_FOR_GOOD_NAME) as f:
         assert json.load(f)["steps"] == [4, 8]
     assert not (workdir / workdir_lib.LOCK_NAME).exists()      # released at exit
     return workdir, losses(workdir)
