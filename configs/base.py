@@ -195,7 +195,9 @@ def get_config_for_size(arg: str | None, *, size: str, model: ml_collections.Con
     c.train.mntp = bool(options.get("mntp", False))
     c.train.seq_len = 8192 if long_context else 1024
     c.train.global_batch_size = 4608      # sequences per optimizer step, every phase
-    c.train.init_from = ""                # workdir of the previous phase (phases 2-3, cross)
+    # Workdir of the previous phase. Phases 2-3 and cross-objective runs must name one, or
+    # "scratch" to start them from a random initialisation on purpose (ettin_jax.workdir).
+    c.train.init_from = ""
     # Cross-objective runs seed the model with 210 but shuffle the data with 21 (recipe §3.2.1).
     c.data = data_config(model=c.model, seed=DATA_SEED)
 
@@ -234,6 +236,16 @@ def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: st
     c.train.eval_batches = 8                # held-out batches per eval; 0 = no eval
     # -1 = XLA's default. 0 skips LLVM's optimisations: CPU tests compile ~3x faster.
     c.train.xla_backend_optimization_level = -1
+    # Divergence guard (ettin_jax.divergence): a step whose loss, gradient norm or new params
+    # are not finite leaves params and optimizer state as they were (counted as skipped_steps);
+    # this many skips in a row stop the run with an error naming the last good checkpoint.
+    c.train.max_nonfinite_steps = 3
+    # Warn when a logged loss exceeds this factor x the mean of the recent logged losses (0 = off).
+    c.train.loss_spike_factor = 3.0
+    # A re-run whose settings (LR, schedule, intervals, eval, logging) differ from the ones the
+    # workdir recorded in run_identity.json is refused unless this is True (ettin_jax.workdir);
+    # a change of size, objective, phase, model shape, tokenizer or data mixture always is.
+    c.train.allow_config_change = False
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "warmup_stable_decay" if phase in ("pretrain", "cross") else "one_minus_sqrt"

@@ -7,6 +7,11 @@ A run's workdir holds `checkpoints/<step>/` with five items:
   data       the Grain iterator state of every process (resume continues the same batches)
   config     JSON: the full config of the run (export rebuilds the model from it)
 
+Which checkpoints are kept for good (every `keep_every_steps`) is decided when one is saved
+and recorded in `<workdir>/kept_for_good.json` before it is written (beside checkpoints/, which
+holds only what Orbax writes); retention reads the
+record, so a later change of the checkpoint interval cannot delete them.
+
 Resuming restores all five into abstract targets that carry this run's shardings, so a run
 may resume on a different mesh. A checkpoint that fails to restore is set aside as
 `<step>.damaged` and the previous one is used, with a warning. A later phase or a
@@ -27,6 +32,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from data_pipeline import shards
 from ettin_jax.model_config import ModelConfig
 
 def checkpoint_dir(workdir: str) -> str:
@@ -51,28 +57,74 @@ def abstract_like(tree, shardings):
                         tree, shardings)
 
 
+KEPT_FOR_GOOD_NAME = "kept_for_good.json"
+
+
+class RecordedSteps(ocp.checkpoint_managers.PreservationPolicy):
+    """Preserves the steps recorded in `<workdir>/kept_for_good.json` ({"steps": [...]}).
+
+    `add` records a step (atomically, process 0 writes) before its checkpoint is saved.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(os.path.abspath(workdir), KEPT_FOR_GOOD_NAME)
+        self.steps: set[int] = set()
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                self.steps = set(json.load(f)["steps"])
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def add(self, *steps: int):
+        if not steps:                  # nothing kept for good: no file in checkpoints/
+            return
+        self.steps.update(steps)
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            shards.write_json_atomic(self.path, {"steps": sorted(self.steps)})
+
+    def should_preserve(self, checkpoints, *, context):  # pylint: disable=unused-argument
+        return [info.step in self.steps for info in checkpoints]
+
+
 class Checkpointer:
     """The checkpoints of one run (`workdir/checkpoints`).
 
     Saves are asynchronous (`save` returns once the arrays are copied off the devices);
     `wait` blocks until the last one is on disk. Keeps the newest `keep_last` checkpoints,
-    plus for good every checkpoint whose step is a multiple of `keep_every_steps` (0 = none).
+    plus for good every checkpoint whose step was a multiple of `keep_every_steps` (0 = none)
+    when it was saved (RecordedSteps).
     """
 
     def __init__(self, workdir: str, *, keep_last: int, keep_every_steps: int = 0,
                  async_save: bool = True):
-        policies = [ocp.checkpoint_managers.LatestN(keep_last)]
-        if keep_every_steps > 0:
-            policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every_steps))
+        self.directory = checkpoint_dir(workdir)
+        self.keep_every_steps = keep_every_steps
+        self.kept_for_good = RecordedSteps(workdir)
+        policies = [ocp.checkpoint_managers.LatestN(keep_last), self.kept_for_good]
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             cleanup_tmp_directories=True)
-        self.directory = checkpoint_dir(workdir)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers=_handlers())
+        steps = sorted(self.manager.all_steps())
+        if steps and not self.kept_for_good.exists():
+            # A workdir from before the record: a checkpoint older than the newest keep_last
+            # survived because it was kept for good; record those so that none is lost.
+            older, newest = steps[:-keep_last] if keep_last else steps, steps[-keep_last:]
+            self.kept_for_good.add(*older, *(s for s in newest if self._for_good(s)))
+
+    def _for_good(self, step: int) -> bool:
+        return self.keep_every_steps > 0 and step % self.keep_every_steps == 0
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
 
     def save(self, step: int, *, params, opt_state, meta: dict, data_iterator, config):
+        if self._for_good(step):
+            self.kept_for_good.add(step)
         saved = self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta), data=grain.checkpoint.CheckpointSave(data_iterator),

@@ -33,12 +33,14 @@ from jax.experimental import multihost_utils
 
 from ettin_jax import checkpoint as checkpoint_lib
 from ettin_jax import demo
+from ettin_jax import divergence
 from ettin_jax import losses
 from ettin_jax import model_loader
 from ettin_jax import optimizer as optimizer_lib
 from ettin_jax import schedules
 from ettin_jax import sharding as sharding_lib
 from ettin_jax import step_tokens
+from ettin_jax import workdir as workdir_lib
 from ettin_jax.train_metrics import (EvalMetrics, TrainMetrics, device_peak_flops,
                                      training_flops_per_row)
 
@@ -50,7 +52,8 @@ def train_step(state: dict, batch: dict, learning_rate, step, *, graphdef, rng_l
     """One optimizer step on the summed gradients of the step's micro batches.
 
     batch: dict of `[num_micro, micro_rows, ...]` arrays; learning_rate, step: scalars.
-    Returns (new state, TrainMetrics).
+    Returns (new state, TrainMetrics). A step whose loss, gradient norm or new params are not
+    finite returns `state` unchanged and counts in TrainMetrics.skipped_steps.
     """
     params = state["params"]
     step_key = jax.random.fold_in(jax.random.key(seed), step)
@@ -81,13 +84,20 @@ def train_step(state: dict, batch: dict, learning_rate, step, *, graphdef, rng_l
     count = jnp.maximum(stats["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params, learning_rate=learning_rate)
-    params = optax.apply_updates(params, updates)
+    new_params = optax.apply_updates(params, updates)
+    grad_norm = optax.tree.norm(grads)
+    # Divergence guard: a non-finite step leaves params and optimizer state as they were.
+    ok = divergence.update_is_finite(stats["loss"], grad_norm, optax.tree.norm(new_params))
+    new_state = divergence.keep_if(ok, {"params": new_params, "opt_state": opt_state}, state)
+    applied = ok.astype(jnp.float32)
     metrics = TrainMetrics.single_from_model_output(
-        loss_sum=stats["loss"], predictions=stats["count"], correct=stats["correct"],
-        grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+        loss_sum=jnp.where(ok, stats["loss"], 0.0), predictions=stats["count"] * applied,
+        correct=stats["correct"] * applied, grad_norm=jnp.where(ok, grad_norm, 0.0),
+        applied=applied, skipped=1.0 - applied,
+        param_norm=optax.tree.norm(new_state["params"]),
         real_tokens=jnp.sum(batch["segment_ids"] > 0, dtype=jnp.float32),
         tokens=batch["segment_ids"].size)
-    return {"params": params, "opt_state": opt_state}, metrics
+    return new_state, metrics
 
 
 def eval_step(params, batch: dict, *, graphdef, rng_layout, loss_fn: Callable) -> EvalMetrics:
@@ -217,7 +227,7 @@ def _restore_or_init(config, setup: Setup, ckpt, train_iter) -> tuple[dict, int,
       1. this workdir's newest readable checkpoint (params, optimizer state, data position);
       2. config.train.init_from: another run's params, with its optimizer state where the phase
          keeps it (config.train.init_optimizer_state), else a fresh optimizer; step 0;
-      3. a fresh initialisation.
+      3. a fresh initialisation (also for init_from "scratch").
     """
     abstract = setup.abstract_state
     restored = ckpt.restore_latest(abstract_params=abstract["params"],
@@ -227,9 +237,9 @@ def _restore_or_init(config, setup: Setup, ckpt, train_iter) -> tuple[dict, int,
         params, opt_state, meta = restored
         return ({"params": params, "opt_state": opt_state}, int(meta["step"]),
                 int(meta["tokens_seen"]))
-    if config.train.init_from:
+    if workdir_lib.init_source(config):
         params, opt_state, _ = checkpoint_lib.restore_from_run(
-            config.train.init_from, abstract_params=abstract["params"],
+            workdir_lib.init_source(config), abstract_params=abstract["params"],
             abstract_opt_state=abstract["opt_state"] if config.train.init_optimizer_state else None)
         if opt_state is None:
             return setup.init_state(params), 0, 0
@@ -296,34 +306,52 @@ def _train_scalars(window: _Window, config, *, step: int, num_steps: int, learni
     return scalars
 
 
-class _StopOnSigterm:
-    """Turns SIGTERM into a request to save and stop after the current step."""
+class _StopOnSignal:
+    """Turns SIGTERM and SIGINT (Ctrl-C) into a request to save and stop after the current
+    step. A second Ctrl-C gets the previous handler (KeyboardInterrupt: stop without saving)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.flag = False
-        self.previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.name = ""
+        self.previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
 
-    def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
-        logging.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+    def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
+        self.name = signal.Signals(signum).name
+        logging.warning("%s: saving a checkpoint after this step, then exiting%s", self.name,
+                        " (Ctrl-C again: exit without saving)" if signum == signal.SIGINT else "")
         self.flag = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self.previous[signal.SIGINT])
 
     def requested(self) -> bool:
-        """Whether any process got SIGTERM (all processes agree, so they save together)."""
+        """Whether any process got the signal (all processes agree, so they save together)."""
         if jax.process_count() == 1:
             return self.flag
         return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag))))
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def _save(ckpt, step: int, state: dict, tokens: int, config, train_iter, tokenizer: str,
           mean_sequence_length: float | None):
+    if not divergence.params_finite(state["params"]):   # never let NaNs push out good ones
+        logging.error("not saving the checkpoint of step %d: its params are not all finite", step)
+        return
     ckpt.save(step, params=state["params"], opt_state=state["opt_state"],
               meta={"step": step, "tokens_seen": tokens, "phase": config.phase,
                     "objective": config.objective, "init_from": config.train.init_from,
                     "tokenizer": tokenizer, "mean_sequence_length": mean_sequence_length},
               data_iterator=train_iter, config=config)
+
+
+def _describe_last_checkpoint(ckpt) -> str:
+    ckpt.wait()
+    step = ckpt.latest_step()
+    return "none yet" if step is None else f"{ckpt.directory}/{step}"
 
 
 def _format_duration(seconds: float) -> str:
@@ -336,16 +364,28 @@ def _format_duration(seconds: float) -> str:
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains `config` in `workdir` until schedule.total_tokens, resuming from the workdir's
-    newest checkpoint if there is one. Returns the last logged metrics."""
+    newest checkpoint if there is one. Returns the last logged metrics.
+
+    Raises workdir_lib.WorkdirLockedError (another process trains there),
+    workdir_lib.RunIdentityError (the workdir holds another run) and
+    divergence.DivergenceError (config.train.max_nonfinite_steps non-finite steps in a row)."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with workdir_lib.WorkdirLock(workdir):    # before anything is written to the workdir
+        return _train_in_workdir(config, workdir)
+
+
+def _train_in_workdir(config, workdir: str) -> dict:
     from clu import metric_writers  # pylint: disable=import-outside-toplevel
     from data_pipeline import loader  # pylint: disable=import-outside-toplevel
 
-    # Config: with no data configured, the demo variant (it builds the demo corpus).
+    # Config: with no data configured, the demo variant (it builds the demo corpus); the
+    # workdir must hold this run (checked before compiling).
+    workdir_lib.check_init_from(config)
     demo_run = not config.data.mixture
     config = demo.apply_demo(config)
     schedules.validate(config)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.check_identity(config, workdir)
 
     # Mesh.
     mesh = sharding_lib.make_mesh(config.mesh)
@@ -387,7 +427,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # Writers.
     writers, report_progress, hooks = _make_writers(config, workdir, num_steps)
-    stop = _StopOnSigterm()
+    stop = _StopOnSignal()
+    guard = divergence.DivergenceGuard(config, lambda: _describe_last_checkpoint(ckpt))
+    pending = None    # (step, metrics) whose skipped flag the host reads one step late
     peak_flops = device_peak_flops(config) * jax.device_count()
     window, last = _Window(), {}
     run_start = time.time()
@@ -407,6 +449,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 step += 1
                 tokens += rows * config.train.seq_len
                 window.add(metrics, rows)
+                if pending is not None:
+                    guard.observe(*pending)
+                pending = (step, metrics)
                 for hook in hooks:
                     hook(step)
 
@@ -418,6 +463,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         learning_rate=learning_rate, rows=rows, tokens=tokens,
                         peak_flops=peak_flops))
                     window.metrics = None
+                    guard.check_loss(step, scalars["loss"])
                 if config.train.eval_batches and (step % config.train.eval_every_steps == 0
                                                   or is_last):
                     scalars.update(evaluate(setup, state["params"], config))
@@ -428,11 +474,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
                 stopping = stop.requested()
                 if step % save_every == 0 or is_last or stopping:
-                    _save(ckpt, step, state, tokens, config, train_iter, tokenizer, mean)
+                    guard.observe(*pending)          # no lag here: the save waits anyway
+                    pending = None
+                    if guard.in_skip_streak:
+                        logging.warning("not saving step %d: its update was skipped", step)
+                    else:
+                        _save(ckpt, step, state, tokens, config, train_iter, tokenizer, mean)
                 if stopping:
                     ckpt.wait()
-                    logging.warning("stopped by SIGTERM at step %d; the checkpoint is saved, "
-                                    "rerun the same command to continue", step)
+                    logging.warning("stopped by %s at step %d; last checkpoint %s, rerun the "
+                                    "same command to continue", stop.name or "signal", step,
+                                    _describe_last_checkpoint(ckpt))
                     break
     finally:
         ckpt.wait()
@@ -443,11 +495,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # Finish.
     if step == num_steps and jax.process_index() == 0:
         logging.info(
-            "done: %d steps, %s tokens in %s; last logged loss %.4f, accuracy %.3f%s. "
+            "done: %d steps, %s tokens in %s; last logged loss %.4f, accuracy %.3f%s%s. "
             "Checkpoints: %s; TensorBoard: tensorboard --logdir %s; metrics: %s; export: "
             "python -m ettin_jax.hf export --checkpoint=%s --out=%s/hf", step, f"{tokens:,}",
             _format_duration(time.time() - run_start), last.get("loss", float("nan")),
             last.get("accuracy", float("nan")),
             f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "",
+            f"; {guard.total_skipped} non-finite steps skipped" if guard.total_skipped else "",
             ckpt.directory, workdir, os.path.join(workdir, "metrics.jsonl"), workdir, workdir)
     return last

@@ -2,6 +2,7 @@
 
     TrainMetrics, EvalMetrics          clu Collections built inside the jitted steps
     ratio_metric(total, count)         an Average weighted by a count (e.g. loss per token)
+    sum_metric(name)                   a count summed over steps (e.g. skipped steps)
     training_flops_per_row(config)     forward + backward FLOPs of one row, for MFU
     device_peak_flops(config)          bf16 dense peak FLOP/s of one device (0 = unknown)
 """
@@ -30,13 +31,40 @@ def ratio_metric(total_name: str, count_name: str):
     return Ratio
 
 
+def sum_metric(name: str):
+    """A metric whose value is kwargs[name] summed over the merged steps."""
+
+    @flax.struct.dataclass
+    class Sum(clu_metrics.Metric):
+        total: jnp.ndarray
+
+        @classmethod
+        def from_model_output(cls, **kwargs) -> "Sum":
+            return cls(total=jnp.asarray(kwargs[name], jnp.float32))
+
+        @classmethod
+        def empty(cls) -> "Sum":
+            return cls(total=jnp.zeros([], jnp.float32))
+
+        def merge(self, other: "Sum") -> "Sum":
+            return type(self)(total=self.total + other.total)
+
+        def compute(self) -> jnp.ndarray:
+            return self.total
+
+    return Sum
+
+
 @flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
+    # A skipped step (ettin_jax.divergence) adds 0 to the counts of loss, accuracy and
+    # grad_norm: they average the steps that were applied.
     loss: ratio_metric("loss_sum", "predictions")            # per predicted token
     accuracy: ratio_metric("correct", "predictions")         # argmax == label
-    grad_norm: clu_metrics.Average.from_output("grad_norm")  # of the step's mean gradient
+    grad_norm: ratio_metric("grad_norm", "applied")          # of the step's mean gradient
     param_norm: clu_metrics.LastValue.from_output("param_norm")
     packing_efficiency: ratio_metric("real_tokens", "tokens")  # non-padding share of the rows
+    skipped_steps: sum_metric("skipped")                     # non-finite steps not applied
 
 
 @flax.struct.dataclass

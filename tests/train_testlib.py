@@ -13,3 +13,27 @@ def subprocess_env(*, devices: int = 4) -> dict:
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     return env
+
+
+def config_from_flags(flags: list[str]):
+    """The config `main.py` builds from `flags` (`--config=FILE:ARG` and `--config.a.b=VALUE`),
+    for in-process `train.train_and_evaluate` runs that match a subprocess run."""
+    import functools
+    import importlib
+    config = None
+    for flag in flags:
+        name, _, value = flag.removeprefix("--").partition("=")
+        if name == "config":
+            path, _, arg = value.partition(":")
+            module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+            config = module.get_config(arg)
+            continue
+        *sections, key = name.removeprefix("config.").split(".")
+        section = functools.reduce(getattr, sections, config)
+        old = getattr(section, key)
+        if isinstance(old, bool):
+            new = value.lower() in ("1", "true")
+        else:
+            new = type(old)(float(value) if isinstance(old, int) and "e" in value else value)
+        setattr(section, key, new)
+    return config

@@ -1,0 +1,231 @@
+"""What keeps a training workdir to one run: its lock and its recorded identity.
+
+    WorkdirLock(workdir)               context manager: `<workdir>/LOCK` while a run writes there
+    check_identity(config, workdir)    `<workdir>/run_identity.json`: refuses a different run
+    check_init_from(config)            phases 2-3 and cross-objective runs name their start
+
+The lock is a JSON file {host, pid, since, command} created with O_EXCL by the process that
+writes (process 0), before anything else is written; a second process fails at once naming
+the holder. A lock left by a process that is gone (same host, pid not alive) is taken over
+with a warning. Only process 0 of a multi-process run takes it.
+
+The identity splits the config in two. Structural keys (size, objective, phase, the model's
+shape, tokenizer and special ids, data mixture) define what the checkpoints are: a re-run
+that differs in one is refused (use a new --workdir). Settings (optimizer, schedule,
+intervals, eval, logging) are recorded too; changing one is refused unless
+config.train.allow_config_change is True, which records the new values. Keys that only
+change how a run executes (RUNTIME_KEYS, RUNTIME_SECTIONS) are not recorded.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import sys
+
+import jax
+from absl import logging
+
+from data_pipeline import shards
+from ettin_jax import checkpoint as checkpoint_lib
+
+LOCK_NAME = "LOCK"
+IDENTITY_NAME = "run_identity.json"
+SCRATCH = "scratch"                    # config.train.init_from: random init on purpose
+PHASES_WITH_A_SOURCE = ("ext", "decay", "cross")
+
+# How a run executes, not what it trains: never recorded, free to change on resume.
+RUNTIME_SECTIONS = ("mesh", "demo")
+RUNTIME_KEYS = frozenset({
+    "model.attention_impl", "model.dtype", "model.scan_layers", "model.remat",
+    "train.xla_backend_optimization_level", "train.allow_config_change",
+    "train.compilation_cache_dir",
+    "data.num_workers", "data.worker_group_rows", "data.worker_buffer_groups",
+    "data.mds_cache_dir", "checkpoint.async_save",
+    "log.progress_every_secs", "log.device_peak_flops", "log.profile_steps",
+})
+# What the checkpoints are: a change means another run.
+STRUCTURAL_KEYS = ("size", "objective", "phase", "data.mixture", "data.tokenizer",
+                   "data.unk_token_id")
+STRUCTURAL_SECTIONS = ("model",)
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another live process holds the workdir's LOCK."""
+
+
+class RunIdentityError(ValueError):
+    """The config is not the run the workdir holds (or a later phase names no start)."""
+
+
+# --- the lock -----------------------------------------------------------------------------------
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:            # someone else's process: alive
+        return True
+    return True
+
+
+def _read_holder(path: str) -> dict | None:
+    """The LOCK's JSON, {} when unreadable, None when there is no lock."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "an unknown process (the LOCK file is empty or unreadable)"
+    return (f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('since')}"
+            f" ({holder.get('command', '')})")
+
+
+class WorkdirLock:
+    """`<workdir>/LOCK`, held by process 0 from `acquire` (or `with`) until `release`."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_NAME)
+        self.record = None             # what we wrote, while we hold it
+
+    def acquire(self) -> "WorkdirLock":
+        if jax.process_index() != 0:   # multi-process runs: process 0 writes, so it locks
+            return self
+        for attempt in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_holder(self.path)
+                if holder is None:     # released meanwhile
+                    continue
+                if attempt == 0 and self._stale(holder):
+                    logging.warning("taking over the stale lock %s of %s: that process is gone",
+                                    self.path, _describe(holder))
+                    # Narrow the race with a second taker-over: remove only the lock we read.
+                    if _read_holder(self.path) == holder:
+                        os.unlink(self.path)
+                    continue
+                raise WorkdirLockedError(
+                    f"{os.path.dirname(self.path)} is in use by another training process: "
+                    f"{_describe(holder)}. Wait for it to end or stop it, or pass another "
+                    f"--workdir; if no such process runs, delete {self.path}") from None
+            self.record = {"host": socket.gethostname(), "pid": os.getpid(),
+                           "since": datetime.datetime.now().isoformat(timespec="seconds"),
+                           "command": " ".join(sys.argv)}
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.record, f)
+            return self
+        raise WorkdirLockedError(f"{self.path}: could not take the lock (another process took "
+                                 f"it first: {_describe(_read_holder(self.path) or {})})")
+
+    @staticmethod
+    def _stale(holder: dict) -> bool:
+        return (holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
+                and holder["pid"] != os.getpid() and not _pid_alive(holder["pid"]))
+
+    def release(self):
+        if self.record is None:
+            return
+        if _read_holder(self.path) == self.record:   # never remove a lock another took over
+            os.unlink(self.path)
+        self.record = None
+
+    def __enter__(self) -> "WorkdirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# --- the identity -------------------------------------------------------------------------------
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def run_identity(config) -> dict:
+    """{"structural": {key: value}, "settings": {key: value}} of `config` (dotted keys)."""
+    flat = _flatten(checkpoint_lib.config_to_json(config))
+    structural, settings = {}, {}
+    for key, value in sorted(flat.items()):
+        section = key.split(".", 1)[0]
+        if section in RUNTIME_SECTIONS or key in RUNTIME_KEYS:
+            continue
+        if key in STRUCTURAL_KEYS or section in STRUCTURAL_SECTIONS:
+            structural[key] = value
+        else:
+            settings[key] = value
+    return {"structural": structural, "settings": settings}
+
+
+_ABSENT = "(absent)"
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    return [f"{key}: {old.get(key, _ABSENT)!r} -> {new.get(key, _ABSENT)!r}"
+            for key in sorted(set(old) | set(new)) if old.get(key, _ABSENT) != new.get(key, _ABSENT)]
+
+
+def check_identity(config, workdir: str):
+    """Records the run's identity on first start; refuses a re-run of another run (raises
+    RunIdentityError listing each differing key, old -> new). Call before compiling."""
+    path = os.path.join(workdir, IDENTITY_NAME)
+    new = run_identity(config)
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except FileNotFoundError:
+        old = None
+    except (OSError, ValueError) as e:
+        raise RunIdentityError(f"{path} cannot be read ({e}); it records which run this workdir "
+                               "holds. Restore it, or delete it to record this config") from e
+    if old is not None:
+        structural = _differences(old.get("structural", {}), new["structural"])
+        if structural:
+            raise RunIdentityError(
+                f"{workdir} holds a different run (recorded in {path}); differing keys "
+                f"(old -> new): {'; '.join(structural)}. Use a new --workdir for this run")
+        settings = _differences(old.get("settings", {}), new["settings"])
+        if not settings:
+            return
+        if not config.train.allow_config_change:
+            raise RunIdentityError(
+                f"{workdir}: settings differ from the ones this run recorded in {path} "
+                f"(old -> new): {'; '.join(settings)}. Pass "
+                "--config.train.allow_config_change=True to continue with the new settings, "
+                "or use a new --workdir")
+        logging.warning("%s: continuing with changed settings (config.train.allow_config_change):"
+                        " %s", workdir, "; ".join(settings))
+        new["changes"] = old.get("changes", []) + [
+            {"at": datetime.datetime.now().isoformat(timespec="seconds"), "changed": settings}]
+    if jax.process_index() == 0:
+        shards.write_json_atomic(path, new)
+
+
+def check_init_from(config):
+    """A later phase or cross-objective run must start from another run, or say "scratch"."""
+    if config.phase in PHASES_WITH_A_SOURCE and not config.train.init_from:
+        raise RunIdentityError(
+            f"a {config.objective} {config.phase} run continues another run: set "
+            "--config.train.init_from=<workdir of the previous run>, or "
+            f"--config.train.init_from={SCRATCH} to start it from a random initialisation")
+
+
+def init_source(config) -> str:
+    """The workdir config.train.init_from names, "" for none or "scratch"."""
+    return "" if config.train.init_from == SCRATCH else config.train.init_from

@@ -1,0 +1,269 @@
+"""A long run never loses good work: the divergence guard, workdir identity and lock, kept-for-good
+checkpoints across an interval change, and Ctrl-C. Tiny config on the demo corpus with the flags
+of tests/test_train_resume.py; in-process `train.train_and_evaluate` runs, and `main.py`
+subprocesses where exit codes and signals matter."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from absl import logging
+
+import train_testlib
+from test_train_resume import FLAGS, ROOT, finish, losses, read_log, start, wait_for_step
+from data_pipeline import loader
+from ettin_jax import checkpoint, demo, divergence, sharding, train
+from ettin_jax import workdir as workdir_lib
+
+STEPS = 8
+# Every 2nd save (steps 4, 8, ...) is kept for good; besides those, the newest 2.
+RELIABILITY_FLAGS = FLAGS + ["--config.checkpoint.keep_every_nth=2", "--config.checkpoint.keep_last=2"]
+
+
+def make_config(*extra, flags=RELIABILITY_FLAGS):
+    return train_testlib.config_from_flags(list(flags) + list(extra))
+
+
+def steps_with(steps: int) -> str:
+    return f"--config.demo.schedule.total_tokens={steps * 8 * 64}"
+
+
+def checkpoint_steps(workdir):
+    return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+
+
+def assert_every_checkpoint_finite(workdir, abstract_params):
+    manager = checkpoint.read_only_manager(str(workdir))
+    steps = checkpoint_steps(workdir)
+    for step in steps:
+        params = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params)))["params"]
+        assert divergence.params_finite(params), f"checkpoint {step} has non-finite params"
+    manager.close()
+    return steps
+
+
+def file_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    """An 8-step run saved every 2 steps: checkpoints 4 (kept for good), 6, 8 (kept for good)."""
+    workdir = tmp_path_factory.mktemp("reliability") / "good"
+    train.train_and_evaluate(make_config(), str(workdir))
+    assert checkpoint_steps(workdir) == [4, 6, 8]
+    with open(workdir / checkpoint.KEPT_FOR_GOOD_NAME) as f:
+        assert json.load(f)["steps"] == [4, 8]
+    assert not (workdir / workdir_lib.LOCK_NAME).exists()      # released at exit
+    return workdir, losses(workdir)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = demo.apply_demo(make_config())
+    return config, train.make_setup(config, sharding.make_mesh(config.mesh))
+
+
+def copy_run(good_run, tmp_path, name="run"):
+    workdir = tmp_path / name
+    shutil.copytree(good_run[0], workdir)
+    return workdir
+
+
+# --- 1. divergence -----------------------------------------------------------------------------
+
+def test_skipped_step_leaves_state_bit_identical(setup):
+    """A step whose loss is NaN (embeddings at 1e30: the norms overflow) or whose new params
+    are not finite (an infinite LR) returns the state it got, bit for bit, and counts one
+    skipped step; a normal step changes the params and counts none."""
+    config, s = setup
+    host = next(loader.make_train_iterator(config))
+    keys = train.losses.BATCH_KEYS[config.objective]
+    batch = sharding.host_batch_to_global({k: host[k] for k in keys}, s.mesh, num_micro=1)
+
+    def run_step(state, learning_rate):
+        before = jax.tree.map(np.asarray, state)
+        after, metrics = s.train_step(state, batch, learning_rate, 0)
+        return before, jax.tree.map(np.asarray, after), metrics
+
+    before, after, metrics = run_step(s.init_state(), 1e-3)
+    assert float(metrics.skipped_steps.compute()) == 0.0
+    assert np.isfinite(float(metrics.compute()["loss"]))
+    assert not np.array_equal(before["params"]["tok_embeddings"][...],
+                              after["params"]["tok_embeddings"][...])
+
+    state = s.init_state()
+    embeddings = state["params"]["tok_embeddings"]
+    embeddings[...] = embeddings[...] * 1e30
+    for state, learning_rate in ((state, 1e-3), (s.init_state(), float("inf"))):
+        before, after, metrics = run_step(state, learning_rate)
+        assert float(metrics.skipped_steps.compute()) == 1.0
+        for got, want in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+            assert got.tobytes() == want.tobytes()
+
+
+def test_nan_run_exits_nonzero_naming_the_step(tmp_path, setup):
+    """peak_lr=1e9: the loss turns NaN, three skipped steps in a row stop `main.py` with a
+    non-zero exit naming the step; no checkpoint with non-finite params is ever written."""
+    _, s = setup
+    env = train_testlib.subprocess_env()
+    workdir = tmp_path / "nan"
+    process = start(workdir, env, *RELIABILITY_FLAGS[len(FLAGS):],
+                    "--config.optimizer.peak_lr=1e9")
+    assert process.wait(timeout=600) != 0
+    log = read_log(workdir)
+    assert "DivergenceError: training diverged at step " in log, log[-3000:]
+    first = int(log.split("training diverged at step ")[1].split(":")[0])
+    assert "skipped (3 in a row" in log and f"step {first}: the loss" in log
+    assert losses(workdir)[first] != losses(workdir)[first]          # NaN at that step
+    assert max(losses(workdir)) == first + 2                          # stopped at the third
+    saved = assert_every_checkpoint_finite(workdir, s.abstract_state["params"])
+    assert all(step < first for step in saved)
+    assert f"Last good checkpoint (finite params): {workdir / 'checkpoints'}/{max(saved)}" in log
+    assert not (workdir / workdir_lib.LOCK_NAME).exists()
+
+
+def test_resumed_good_run_then_nan_keeps_the_good_checkpoints(tmp_path, good_run, setup):
+    _, s = setup
+    workdir = copy_run(good_run, tmp_path)
+    config = make_config(steps_with(16), "--config.optimizer.peak_lr=1e9",
+                         "--config.train.allow_config_change=True")
+    with pytest.raises(divergence.DivergenceError,
+                       match=r"diverged at step \d+: .*Last good checkpoint .*checkpoints/8\b"):
+        train.train_and_evaluate(config, str(workdir))
+    saved = assert_every_checkpoint_finite(workdir, s.abstract_state["params"])
+    assert {4, 6, 8} <= set(saved), saved
+
+
+def test_loss_spike_is_warned_naming_the_step(caplog):
+    config = make_config()
+    guard = divergence.DivergenceGuard(config, lambda: "none")
+    with caplog.at_level(logging.WARNING):
+        for step, loss in enumerate([6.0, 5.0, 4.0, 11.0, 16.0, float("nan"), 4.5], start=1):
+            guard.check_loss(step, loss)
+    spikes = [r.getMessage() for r in caplog.records if "loss spike" in r.getMessage()]
+    # mean(6, 5, 4) = 5: 11 < 15 passes; mean(6, 5, 4, 11) = 6.5: 16 < 19.5 passes too
+    assert spikes == []
+    guard.check_loss(8, 3.0 * float(np.mean(guard.recent_losses)) + 0.01)
+    assert "loss spike at step 8" in caplog.records[-1].getMessage()
+
+
+# --- 2. workdir identity -----------------------------------------------------------------------
+
+def test_identity_refuses_another_run_and_changed_settings(tmp_path, good_run):
+    workdir = copy_run(good_run, tmp_path)
+    metrics_before = file_bytes(workdir / "metrics.jsonl")
+    clm = [f.replace("ettin_tiny.py:mlm", "ettin_tiny.py:clm") for f in RELIABILITY_FLAGS]
+    with pytest.raises(workdir_lib.RunIdentityError) as refused:
+        train.train_and_evaluate(make_config(flags=clm), str(workdir))
+    message = str(refused.value)
+    assert "objective: 'mlm' -> 'clm'" in message and "model.causal: False -> True" in message
+    assert "new --workdir" in message
+
+    with pytest.raises(workdir_lib.RunIdentityError,
+                       match=r"optimizer\.peak_lr: 0\.003 -> 0\.001.*"
+                             r"--config\.train\.allow_config_change=True"):
+        train.train_and_evaluate(make_config("--config.optimizer.peak_lr=1e-3"), str(workdir))
+    assert file_bytes(workdir / "metrics.jsonl") == metrics_before
+
+    train.train_and_evaluate(make_config("--config.optimizer.peak_lr=1e-3",
+                                         "--config.train.allow_config_change=True"), str(workdir))
+    with open(workdir / workdir_lib.IDENTITY_NAME) as f:
+        assert json.load(f)["settings"]["optimizer.peak_lr"] == 1e-3
+    train.train_and_evaluate(make_config("--config.optimizer.peak_lr=1e-3"), str(workdir))
+
+    os.remove(workdir / workdir_lib.IDENTITY_NAME)       # a workdir from before the record
+    train.train_and_evaluate(make_config(), str(workdir))
+    assert (workdir / workdir_lib.IDENTITY_NAME).exists()
+
+
+def test_later_phase_needs_init_from_or_scratch(tmp_path):
+    ext = [f.replace("ettin_tiny.py:mlm", "ettin_tiny.py:mlm_ext") for f in RELIABILITY_FLAGS]
+    one_step = [steps_with(1), "--config.demo.train.eval_batches=0"]
+    with pytest.raises(workdir_lib.RunIdentityError, match="--config.train.init_from=scratch"):
+        train.train_and_evaluate(make_config(*one_step, flags=ext), str(tmp_path / "ext"))
+    assert os.listdir(tmp_path / "ext") == []
+    train.train_and_evaluate(make_config(*one_step, "--config.train.init_from=scratch", flags=ext),
+                             str(tmp_path / "ext"))
+    assert sorted(losses(tmp_path / "ext")) == [1]
+
+
+# --- 3. the lock -------------------------------------------------------------------------------
+
+def write_lock(workdir, pid):
+    with open(workdir / workdir_lib.LOCK_NAME, "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": pid, "since": "2026-01-01T00:00:00",
+                   "command": "main.py"}, f)
+
+
+def test_live_lock_refuses_and_stale_lock_is_taken_over(tmp_path, good_run, caplog):
+    workdir = copy_run(good_run, tmp_path)
+    metrics_before = file_bytes(workdir / "metrics.jsonl")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        write_lock(workdir, holder.pid)
+        lock_before = file_bytes(workdir / workdir_lib.LOCK_NAME)
+        with pytest.raises(workdir_lib.WorkdirLockedError,
+                           match=f"pid {holder.pid} on host {socket.gethostname()} since "):
+            train.train_and_evaluate(make_config(), str(workdir))
+        assert file_bytes(workdir / "metrics.jsonl") == metrics_before
+        assert file_bytes(workdir / workdir_lib.LOCK_NAME) == lock_before
+    finally:
+        holder.kill()
+        holder.wait()
+    write_lock(workdir, holder.pid)                      # that process is gone now
+    with caplog.at_level(logging.WARNING):
+        train.train_and_evaluate(make_config(), str(workdir))
+    assert any("taking over the stale lock" in r.getMessage() and str(holder.pid) in r.getMessage()
+               for r in caplog.records)
+    assert not (workdir / workdir_lib.LOCK_NAME).exists()
+
+
+# --- 4. kept for good --------------------------------------------------------------------------
+
+def test_interval_change_keeps_the_kept_for_good_checkpoints(tmp_path, good_run):
+    """Resumed with saves every 3 steps (kept for good: every 6th), Orbax's EveryNSteps would
+    delete 4 and 8; the record keeps them. 6 goes (neither kept nor among the newest 2)."""
+    workdir = copy_run(good_run, tmp_path)
+    train.train_and_evaluate(make_config(steps_with(12), "--config.demo.checkpoint.every_steps=3",
+                                         "--config.train.allow_config_change=True"), str(workdir))
+    assert checkpoint_steps(workdir) == [4, 8, 9, 12]
+
+
+# --- 5. Ctrl-C ---------------------------------------------------------------------------------
+
+def test_sigint_saves_and_resumes_and_a_second_process_is_refused(tmp_path, good_run, caplog):
+    """Ctrl-C: a checkpoint at the step it stopped, exit 0. While it runs, a second training
+    process on the workdir fails at once naming it. Resumed, the losses are the good run's
+    (a 40-step run: the LR of steps 1-8 does not depend on the total, still in warmup)."""
+    _, reference = good_run
+    env = train_testlib.subprocess_env()
+    workdir = tmp_path / "interrupted"
+    process = start(workdir, env, *RELIABILITY_FLAGS[len(FLAGS):], steps_with(40))
+    wait_for_step(workdir, process, 2)
+    with pytest.raises(workdir_lib.WorkdirLockedError, match=f"pid {process.pid} on host"):
+        train.train_and_evaluate(make_config(steps_with(40)), str(workdir))
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=300) == 0, read_log(workdir)[-3000:]
+    stopped = max(losses(workdir))
+    assert stopped < 40, "the run ended before SIGINT arrived"
+    assert f"stopped by SIGINT at step {stopped}" in read_log(workdir)
+    assert stopped in checkpoint_steps(workdir)
+
+    with caplog.at_level(logging.INFO):
+        train.train_and_evaluate(make_config(steps_with(40)), str(workdir))
+    assert any(f"resumed from {workdir / 'checkpoints'}/{stopped}" in r.getMessage()
+               for r in caplog.records)
+    got = losses(workdir)
+    assert sorted(got) == list(range(1, 41))
+    for step in range(1, STEPS + 1):
+        assert got[step] == pytest.approx(reference[step], abs=1e-6), step
