@@ -22,6 +22,7 @@ from __future__ import annotations
 import ml_collections
 
 OBJECTIVES = ("mlm", "clm")
+PHASES = ("pretrain", "ext", "decay", "cross")
 DATA_SEED = 21           # `shuffle_seed` of every Ettin yaml, cross-objective runs included
 
 # Special token ids of the ModernBERT tokenizer (recipe §6).
@@ -234,6 +235,12 @@ def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: st
     c.train.eval_batches = 8                # held-out batches per eval; 0 = no eval
     # -1 = XLA's default. 0 skips LLVM's optimisations: CPU tests compile ~3x faster.
     c.train.xla_backend_optimization_level = -1
+    # Persistent XLA compilation cache of main.py: a restart (resume, next phase) reads the
+    # compiled train step from disk instead of compiling it again. Shared by all runs of this
+    # user (XLA keys each program by its HLO, jax version and device); "" = off. An already
+    # set JAX_COMPILATION_CACHE_DIR (and JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS) wins.
+    c.train.compilation_cache_dir = "~/.cache/ettin-jax/xla"
+    c.train.compilation_cache_min_compile_secs = 1.0   # programs compiling faster are not cached
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "warmup_stable_decay" if phase in ("pretrain", "cross") else "one_minus_sqrt"
