@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -141,6 +142,10 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
         message = str(e)
     except flags.Error as e:
         message = str(e)
+        required = re.fullmatch(r"flag --(\w+)=None: Flag --\1 must have a value other than None\.",
+                                message)
+        if required:
+            message = f"--{required.group(1)} is required (--help lists the flags)"
         # A config file's get_config() that raises: ml_collections wraps the error with its
         # whole traceback in the message; the original exception is the useful line.
         head, sep, _ = message.partition(": Error whilst parsing config file")
