@@ -4,28 +4,43 @@ Re-running the same command resumes from the workdir's newest checkpoint. Overri
 through `--config.a.b=value` (e.g. `--config.optimizer.peak_lr=3e-4`). Later phases name the
 previous run: `--config=configs/ettin_150m.py:mlm_ext --config.train.init_from=runs/enc150m`.
 With several hosts, start one process per host (or per GPU) with `--distributed`.
+
+The config, the workdir and config.train.init_from are checked before JAX starts: a mistake
+there ends in one `error:` line (exit 1). Compiled programs are cached on disk in
+config.train.compilation_cache_dir (default ~/.cache/ettin-jax/xla; "" turns the cache off;
+a JAX_COMPILATION_CACHE_DIR environment variable wins), so a restart skips most compilation.
 """
-from absl import app
+import os
+
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file(
-    "config", None, "FILE:ARG, e.g. configs/ettin_150m.py:mlm (runs: mlm, clm, mlm_ext, clm_ext, "
-    "mlm_decay, clm_decay, mlm_from_clm, clm_from_mlm; options: ,mntp=true ,window=training)",
-    lock_config=True)
-flags.DEFINE_string("workdir", None, "where checkpoints, TensorBoard logs and metrics.jsonl go")
-flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (several processes; "
-                  "the coordinator comes from the cluster environment or the flags below)")
-flags.DEFINE_string("coordinator_address", None, "with --distributed: host:port of process 0")
-flags.DEFINE_integer("num_processes", None, "with --distributed: number of processes")
-flags.DEFINE_integer("process_id", None, "with --distributed: this process's index")
-flags.DEFINE_enum("cpu_collectives", None, ["gloo", "mpi"],
-                  "with --distributed on CPU: the collectives implementation (gloo for tests)")
-flags.DEFINE_bool("dry_run", False, "print the run's plan (tokens per step, steps, LR, "
-                  "checkpoints, parameters, what it restores) and exit; compiles, trains and "
-                  "writes nothing (ettin_jax.plan)")
-flags.mark_flags_as_required(["config", "workdir"])
+from configs import base as config_base
+from ettin_jax import cli
+from ettin_jax import schedules
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    config_flags.DEFINE_config_file(
+        "config", None, "FILE:ARG, e.g. configs/ettin_150m.py:mlm (runs: mlm, clm, mlm_ext, "
+        "clm_ext, mlm_decay, clm_decay, mlm_from_clm, clm_from_mlm; options: ,mntp=true "
+        ",window=training)", lock_config=True)
+    flags.DEFINE_string("workdir", None, "where checkpoints, TensorBoard logs and metrics.jsonl go")
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (several "
+                      "processes; the coordinator comes from the cluster environment or the "
+                      "flags below)")
+    flags.DEFINE_string("coordinator_address", None, "with --distributed: host:port of process 0")
+    flags.DEFINE_integer("num_processes", None, "with --distributed: number of processes")
+    flags.DEFINE_integer("process_id", None, "with --distributed: this process's index")
+    flags.DEFINE_enum("cpu_collectives", None, ["gloo", "mpi"],
+                      "with --distributed on CPU: the collectives implementation (gloo for tests)")
+    flags.DEFINE_bool("dry_run", False, "print the run's plan (tokens per step, steps, LR, "
+                      "checkpoints, parameters, what it restores) and exit; compiles, trains "
+                      "and writes nothing (ettin_jax.plan)")
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietOrbaxInfo(logging.logging.Filter):
@@ -35,28 +50,85 @@ class _QuietOrbaxInfo(logging.logging.Filter):
         return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides are --config.KEY=VALUE")
-    if flags.FLAGS.dry_run:   # before jax.distributed and any compilation; writes nothing
-        from ettin_jax import plan  # pylint: disable=import-outside-toplevel
-        print(plan.format_plan(plan.make_plan(flags.FLAGS.config, flags.FLAGS.workdir)))
-        return 0
-    logging.get_absl_handler().addFilter(_QuietOrbaxInfo())
+def _is_remote(path: str) -> bool:
+    return "://" in path   # gs://, s3://: not checkable with os.path
+
+
+def validate(config, workdir: str):
+    """What can be checked without JAX, with messages naming the flag or config key."""
+    if not workdir.strip():
+        raise cli.UserError("--workdir is empty")
+    if not _is_remote(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise cli.UserError(f"--workdir={workdir} is a file, not a directory")
+    if config.objective not in config_base.OBJECTIVES:
+        raise cli.UserError(f"config.objective={config.objective!r}: expected one of "
+                            f"{config_base.OBJECTIVES}")
+    if config.phase not in config_base.PHASES:
+        raise cli.UserError(f"config.phase={config.phase!r}: expected one of {config_base.PHASES}")
+    init_from = config.train.init_from
+    # "scratch": the explicit choice of a later phase to start from random weights.
+    if init_from and init_from != "scratch" and not _is_remote(init_from):
+        if not os.path.isdir(init_from):
+            raise cli.UserError(f"config.train.init_from={init_from}: no such directory "
+                                "(expected the workdir of the previous run)")
+        # The layout of checkpoint.checkpoint_dir, checked here without importing jax.
+        if not os.path.isdir(os.path.join(init_from, "checkpoints")):
+            raise cli.UserError(f"config.train.init_from={init_from}: no checkpoints/ directory "
+                                "in it; expected a training run's workdir (or an `python -m "
+                                "ettin_jax.hf import` output)")
+    if config.data.mixture:   # the demo variant's schedule is checked once it is applied
+        schedules.validate(config)
+
+
+def compilation_cache_settings(config) -> tuple[str, float] | None:
+    """(directory, min compile seconds) of the persistent XLA cache, or None when the
+    environment already configures it (JAX reads JAX_COMPILATION_CACHE_DIR itself) or
+    config.train.compilation_cache_dir is ""."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    directory = config.train.compilation_cache_dir
+    if not directory:
+        return None
+    return (os.path.expanduser(directory) if not _is_remote(directory) else directory,
+            float(config.train.compilation_cache_min_compile_secs))
+
+
+def start_jax(config):
+    """Compilation cache and (with --distributed) the process group; returns jax."""
     import jax  # pylint: disable=import-outside-toplevel  # after flags: XLA_FLAGS may be set
 
-    if flags.FLAGS.distributed:
-        if flags.FLAGS.cpu_collectives:
-            jax.config.update("jax_cpu_collectives_implementation", flags.FLAGS.cpu_collectives)
-        jax.distributed.initialize(coordinator_address=flags.FLAGS.coordinator_address,
-                                   num_processes=flags.FLAGS.num_processes,
-                                   process_id=flags.FLAGS.process_id)
-    logging.info("JAX process %d of %d, local devices %s", jax.process_index(),
-                 jax.process_count(), jax.local_devices())
+    cache = compilation_cache_settings(config)
+    if cache is not None:
+        directory, min_secs = cache
+        jax.config.update("jax_compilation_cache_dir", directory)
+        if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
+    if FLAGS.distributed:
+        if FLAGS.cpu_collectives:
+            jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    logging.info("JAX process %d of %d, local devices %s; compilation cache %s",
+                 jax.process_index(), jax.process_count(), jax.local_devices(),
+                 jax.config.jax_compilation_cache_dir or "off")
+    return jax
 
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UserError(f"unexpected arguments {argv[1:]}; overrides are --config.KEY=VALUE")
+    config, workdir = FLAGS.config, FLAGS.workdir
+    validate(config, workdir)
+    if FLAGS.dry_run:   # before jax.distributed and any compilation; writes nothing
+        from ettin_jax import plan  # pylint: disable=import-outside-toplevel
+        print(plan.format_plan(plan.make_plan(config, workdir)))
+        return 0
+    logging.get_absl_handler().addFilter(_QuietOrbaxInfo())
+    start_jax(config)
     from ettin_jax import train  # pylint: disable=import-outside-toplevel
-    train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    train.train_and_evaluate(config, workdir)
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, define_flags, usage=__doc__)

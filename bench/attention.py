@@ -15,20 +15,20 @@ Usage (on the GPU machine):
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import os
 import shlex
 import sys
 import time
-import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ettin_jax import cli  # noqa: E402
 from ettin_jax.attention import attention_mask, xla_attention  # noqa: E402
 from ettin_jax.kernels import BlockSizes, cudnn_attention, flash_attention  # noqa: E402
 from ettin_jax.kernels.intervals import attention_intervals  # noqa: E402
@@ -253,41 +253,41 @@ def sweep(seqs, layers, dtype):
                           f"{str(e).splitlines()[0][:200]}", flush=True)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="correctness vs XLA, then exit")
-    parser.add_argument("--check-dtypes", default="bfloat16,float32")
-    parser.add_argument("--check-head-dims", default="64,128")
-    parser.add_argument("--sweep", action="store_true", help="block-size sweep, then exit")
-    parser.add_argument("--seqs", default="1024,8192")
-    parser.add_argument("--layers", default=",".join(LAYERS))
-    parser.add_argument("--impls", default="pallas,cudnn,xla,jax-triton-mha,jax-mgpu")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__),
-                                                          "RESULTS.md"))
-    parser.add_argument("--note", default="")
-    args = parser.parse_args()
+def define_flags():
+    flags.DEFINE_bool("check", False, "correctness vs XLA, then exit")
+    flags.DEFINE_string("check_dtypes", "bfloat16,float32", "with --check: dtypes to check")
+    flags.DEFINE_string("check_head_dims", "64,128", "with --check: head dims to check")
+    flags.DEFINE_bool("sweep", False, "block-size sweep, then exit")
+    flags.DEFINE_string("seqs", "1024,8192", "sequence lengths")
+    flags.DEFINE_string("layers", ",".join(LAYERS), "layer kinds")
+    flags.DEFINE_string("impls", "pallas,cudnn,xla,jax-triton-mha,jax-mgpu", "implementations")
+    flags.DEFINE_string("dtype", "bfloat16", "compute dtype")
+    flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), "RESULTS.md"),
+                        "the file the table is appended to")
+    flags.DEFINE_string("note", "", "free text for the RESULTS.md entry")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UserError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
     if jax.default_backend() != "gpu":
-        sys.exit("bench/attention.py needs a GPU (jax.default_backend() is "
-                 f"{jax.default_backend()!r})")
+        raise cli.UserError("bench/attention.py needs a GPU (jax.default_backend() is "
+                            f"{jax.default_backend()!r})")
     print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
     seqs = [int(s) for s in args.seqs.split(",")]
     layers = args.layers.split(",")
     dtype = jnp.dtype(args.dtype)
     if args.check:
         head_dims = [int(d) for d in args.check_head_dims.split(",")]
-        sys.exit(0 if check(args.check_dtypes.split(","), head_dims) else 1)
+        return 0 if check(args.check_dtypes.split(","), head_dims) else 1
     if args.sweep:
         sweep(seqs, layers, dtype)
-        return
+        return 0
     rows = run_table(args.impls.split(","), seqs, layers, dtype)
     write_results(rows, args.results, dtype, args.note)
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception:  # pragma: no cover
-        traceback.print_exc()
-        raise
+    cli.run(main, define_flags, usage=__doc__)

@@ -21,21 +21,25 @@ import shlex
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ettin_jax import cli  # noqa: E402  # pylint: disable=wrong-import-position
 
-config_flags.DEFINE_config_file("config", None, "FILE:ARG, e.g. configs/ettin_150m.py:mlm",
-                                lock_config=False)
-flags.DEFINE_integer("batch", 1, "rows of the traced batch")
-flags.DEFINE_integer("seq_len", 1024, "tokens per row")
-flags.DEFINE_list("scan", ["false", "true"], "config.model.scan_layers settings to time, in order")
-flags.DEFINE_string("remat", None, "override config.model.remat (none, full, dots)")
-flags.DEFINE_string("dtype", None, "override config.model.dtype (compute dtype)")
-flags.DEFINE_bool("results", False, "append the figures to bench/RESULTS.md")
-flags.DEFINE_string("note", "", "free text for the RESULTS.md entry")
-flags.mark_flag_as_required("config")
+
+def define_flags():
+    config_flags.DEFINE_config_file("config", None, "FILE:ARG, e.g. configs/ettin_150m.py:mlm",
+                                    lock_config=False)
+    flags.DEFINE_integer("batch", 1, "rows of the traced batch")
+    flags.DEFINE_integer("seq_len", 1024, "tokens per row")
+    flags.DEFINE_list("scan", ["false", "true"], "config.model.scan_layers settings to time, in order")
+    flags.DEFINE_string("remat", None, "override config.model.remat (none, full, dots)")
+    flags.DEFINE_string("dtype", None, "override config.model.dtype (compute dtype)")
+    flags.DEFINE_bool("results", False, "append the figures to bench/RESULTS.md")
+    flags.DEFINE_string("note", "", "free text for the RESULTS.md entry")
+    flags.mark_flag_as_required("config")
+
 
 FLAGS = flags.FLAGS
 
@@ -122,7 +126,7 @@ def main(argv):
     rows = []
     for text in FLAGS.scan:
         if text.lower() not in ("true", "false"):
-            raise app.UsageError(f"--scan={text!r}: expected a list of true/false")
+            raise cli.UserError(f"--scan={text!r}: expected a list of true/false")
         row = _time(config, text.lower() == "true")
         print(f"scan_layers={row['scan_layers']!s:5} remat={row['remat']:4} "
               f"lower {row['lower_s']:6.1f} s  compile {row['compile_s']:6.1f} s  "
@@ -135,4 +139,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, define_flags, usage=__doc__)

@@ -12,7 +12,6 @@ the mask ratio; appends one line to bench/RESULTS.md unless --no_append.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
@@ -23,6 +22,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from ettin_jax import cli  # noqa: E402
 
 from data_pipeline import loader, shards, tokenizer  # noqa: E402
 
@@ -39,27 +42,22 @@ def synthetic_docs(n: int, *, unk_id: int, cls_id: int, sep_id: int, seed: int =
     return [np.concatenate([[cls_id], rng.integers(0, unk_id, k), [sep_id]]) for k in lengths]
 
 
-def load_config(spec: str):
-    import importlib.util
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg)
+def define_flags():
+    config_flags.DEFINE_config_file("config", "configs/ettin_17m.py:mlm", "FILE:ARG of the "
+                                    "config whose loader settings are timed", lock_config=False)
+    flags.DEFINE_integer("batches", 40, "timed batches")
+    flags.DEFINE_integer("rows", 256, "rows per batch")
+    flags.DEFINE_integer("documents", 20_000, "synthetic documents in the corpus")
+    flags.DEFINE_integer("seq_len", 1024, "row length (8192: phases 2-3)")
+    flags.DEFINE_integer("workers", None, "default: config.data.num_workers")
+    flags.DEFINE_bool("no_append", False, "do not append to bench/RESULTS.md")
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/ettin_17m.py:mlm")
-    p.add_argument("--batches", type=int, default=40, help="timed batches")
-    p.add_argument("--rows", type=int, default=256, help="rows per batch")
-    p.add_argument("--documents", type=int, default=20_000)
-    p.add_argument("--seq_len", type=int, default=1024, help="row length (8192: phases 2-3)")
-    p.add_argument("--workers", type=int, default=None, help="default: config.data.num_workers")
-    p.add_argument("--no_append", action="store_true", help="do not append to bench/RESULTS.md")
-    a = p.parse_args()
-    config = load_config(a.config)
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise cli.UserError(f"unexpected arguments {argv[1:]}")
+    a = flags.FLAGS
+    config = a.config
     config.train.seq_len = a.seq_len
     if a.workers is not None:
         config.data.num_workers = a.workers
@@ -105,4 +103,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, define_flags, usage=__doc__)

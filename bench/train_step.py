@@ -32,26 +32,29 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ettin_jax import cli  # noqa: E402  # pylint: disable=wrong-import-position
 
-config_flags.DEFINE_config_file("config", None, "FILE:ARG, e.g. configs/ettin_17m.py:mlm",
-                                lock_config=False)
-flags.DEFINE_integer("batch", 8, "rows per step")
-flags.DEFINE_integer("seq_len", 512, "tokens per row")
-flags.DEFINE_integer("steps", 10, "timed steps")
-flags.DEFINE_integer("warmup", 2, "untimed steps first (compilation)")
-flags.DEFINE_string("dtype", "auto", "compute dtype; auto = float32 on CPU, the config's otherwise")
-flags.DEFINE_string("attention_impl", None, "override config.model.attention_impl")
-flags.DEFINE_enum("transformers", "auto", ["auto", "yes", "no"],
-                  "also time transformers' ModernBertForMaskedLM (auto: on CPU)")
-flags.DEFINE_bool("results", False, "append the result to bench/RESULTS.md")
-flags.DEFINE_string("note", "", "free text for the RESULTS.md row")
-flags.DEFINE_bool("profile", False, "print the step's time per XLA operation instead of timing it")
-flags.DEFINE_integer("top", 25, "with --profile: entries listed per group")
-flags.mark_flag_as_required("config")
+
+def define_flags():
+    config_flags.DEFINE_config_file("config", None, "FILE:ARG, e.g. configs/ettin_17m.py:mlm",
+                                    lock_config=False)
+    flags.DEFINE_integer("batch", 8, "rows per step")
+    flags.DEFINE_integer("seq_len", 512, "tokens per row")
+    flags.DEFINE_integer("steps", 10, "timed steps")
+    flags.DEFINE_integer("warmup", 2, "untimed steps first (compilation)")
+    flags.DEFINE_string("dtype", "auto", "compute dtype; auto = float32 on CPU, the config's otherwise")
+    flags.DEFINE_string("attention_impl", None, "override config.model.attention_impl")
+    flags.DEFINE_enum("transformers", "auto", ["auto", "yes", "no"],
+                      "also time transformers' ModernBertForMaskedLM (auto: on CPU)")
+    flags.DEFINE_bool("results", False, "append the result to bench/RESULTS.md")
+    flags.DEFINE_string("note", "", "free text for the RESULTS.md row")
+    flags.DEFINE_bool("profile", False, "print the step's time per XLA operation instead of timing it")
+    flags.DEFINE_integer("top", 25, "with --profile: entries listed per group")
+    flags.mark_flag_as_required("config")
 
 
 def make_batch(config, rows, seq_len, seed=0):
@@ -310,4 +313,4 @@ def append_results(result, note):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, define_flags, usage=__doc__)

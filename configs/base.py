@@ -22,6 +22,7 @@ from __future__ import annotations
 import ml_collections
 
 OBJECTIVES = ("mlm", "clm")
+PHASES = ("pretrain", "ext", "decay", "cross")
 DATA_SEED = 21           # `shuffle_seed` of every Ettin yaml, cross-objective runs included
 
 # Special token ids of the ModernBERT tokenizer (recipe §6).
@@ -246,6 +247,12 @@ def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: st
     # workdir recorded in run_identity.json is refused unless this is True (ettin_jax.workdir);
     # a change of size, objective, phase, model shape, tokenizer or data mixture always is.
     c.train.allow_config_change = False
+    # Persistent XLA compilation cache of main.py: a restart (resume, next phase) reads the
+    # compiled train step from disk instead of compiling it again. Shared by all runs of this
+    # user (XLA keys each program by its HLO, jax version and device); "" = off. An already
+    # set JAX_COMPILATION_CACHE_DIR (and JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS) wins.
+    c.train.compilation_cache_dir = "~/.cache/ettin-jax/xla"
+    c.train.compilation_cache_min_compile_secs = 1.0   # programs compiling faster are not cached
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "warmup_stable_decay" if phase in ("pretrain", "cross") else "one_minus_sqrt"

@@ -14,7 +14,6 @@ it (the demo variant of a run, ettin_jax.demo).
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import os
@@ -22,7 +21,10 @@ import sys
 import sysconfig
 import warnings
 
+from absl import flags
+
 from data_pipeline import prepare, shards, tokenizer
+from ettin_jax import cli
 
 
 def stdlib_files() -> list[str]:
@@ -114,24 +116,23 @@ def configure(config) -> tuple[str, str]:
     return tok_dir, shard_dir
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_pipeline.demo_corpus", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", required=True, help="directory to build into")
-    p.add_argument("--vocab_size", type=int, default=tokenizer.MODERNBERT_VOCAB_SIZE)
-    p.add_argument("--unk_id", type=int, default=tokenizer.MODERNBERT_UNK_ID)
-    p.add_argument("--max_bytes", type=int, default=8_000_000, help="stop after this much text")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    a = p.parse_args(argv)
-    try:
-        tok_dir, shard_dir = build(a.output, vocab_size=a.vocab_size, unk_id=a.unk_id,
-                                   max_bytes=a.max_bytes, workers=a.workers)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def define_flags():
+    flags.DEFINE_string("output", None, "directory to build into", required=True)
+    flags.DEFINE_integer("vocab_size", tokenizer.MODERNBERT_VOCAB_SIZE, "tokenizer vocabulary size")
+    flags.DEFINE_integer("unk_id", tokenizer.MODERNBERT_UNK_ID, "id of [UNK]; the specials follow")
+    flags.DEFINE_integer("max_bytes", 8_000_000, "stop after this much text")
+    flags.DEFINE_integer("workers", 1, "tokenizer processes")
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise cli.UserError(f"unexpected arguments {argv[1:]}")
+    f = flags.FLAGS
+    tok_dir, shard_dir = build(f.output, vocab_size=f.vocab_size, unk_id=f.unk_id,
+                               max_bytes=f.max_bytes, workers=f.workers)
     print(f"tokenizer: {tok_dir}\nshards: {shard_dir}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, define_flags, usage=__doc__)

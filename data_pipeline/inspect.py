@@ -17,21 +17,24 @@ on bad data.
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from data_pipeline import demo_corpus, loader, mixtures, sources, tokenizer
+from ettin_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file and arg, e.g. "
-                                          "configs/ettin_17m.py:mlm", lock_config=True)
-_BATCHES = flags.DEFINE_integer("batches", 2, "batches to inspect")
-_ROWS = flags.DEFINE_integer("rows", 4, "rows per batch (overrides the global batch size)")
-_DECODE = flags.DEFINE_boolean("decode", False, "print rows as text with marks")
-_DUMP = flags.DEFINE_string("dump", "", "write the inspected batches to this .npz file")
-_EVAL = flags.DEFINE_boolean("eval", False, "inspect the eval iterator instead of train")
+
+def define_flags():
+    config_flags.DEFINE_config_file("config", None, "config file and arg, e.g. "
+                                    "configs/ettin_17m.py:mlm", lock_config=True)
+    flags.DEFINE_integer("batches", 2, "batches to inspect")
+    flags.DEFINE_integer("rows", 4, "rows per batch (overrides the global batch size)")
+    flags.DEFINE_boolean("decode", False, "print rows as text with marks")
+    flags.DEFINE_string("dump", "", "write the inspected batches to this .npz file")
+    flags.DEFINE_boolean("eval", False, "inspect the eval iterator instead of train")
+    flags.mark_flag_as_required("config")
 
 
 def decode_row(tok, batch: dict, r: int) -> str:
@@ -97,50 +100,44 @@ def statistics(batches: list[dict], special_ids: list[int], names: list[str]) ->
 
 
 def main(argv):
-    del argv
-    config = _CONFIG.value
+    if len(argv) > 1:
+        raise cli.UserError(f"unexpected arguments {argv[1:]}")
+    f = flags.FLAGS
+    config = f.config
     with config.unlocked():
-        config.train.global_batch_size = _ROWS.value
-        config.data.eval_batch_size = _ROWS.value
-    try:
-        names = ([os.path.basename(s[0].rstrip("/")) for s in sources.parse_mixture(
-                    mixtures.expand(config.data.mixture, config.phase))]
-                 if config.data.mixture else ["demo"])
-        if not config.data.mixture:
-            demo_corpus.configure(config)
-        if _EVAL.value:
-            it = loader.make_eval_iterator(config, process_index=0, process_count=1,
-                                           include_metadata=True)
-        else:
-            it = loader.make_train_iterator(config, process_index=0, process_count=1,
-                                            include_metadata=True)
-        batches = []
-        for _ in range(_BATCHES.value):
-            try:
-                batches.append(next(it))
-            except StopIteration:
-                break
-        tok = tokenizer.load(loader.tokenizer_path(config))
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        config.train.global_batch_size = f.rows
+        config.data.eval_batch_size = f.rows
+    names = ([os.path.basename(s[0].rstrip("/")) for s in sources.parse_mixture(
+                mixtures.expand(config.data.mixture, config.phase))]
+             if config.data.mixture else ["demo"])
+    if not config.data.mixture:
+        demo_corpus.configure(config)
+    make_iterator = loader.make_eval_iterator if f.eval else loader.make_train_iterator
+    it = make_iterator(config, process_index=0, process_count=1, include_metadata=True)
+    batches = []
+    for _ in range(f.batches):
+        try:
+            batches.append(next(it))
+        except StopIteration:
+            break
+    tok = tokenizer.load(loader.tokenizer_path(config))
     m = config.model
     special = [m.cls_token_id, m.sep_token_id, m.pad_token_id, m.mask_token_id]
-    if _DECODE.value:
+    if f.decode:
         for k, batch in enumerate(batches):
             for r in range(batch["input_ids"].shape[0]):
                 print(f"=== batch {k} row {r} ===")
                 print(decode_row(tok, batch, r))
-    print(f"=== statistics over {len(batches)} batches of {_ROWS.value} rows, "
+    print(f"=== statistics over {len(batches)} batches of {f.rows} rows, "
           f"seq_len {config.train.seq_len}, objective {config.objective} ===")
     for key, value in statistics(batches, special, names).items():
         print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
-    if _DUMP.value:
+    if f.dump:
         keys = [k for k in batches[0] if k != "source_ids"]
-        np.savez(_DUMP.value, **{k: np.concatenate([b[k] for b in batches]) for k in keys})
-        print(f"wrote {_DUMP.value}: {', '.join(keys)}")
+        np.savez(f.dump, **{k: np.concatenate([b[k] for b in batches]) for k in keys})
+        print(f"wrote {f.dump}: {', '.join(keys)}")
     return 0
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main, define_flags, usage=__doc__)

@@ -15,11 +15,10 @@ Resumable: stages 1-3 write OUTPUT/.work/kept.jsonl once; stage 4-6 writes shard
 (each to NAME.tmp, then renamed) and records them in OUTPUT/.work/progress.json. A re-run with
 the same inputs and options skips what is done; with different ones it refuses (use a new
 --output). A failing run never touches finished shards or an existing manifest.
-Exit status: 0 ok, 1 bad input/options (message names file and line), 2 usage error.
+Exit status: 0 ok, 1 bad input or options (one `error:` line naming the file and line or flag).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import multiprocessing
@@ -30,7 +29,10 @@ from typing import Iterator
 
 import numpy as np
 
+from absl import flags
+
 from data_pipeline import chunking, dedup, normalize, quality, shards, text_io, tokenizer
+from ettin_jax import cli
 
 WORK = ".work"
 
@@ -363,71 +365,60 @@ def run(opts: Options) -> dict:
     return manifest
 
 
-def _parse(argv: list[str] | None) -> Options:
-    p = argparse.ArgumentParser(
-        prog="python -m data_pipeline.prepare", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", action="append", required=True,
-                   help="glob of .jsonl/.jsonl.gz/.parquet/.txt files (repeatable)")
-    p.add_argument("--output", required=True, help="directory for shards and manifest.json")
-    p.add_argument("--tokenizer", required=True,
-                   help="tokenizer directory, tokenizer.json, or hub name")
-    p.add_argument("--source", default="", help="source name in the manifest (default: dir name)")
-    p.add_argument("--text_field", default="text", help="JSON/parquet field holding the text")
-    p.add_argument("--no_normalize", action="store_true", help="skip NFC/whitespace normalization")
-    p.add_argument("--filters", default="all",
-                   help=f"'all', 'none', or a comma list of {','.join(quality.RULES)}")
-    p.add_argument("--languages", default="en",
-                   help="comma list of ISO codes kept by the language rule")
-    for field in dataclasses.fields(quality.QualityConfig):
-        if field.type in ("int", "float"):
-            p.add_argument(f"--{field.name}", type=eval(field.type), default=field.default,
-                           help=f"quality rule threshold (default {field.default})")
-    p.add_argument("--no_exact_dedup", action="store_true")
-    p.add_argument("--no_near_dedup", action="store_true")
-    p.add_argument("--jaccard", type=float, default=0.7,
-                   help="near-duplicate Jaccard threshold on word 5-gram shingles")
-    p.add_argument("--chunk_size", type=int, default=0,
-                   help="Ettin chunking: max framed chunk length (e.g. 8000); 0 = off")
-    p.add_argument("--min_chunk_size", type=int, default=512)
-    p.add_argument("--always_skip_size", type=int, default=128)
-    p.add_argument("--no_backfill", action="store_true")
-    p.add_argument("--docs_per_shard", type=int, default=50_000,
-                   help="input documents per shard (the unit of resume)")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                   help="tokenizer processes")
-    a = p.parse_args(argv)
-    filters = (tuple(quality.RULES) if a.filters == "all" else ()
-               if a.filters == "none" else tuple(x for x in a.filters.split(",") if x))
-    unknown = [f for f in filters if f not in quality.RULES]
+def _quality_threshold_fields() -> list:
+    return [f for f in dataclasses.fields(quality.QualityConfig) if f.type in ("int", "float")]
+
+
+def define_flags():
+    flags.DEFINE_multi_string("input", None, "glob of .jsonl/.jsonl.gz/.parquet/.txt files "
+                              "(repeatable)", required=True)
+    flags.DEFINE_string("output", None, "directory for shards and manifest.json", required=True)
+    flags.DEFINE_string("tokenizer", None, "tokenizer directory, tokenizer.json, or hub name",
+                        required=True)
+    flags.DEFINE_string("source", "", "source name in the manifest (default: dir name)")
+    flags.DEFINE_string("text_field", "text", "JSON/parquet field holding the text")
+    flags.DEFINE_bool("no_normalize", False, "skip NFC/whitespace normalization")
+    flags.DEFINE_string("filters", "all", f"'all', 'none', or a comma list of {','.join(quality.RULES)}")
+    flags.DEFINE_string("languages", "en", "comma list of ISO codes kept by the language rule")
+    for field in _quality_threshold_fields():
+        define = flags.DEFINE_integer if field.type == "int" else flags.DEFINE_float
+        define(field.name, field.default, "quality rule threshold")
+    flags.DEFINE_bool("no_exact_dedup", False, "skip exact (sha256) deduplication")
+    flags.DEFINE_bool("no_near_dedup", False, "skip near-duplicate (MinHash) deduplication")
+    flags.DEFINE_float("jaccard", 0.7, "near-duplicate Jaccard threshold on word 5-gram shingles")
+    flags.DEFINE_integer("chunk_size", 0, "Ettin chunking: max framed chunk length (e.g. 8000); 0 = off")
+    flags.DEFINE_integer("min_chunk_size", 512, "Ettin chunking: shortest chunk kept")
+    flags.DEFINE_integer("always_skip_size", 128, "Ettin chunking: shorter remainders are dropped")
+    flags.DEFINE_bool("no_backfill", False, "Ettin chunking: no backfill of short chunks")
+    flags.DEFINE_integer("docs_per_shard", 50_000, "input documents per shard (the unit of resume)")
+    flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 2) - 1), "tokenizer processes")
+
+
+def options_from_flags(f) -> Options:
+    """Options of the parsed flags; ValueError (naming the flag) for a bad value."""
+    filters = (tuple(quality.RULES) if f.filters == "all" else ()
+               if f.filters == "none" else tuple(x for x in f.filters.split(",") if x))
+    unknown = [name for name in filters if name not in quality.RULES]
     if unknown:
-        p.error(f"--filters: unknown rule(s) {unknown}; known: {list(quality.RULES)}")
+        raise cli.UserError(f"--filters: unknown rule(s) {unknown}; known: {list(quality.RULES)}")
     qcfg = quality.QualityConfig(
-        languages=tuple(x for x in a.languages.split(",") if x),
-        **{f.name: getattr(a, f.name) for f in dataclasses.fields(quality.QualityConfig)
-           if f.type in ("int", "float")})
-    try:
-        chunk = (chunking.ChunkConfig(a.chunk_size, a.min_chunk_size, a.always_skip_size,
-                                      not a.no_backfill) if a.chunk_size else None)
-        inputs = text_io.expand_inputs(a.input)
-    except ValueError as e:
-        p.exit(1, f"error: {e}\n")
-    return Options(inputs=inputs, output=a.output, tokenizer=a.tokenizer, source=a.source,
-                   text_field=a.text_field, normalize=not a.no_normalize, filters=filters,
-                   quality=qcfg, exact_dedup=not a.no_exact_dedup, near_dedup=not a.no_near_dedup,
-                   jaccard=a.jaccard, chunk=chunk, docs_per_shard=a.docs_per_shard,
-                   workers=a.workers)
+        languages=tuple(x for x in f.languages.split(",") if x),
+        **{field.name: f[field.name].value for field in _quality_threshold_fields()})
+    chunk = (chunking.ChunkConfig(f.chunk_size, f.min_chunk_size, f.always_skip_size,
+                                  not f.no_backfill) if f.chunk_size else None)
+    return Options(inputs=text_io.expand_inputs(f.input), output=f.output, tokenizer=f.tokenizer,
+                   source=f.source, text_field=f.text_field, normalize=not f.no_normalize,
+                   filters=filters, quality=qcfg, exact_dedup=not f.no_exact_dedup,
+                   near_dedup=not f.no_near_dedup, jaccard=f.jaccard, chunk=chunk,
+                   docs_per_shard=f.docs_per_shard, workers=f.workers)
 
 
-def main(argv: list[str] | None = None) -> int:
-    opts = _parse(argv)
-    try:
-        run(opts)
-    except (text_io.InputError, shards.ShardError, tokenizer.TokenizerError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise cli.UserError(f"unexpected arguments {argv[1:]}")
+    run(options_from_flags(flags.FLAGS))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, define_flags, usage=__doc__)

@@ -15,7 +15,6 @@ CLI:
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -23,7 +22,10 @@ import re
 import sys
 from typing import Iterable, Iterator
 
+from absl import flags
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from ettin_jax import cli
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 SPECIAL_NAMES = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
@@ -147,41 +149,38 @@ def _iter_texts(patterns: list[str], text_field: str) -> Iterator[str]:
         yield record.text
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_pipeline.tokenizer",
-        description="Train a byte-level BPE tokenizer with the ModernBERT special-token layout "
-                    "([UNK] [CLS] [SEP] [PAD] [MASK] at unk_id..unk_id+4), or show one.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="train on .jsonl/.jsonl.gz/.parquet/.txt files")
-    tr.add_argument("--input", required=True, action="append",
-                    help="glob of input files (repeatable)")
-    tr.add_argument("--output", required=True, help="directory to write tokenizer.json into")
-    tr.add_argument("--text_field", default="text", help="JSON/parquet field holding the text")
-    tr.add_argument("--vocab_size", type=int, default=MODERNBERT_VOCAB_SIZE)
-    tr.add_argument("--unk_id", type=int, default=MODERNBERT_UNK_ID,
-                    help="id of [UNK]; [CLS] [SEP] [PAD] [MASK] follow it")
-    tr.add_argument("--min_frequency", type=int, default=2)
-    sh = sub.add_parser("show", help="print layout and fingerprint of a tokenizer")
-    sh.add_argument("path", help="tokenizer directory, tokenizer.json or hub name")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "train":
-            tok = train_bpe(_iter_texts(args.input, args.text_field), vocab_size=args.vocab_size,
-                            unk_id=args.unk_id, min_frequency=args.min_frequency,
-                            show_progress=sys.stderr.isatty())
-            save(tok, args.output)
-            print(f"wrote {args.output}/tokenizer.json: vocab {tok.get_vocab_size()}, "
-                  f"specials {special_ids(tok)}, fingerprint {fingerprint(tok)}")
-        else:
-            tok = load(args.path)
-            print(json.dumps({"vocab_size": tok.get_vocab_size(), "specials": special_ids(tok, args.path),
-                              "fingerprint": fingerprint(tok)}, indent=2))
-    except (TokenizerError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def define_flags():
+    flags.DEFINE_multi_string("input", None, "train: glob of .jsonl/.jsonl.gz/.parquet/.txt "
+                              "files (repeatable)")
+    flags.DEFINE_string("output", None, "train: directory to write tokenizer.json into")
+    flags.DEFINE_string("text_field", "text", "train: JSON/parquet field holding the text")
+    flags.DEFINE_integer("vocab_size", MODERNBERT_VOCAB_SIZE, "train: vocabulary size")
+    flags.DEFINE_integer("unk_id", MODERNBERT_UNK_ID,
+                         "train: id of [UNK]; [CLS] [SEP] [PAD] [MASK] follow it")
+    flags.DEFINE_integer("min_frequency", 2, "train: merges need this many occurrences")
+
+
+def main(argv) -> int:
+    f = flags.FLAGS
+    command, args = (argv[1], argv[2:]) if len(argv) > 1 else ("", [])
+    if command == "train" and not args:
+        if not f.input or not f.output:
+            raise cli.UserError("train needs --input=GLOB and --output=DIR")
+        tok = train_bpe(_iter_texts(f.input, f.text_field), vocab_size=f.vocab_size,
+                        unk_id=f.unk_id, min_frequency=f.min_frequency,
+                        show_progress=sys.stderr.isatty())
+        save(tok, f.output)
+        print(f"wrote {f.output}/tokenizer.json: vocab {tok.get_vocab_size()}, "
+              f"specials {special_ids(tok)}, fingerprint {fingerprint(tok)}")
+    elif command == "show" and len(args) == 1:
+        tok = load(args[0])
+        print(json.dumps({"vocab_size": tok.get_vocab_size(), "specials": special_ids(tok, args[0]),
+                          "fingerprint": fingerprint(tok)}, indent=2))
+    else:
+        raise cli.UserError("usage: python -m data_pipeline.tokenizer train --input=GLOB "
+                            "--output=DIR [flags] | show DIR_OR_JSON")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, define_flags, usage=__doc__)

@@ -278,6 +278,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app as absl_app
-    define_flags()
-    absl_app.run(main)
+    from ettin_jax import cli
+    cli.run(main, define_flags, usage=__doc__)

@@ -23,11 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from ettin_jax import cli
+
 SPIKE_HISTORY = 20      # logged losses the spike check averages over
 SPIKE_MIN_HISTORY = 3   # fewer logged losses than this: no spike check yet
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(cli.UserError):
     """Training diverged: config.train.max_nonfinite_steps non-finite steps in a row."""
 
 

@@ -11,7 +11,6 @@ loop is one jitted `lax.while_loop`. `--temperature=0` is greedy decoding.
 from __future__ import annotations
 
 import functools
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -167,19 +166,16 @@ def load_decoder(checkpoint: str | None, hf_dir: str | None, tokenizer_path: str
 
 
 def main(argv):
-    from absl import app, flags  # pylint: disable=import-outside-toplevel
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    from ettin_jax import cli  # pylint: disable=import-outside-toplevel
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        raise cli.UserError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
-    try:
-        model, tokenizer = load_decoder(f.checkpoint, f.hf, f.tokenizer, f.dtype)
-        prompt = encode_prompt(tokenizer, f.prompt, model.config)
-        logging.info("prompt: %d tokens %s", len(prompt), prompt)
-        rows = generate(model, [prompt] * f.num_samples, max_new_tokens=f.max_new_tokens,
-                        temperature=f.temperature, top_p=f.top_p, seed=f.seed)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    model, tokenizer = load_decoder(f.checkpoint, f.hf, f.tokenizer, f.dtype)
+    prompt = encode_prompt(tokenizer, f.prompt, model.config)
+    logging.info("prompt: %d tokens %s", len(prompt), prompt)
+    rows = generate(model, [prompt] * f.num_samples, max_new_tokens=f.max_new_tokens,
+                    temperature=f.temperature, top_p=f.top_p, seed=f.seed)
     for i, new in enumerate(rows):
         stopped = bool(new) and new[-1] in stop_ids(model.config)
         text = tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=False)
@@ -203,6 +199,5 @@ def define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app as absl_app
-    define_flags()
-    absl_app.run(main)
+    from ettin_jax import cli as cli_lib
+    cli_lib.run(main, define_flags, usage=__doc__)

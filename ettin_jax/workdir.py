@@ -29,6 +29,7 @@ from absl import logging
 
 from data_pipeline import shards
 from ettin_jax import checkpoint as checkpoint_lib
+from ettin_jax import cli
 
 LOCK_NAME = "LOCK"
 IDENTITY_NAME = "run_identity.json"
@@ -51,7 +52,7 @@ STRUCTURAL_KEYS = ("size", "objective", "phase", "data.mixture", "data.tokenizer
 STRUCTURAL_SECTIONS = ("model",)
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(cli.UserError):
     """Another live process holds the workdir's LOCK."""
 
 

@@ -6,9 +6,8 @@
 from __future__ import annotations
 
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
 from ettin_jax import cli
 from ettin_jax import sharding as sharding_lib
@@ -28,32 +27,28 @@ def _int_list(text: str) -> list[int]:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        raise cli.UserError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
-    try:
-        tasks = list(TASKS.values()) if f.task == "all" else [get_task(t) for t in f.task.split(",")]
-        # Every file is read (and checked) before the model loads, so bad data fails fast.
-        data = {task.name: load_task_data(task, f.data_dir) for task in tasks}
-        backbone_factory, tokenizer = load_backbone(f.checkpoint, f.hf, f.tokenizer, f.dtype)
-        options = FinetuneOptions(
-            batch_size=f.batch_size, eval_batch_size=f.eval_batch_size, max_seq_len=f.max_seq_len,
-            warmup_ratio=f.warmup_ratio, weight_decay=f.weight_decay,
-            classifier_dropout=f.classifier_dropout, pooling=f.pooling,
-            evals_per_epoch=f.evals_per_epoch, patience=f.patience,
-            max_train_examples=f.max_train_examples)
-        mesh = sharding_lib.make_mesh({"data": f.mesh_data, "fsdp": f.mesh_fsdp,
-                                       "tensor": f.mesh_tensor})
-        summaries = []
-        for task in tasks:
-            summaries.append(run_task(
-                task, backbone_factory=backbone_factory, tokenizer=tokenizer,
-                data_dir=f.data_dir, workdir=f.workdir,
-                lrs=_float_list(f.lrs) if f.lrs else task.lrs,
-                epochs=_int_list(f.epochs) if f.epochs else task.epochs,
-                seeds=_int_list(f.seeds), options=options, mesh=mesh, data=data[task.name]))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    tasks = list(TASKS.values()) if f.task == "all" else [get_task(t) for t in f.task.split(",")]
+    # Every file is read (and checked) before the model loads, so bad data fails fast.
+    data = {task.name: load_task_data(task, f.data_dir) for task in tasks}
+    backbone_factory, tokenizer = load_backbone(f.checkpoint, f.hf, f.tokenizer, f.dtype)
+    options = FinetuneOptions(
+        batch_size=f.batch_size, eval_batch_size=f.eval_batch_size, max_seq_len=f.max_seq_len,
+        warmup_ratio=f.warmup_ratio, weight_decay=f.weight_decay,
+        classifier_dropout=f.classifier_dropout, pooling=f.pooling,
+        evals_per_epoch=f.evals_per_epoch, patience=f.patience,
+        max_train_examples=f.max_train_examples)
+    mesh = sharding_lib.make_mesh({"data": f.mesh_data, "fsdp": f.mesh_fsdp,
+                                   "tensor": f.mesh_tensor})
+    summaries = []
+    for task in tasks:
+        summaries.append(run_task(
+            task, backbone_factory=backbone_factory, tokenizer=tokenizer,
+            data_dir=f.data_dir, workdir=f.workdir,
+            lrs=_float_list(f.lrs) if f.lrs else task.lrs,
+            epochs=_int_list(f.epochs) if f.epochs else task.epochs,
+            seeds=_int_list(f.seeds), options=options, mesh=mesh, data=data[task.name]))
     source = {"checkpoint": f.checkpoint, "hf": f.hf}
     write_json(os.path.join(f.workdir, "results.json"), {"source": source, "tasks": summaries})
     table = markdown_table(summaries)
@@ -93,5 +88,4 @@ def define_flags():
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run(main, define_flags, usage=__doc__)

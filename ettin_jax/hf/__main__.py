@@ -10,26 +10,58 @@ find the `configs` package they import).
 """
 from __future__ import annotations
 
-import sys
+import os
 
-from absl import app, flags
+import numpy as np
+from absl import flags
 from ml_collections import config_flags
 
 from ettin_jax import checkpoint
+from ettin_jax import cli
 from ettin_jax import hf
 from ettin_jax import model as model_lib
 from ettin_jax import model_loader
 
+# What export writes (save_hf, save_tokenizer): a directory holding only these is a previous
+# export and is written over; anything else in it needs --overwrite.
+_EXPORT_FILES = ("config.json", "model.safetensors", "generation_config.json",
+                 "special_tokens_map.json")
+_EXPORT_PREFIXES = ("tokenizer", "vocab", "merges")
+
+
+def foreign_files(directory: str) -> list[str]:
+    """The entries of `directory` that an export does not write (sorted)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(name for name in os.listdir(directory)
+                  if name not in _EXPORT_FILES and not name.startswith(_EXPORT_PREFIXES))
+
+
+def check_finite(model):
+    """Raises cli.UserError naming the first transformers tensor with NaN or inf values."""
+    for key, array in hf.hf_state_dict(model).items():
+        bad = int(array.size - np.isfinite(array).sum())
+        if bad:
+            raise cli.UserError(f"tensor {key!r} has {bad:,} non-finite values (NaN or inf) of "
+                                f"{array.size:,}; not exporting a diverged model (pick an earlier "
+                                "checkpoint with --step)")
+
 
 def _export(flags_):
     if bool(flags_.checkpoint) == bool(flags_.config):
-        raise app.UsageError("export needs exactly one of --checkpoint=RUN_DIR or --config=FILE:ARG")
+        raise cli.UserError("export needs exactly one of --checkpoint=RUN_DIR or --config=FILE:ARG")
+    foreign = foreign_files(flags_.out)
+    if foreign and not flags_.overwrite:
+        listed = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise cli.UserError(f"--out={flags_.out} holds files an export does not write ({listed}); "
+                            "choose an empty or new directory, or pass --overwrite")
     if flags_.checkpoint:
         loaded = model_loader.from_run(flags_.checkpoint, step=flags_.step)
         model, tokenizer = loaded.model, loaded.tokenizer
     else:
         model = model_loader.from_config(flags_.config.model, seed=flags_.config.seed)
         tokenizer = None
+    check_finite(model)
     tokenizer = flags_.tokenizer or tokenizer
     hf.save_hf(model, model.config, flags_.out, tokenizer=tokenizer)
     kind = "decoder" if model.config.causal else "encoder"
@@ -38,6 +70,14 @@ def _export(flags_):
 
 
 def _import(flags_):
+    if not flags_.hf:
+        raise cli.UserError("import needs --hf=HF_DIR")
+    existing = checkpoint.checkpoint_dir(flags_.out)
+    if os.path.isdir(existing) and os.listdir(existing):
+        # Orbax would keep the run's newer steps and skip a step 0 behind them, silently.
+        raise cli.UserError(f"--out={flags_.out} already holds checkpoints ({existing}: "
+                            f"{', '.join(sorted(os.listdir(existing))[:5])}); import into a new "
+                            "directory")
     model, model_config = model_loader.load_hf(flags_.hf)
     checkpoint.save_imported(model, model_config, flags_.out)
     print(f"wrote {model_lib.count_params(model):,} parameters from {flags_.hf} to {flags_.out}; "
@@ -52,30 +92,23 @@ def define_flags():
     flags.DEFINE_string("tokenizer", None, "export: tokenizer.json or a directory of tokenizer "
                         "files to write beside the weights")
     flags.DEFINE_string("out", None, "export: the transformers directory to write; "
-                        "import: the run directory to write", required=True)
+                        "import: the run directory to write (must hold no checkpoints)",
+                        required=True)
+    flags.DEFINE_bool("overwrite", False, "export: write into --out even if it holds files "
+                      "other than a previous export's")
     flags.DEFINE_string("hf", None, "import: a transformers directory (config.json + model.safetensors)")
 
 
-def run(args):
-    if len(args) != 2 or args[1] not in ("export", "import"):
-        raise app.UsageError("usage: python -m ettin_jax.hf {export|import} [flags]; "
-                             "--helpfull lists the flags")
-    try:
-        if args[1] == "export":
-            _export(flags.FLAGS)
-        else:
-            if not flags.FLAGS.hf:
-                raise app.UsageError("import needs --hf=HF_DIR")
-            _import(flags.FLAGS)
-    except (hf.HFFormatError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-def main(argv=None):
-    define_flags()
-    app.run(run, argv=argv)
+def main(argv):
+    if len(argv) != 2 or argv[1] not in ("export", "import"):
+        raise cli.UserError("usage: python -m ettin_jax.hf {export|import} [flags]; --help "
+                            "lists the flags")
+    if argv[1] == "export":
+        _export(flags.FLAGS)
+    else:
+        _import(flags.FLAGS)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, define_flags, usage=__doc__)

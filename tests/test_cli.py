@@ -1,0 +1,219 @@
+"""One command-line style for every entry point (ettin_jax/cli.py): `--help` exits 0 with the
+tool's usage, a user error is ONE `error:` line and exit 1 (before JAX starts, for main.py),
+a bug keeps its traceback; the hf import/export refusals; main.py's compilation cache."""
+import datetime
+import os
+import re
+import subprocess
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import ettin_tiny
+from ettin_jax import checkpoint, cli, hf, model_loader
+from ettin_jax.hf import __main__ as hf_cli
+
+import train_testlib
+from test_train_resume import FLAGS as TRAIN_FLAGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*command, env=None, timeout=300):
+    return subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env or dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def assert_one_error_line(result, *fragments):
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+# --- main.py -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--config=configs/nope.py:mlm"], ["--config=configs/nope.py:mlm", "no config file"]),
+    (["--config=configs/ettin_tiny.py:mlm", "--config.train.sequence_len=64"],
+     ["--config.train.sequence_len", "config.train has no key 'sequence_len'"]),
+    (["--config=configs/ettin_tiny.py:mlm_ext", "--config.train.init_from=/no/such/run"],
+     ["config.train.init_from=/no/such/run", "no such directory"]),
+    (["--config=configs/ettin_tiny.py:mxm"], ["--config=configs/ettin_tiny.py:mxm",
+                                              "objective 'mxm' is not one of"]),
+])
+def test_main_user_errors_are_one_line_before_jax_starts(tmp_path, args, fragments):
+    result = run("main.py", f"--workdir={tmp_path / 'w'}", *args)
+    assert_one_error_line(result, *fragments)
+    assert "JAX process" not in result.stderr     # failed before JAX started
+    assert not (tmp_path / "w").exists()
+
+
+def test_main_init_from_without_checkpoints_is_refused(tmp_path):
+    (tmp_path / "previous").mkdir()
+    result = run("main.py", f"--workdir={tmp_path / 'w'}", "--config=configs/ettin_tiny.py:mlm_ext",
+                 f"--config.train.init_from={tmp_path / 'previous'}")
+    assert_one_error_line(result, "no checkpoints/ directory")
+
+
+def test_main_help_exits_0_with_the_usage():
+    result = run("main.py", "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("Trains an Ettin model")
+    assert "--workdir" in result.stdout and "--[no]verbose" in result.stdout
+
+
+_RUNNER = """
+import sys
+from ettin_jax import cli
+def main(argv):
+    kind = argv[1]
+    if kind == "bug":
+        raise KeyError("a bug")
+    if kind == "interrupt":
+        raise KeyboardInterrupt
+    raise ValueError("bad value\\nsecond line")
+cli.run(main, usage="a test tool")
+"""
+
+
+def test_runner_bug_keeps_traceback_user_error_does_not():
+    bug = run("-c", _RUNNER, "bug")
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "KeyError: 'a bug'" in bug.stderr
+    assert not any(line.startswith("error:") for line in bug.stderr.splitlines())
+    user = run("-c", _RUNNER, "user")
+    assert_one_error_line(user, "bad value")
+    assert "  second line" in user.stderr
+    verbose = run("-c", _RUNNER, "user", "--verbose")
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+    interrupted = run("-c", _RUNNER, "interrupt")
+    assert interrupted.returncode == cli.EXIT_INTERRUPTED
+    assert interrupted.stderr.strip() == "interrupted"
+
+
+# --- every other entry point --------------------------------------------------------------------
+
+ENTRY_POINTS = [   # (command, first words of its usage, a bad invocation, words of its error)
+    (["-m", "ettin_jax.hf"], "Command line of the transformers interop",
+     ["export", "--out=/tmp/x"], "exactly one of --checkpoint"),
+    (["-m", "ettin_jax.glue"], "Command line of GLUE fine-tuning",
+     ["--workdir=/tmp/x"], "--data_dir is required"),
+    (["-m", "ettin_jax.generate"], "Text generation with an Ettin decoder",
+     ["--hf=/no/such/dir"], "/no/such/dir"),
+    (["-m", "ettin_jax.compare"], "Encoder vs decoder",
+     ["/no/such/run"], "/no/such/run"),
+    (["-m", "data_pipeline.prepare"], "Prepare raw text into ArrayRecord",
+     ["--input=/no/such/*.jsonl", "--output=/tmp/x", "--tokenizer=x"], "matches no file"),
+    (["-m", "data_pipeline.tokenizer"], "BPE tokenizers with the ModernBERT",
+     ["show", "/no/such/tokenizer"], "no such tokenizer"),
+    (["-m", "data_pipeline.demo_corpus"], "A small real corpus",
+     ["--vocab_size=x"], "--vocab_size"),
+    (["-m", "data_pipeline.inspect"], "Shows what the model will see",
+     ["--config=configs/ettin_tiny.py:mlm", "--config.data.mixture=/no/such/data"],
+     "/no/such/data"),
+    (["bench/compile_time.py"], "Compile time of the model", ["--config.x=1"], "config.x"),
+    (["bench/loader.py"], "Loader throughput", ["--rows=many"], "--rows"),
+    (["bench/train_step.py"], "Throughput of the jitted train step", [], "--config is required"),
+    (["bench/attention.py"], "Attention forward+backward benchmark", ["--seqs"], "--seqs"),
+]
+
+
+@pytest.mark.parametrize("command,usage,bad,error", ENTRY_POINTS,
+                         ids=[c[-1] for c, *_ in ENTRY_POINTS])
+def test_entry_point_help_and_one_line_errors(command, usage, bad, error):
+    helped = run(*command, "--help")
+    assert helped.returncode == 0, helped.stderr[-2000:]
+    assert helped.stdout.startswith(usage) and "--[no]verbose" in helped.stdout
+    assert_one_error_line(run(*command, *bad), error)
+
+
+# --- hf import / export ---------------------------------------------------------------------------
+
+def _tiny_hf_dir(path):
+    config = ettin_tiny.get_config("mlm")
+    model = model_loader.from_config(config.model, seed=0)
+    hf.save_hf(model, model.config, str(path))
+    return model
+
+
+def _export_flags(**overrides):
+    values = dict(checkpoint=None, config=None, step=None, tokenizer=None, out=None,
+                  overwrite=False, hf=None)
+    return types.SimpleNamespace(**{**values, **overrides})
+
+
+def test_hf_import_refuses_a_run_with_checkpoints_and_export_overwrite_rules(tmp_path):
+    _tiny_hf_dir(tmp_path / "hf")
+    run_dir = str(tmp_path / "run")
+    hf_cli._import(_export_flags(hf=str(tmp_path / "hf"), out=run_dir))
+    assert os.listdir(checkpoint.checkpoint_dir(run_dir)) == ["0"]
+    with pytest.raises(cli.UserError, match="already holds checkpoints"):
+        hf_cli._import(_export_flags(hf=str(tmp_path / "hf"), out=run_dir))
+
+    out = tmp_path / "export"
+    hf_cli._export(_export_flags(checkpoint=run_dir, out=str(out)))
+    hf_cli._export(_export_flags(checkpoint=run_dir, out=str(out)))   # over its own files: fine
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(cli.UserError, match=r"holds files an export does not write \(notes.txt\)"):
+        hf_cli._export(_export_flags(checkpoint=run_dir, out=str(out)))
+    hf_cli._export(_export_flags(checkpoint=run_dir, out=str(out), overwrite=True))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").exists()
+
+
+def test_hf_export_refuses_non_finite_weights_naming_the_tensor(tmp_path):
+    model = _tiny_hf_dir(tmp_path / "hf")
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    value = np.array(flat[("final_norm",)].get_value())
+    value[0] = np.nan
+    flat[("final_norm",)].set_value(jax.numpy.asarray(value))
+    nnx.update(model, nnx.from_flat_state(flat))
+    run_dir = str(tmp_path / "run")
+    checkpoint.save_imported(model, model.config, run_dir)
+    out = tmp_path / "export"
+    with pytest.raises(cli.UserError, match=r"tensor 'model.final_norm.weight' has 1 non-finite"):
+        hf_cli._export(_export_flags(checkpoint=run_dir, out=str(out)))
+    assert not out.exists()
+
+
+# --- main.py: the persistent compilation cache -------------------------------------------------
+
+_LOG_TIME = re.compile(r"^[IWE]\d{4} (\d\d:\d\d:\d\d\.\d+)")
+
+
+def _seconds_to_first_step(log: str) -> float:
+    """From the `JAX process` line (JAX started) to the first `step 1/` line (first step done)."""
+    def time_of(marker):
+        line = next(line for line in log.splitlines() if marker in line and _LOG_TIME.match(line))
+        clock = datetime.datetime.strptime(_LOG_TIME.match(line).group(1), "%H:%M:%S.%f")
+        return clock.hour * 3600 + clock.minute * 60 + clock.second + clock.microsecond / 1e6
+    return (time_of("step 1/") - time_of("JAX process")) % 86400
+
+
+def test_second_start_reads_compiled_programs_from_the_cache(tmp_path):
+    env = train_testlib.subprocess_env()
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)     # the config key decides, not the tests' cache
+    env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
+    cache = tmp_path / "xla"
+    flags = [flag for flag in TRAIN_FLAGS if "total_tokens" not in flag]
+    flags = [flag for flag in flags if "eval_batches" not in flag]
+    flags += ["--config.demo.schedule.total_tokens=512",         # 1 step of 8 x 64
+              "--config.demo.train.eval_batches=0",
+              f"--config.train.compilation_cache_dir={cache}",
+              "--config.train.compilation_cache_min_compile_secs=0"]
+    times = []
+    for name in ("first", "second"):
+        result = run("main.py", f"--workdir={tmp_path / name}", *flags, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"compilation cache {cache}" in result.stderr
+        times.append(_seconds_to_first_step(result.stderr))
+        if name == "first":
+            entries = len(os.listdir(cache))
+            assert entries > 0
+    print(f"seconds from JAX start to the first step: {times}")
+    assert times[1] < times[0], times
