@@ -86,7 +86,9 @@ def test_library_never_reaches_up(name):
 def test_data_layer_does_not_import_the_model_layer():
     for name in MODULES:
         if name.startswith("data_pipeline"):
-            bad = {m for m in GRAPH[name] if m.startswith("ettin_jax") and m != "ettin_jax.cli"}
+            # ettin_jax.cli is a leaf shared by every command line (`from ettin_jax import cli`
+            # also names the package, whose __init__ imports nothing).
+            bad = {m for m in GRAPH[name] if m.startswith("ettin_jax")} - {"ettin_jax", "ettin_jax.cli"}
             assert not bad, f"{name} imports {bad}; data_pipeline sits below ettin_jax"
 
 
