@@ -214,6 +214,11 @@ def _train_from(configs, workdirs, resume_at: int, stop) -> dict[str, dict] | in
             return min(starts)
         logging.info("pair: %s in lockstep from step %d, in %s", " and ".join(names), starts[0],
                      " and ".join(workdirs))
+        # XLA:CPU runs the collectives of every queued program on one shared thread pool: with
+        # both sides' steps in flight the pool can fill with participants of one program
+        # waiting for a participant of the other (an all-gather rendezvous timed out, aborting
+        # a demo pair on 4 CPU devices). GPUs and TPUs run each device's programs in order.
+        serialize_steps = jax.default_backend() == "cpu"
         stopping, metrics = False, {}
         while True:
             progress = []
@@ -222,6 +227,9 @@ def _train_from(configs, workdirs, resume_at: int, stop) -> dict[str, dict] | in
                     progress.append(run.send(stopping))
                 except StopIteration as done:
                     metrics[name] = done.value
+                    continue
+                if serialize_steps:
+                    jax.block_until_ready(progress[-1].metrics)
             if len(metrics) == len(runs):
                 return metrics
             if metrics:
