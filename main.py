@@ -3,6 +3,8 @@
 Re-running the same command resumes from the workdir's newest checkpoint. Overrides go
 through `--config.a.b=value` (e.g. `--config.optimizer.peak_lr=3e-4`). Later phases name the
 previous run: `--config=configs/ettin_150m.py:mlm_ext --config.train.init_from=runs/enc150m`.
+A pair, `--config=configs/ettin_150m.py:mlm+clm --workdir=runs/pair150m`, trains an encoder
+and a decoder on identical data in `runs/pair150m/mlm` and `runs/pair150m/clm` (ettin_jax.pairs).
 With several hosts, start one process per host (or per GPU) with `--distributed`.
 
 The config, the workdir and config.train.init_from are checked before JAX starts: a mistake
@@ -10,6 +12,7 @@ there ends in one `error:` line (exit 1). Compiled programs are cached on disk i
 config.train.compilation_cache_dir (default ~/.cache/ettin-jax/xla; "" turns the cache off;
 a JAX_COMPILATION_CACHE_DIR environment variable wins), so a restart skips most compilation.
 """
+import importlib.util
 import os
 
 from absl import flags
@@ -27,7 +30,8 @@ def define_flags():
     config_flags.DEFINE_config_file(
         "config", None, "FILE:ARG, e.g. configs/ettin_150m.py:mlm (runs: mlm, clm, mlm_ext, "
         "clm_ext, mlm_decay, clm_decay, mlm_from_clm, clm_from_mlm; options: ,mntp=true "
-        ",window=training)", lock_config=True)
+        ",window=training; pairs on identical data: mlm+clm, mlm_ext+clm_ext, ...)",
+        lock_config=True)
     flags.DEFINE_string("workdir", None, "where checkpoints, TensorBoard logs and metrics.jsonl go")
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (several "
                       "processes; the coordinator comes from the cluster environment or the "
@@ -114,17 +118,40 @@ def start_jax(config):
     return jax
 
 
+def _pair_configs(pair: str) -> list:
+    """The two runs of a pair config: the --config file's get_config of each run of `pair`,
+    with the same --config.* overrides (configs/base.py describes the grammar; each side's
+    train.init_from is its side of the previous pair's workdir)."""
+    from ettin_jax import pairs  # pylint: disable=import-outside-toplevel
+    config_flag = FLAGS["config"]
+    path = config_flags.get_config_filename(config_flag).partition(":")[0]
+    spec = importlib.util.spec_from_file_location("pair_config_file", path)
+    config_file = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(config_file)
+    return pairs.side_configs(config_file.get_config, config_base.split_pair(pair),
+                              config_flags.get_override_values(config_flag))
+
+
 def main(argv):
     if len(argv) > 1:
         raise cli.UserError(f"unexpected arguments {argv[1:]}; overrides are --config.KEY=VALUE")
     config, workdir = FLAGS.config, FLAGS.workdir
-    validate(config, workdir)
+    # A pair (`mlm+clm`) is two ordinary runs in workdir/mlm and workdir/clm.
+    sides = ([(c, os.path.join(workdir, c.objective)) for c in _pair_configs(config.pair)]
+             if config.pair else [(config, workdir)])
+    for side_config, side_workdir in sides:
+        validate(side_config, side_workdir)
     if FLAGS.dry_run:   # before jax.distributed and any compilation; writes nothing
         from ettin_jax import plan  # pylint: disable=import-outside-toplevel
-        print(plan.format_plan(plan.make_plan(config, workdir)))
+        for side_config, side_workdir in sides:
+            print(plan.format_plan(plan.make_plan(side_config, side_workdir)))
         return 0
     logging.get_absl_handler().addFilter(_QuietOrbaxInfo())
     start_jax(config)
+    if config.pair:
+        from ettin_jax import pairs  # pylint: disable=import-outside-toplevel
+        pairs.train_pair([side_config for side_config, _ in sides], workdir)
+        return 0
     from ettin_jax import train  # pylint: disable=import-outside-toplevel
     train.train_and_evaluate(config, workdir)
     return 0

@@ -5,7 +5,8 @@ peak LR, weight decay, warmup lengths) and calls `get_config_for_size`.
 
 The `arg` after the colon in `--config=configs/ettin_150m.py:ARG` reads
 
-    ARG      := RUN [ "," KEY "=" VALUE ]*
+    ARG      := RUN_ARG [ "+" RUN_ARG ]      # one run, or a pair (below)
+    RUN_ARG  := RUN [ "," KEY "=" VALUE ]*
     RUN      := OBJECTIVE [ "_" PHASE ]
     OBJECTIVE:= "mlm" | "clm"               # encoder (masked LM) or decoder (causal LM)
     PHASE    := "ext" | "decay"             # context extension, decay (default: pre-training)
@@ -14,6 +15,13 @@ The `arg` after the colon in `--config=configs/ettin_150m.py:ARG` reads
 e.g. `mlm`, `clm_ext`, `mlm_decay`, `mlm_from_clm`, `clm_from_mlm,mntp=true`. The
 KEY=VALUE options are the short switches listed in `_OPTIONS`; anything else is
 overridden with `--config.a.b=value` flags as usual.
+
+A pair `A+B` (`mlm+clm`, `mlm_ext+clm_ext`, `mlm_decay+clm_decay`, `mlm_from_clm+clm_from_mlm`)
+names an encoder run and a decoder run of one phase that train in lockstep on the same packed
+rows (ettin_jax.pairs). Options belong to the run they follow (`mlm_from_clm,mntp=true+
+clm_from_mlm`). `get_config("A+B")` returns A's config with `config.pair = "A+B"`; main.py
+builds each side as `get_config(A)` and `get_config(B)` of the same file with the same
+`--config.*` overrides (ettin_jax.pairs.side_configs). Single runs have `config.pair == ""`.
 
 Facts and their sources: ../shared/ettin_recipe.md (section numbers in comments).
 """
@@ -47,12 +55,37 @@ def _parse_bool(key: str, text: str) -> bool:
     raise ValueError(f"config option {key}={text!r}: expected true or false")
 
 
+def split_pair(arg: str | None) -> list[str]:
+    """The RUN_ARGs of a config arg: [arg] for one run, [A, B] for a pair `A+B`.
+
+    A pair's runs must be one encoder and one decoder run of the same phase (module docstring).
+    """
+    if not arg or "+" not in arg:
+        return [arg]
+    runs = [part.strip() for part in arg.split("+")]
+    if len(runs) != 2 or not all(runs):
+        raise ValueError(f"config arg {arg!r}: a pair is two runs joined by one '+', "
+                         "e.g. mlm+clm or mlm_ext+clm_ext")
+    (objective_a, phase_a, _), (objective_b, phase_b, _) = map(parse_arg, runs)
+    if objective_a == objective_b:
+        raise ValueError(f"config arg {arg!r}: a pair is one encoder (mlm) and one decoder (clm) "
+                         f"run; both sides are {objective_a}")
+    if phase_a != phase_b:
+        raise ValueError(f"config arg {arg!r}: a pair's runs must be of one phase (they train "
+                         f"on the same rows), got {phase_a} and {phase_b}")
+    return runs
+
+
 def parse_arg(arg: str | None) -> tuple[str, str, dict]:
-    """Splits a config arg into (objective, phase, options); see the module docstring."""
+    """Splits one run's config arg into (objective, phase, options); see the module docstring.
+    A pair `A+B` is split by `split_pair` first."""
     if not arg:
         raise ValueError(
             "missing config arg: use e.g. --config=configs/ettin_150m.py:mlm "
-            "(runs: mlm, clm, mlm_ext, clm_ext, mlm_decay, clm_decay, mlm_from_clm, clm_from_mlm)")
+            "(runs: mlm, clm, mlm_ext, clm_ext, mlm_decay, clm_decay, mlm_from_clm, clm_from_mlm; "
+            "pairs: mlm+clm, ...)")
+    if "+" in arg:
+        raise ValueError(f"config arg {arg!r} is a pair: split it with split_pair first")
     run, *pairs = [p.strip() for p in arg.split(",")]
     objective, _, phase = run.partition("_")
     if objective not in OBJECTIVES:
@@ -170,13 +203,22 @@ def rope_thetas(size: str, objective: str, phase: str) -> tuple[float, float]:
 def get_config_for_size(arg: str | None, *, size: str, model: ml_collections.ConfigDict,
                         peak_lr: float, weight_decay: float, lr_warmup_tokens: float,
                         batch_warmup_tokens: float) -> ml_collections.ConfigDict:
-    """The full config of one size for the run named by `arg` (recipe §3)."""
+    """The full config of one size for the run named by `arg` (recipe §3); for a pair `A+B`,
+    A's config with `pair = "A+B"` (module docstring)."""
+    runs = split_pair(arg)
+    if len(runs) == 2:
+        c = get_config_for_size(runs[0], size=size, model=model, peak_lr=peak_lr,
+                                weight_decay=weight_decay, lr_warmup_tokens=lr_warmup_tokens,
+                                batch_warmup_tokens=batch_warmup_tokens)
+        c.pair = "+".join(runs)
+        return c
     objective, phase, options = parse_arg(arg)
     c = ml_collections.ConfigDict()
     c.size = size
     c.objective = objective
     c.phase = phase
     c.seed = 21 if phase != "cross" else 210
+    c.pair = ""                            # "A+B" for a pair config (module docstring)
 
     c.model = model
     c.model.causal = objective == "clm"

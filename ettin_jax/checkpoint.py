@@ -173,6 +173,20 @@ class Checkpointer:
             return restored["params"], restored["opt_state"], restored["meta"]
         return None
 
+    def discard_after(self, step: int) -> list[int]:
+        """Deletes the checkpoints newer than `step`; returns their steps, ascending.
+
+        For a pair (ettin_jax.pairs): both sides resume at the newest step they both saved, and
+        the side that saved further recomputes the same steps, whose saves would collide.
+        """
+        newer = sorted(s for s in self.manager.all_steps() if s > step)
+        for newer_step in newer:
+            logging.warning("deleting %s/%d: newer than step %d, where this run resumes (its "
+                            "pair partner has no checkpoint after it); the steps are trained again",
+                            self.directory, newer_step, step)
+            self.manager.delete(newer_step)
+        return newer
+
     def _damaged(self, step: int, error: Exception):
         logging.warning("checkpoint %s/%d cannot be restored (%s: %s); setting it aside "
                         "and falling back to the previous checkpoint",

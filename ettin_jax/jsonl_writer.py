@@ -1,7 +1,27 @@
-"""`workdir/metrics.jsonl`: one JSON object per logged step, as a clu MetricWriter."""
+"""`workdir/metrics.jsonl`: one JSON object per logged step, as a clu MetricWriter.
+
+Values are numbers, except the few that only the JSON lines carry: strings and lists of
+strings (the step's `data_fingerprints`, data_pipeline.fingerprint). `RecordsMultiWriter` sends
+those to the JSONL writer only, since TensorBoard and the logging writer take numbers.
+"""
 import json
 
 from clu import metric_writers
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, (str, list, tuple))
+
+
+def _json_value(key: str, value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(v, str) for v in value):
+            raise TypeError(f"metrics.jsonl value {key!r}: lists hold strings only, got "
+                            f"{[type(v).__name__ for v in value]}")
+        return list(value)
+    return float(value)
 
 
 class JsonlWriter(metric_writers.MetricWriter):
@@ -12,7 +32,7 @@ class JsonlWriter(metric_writers.MetricWriter):
 
     def write_scalars(self, step, scalars):
         record = {"step": int(step)}
-        record.update({k: float(v) for k, v in scalars.items()})
+        record.update({k: _json_value(k, v) for k, v in scalars.items()})
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
@@ -42,3 +62,13 @@ class JsonlWriter(metric_writers.MetricWriter):
 
     def close(self):
         self._file.close()
+
+
+class RecordsMultiWriter(metric_writers.MultiWriter):
+    """clu's MultiWriter, except that strings and lists of strings in `write_scalars` reach
+    only the JsonlWriters (the other writers get the numbers)."""
+
+    def write_scalars(self, step, scalars):
+        numbers = {k: v for k, v in scalars.items() if _is_number(v)}
+        for writer in self._writers:
+            writer.write_scalars(step, scalars if isinstance(writer, JsonlWriter) else numbers)

@@ -1,6 +1,7 @@
 """The training loop: the jitted sharded train and eval steps, and `train_and_evaluate`.
 
     train_and_evaluate(config, workdir) -> dict   # the last logged metrics
+    train_steps(config, workdir)                  # the same as a generator that pauses per step
     make_setup(config, mesh) -> Setup             # state layout and the jitted steps
 
 One optimizer step takes a global batch of `rows_for_step(step)` rows, split into micro batches
@@ -12,6 +13,10 @@ token of the step (ettin_jax.losses).
 State is functional: `{"params": nnx.State of Params, "opt_state": optax state}`, sharded by
 the logical-axis rules (ettin_jax.sharding) and donated to the step. Dropout keys are
 `fold_in(seed, step, micro batch)`, so a resumed run repeats the same masks and dropout.
+
+Every step's batch is fingerprinted on the host (data_pipeline.fingerprint) and every line of
+metrics.jsonl carries `data_fingerprints`, the fingerprints of the steps since the previous
+line: `python -m ettin_jax.compare` proves two runs saw the same rows in the same order.
 """
 from __future__ import annotations
 
@@ -222,14 +227,18 @@ def _make_checkpointer(config, workdir: str, mean_sequence_length: float | None,
     return ckpt, save_every
 
 
-def _restore_or_init(config, setup: Setup, ckpt, train_iter) -> tuple[dict, int, int]:
-    """(state, step, tokens seen) to start from. Resume order:
+def _restore_or_init(config, setup: Setup, ckpt, train_iter,
+                     resume_at_most: int | None = None) -> tuple[dict, int, int]:
+    """(state, step, tokens seen) to start from. With `resume_at_most`, the checkpoints after
+    that step are deleted first (a pair resumes at a step both sides have). Resume order:
       1. this workdir's newest readable checkpoint (params, optimizer state, data position);
       2. config.train.init_from: another run's params, with its optimizer state where the phase
          keeps it (config.train.init_optimizer_state), else a fresh optimizer; step 0;
       3. a fresh initialisation (also for init_from "scratch").
     """
     abstract = setup.abstract_state
+    if resume_at_most is not None:
+        ckpt.discard_after(resume_at_most)
     restored = ckpt.restore_latest(abstract_params=abstract["params"],
                                    abstract_opt_state=abstract["opt_state"],
                                    data_iterator=train_iter)
@@ -268,7 +277,7 @@ def _make_writers(config, workdir: str, num_steps: int):
         if config.log.profile_steps > 0:
             hooks.append(periodic_actions.Profile(logdir=workdir,
                                                   num_profile_steps=config.log.profile_steps))
-    return metric_writers.MultiWriter(writers), report_progress, hooks
+    return jsonl_writer.RecordsMultiWriter(writers), report_progress, hooks
 
 
 @dataclasses.dataclass
@@ -306,7 +315,7 @@ def _train_scalars(window: _Window, config, *, step: int, num_steps: int, learni
     return scalars
 
 
-class _StopOnSignal:
+class StopOnSignal:
     """Turns SIGTERM and SIGINT (Ctrl-C) into a request to save and stop after the current
     step. A second Ctrl-C gets the previous handler (KeyboardInterrupt: stop without saving)."""
 
@@ -364,19 +373,64 @@ def _format_duration(seconds: float) -> str:
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains `config` in `workdir` until schedule.total_tokens, resuming from the workdir's
-    newest checkpoint if there is one. Returns the last logged metrics.
+    newest checkpoint if there is one; SIGTERM or Ctrl-C saves and stops. Returns the last
+    logged metrics.
 
     Raises workdir_lib.WorkdirLockedError (another process trains there),
     workdir_lib.RunIdentityError (the workdir holds another run) and
     divergence.DivergenceError (config.train.max_nonfinite_steps non-finite steps in a row)."""
+    if config.get("pair"):
+        raise ValueError(f"config.pair={config.pair!r}: a pair trains two runs; main.py builds "
+                         "their configs and runs them with ettin_jax.pairs.train_pair")
+    run = train_steps(config, workdir)
+    stop = StopOnSignal()
+    try:
+        progress = next(run)
+        while True:
+            if progress.stage != "step":
+                progress = run.send(None)
+            else:   # the signal's name stops the run and is named in its last message
+                progress = run.send((stop.name or "a signal") if stop.requested() else None)
+    except StopIteration as done:
+        return done.value
+    finally:
+        run.close()
+        stop.restore()
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where `train_steps` pauses, and what it reports there."""
+    stage: str                             # "setup", "start" or "step"
+    step: int = 0                          # "start": the step resumed at; "step": steps done
+    config: Any = None                     # "setup": the run's config, demo variant applied
+    abstract_state: dict | None = None     # "setup": the state's layout (nothing allocated yet)
+    num_steps: int = 0                     # "setup": the run's last step
+    fingerprint: str = ""                  # "step": data fingerprint of the step's batch
+    metrics: Any = None                    # "step": the step's TrainMetrics (maybe in flight)
+
+
+def train_steps(config, workdir: str, *, resume_at_most: int | None = None):
+    """`train_and_evaluate` as a generator, so that one process can drive two runs in lockstep
+    (ettin_jax.pairs). It holds the workdir's lock while it runs and pauses (yields a Progress)
+    at three stages:
+
+      "setup"  the mesh, state layout and jitted steps are built, no state allocated; send None
+      "start"  the state is restored or initialised (to at most `resume_at_most`); send None
+      "step"   after each step's logging, before its save; send a reason (e.g. "SIGTERM",
+               or True) to save and stop there
+
+    and returns the last logged metrics.
+    """
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     with workdir_lib.WorkdirLock(workdir):    # before anything is written to the workdir
-        return _train_in_workdir(config, workdir)
+        return (yield from _train_in_workdir(config, workdir, resume_at_most))
 
 
-def _train_in_workdir(config, workdir: str) -> dict:
+def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     from clu import metric_writers  # pylint: disable=import-outside-toplevel
+    from data_pipeline import fingerprint as fingerprint_lib  # pylint: disable=import-outside-toplevel
     from data_pipeline import loader  # pylint: disable=import-outside-toplevel
 
     # Config: with no data configured, the demo variant (it builds the demo corpus); the
@@ -415,10 +469,12 @@ def _train_in_workdir(config, workdir: str) -> dict:
         tokenizer = os.path.abspath(loader.tokenizer_path(config))
     except ValueError:
         tokenizer = ""
+    yield Progress("setup", config=config, abstract_state=setup.abstract_state,
+                   num_steps=num_steps)
 
     # Restore (see _restore_or_init for the order).
     ckpt, save_every = _make_checkpointer(config, workdir, mean, data_parallel)
-    state, step, tokens = _restore_or_init(config, setup, ckpt, train_iter)
+    state, step, tokens = _restore_or_init(config, setup, ckpt, train_iter, resume_at_most)
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     logging.info("%s %s, %s: %s parameters, %d steps of up to %d x %d tokens (%s tokens), "
                  "starting at step %d", config.size, config.objective, config.phase,
@@ -427,20 +483,26 @@ def _train_in_workdir(config, workdir: str) -> dict:
 
     # Writers.
     writers, report_progress, hooks = _make_writers(config, workdir, num_steps)
-    stop = _StopOnSignal()
     guard = divergence.DivergenceGuard(config, lambda: _describe_last_checkpoint(ckpt))
     pending = None    # (step, metrics) whose skipped flag the host reads one step late
     peak_flops = device_peak_flops(config) * jax.device_count()
     window, last = _Window(), {}
+    fingerprints = []      # of the steps since the last line of metrics.jsonl
     run_start = time.time()
 
     # Loop.
     try:
+        yield Progress("start", step=step)
         with metric_writers.ensure_flushes(writers):
             while step < num_steps:
                 rows = rows_for_step(step)
                 with report_progress.timed("data", wait_jax_async_dispatch=False):
                     host_batch = next(train_iter)
+                # Of the host's rows before they go to the devices; ~40 ms of one core for
+                # 4608 x 1024 rows (data_pipeline.fingerprint), timed in the progress notes.
+                with report_progress.timed("fingerprint", wait_jax_async_dispatch=False):
+                    fingerprint = fingerprint_lib.batch_fingerprint(host_batch, config.objective)
+                fingerprints.append(fingerprint)
                 batch = sharding_lib.host_batch_to_global(
                     {k: host_batch[k] for k in batch_keys}, mesh, num_micro=rows // micro_rows)
                 learning_rate = schedules.learning_rate(config, tokens)
@@ -468,11 +530,12 @@ def _train_in_workdir(config, workdir: str) -> dict:
                                                   or is_last):
                     scalars.update(evaluate(setup, state["params"], config))
                 if scalars:
-                    writers.write_scalars(step, scalars)
+                    writers.write_scalars(step, dict(scalars, data_fingerprints=fingerprints))
                     last.update(scalars)
-                    window = _Window(metrics=window.metrics)
+                    window, fingerprints = _Window(metrics=window.metrics), []
 
-                stopping = stop.requested()
+                stopping = yield Progress("step", step=step, fingerprint=fingerprint,
+                                          metrics=metrics)
                 if step % save_every == 0 or is_last or stopping:
                     guard.observe(*pending)          # no lag here: the save waits anyway
                     pending = None
@@ -483,13 +546,13 @@ def _train_in_workdir(config, workdir: str) -> dict:
                 if stopping:
                     ckpt.wait()
                     logging.warning("stopped by %s at step %d; last checkpoint %s, rerun the "
-                                    "same command to continue", stop.name or "signal", step,
+                                    "same command to continue",
+                                    stopping if isinstance(stopping, str) else "request", step,
                                     _describe_last_checkpoint(ckpt))
                     break
     finally:
         ckpt.wait()
         ckpt.close()
-        stop.restore()
         writers.close()
 
     # Finish.

@@ -64,6 +64,39 @@ def test_bad_args_say_what_is_wrong(arg, message):
         base.parse_arg(arg)
 
 
+@pytest.mark.parametrize("arg,runs", [
+    ("mlm", ["mlm"]),
+    ("mlm+clm", ["mlm", "clm"]),
+    ("clm_ext+mlm_ext", ["clm_ext", "mlm_ext"]),
+    ("mlm_decay + clm_decay", ["mlm_decay", "clm_decay"]),
+    ("mlm_from_clm,mntp=true+clm_from_mlm,window=transformers",
+     ["mlm_from_clm,mntp=true", "clm_from_mlm,window=transformers"]),
+])
+def test_pairs_split_into_their_runs(arg, runs):
+    assert base.split_pair(arg) == runs
+    config = importlib.import_module("configs.ettin_tiny").get_config(arg)
+    single = importlib.import_module("configs.ettin_tiny").get_config(runs[0])
+    assert config.pair == ("+".join(runs) if len(runs) == 2 else "")
+    assert config.objective == single.objective and config.train.seq_len == single.train.seq_len
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("mlm+mlm", "both sides are mlm"),
+    ("mlm+clm_ext", "of one phase .* got pretrain and ext"),
+    ("mlm+clm+clm", "two runs joined by one"),
+    ("mlm+", "two runs joined by one"),
+    ("mlm+clm,mntp=true", "mntp applies only to mlm_from_clm"),
+])
+def test_bad_pairs_say_what_is_wrong(arg, message):
+    with pytest.raises(ValueError, match=message):
+        base.split_pair(arg)
+
+
+def test_a_pair_is_split_before_it_is_parsed():
+    with pytest.raises(ValueError, match="split it with split_pair"):
+        base.parse_arg("mlm+clm")
+
+
 # Recipe §3.2.1, written out from Ettin's yamls (pretraining/configs/standard/<size>/{,de_decay/,
 # prolong_decay/}, cross-train/): (global, local) RoPE base per run; "rest" = every other size.
 K10, K160 = 10_000.0, 160_000.0
