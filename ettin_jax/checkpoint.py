@@ -132,6 +132,12 @@ class Checkpointer:
         if saved:
             logging.info("checkpoint of step %d is being written to %s", step, self.directory)
 
+    def describe_latest(self) -> str:
+        """`<directory>/<step>` of the newest checkpoint on disk (after pending saves), for messages."""
+        self.wait()
+        step = self.latest_step()
+        return "none yet" if step is None else f"{self.directory}/{step}"
+
     def wait(self):
         self.manager.wait_until_finished()
 

@@ -25,9 +25,13 @@ Record (JSON):
 from __future__ import annotations
 
 import json
+import math
 import os
 
+import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 FILENAME = "step_tokens.json"
 
@@ -105,3 +109,24 @@ def store(workdir: str, record: dict) -> str:
         json.dump({k: v for k, v in record.items() if k != "stored"}, f, indent=2)
     os.replace(tmp, file)
     return file
+
+
+def agreed(config, workdir: str, *, demo: bool) -> float | None:
+    """The run's mean sequence length as every process of the run uses it: process 0 reads the workdir's
+    stored figure or measures the data and stores it; every process gets process 0's value,
+    bit for bit (the steps' row counts must agree). None for the demo."""
+    mean = None
+    if jax.process_index() == 0:
+        record = for_run(config, workdir, demo=demo)
+        if not record["stored"]:
+            store(workdir, record)
+        mean = record["mean_sequence_length"]
+        logging.info("mean sequence length %s (%s %s)", mean,
+                     "stored in" if record["stored"] else "measured on the data, stored in",
+                     path(workdir))
+    if jax.process_count() > 1:   # float64 travels as its 8 bytes: no float32 rounding
+        raw = np.frombuffer(np.float64(np.nan if mean is None else mean).tobytes(), np.uint8)
+        raw = multihost_utils.broadcast_one_to_all(raw.astype(np.int32))
+        value = float(np.frombuffer(np.asarray(raw, np.uint8).tobytes(), np.float64)[0])
+        mean = None if math.isnan(value) else value
+    return mean

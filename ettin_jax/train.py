@@ -24,17 +24,14 @@ import dataclasses
 import functools
 import math
 import os
-import signal
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from ettin_jax import checkpoint as checkpoint_lib
 from ettin_jax import demo
@@ -45,9 +42,10 @@ from ettin_jax import optimizer as optimizer_lib
 from ettin_jax import schedules
 from ettin_jax import sharding as sharding_lib
 from ettin_jax import step_tokens
+from ettin_jax import stop_signals
+from ettin_jax import train_metrics
 from ettin_jax import workdir as workdir_lib
-from ettin_jax.train_metrics import (EvalMetrics, TrainMetrics, device_peak_flops,
-                                     training_flops_per_row)
+from ettin_jax.train_metrics import EvalMetrics, TrainMetrics, device_peak_flops
 
 
 # --- the compiled steps ------------------------------------------------------------------------
@@ -195,27 +193,6 @@ def _check_batch_splits(config, mesh):
             f"over data x fsdp = {devices} devices")
 
 
-def _mean_sequence_length(config, workdir: str, *, demo_run: bool) -> float | None:
-    """The run's mean sequence length (ettin_jax.step_tokens): process 0 reads the workdir's
-    stored figure or measures the data and stores it; every process gets process 0's value,
-    bit for bit (the steps' row counts must agree). None for the demo."""
-    mean = None
-    if jax.process_index() == 0:
-        record = step_tokens.for_run(config, workdir, demo=demo_run)
-        if not record["stored"]:
-            step_tokens.store(workdir, record)
-        mean = record["mean_sequence_length"]
-        logging.info("mean sequence length %s (%s %s)", mean,
-                     "stored in" if record["stored"] else "measured on the data, stored in",
-                     step_tokens.path(workdir))
-    if jax.process_count() > 1:   # float64 travels as its 8 bytes: no float32 rounding
-        raw = np.frombuffer(np.float64(np.nan if mean is None else mean).tobytes(), np.uint8)
-        raw = multihost_utils.broadcast_one_to_all(raw.astype(np.int32))
-        value = float(np.frombuffer(np.asarray(raw, np.uint8).tobytes(), np.float64)[0])
-        mean = None if math.isnan(value) else value
-    return mean
-
-
 def _make_checkpointer(config, workdir: str, mean_sequence_length: float | None,
                        data_parallel: int) -> tuple[checkpoint_lib.Checkpointer, int]:
     """(the workdir's Checkpointer, steps between saves)."""
@@ -280,71 +257,6 @@ def _make_writers(config, workdir: str, num_steps: int):
     return jsonl_writer.RecordsMultiWriter(writers), report_progress, hooks
 
 
-@dataclasses.dataclass
-class _Window:
-    """Steps since the last write of scalars (for throughput) and train metrics since the
-    last log line."""
-    start: float = dataclasses.field(default_factory=time.time)
-    steps: int = 0
-    rows: int = 0
-    metrics: Any = None
-
-    def add(self, metrics, rows: int):
-        self.metrics = metrics if self.metrics is None else self.metrics.merge(metrics)
-        self.steps, self.rows = self.steps + 1, self.rows + rows
-
-
-def _train_scalars(window: _Window, config, *, step: int, num_steps: int, learning_rate: float,
-                   rows: int, tokens: int, peak_flops: float) -> dict:
-    """The window's train metrics and throughput; logs a progress line."""
-    scalars = {k: float(v) for k, v in window.metrics.compute().items()}
-    elapsed = time.time() - window.start
-    rows_per_sec = window.rows / elapsed
-    scalars.update(learning_rate=learning_rate, batch_size=rows,
-                   tokens_per_step=rows * config.train.seq_len, tokens_seen=tokens,
-                   tokens_per_sec=rows_per_sec * config.train.seq_len,
-                   steps_per_sec=window.steps / elapsed)
-    if peak_flops:
-        scalars["mfu"] = rows_per_sec * training_flops_per_row(config) / peak_flops
-    if config.objective == "clm":
-        scalars["perplexity"] = math.exp(min(scalars["loss"], 50.0))
-    eta = (num_steps - step) * elapsed / window.steps
-    logging.info("step %d/%d (%.0f%%): loss %.4f, accuracy %.3f, lr %.3g, %.0f tokens/s, ETA %s",
-                 step, num_steps, 100 * step / num_steps, scalars["loss"], scalars["accuracy"],
-                 learning_rate, scalars["tokens_per_sec"], _format_duration(eta))
-    return scalars
-
-
-class StopOnSignal:
-    """Turns SIGTERM and SIGINT (Ctrl-C) into a request to save and stop after the current
-    step. A second Ctrl-C gets the previous handler (KeyboardInterrupt: stop without saving)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.flag = False
-        self.name = ""
-        self.previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
-
-    def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
-        self.name = signal.Signals(signum).name
-        logging.warning("%s: saving a checkpoint after this step, then exiting%s", self.name,
-                        " (Ctrl-C again: exit without saving)" if signum == signal.SIGINT else "")
-        self.flag = True
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, self.previous[signal.SIGINT])
-
-    def requested(self) -> bool:
-        """Whether any process got the signal (all processes agree, so they save together)."""
-        if jax.process_count() == 1:
-            return self.flag
-        return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag))))
-
-    def restore(self):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
 def _save(ckpt, step: int, state: dict, tokens: int, config, train_iter, tokenizer: str,
           mean_sequence_length: float | None):
     if not divergence.params_finite(state["params"]):   # never let NaNs push out good ones
@@ -355,18 +267,6 @@ def _save(ckpt, step: int, state: dict, tokens: int, config, train_iter, tokeniz
                     "objective": config.objective, "init_from": config.train.init_from,
                     "tokenizer": tokenizer, "mean_sequence_length": mean_sequence_length},
               data_iterator=train_iter, config=config)
-
-
-def _describe_last_checkpoint(ckpt) -> str:
-    ckpt.wait()
-    step = ckpt.latest_step()
-    return "none yet" if step is None else f"{ckpt.directory}/{step}"
-
-
-def _format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # --- train_and_evaluate ------------------------------------------------------------------------
@@ -383,7 +283,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         raise ValueError(f"config.pair={config.pair!r}: a pair trains two runs; main.py builds "
                          "their configs and runs them with ettin_jax.pairs.train_pair")
     run = train_steps(config, workdir)
-    stop = StopOnSignal()
+    stop = stop_signals.StopOnSignal()
     try:
         progress = next(run)
         while True:
@@ -451,7 +351,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
 
     # Tokens per step: 4608 sequences of the data's mean length in packed rows, the mean
     # measured at the first start and read back on every resume (ettin_jax.step_tokens).
-    mean = _mean_sequence_length(config, workdir, demo_run=demo_run)
+    mean = step_tokens.agreed(config, workdir, demo=demo_run)
     data_parallel = sharding_lib.data_parallel_size(mesh)
     rows_per_step = schedules.rows_per_step(config, mean, data_parallel)
     logging.info("tokens per step: %d sequences of mean length %s -> %d rows of %d = %s tokens",
@@ -483,10 +383,10 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
 
     # Writers.
     writers, report_progress, hooks = _make_writers(config, workdir, num_steps)
-    guard = divergence.DivergenceGuard(config, lambda: _describe_last_checkpoint(ckpt))
+    guard = divergence.DivergenceGuard(config, ckpt.describe_latest)
     pending = None    # (step, metrics) whose skipped flag the host reads one step late
     peak_flops = device_peak_flops(config) * jax.device_count()
-    window, last = _Window(), {}
+    window, last = train_metrics.Window(), {}
     fingerprints = []      # of the steps since the last line of metrics.jsonl
     run_start = time.time()
 
@@ -520,7 +420,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
                 is_last = step == num_steps
                 scalars = {}
                 if step % config.log.every_steps == 0 or is_last:
-                    scalars.update(_train_scalars(
+                    scalars.update(train_metrics.train_scalars(
                         window, config, step=step, num_steps=num_steps,
                         learning_rate=learning_rate, rows=rows, tokens=tokens,
                         peak_flops=peak_flops))
@@ -532,7 +432,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
                 if scalars:
                     writers.write_scalars(step, dict(scalars, data_fingerprints=fingerprints))
                     last.update(scalars)
-                    window, fingerprints = _Window(metrics=window.metrics), []
+                    window, fingerprints = train_metrics.Window(metrics=window.metrics), []
 
                 stopping = yield Progress("step", step=step, fingerprint=fingerprint,
                                           metrics=metrics)
@@ -548,7 +448,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
                     logging.warning("stopped by %s at step %d; last checkpoint %s, rerun the "
                                     "same command to continue",
                                     stopping if isinstance(stopping, str) else "request", step,
-                                    _describe_last_checkpoint(ckpt))
+                                    ckpt.describe_latest())
                     break
     finally:
         ckpt.wait()
@@ -561,7 +461,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
             "done: %d steps, %s tokens in %s; last logged loss %.4f, accuracy %.3f%s%s. "
             "Checkpoints: %s; TensorBoard: tensorboard --logdir %s; metrics: %s; export: "
             "python -m ettin_jax.hf export --checkpoint=%s --out=%s/hf", step, f"{tokens:,}",
-            _format_duration(time.time() - run_start), last.get("loss", float("nan")),
+            train_metrics.format_duration(time.time() - run_start), last.get("loss", float("nan")),
             last.get("accuracy", float("nan")),
             f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "",
             f"; {guard.total_skipped} non-finite steps skipped" if guard.total_skipped else "",

@@ -5,12 +5,19 @@
     sum_metric(name)                   a count summed over steps (e.g. skipped steps)
     training_flops_per_row(config)     forward + backward FLOPs of one row, for MFU
     device_peak_flops(config)          bf16 dense peak FLOP/s of one device (0 = unknown)
+    Window, train_scalars(...)         the steps since the last log line and their scalars
 """
 # No `from __future__ import annotations`: clu reads the metric classes from __annotations__.
+
+import dataclasses
+import math
+import time
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+from absl import logging
 from clu import metrics as clu_metrics
 
 # bf16 dense peak FLOP/s per device, for MFU when config.log.device_peak_flops is 0.
@@ -99,3 +106,46 @@ def device_peak_flops(config) -> float:
         return float(config.log.device_peak_flops)
     kind = jax.devices()[0].device_kind
     return next((peak for name, peak in PEAK_FLOPS.items() if name in kind), 0.0)
+
+
+# --- the logging window ----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Window:
+    """Steps since the last write of scalars (for throughput) and train metrics since the
+    last log line."""
+    start: float = dataclasses.field(default_factory=time.time)
+    steps: int = 0
+    rows: int = 0
+    metrics: Any = None
+
+    def add(self, metrics, rows: int):
+        self.metrics = metrics if self.metrics is None else self.metrics.merge(metrics)
+        self.steps, self.rows = self.steps + 1, self.rows + rows
+
+
+def train_scalars(window: Window, config, *, step: int, num_steps: int, learning_rate: float,
+                   rows: int, tokens: int, peak_flops: float) -> dict:
+    """The window's train metrics and throughput; logs a progress line."""
+    scalars = {k: float(v) for k, v in window.metrics.compute().items()}
+    elapsed = time.time() - window.start
+    rows_per_sec = window.rows / elapsed
+    scalars.update(learning_rate=learning_rate, batch_size=rows,
+                   tokens_per_step=rows * config.train.seq_len, tokens_seen=tokens,
+                   tokens_per_sec=rows_per_sec * config.train.seq_len,
+                   steps_per_sec=window.steps / elapsed)
+    if peak_flops:
+        scalars["mfu"] = rows_per_sec * training_flops_per_row(config) / peak_flops
+    if config.objective == "clm":
+        scalars["perplexity"] = math.exp(min(scalars["loss"], 50.0))
+    eta = (num_steps - step) * elapsed / window.steps
+    logging.info("step %d/%d (%.0f%%): loss %.4f, accuracy %.3f, lr %.3g, %.0f tokens/s, ETA %s",
+                 step, num_steps, 100 * step / num_steps, scalars["loss"], scalars["accuracy"],
+                 learning_rate, scalars["tokens_per_sec"], format_duration(eta))
+    return scalars
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"

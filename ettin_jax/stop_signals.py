@@ -1,0 +1,41 @@
+"""Stop requests by signal: SIGTERM (a scheduler's preemption notice) and Ctrl-C make a run save a
+checkpoint after its current step and exit cleanly; a second Ctrl-C exits without saving.
+Shared by single runs (train.train_and_evaluate) and pairs (pairs.train_pair)."""
+from __future__ import annotations
+
+import signal
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+
+class StopOnSignal:
+    """Turns SIGTERM and SIGINT (Ctrl-C) into a request to save and stop after the current
+    step. A second Ctrl-C gets the previous handler (KeyboardInterrupt: stop without saving)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.flag = False
+        self.name = ""
+        self.previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+
+    def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
+        self.name = signal.Signals(signum).name
+        logging.warning("%s: saving a checkpoint after this step, then exiting%s", self.name,
+                        " (Ctrl-C again: exit without saving)" if signum == signal.SIGINT else "")
+        self.flag = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self.previous[signal.SIGINT])
+
+    def requested(self) -> bool:
+        """Whether any process got the signal (all processes agree, so they save together)."""
+        if jax.process_count() == 1:
+            return self.flag
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag))))
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
