@@ -58,8 +58,9 @@ def _is_remote(path: str) -> bool:
     return "://" in path   # gs://, s3://: not checkable with os.path
 
 
-def validate(config, workdir: str):
-    """What can be checked without JAX, with messages naming the flag or config key."""
+def validate(config, workdir: str, *, dry_run: bool = False):
+    """What can be checked without JAX, with messages naming the flag or config key. A dry run
+    plans with a missing init_from too (the plan says a real run would find no checkpoint)."""
     if not workdir.strip():
         raise cli.UserError("--workdir is empty")
     if not _is_remote(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -71,7 +72,7 @@ def validate(config, workdir: str):
         raise cli.UserError(f"config.phase={config.phase!r}: expected one of {config_base.PHASES}")
     init_from = config.train.init_from
     # "scratch": the explicit choice of a later phase to start from random weights.
-    if init_from and init_from != "scratch" and not _is_remote(init_from):
+    if init_from and init_from != "scratch" and not _is_remote(init_from) and not dry_run:
         if not os.path.isdir(init_from):
             raise cli.UserError(f"config.train.init_from={init_from}: no such directory "
                                 "(expected the workdir of the previous run)")
@@ -140,7 +141,7 @@ def main(argv):
     sides = ([(c, os.path.join(workdir, c.objective)) for c in _pair_configs(config.pair)]
              if config.pair else [(config, workdir)])
     for side_config, side_workdir in sides:
-        validate(side_config, side_workdir)
+        validate(side_config, side_workdir, dry_run=FLAGS.dry_run)
     if FLAGS.dry_run:   # before jax.distributed and any compilation; writes nothing
         from ettin_jax import plan  # pylint: disable=import-outside-toplevel
         for side_config, side_workdir in sides:

@@ -6,6 +6,7 @@ data directory changed."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -114,7 +115,7 @@ def test_a_run_logs_the_plans_tokens_per_step_and_a_resume_keeps_the_stored_figu
     tok = make_tokenizer(tmp_path / "tok", vocab_size=512, unk_id=500)
     # 16 sequences of mean ~32 tokens -> 8 rows of 64 on 4 devices; the longer data -> 16 rows
     write_mds(tmp_path / "short", [rng.integers(0, 500, n) for n in rng.integers(20, 41, 200)])
-    write_mds(tmp_path / "long", [rng.integers(0, 500, n) for n in rng.integers(50, 61, 200)])
+    long_docs = [rng.integers(0, 500, n) for n in rng.integers(50, 61, 200)]
     workdir = tmp_path / "run"
     config = tiny_data_config(tmp_path / "short", tok, steps=4)
     plan = plan_lib.make_plan(config, str(workdir))
@@ -130,8 +131,12 @@ def test_a_run_logs_the_plans_tokens_per_step_and_a_resume_keeps_the_stored_figu
     stored = step_tokens.read(str(workdir))
     assert stored["mean_sequence_length"] == plan["mean_sequence_length"]
 
-    # the data directory changes under the run: the plan and the resume keep the stored mean
-    moved = tiny_data_config(tmp_path / "long", tok, steps=6)
+    # the data changes under the run (the same directory, rewritten with longer documents; a
+    # different mixture path would be refused by the workdir's identity): the plan and the
+    # resume keep the stored mean
+    shutil.rmtree(tmp_path / "short")
+    write_mds(tmp_path / "short", long_docs)
+    moved = tiny_data_config(tmp_path / "short", tok, steps=6)
     fresh = step_tokens.measure(moved, demo=False)["mean_sequence_length"]
     assert schedules.rows_per_step(moved, fresh, 4) == 16     # what re-measuring would give
     replan = plan_lib.make_plan(moved, str(workdir))
