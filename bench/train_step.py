@@ -40,6 +40,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.batches import make_batch  # noqa: E402  pylint: disable=wrong-import-position
 
 config_flags.DEFINE_config_file("config", None, "FILE:ARG, e.g. configs/ettin_17m.py:mlm",
                                 lock_config=False)
@@ -64,47 +65,6 @@ flags.DEFINE_string("note", "", "free text for the RESULTS.md row")
 flags.DEFINE_bool("profile", False, "print the step's time per XLA operation instead of timing it")
 flags.DEFINE_integer("top", 25, "with --profile: entries listed per group")
 flags.mark_flag_as_required("config")
-
-
-def make_batch(config, rows, seq_len, seed=0):
-    """One host batch in the loader's format with random ids and packed random-length docs."""
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    from data_pipeline import objectives  # pylint: disable=import-outside-toplevel
-
-    rng = np.random.default_rng(seed)
-    m = config.model
-    input_ids = rng.integers(0, m.cls_token_id - 1, (rows, seq_len), dtype=np.int32)
-    segment_ids = np.zeros((rows, seq_len), np.int32)
-    positions = np.zeros((rows, seq_len), np.int32)
-    for r in range(rows):
-        start, segment = 0, 1
-        while start < seq_len:
-            length = min(seq_len - start, int(rng.integers(seq_len // 8, seq_len + 1)))
-            segment_ids[r, start:start + length] = segment
-            positions[r, start:start + length] = np.arange(length)
-            input_ids[r, start] = m.cls_token_id
-            start, segment = start + length, segment + 1
-    batch = {"input_ids": input_ids, "segment_ids": segment_ids, "positions": positions}
-    if config.objective == "mlm":
-        ratio = config.train.mask_ratio
-        slots = objectives.max_predictions(seq_len, ratio)
-        count = int(ratio * seq_len)
-        where = np.sort(np.stack([rng.choice(np.arange(1, seq_len), count, replace=False)
-                                  for _ in range(rows)]), axis=1).astype(np.int32)
-        labels = np.full((rows, seq_len), -100, np.int32)
-        np.put_along_axis(labels, where, np.take_along_axis(input_ids, where, 1), 1)
-        batch["mask_positions"] = np.zeros((rows, slots), np.int32)
-        batch["mask_positions"][:, :count] = where
-        batch["mask_labels"] = np.full((rows, slots), -100, np.int32)
-        batch["mask_labels"][:, :count] = np.take_along_axis(input_ids, where, 1)
-        np.put_along_axis(input_ids, where, m.mask_token_id, 1)
-        batch["labels"] = labels
-    else:
-        labels = np.full((rows, seq_len), -100, np.int32)
-        same = (segment_ids[:, :-1] == segment_ids[:, 1:]) & (segment_ids[:, :-1] > 0)
-        labels[:, :-1] = np.where(same, input_ids[:, 1:], -100)
-        batch["labels"] = labels
-    return batch
 
 
 def ours_step_fn(config, batch):
