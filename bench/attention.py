@@ -119,12 +119,12 @@ def fwd_bwd(impl, mask_kw):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
-def run_table(impl_names, seqs, layers, dtype):
+def run_table(impl_names, seqs, layers, dtype, batch_override=0):
     impls = implementations()
     rng = np.random.default_rng(0)
     rows = []
     for seq in seqs:
-        batch = BATCH[seq]
+        batch = batch_override or BATCH.get(seq, max(1, 16384 // seq))
         keys = jax.random.split(jax.random.key(seq), 4)
         q, k, v, do = (jax.random.normal(x, (batch, seq, HEADS, HEAD_DIM), dtype) for x in keys)
         for layer in layers:
@@ -267,8 +267,12 @@ def main():
     parser.add_argument("--results", default=os.path.join(os.path.dirname(__file__),
                                                           "RESULTS.md"))
     parser.add_argument("--note", default="")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="rows per call (default: 16k query rows: 16 at 1024, 2 at 8192)")
+    parser.add_argument("--allow_cpu", action="store_true",
+                        help="run on CPU too (smoke test of the flags: pallas in interpret mode)")
     args = parser.parse_args()
-    if jax.default_backend() != "gpu":
+    if jax.default_backend() != "gpu" and not args.allow_cpu:
         sys.exit("bench/attention.py needs a GPU (jax.default_backend() is "
                  f"{jax.default_backend()!r})")
     print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
@@ -281,7 +285,7 @@ def main():
     if args.sweep:
         sweep(seqs, layers, dtype)
         return
-    rows = run_table(args.impls.split(","), seqs, layers, dtype)
+    rows = run_table(args.impls.split(","), seqs, layers, dtype, args.batch)
     write_results(rows, args.results, dtype, args.note)
 
 
