@@ -29,7 +29,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ettin_jax import cli  # noqa: E402
-from ettin_jax.attention import attention_mask, xla_attention  # noqa: E402
+from ettin_jax.attention import xla_attention  # noqa: E402
 from ettin_jax.kernels import BlockSizes, cudnn_attention, flash_attention  # noqa: E402
 from ettin_jax.kernels.intervals import attention_intervals  # noqa: E402
 
@@ -119,12 +119,12 @@ def fwd_bwd(impl, mask_kw):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
-def run_table(impl_names, seqs, layers, dtype):
+def run_table(impl_names, seqs, layers, dtype, batch_override=0):
     impls = implementations()
     rng = np.random.default_rng(0)
     rows = []
     for seq in seqs:
-        batch = BATCH[seq]
+        batch = batch_override or BATCH.get(seq, max(1, 16384 // seq))
         keys = jax.random.split(jax.random.key(seq), 4)
         q, k, v, do = (jax.random.normal(x, (batch, seq, HEADS, HEAD_DIM), dtype) for x in keys)
         for layer in layers:
@@ -265,13 +265,16 @@ def define_flags():
     flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), "RESULTS.md"),
                         "the file the table is appended to")
     flags.DEFINE_string("note", "", "free text for the RESULTS.md entry")
+    flags.DEFINE_integer("batch", 0, "rows per call (default: 16k query rows: 16 at 1024, 2 at 8192)")
+    flags.DEFINE_bool("allow_cpu", False, "run on CPU too (smoke test of the flags: pallas in "
+                      "interpret mode)")
 
 
 def main(argv):
     if len(argv) > 1:
         raise cli.UserError(f"unexpected arguments {argv[1:]}")
     args = flags.FLAGS
-    if jax.default_backend() != "gpu":
+    if jax.default_backend() != "gpu" and not args.allow_cpu:
         raise cli.UserError("bench/attention.py needs a GPU (jax.default_backend() is "
                             f"{jax.default_backend()!r})")
     print("jax", jax.__version__, jax.devices()[0].device_kind, flush=True)
@@ -284,7 +287,7 @@ def main(argv):
     if args.sweep:
         sweep(seqs, layers, dtype)
         return 0
-    rows = run_table(args.impls.split(","), seqs, layers, dtype)
+    rows = run_table(args.impls.split(","), seqs, layers, dtype, args.batch)
     write_results(rows, args.results, dtype, args.note)
     return 0
 

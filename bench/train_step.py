@@ -8,10 +8,14 @@ batch) on one device after warm-up, and reports tokens/s and MFU (ettin_jax.trai
 convention over the device's peak). Batches have the loader's format and MLM statistics
 (30% of the positions predicted, rows packed with documents of random lengths) but random
 token ids: throughput does not depend on the text. On CPU it also times transformers'
-`ModernBertForMaskedLM` (sdpa attention, sparse prediction, torch AdamW, float32) on the same
-shape in the same run, the two steps taken in turn (so that load from other programs slows both
-alike), and prints the ratio of median step times (wall and CPU time). The last line printed is a JSON object; with
---results it is also appended to bench/RESULTS.md as a table row.
+ModernBERT (bench/peer.py: `ModernBertForMaskedLM` with sparse prediction, or
+`ModernBertDecoderForCausalLM` for clm; float32 eager on CPU, bf16 autocast + fused AdamW +
+torch.compile on a GPU) on the same shape in the same run, the two steps taken in turn (so that
+load from other programs slows both alike), and prints the ratio of median step times (wall
+and CPU time). `--transformers=only` times the peer alone (on a GPU, in its own process:
+JAX keeps the memory it allocated). `--shapes=64x1024,8x8192` times several shapes in one
+process. The last line printed per shape is a JSON object; with --results it is also appended
+to bench/RESULTS.md as a table row, with --json_out to a JSON-lines file.
 
     python bench/train_step.py --config=configs/ettin_17m.py:mlm --profile
 
@@ -37,6 +41,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ettin_jax import cli  # noqa: E402  # pylint: disable=wrong-import-position
+from bench.batches import make_batch  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def define_flags():
@@ -44,58 +49,25 @@ def define_flags():
                                     lock_config=False)
     flags.DEFINE_integer("batch", 8, "rows per step")
     flags.DEFINE_integer("seq_len", 512, "tokens per row")
+    flags.DEFINE_list("shapes", None, "several ROWSxSEQ_LEN shapes timed one after the other in this "
+                      "process (e.g. 64x1024,8x8192); overrides --batch/--seq_len")
     flags.DEFINE_integer("steps", 10, "timed steps")
     flags.DEFINE_integer("warmup", 2, "untimed steps first (compilation)")
     flags.DEFINE_string("dtype", "auto", "compute dtype; auto = float32 on CPU, the config's otherwise")
     flags.DEFINE_string("attention_impl", None, "override config.model.attention_impl")
-    flags.DEFINE_enum("transformers", "auto", ["auto", "yes", "no"],
-                      "also time transformers' ModernBertForMaskedLM (auto: on CPU)")
+    flags.DEFINE_enum("transformers", "auto", ["auto", "yes", "no", "only"],
+                      "also time transformers' ModernBERT (bench/peer.py; auto: on CPU); only: time "
+                      "it alone, without ours (its own process on a GPU: JAX keeps its memory)")
+    flags.DEFINE_enum("peer_compile", "auto", ["auto", "yes", "no"],
+                      "torch.compile the transformers model (auto: on a CUDA device)")
+    flags.DEFINE_enum("peer_autocast", "auto", ["auto", "yes", "no"],
+                      "bf16 autocast for the transformers model (auto: on a CUDA device)")
+    flags.DEFINE_string("json_out", None, "also append each result as a JSON line to this file")
     flags.DEFINE_bool("results", False, "append the result to bench/RESULTS.md")
     flags.DEFINE_string("note", "", "free text for the RESULTS.md row")
     flags.DEFINE_bool("profile", False, "print the step's time per XLA operation instead of timing it")
     flags.DEFINE_integer("top", 25, "with --profile: entries listed per group")
     flags.mark_flag_as_required("config")
-
-
-def make_batch(config, rows, seq_len, seed=0):
-    """One host batch in the loader's format with random ids and packed random-length docs."""
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    from data_pipeline import objectives  # pylint: disable=import-outside-toplevel
-
-    rng = np.random.default_rng(seed)
-    m = config.model
-    input_ids = rng.integers(0, m.cls_token_id - 1, (rows, seq_len), dtype=np.int32)
-    segment_ids = np.zeros((rows, seq_len), np.int32)
-    positions = np.zeros((rows, seq_len), np.int32)
-    for r in range(rows):
-        start, segment = 0, 1
-        while start < seq_len:
-            length = min(seq_len - start, int(rng.integers(seq_len // 8, seq_len + 1)))
-            segment_ids[r, start:start + length] = segment
-            positions[r, start:start + length] = np.arange(length)
-            input_ids[r, start] = m.cls_token_id
-            start, segment = start + length, segment + 1
-    batch = {"input_ids": input_ids, "segment_ids": segment_ids, "positions": positions}
-    if config.objective == "mlm":
-        ratio = config.train.mask_ratio
-        slots = objectives.max_predictions(seq_len, ratio)
-        count = int(ratio * seq_len)
-        where = np.sort(np.stack([rng.choice(np.arange(1, seq_len), count, replace=False)
-                                  for _ in range(rows)]), axis=1).astype(np.int32)
-        labels = np.full((rows, seq_len), -100, np.int32)
-        np.put_along_axis(labels, where, np.take_along_axis(input_ids, where, 1), 1)
-        batch["mask_positions"] = np.zeros((rows, slots), np.int32)
-        batch["mask_positions"][:, :count] = where
-        batch["mask_labels"] = np.full((rows, slots), -100, np.int32)
-        batch["mask_labels"][:, :count] = np.take_along_axis(input_ids, where, 1)
-        np.put_along_axis(input_ids, where, m.mask_token_id, 1)
-        batch["labels"] = labels
-    else:
-        labels = np.full((rows, seq_len), -100, np.int32)
-        same = (segment_ids[:, :-1] == segment_ids[:, 1:]) & (segment_ids[:, :-1] > 0)
-        labels[:, :-1] = np.where(same, input_ids[:, 1:], -100)
-        batch["labels"] = labels
-    return batch
 
 
 def ours_step_fn(config, batch):
@@ -120,39 +92,6 @@ def ours_step_fn(config, batch):
                                       0).compile().as_text()
 
     return step, lambda: float(carry["metrics"].compute()["loss"]), hlo_text
-
-
-def transformers_step_fn(config, batch):
-    """transformers' ModernBertForMaskedLM training step at the same shape, float32 on CPU."""
-    import torch  # pylint: disable=import-outside-toplevel
-    import transformers  # pylint: disable=import-outside-toplevel
-
-    m = config.model
-    hf_config = transformers.ModernBertConfig(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-        global_attn_every_n_layers=m.global_attn_every_n_layers, local_attention=m.local_attention,
-        max_position_embeddings=max(8192, batch["input_ids"].shape[1]),
-        pad_token_id=m.pad_token_id, bos_token_id=m.bos_token_id, eos_token_id=m.eos_token_id,
-        cls_token_id=m.cls_token_id, sep_token_id=m.sep_token_id, sparse_prediction=True,
-        attention_dropout=0.0, reference_compile=False, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = transformers.ModernBertForMaskedLM(hf_config).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=config.optimizer.peak_lr, betas=(0.9, 0.98),
-                            eps=1e-6, weight_decay=config.optimizer.weight_decay)
-    input_ids = torch.from_numpy(batch["input_ids"]).long()
-    labels = torch.from_numpy(batch["labels"]).long()
-    attention_mask = torch.from_numpy(batch["segment_ids"] > 0).long()
-    carry = {"loss": None}
-
-    def step():
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        carry["loss"] = loss.detach().item()
-
-    return step, lambda: carry["loss"]
 
 
 def time_interleaved(step_fns, steps, warmup):
@@ -226,6 +165,85 @@ def profile(config, batch, top: int):
             print(f"{micros / 1e3:9.1f} ms  {name}")
 
 
+def parse_shapes(texts) -> list[tuple[int, int]]:
+    """["64x1024", ...] -> [(64, 1024), ...]."""
+    shapes = []
+    for text in texts:
+        rows, _, seq_len = text.lower().partition("x")
+        if not (rows.isdigit() and seq_len.isdigit()):
+            raise cli.UserError(f"--shapes entry {text!r}: expected ROWSxSEQ_LEN, e.g. 64x1024")
+        shapes.append((int(rows), int(seq_len)))
+    return shapes
+
+
+def resolve_auto(value: str, default: bool) -> bool:
+    return default if value == "auto" else value == "yes"
+
+
+def time_shape(config, rows: int, seq_len: int, *, ours: bool, peer: bool) -> dict:
+    """Times ours and/or the peer at one shape (steps interleaved); the result record."""
+    import jax  # pylint: disable=import-outside-toplevel
+    from ettin_jax import train_metrics  # pylint: disable=import-outside-toplevel
+
+    F = flags.FLAGS
+    config = config.copy_and_resolve_references()
+    config.train.global_batch_size = rows
+    config.train.seq_len = seq_len
+    config.train.grad_accum_steps = 1
+    batch = make_batch(config, rows, seq_len)
+    tokens = rows * seq_len
+    step_fns, loss_fns = [], []
+    if ours:
+        step, loss = ours_step_fn(config, batch)[:2]
+        step_fns.append(step)
+        loss_fns.append(loss)
+    if peer:
+        import torch  # pylint: disable=import-outside-toplevel
+        from bench import peer as peer_lib  # pylint: disable=import-outside-toplevel
+        on_cuda = torch.cuda.is_available()
+        peer_compile = resolve_auto(F.peer_compile, on_cuda)
+        peer_autocast = resolve_auto(F.peer_autocast, on_cuda)
+        step, loss = peer_lib.peer_step_fn(config, batch, compile_model=peer_compile,
+                                           bf16_autocast=peer_autocast)
+        step_fns.append(step)
+        loss_fns.append(loss)
+    times = time_interleaved(step_fns, F.steps, F.warmup)
+    result = {"config": f"{config.size}:{config.objective}", "batch": rows, "seq_len": seq_len,
+              "device": jax.devices()[0].device_kind, "backend": jax.default_backend()}
+    if ours:
+        seconds, cpu_seconds = times[0]
+        result.update(dtype=config.model.dtype, attention_impl=config.model.attention_impl,
+                      step_ms=round(seconds * 1e3, 2), step_cpu_ms=round(cpu_seconds * 1e3, 2),
+                      tokens_per_sec=round(tokens / seconds, 1), loss=round(loss_fns[0](), 4))
+        peak = train_metrics.device_peak_flops(config)
+        if peak:
+            result["mfu"] = round(train_metrics.training_flops_per_row(config) * rows / seconds
+                                  / peak, 4)
+        print(f"ettin-jax {result['config']} {rows}x{seq_len}: {result['step_ms']} ms/step "
+              f"(median), {result['tokens_per_sec']:,.0f} tokens/s"
+              + (f", MFU {result['mfu']:.1%}" if "mfu" in result else "")
+              + f" ({result['device']})", flush=True)
+    if peer:
+        hf_seconds, hf_cpu_seconds = times[-1]
+        result.update(transformers_step_ms=round(hf_seconds * 1e3, 2),
+                      transformers_step_cpu_ms=round(hf_cpu_seconds * 1e3, 2),
+                      transformers_tokens_per_sec=round(tokens / hf_seconds, 1),
+                      transformers_loss=round(loss_fns[-1](), 4),
+                      transformers_compile=peer_compile,
+                      transformers_bf16_autocast=peer_autocast,
+                      torch_threads=torch.get_num_threads())
+        print(f"transformers {result['config']} {rows}x{seq_len}: "
+              f"{result['transformers_step_ms']} ms/step (median), "
+              f"{result['transformers_tokens_per_sec']:,.0f} tokens/s (compile={peer_compile}, "
+              f"bf16 autocast={peer_autocast})", flush=True)
+    if ours and peer:
+        result.update(ratio=round(hf_seconds / seconds, 3),
+                      cpu_time_ratio=round(hf_cpu_seconds / cpu_seconds, 3))
+        print(f"ettin-jax is {result['ratio']}x transformers by wall time, "
+              f"{result['cpu_time_ratio']}x by CPU time", flush=True)
+    return result
+
+
 def main(argv):
     del argv
     F = flags.FLAGS
@@ -233,59 +251,29 @@ def main(argv):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + " --xla_cpu_enable_xprof_traceme=true").strip()
     import jax  # pylint: disable=import-outside-toplevel
-    from ettin_jax import train_metrics  # pylint: disable=import-outside-toplevel
 
     config = F.config
-    config.train.global_batch_size = F.batch
-    config.train.seq_len = F.seq_len
-    config.train.grad_accum_steps = 1
     on_cpu = jax.default_backend() == "cpu"
     if F.dtype != "auto" or on_cpu:
         config.model.dtype = "float32" if F.dtype == "auto" else F.dtype
     if F.attention_impl:
         config.model.attention_impl = F.attention_impl
-    batch = make_batch(config, F.batch, F.seq_len)
+    shapes = parse_shapes(F.shapes) if F.shapes else [(F.batch, F.seq_len)]
     if F.profile:
-        profile(config, batch, F.top)
+        config.train.global_batch_size, config.train.seq_len = shapes[0]
+        config.train.grad_accum_steps = 1
+        profile(config, make_batch(config, *shapes[0]), F.top)
         return
-    device = jax.devices()[0].device_kind
-    tokens = F.batch * F.seq_len
-
-    step_fns, loss_fns = zip(*[ours_step_fn(config, batch)[:2]])
-    with_transformers = F.transformers == "yes" or (F.transformers == "auto" and on_cpu)
-    if with_transformers:
-        hf_step, hf_loss = transformers_step_fn(config, batch)
-        step_fns, loss_fns = step_fns + (hf_step,), loss_fns + (hf_loss,)
-    times = time_interleaved(step_fns, F.steps, F.warmup)
-    seconds, cpu_seconds = times[0]
-    result = {"config": f"{config.size}:{config.objective}", "device": device,
-              "backend": jax.default_backend(), "dtype": config.model.dtype,
-              "attention_impl": config.model.attention_impl, "batch": F.batch,
-              "seq_len": F.seq_len, "step_ms": round(seconds * 1e3, 2),
-              "step_cpu_ms": round(cpu_seconds * 1e3, 2),
-              "tokens_per_sec": round(tokens / seconds, 1), "loss": round(loss_fns[0](), 4)}
-    peak = train_metrics.device_peak_flops(config)
-    if peak:
-        result["mfu"] = round(train_metrics.training_flops_per_row(config) * F.batch / seconds
-                              / peak, 4)
-    print(f"ettin-jax: {result['step_ms']} ms/step (median), {result['tokens_per_sec']:,.0f} "
-          f"tokens/s" + (f", MFU {result['mfu']:.1%}" if "mfu" in result else "") + f" ({device})")
-    if with_transformers:
-        import torch  # pylint: disable=import-outside-toplevel
-        hf_seconds, hf_cpu_seconds = times[1]
-        result.update(transformers_step_ms=round(hf_seconds * 1e3, 2),
-                      transformers_step_cpu_ms=round(hf_cpu_seconds * 1e3, 2),
-                      transformers_tokens_per_sec=round(tokens / hf_seconds, 1),
-                      transformers_loss=round(loss_fns[1](), 4),
-                      torch_threads=torch.get_num_threads(),
-                      ratio=round(hf_seconds / seconds, 3),
-                      cpu_time_ratio=round(hf_cpu_seconds / cpu_seconds, 3))
-        print(f"transformers ModernBertForMaskedLM: {result['transformers_step_ms']} ms/step "
-              f"(median), {result['transformers_tokens_per_sec']:,.0f} tokens/s; ettin-jax is "
-              f"{result['ratio']}x by wall time, {result['cpu_time_ratio']}x by CPU time")
-    if F.results:
-        append_results(result, F.note)
-    print(json.dumps(result))
+    ours = F.transformers != "only"
+    peer = F.transformers in ("yes", "only") or (F.transformers == "auto" and on_cpu)
+    for rows, seq_len in shapes:
+        result = time_shape(config, rows, seq_len, ours=ours, peer=peer)
+        if F.results:
+            append_results(result, F.note)
+        if F.json_out:
+            with open(F.json_out, "a", encoding="utf-8") as f:
+                f.write(json.dumps(result) + "\n")
+        print(json.dumps(result), flush=True)
 
 
 def append_results(result, note):
@@ -303,7 +291,7 @@ def append_results(result, note):
     # Continue our table only if it is the file's last section (others append here too).
     has_header = bool(headers) and headers[-1].startswith("## Train step (bench/train_step.py)")
     row = (f"| {datetime.date.today()} | {result['config']} | {result['batch']} x "
-           f"{result['seq_len']} | {result['dtype']} | {result['tokens_per_sec']:,.0f} | "
+           f"{result['seq_len']} | {result.get('dtype', 'n/a')} | {result.get('tokens_per_sec', 'n/a')} | "
            f"{result.get('mfu', 'n/a')} | {result.get('transformers_tokens_per_sec', 'n/a')} | "
            f"{result.get('ratio', 'n/a')} | {result.get('cpu_time_ratio', 'n/a')} | {machine} | "
            f"`{command}`"

@@ -121,6 +121,9 @@ ENTRY_POINTS = [   # (command, first words of its usage, a bad invocation, words
     (["bench/loader.py"], "Loader throughput", ["--rows=many"], "--rows"),
     (["bench/train_step.py"], "Throughput of the jitted train step", [], "--config is required"),
     (["bench/attention.py"], "Attention forward+backward benchmark", ["--seqs"], "--seqs"),
+    (["bench/memory.py"], "Largest micro batch", [], "--config is required"),
+    (["bench/startup.py"], "Start-up time of a training run", [], "--config is required"),
+    (["bench/gpu_report.py"], "Turns bench/gpu.sh's log dir", [], "--bench_logs is required"),
 ]
 
 

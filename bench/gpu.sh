@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# The GPU bench table in one go (<= --budget_s, default 480 s, on one GPU):
+#   train step, ours (bench/train_step.py --attention_impl=pallas) and transformers' peer
+#     (bf16 autocast, fused AdamW, torch.compile; its own process): 150m mlm 64x1024 and
+#     8x8192, 1b mlm 32x1024, 150m clm 64x1024;
+#   attention (bench/attention.py): pallas, cudnn at 1024 and 8192, global and local layers;
+#   start-up (bench/startup.py): main.py to its first step, 150m 64x1024, cold then warm cache;
+#   in that order of priority: each command has its own timeout, cut to the budget left, and
+#   what the budget does not reach is listed as skipped (attention was measured before);
+#   memory (bench/memory.py): largest micro batch per size at 1024 and 8192, remat
+#     none/full/dots, 80 GB; compile-only, so it runs in the background from the start until
+#     the start-up stage (whatever finished by then is reported).
+# The section (card, date, jax version, every command) is appended to bench/RESULTS.md and
+# written to $LOG/results_section.md (on the device machine: $OUT/gpubench/, copy it back).
+#
+#   bash bench/gpu.sh [--quick] [--skip_peer] [--budget_s=480]   # on the GPU machine
+#   bash bench/gpu.sh --dry_run      # print every command, run nothing
+#   bash bench/gpu.sh --cpu_smoke    # every command on CPU, tiny config and shapes
+#   bash bench/gpu.sh --fetch_wheels # on a networked machine: grain, ml-collections, clu,
+#                                    # array-record, portpicker for Python 3.12 into .whl/
+# --quick: 150m 64x1024 only (ours, peer), attention at 8192, memory at 1024 for 150m and 1b.
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+QUICK=0 SKIP_PEER=0 DRY=0 SMOKE=0 BUDGET=480
+for arg in "$@"; do
+  case $arg in
+    --quick) QUICK=1 ;;
+    --skip_peer) SKIP_PEER=1 ;;
+    --dry_run) DRY=1 ;;
+    --cpu_smoke) SMOKE=1 ;;
+    --budget_s=*) BUDGET=${arg#*=} ;;
+    --fetch_wheels)
+      exec pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --abi cp312 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform any -d .whl grain==0.2.18 \
+        ml-collections==1.1.0 clu==0.0.12 array-record==0.8.6 portpicker ;;
+    *) echo "bench/gpu.sh: unknown argument $arg (see the comment at the top)" >&2; exit 2 ;;
+  esac
+done
+LOG=${OUT:-/tmp}/gpubench
+[ "$SMOKE" = 1 ] && LOG=${OUT:-/tmp}/gpubench-smoke
+mkdir -p "$LOG"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+START=$(date +%s)
+SKIPPED=()
+: > "$LOG/commands.tsv"
+
+# Sizes and shapes; --cpu_smoke swaps in the tiny config and tiny shapes, same flags.
+if [ "$SMOKE" = 1 ]; then
+  export JAX_PLATFORMS=cpu
+  C150=configs/ettin_tiny.py C1B=configs/ettin_tiny.py SIZES="tiny"
+  S64x1K=4x128 S8x8K=2x256 S32x1K=2x128 SEQS=128,256 ATT_BATCH="--batch 1 --allow_cpu"
+  MEM_SEQS=64,128 MEM_EXTRA="--budget_gb=0.05 --max_rows=64" START_SHAPE="--rows=4 --seq_len=64"
+  STEPS="--steps=2 --warmup=1" PEER_STEPS="--steps=2 --warmup=1"
+  # torch.compile takes minutes per model on a small CPU: the first peer command compiles.
+  PEER_COMPILE_REST=no
+else
+  C150=configs/ettin_150m.py C1B=configs/ettin_1b.py SIZES="17m 32m 68m 150m 400m 1b"
+  S64x1K=64x1024 S8x8K=8x8192 S32x1K=32x1024 SEQS=1024,8192 ATT_BATCH=""
+  MEM_SEQS=1024,8192 MEM_EXTRA="" START_SHAPE="--rows=64 --seq_len=1024"
+  STEPS="--steps=10 --warmup=2" PEER_STEPS="--steps=10 --warmup=3" PEER_COMPILE_REST=yes
+fi
+if [ "$QUICK" = 1 ]; then
+  SEQS=${SEQS#*,} MEM_SEQS=${MEM_SEQS%,*}
+  [ "$SMOKE" = 1 ] || SIZES="150m 1b"
+fi
+
+remaining() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+# run NAME TIMEOUT CMD...: runs CMD with its own timeout (cut to the budget left), output to
+# $LOG/NAME.log; records the command, exit code and seconds in $LOG/commands.tsv.
+run() {
+  local name=$1 limit=$2; shift 2
+  local left; left=$(remaining)
+  [ "$left" -lt "$limit" ] && limit=$left
+  echo "+ [$name, timeout ${limit}s] $*"
+  if [ "$DRY" = 1 ]; then printf '%s\t-\t-\t%s\n' "$name" "$*" >> "$LOG/commands.tsv"; return 0; fi
+  if [ "$limit" -lt 20 ]; then
+    SKIPPED+=("$name: budget spent (${left}s left)"); return 0
+  fi
+  local t0 rc; t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$LOG/$name.log" 2>&1; rc=$?
+  local took=$(( $(date +%s) - t0 ))
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$took" "$*" >> "$LOG/commands.tsv"
+  case $rc in
+    0) echo "  ok in ${took}s" ;;
+    124|137) echo "  TIMEOUT after ${took}s (log: $LOG/$name.log)"; SKIPPED+=("$name: timed out after ${took}s") ;;
+    *) echo "  FAILED rc=$rc in ${took}s; last lines:"; tail -5 "$LOG/$name.log" | sed 's/^/    /'
+       SKIPPED+=("$name: failed rc=$rc") ;;
+  esac
+}
+skip() { echo "SKIP $1"; SKIPPED+=("$1"); }
+
+# --- environment: wheel-travelled packages (shared/jax_notes.md §10) ---
+HAVE_DEPS=1
+if ! python -c "import grain, ml_collections, clu, array_record, portpicker" 2>/dev/null; then
+  if ls .whl/*.whl > /dev/null 2>&1; then
+    echo "+ pip install --no-index --no-deps --target /tmp/site .whl/*.whl; PYTHONPATH=/tmp/site"
+    if [ "$DRY" = 0 ]; then
+      pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl > "$LOG/pip.log" 2>&1 \
+        || { echo "pip install failed: $LOG/pip.log"; HAVE_DEPS=0; }
+    fi
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "grain/ml-collections/clu/array-record/portpicker missing and no .whl/: run" \
+         "'bash bench/gpu.sh --fetch_wheels' on a networked machine and carry .whl"
+    HAVE_DEPS=0
+  fi
+fi
+if [ "$DRY" = 0 ] && [ "$SMOKE" = 0 ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
+    > "$LOG/gpu.txt" 2>&1 || echo "nvidia-smi failed: $(cat "$LOG/gpu.txt")"
+fi
+
+# --- memory: compile-only, in the background (no autotuning: nothing runs on the device) ---
+MEM_PIDS=()
+if [ "$HAVE_DEPS" = 1 ]; then
+  for size in $SIZES; do
+    for objective in mlm; do
+      cmd=(python bench/memory.py --config=configs/ettin_$size.py:$objective --seq_lens=$MEM_SEQS
+           --remat=none,full,dots $MEM_EXTRA --json_out="$LOG/memory.jsonl")
+      echo "+ [memory_$size, background] XLA_FLAGS=--xla_gpu_autotune_level=0 ${cmd[*]}"
+      printf '%s\t%s\t%s\t%s\n' "memory_$size" bg - "${cmd[*]}" >> "$LOG/commands.tsv"
+      if [ "$DRY" = 0 ]; then
+        XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
+          timeout --kill-after=10 $(( BUDGET - 30 )) "${cmd[@]}" > "$LOG/memory_$size.log" 2>&1 &
+        MEM_PIDS+=($!)
+      fi
+    done
+  done
+else
+  skip "memory: needs ml-collections"
+fi
+
+# --- train step: ours, then the peer, each config in one process ---
+OURS="python bench/train_step.py --attention_impl=pallas --transformers=no $STEPS --json_out=$LOG/train_step.jsonl"
+PEER="python bench/train_step.py --transformers=only --peer_autocast=yes $PEER_STEPS --json_out=$LOG/train_step.jsonl"
+if [ "$HAVE_DEPS" = 1 ]; then
+  if [ "$QUICK" = 1 ]; then
+    run ours_150m_mlm 200 $OURS --config=$C150:mlm --shapes=$S64x1K
+  else
+    run ours_150m_mlm 200 $OURS --config=$C150:mlm --shapes=$S64x1K,$S8x8K
+    run ours_1b_mlm 150 $OURS --config=$C1B:mlm --shapes=$S32x1K
+    run ours_150m_clm 120 $OURS --config=$C150:clm --shapes=$S64x1K
+  fi
+  if [ "$SKIP_PEER" = 1 ]; then
+    skip "transformers peer: --skip_peer"
+  elif [ "$QUICK" = 1 ]; then
+    run peer_150m_mlm 150 $PEER --peer_compile=yes --config=$C150:mlm --shapes=$S64x1K
+  else
+    run peer_150m_mlm 220 $PEER --peer_compile=yes --config=$C150:mlm --shapes=$S64x1K,$S8x8K
+    run peer_1b_mlm 150 $PEER --peer_compile=$PEER_COMPILE_REST --config=$C1B:mlm --shapes=$S32x1K
+    run peer_150m_clm 150 $PEER --peer_compile=$PEER_COMPILE_REST --config=$C150:clm --shapes=$S64x1K
+  fi
+else
+  skip "train step (ours and peer): needs ml-collections and grain"
+fi
+
+# --- start-up: the background compiles would slow it, so they stop here (each finished search
+# is already in memory.jsonl) ---
+if [ "$DRY" = 0 ] && [ ${#MEM_PIDS[@]} -gt 0 ]; then
+  for pid in "${MEM_PIDS[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then kill "$pid"; SKIPPED+=("memory: stopped before start-up (pid $pid)"); fi
+  done
+  wait "${MEM_PIDS[@]}" 2>/dev/null
+fi
+if [ "$HAVE_DEPS" = 1 ]; then
+  run startup 300 python bench/startup.py --config=$C150:mlm $START_SHAPE --timeout=140 \
+    --run_logs="$LOG/startup" --json_out="$LOG/startup.jsonl"
+else
+  skip "start-up: main.py needs grain, clu, ml-collections"
+fi
+
+# --- attention kernels ---
+run attention 150 python bench/attention.py --impls pallas,cudnn --seqs $SEQS $ATT_BATCH \
+  --layers enc-global,enc-local,dec-global,dec-local --results "$LOG/attention.md" --note "bench/gpu.sh"
+
+# --- report ---
+for item in "${SKIPPED[@]+"${SKIPPED[@]}"}"; do echo "skipped or incomplete: $item"; done
+printf '%s\n' "${SKIPPED[@]+"${SKIPPED[@]}"}" > "$LOG/skipped.txt"
+if [ "$DRY" = 1 ]; then echo "dry run: nothing ran"; exit 0; fi
+TARGET=bench/RESULTS.md
+[ "$SMOKE" = 1 ] && TARGET=$LOG/RESULTS.smoke.md
+python bench/gpu_report.py --bench_logs="$LOG" --mode="$([ "$SMOKE" = 1 ] && echo cpu_smoke || echo gpu)$([ "$QUICK" = 1 ] && echo ,quick)" \
+  --append_to="$TARGET" && echo "appended to $TARGET and $LOG/results_section.md"
+echo "bench/gpu.sh done in $(( $(date +%s) - START ))s"

@@ -1,0 +1,131 @@
+"""Turns bench/gpu.sh's log dir into one RESULTS.md section (called by gpu.sh at its end).
+
+    python bench/gpu_report.py --bench_logs=$OUT/gpubench --mode=gpu --append_to=bench/RESULTS.md
+
+Reads commands.tsv (name, exit code, seconds, command), gpu.txt (nvidia-smi), the JSON lines
+of train_step.jsonl, memory.jsonl and startup.jsonl, attention.md and skipped.txt; writes the
+section to LOG_DIR/results_section.md and appends it to --append_to.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ettin_jax import cli  # noqa: E402  # pylint: disable=wrong-import-position
+
+
+def read_lines(path: str) -> list:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def read_json_lines(path: str) -> list:
+    return [json.loads(line) for line in read_lines(path)]
+
+
+def fmt(value, spec=""):
+    return "n/a" if value is None else format(value, spec)
+
+
+def train_step_table(records: list) -> list:
+    """Ours and the peer (separate records of one shape) joined into one row per shape."""
+    rows = {}
+    for r in records:
+        row = rows.setdefault((r["config"], r["batch"], r["seq_len"]), {})
+        row.update(r)
+    lines = ["| config | rows x seq | ours ms/step | ours tokens/s | MFU | transformers ms/step | "
+             "transformers tokens/s | ours / transformers speed | attention | dtype |",
+             "| --- " * 10 + "|"]
+    for (config, batch, seq), r in rows.items():
+        ratio = (round(r["transformers_step_ms"] / r["step_ms"], 3)
+                 if "step_ms" in r and "transformers_step_ms" in r else None)
+        lines.append(f"| {config} | {batch} x {seq} | {fmt(r.get('step_ms'))} | "
+                     f"{fmt(r.get('tokens_per_sec'), ',.0f')} | {fmt(r.get('mfu'), '.1%')} | "
+                     f"{fmt(r.get('transformers_step_ms'))} | "
+                     f"{fmt(r.get('transformers_tokens_per_sec'), ',.0f')} | {fmt(ratio)} | "
+                     f"{r.get('attention_impl', 'n/a')} | {r.get('dtype', 'n/a')} |")
+    return lines
+
+
+def memory_table(records: list) -> list:
+    lines = ["| config | seq | remat | max micro rows | peak GB | next row GB | probes | "
+             "grad_accum_steps (1 dev) | (8 dev) | global rows |", "| --- " * 10 + "|"]
+    for r in sorted(records, key=lambda r: (r["config"], r["seq_len"], r["remat"])):
+        cap = " (cap)" if r["capped"] else ""
+        accum = r["grad_accum_steps"]
+        lines.append(f"| {r['config']} | {r['seq_len']} | {r['remat']} | {r['max_micro_rows']}{cap}"
+                     f" | {r.get('peak_gb', 'n/a')} | {r.get('next_peak_gb', 'n/a')} | "
+                     f"{r['probes']} | {accum.get('1')} | {accum.get('8')} | {r['global_rows']} |")
+    return lines
+
+
+def startup_table(records: list) -> list:
+    lines = ["| run | config | rows x seq | first step s | exit s | rc | cache MB |",
+             "| --- " * 7 + "|"]
+    for r in records:
+        lines.append(f"| {r['run']} | {r['config']} | {r['rows']} x {r['seq_len']} | "
+                     f"{fmt(r['first_step_s'])} | {r['exit_s']} | {r['rc']} | {r['cache_mb']} |")
+    return lines
+
+
+def section(log_dir: str, mode: str) -> str:
+    import jax  # pylint: disable=import-outside-toplevel
+    gpu = " / ".join(read_lines(os.path.join(log_dir, "gpu.txt"))) or (
+        f"no GPU ({platform.machine()} cpu, {os.cpu_count()} cores)")
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [f"\n## bench/gpu.sh ({mode}), {gpu}, jax {jax.__version__}, "
+           f"Python {platform.python_version()}, {now}\n",
+           "Commands (exit code, seconds; `bg` = background, stopped before start-up):\n"]
+    for line in read_lines(os.path.join(log_dir, "commands.tsv")):
+        name, rc, secs, command = line.split("\t", 3)
+        out.append(f"- {name} (rc {rc}, {secs} s): `{command}`")
+    skipped = read_lines(os.path.join(log_dir, "skipped.txt"))
+    out.append("\nSkipped or incomplete: " + ("; ".join(skipped) if skipped else "nothing") + "\n")
+    parts = [("Train step (bench/train_step.py; ours pallas attention, the peer bf16 autocast + "
+              "fused AdamW + torch.compile in its own process)",
+              train_step_table(read_json_lines(os.path.join(log_dir, "train_step.jsonl")))),
+             ("Start-up, process start to first step (bench/startup.py)",
+              startup_table(read_json_lines(os.path.join(log_dir, "startup.jsonl")))),
+             ("Largest micro batch (bench/memory.py; XLA's allocation plan on this backend, "
+              "compiled with autotuning off)",
+              memory_table(read_json_lines(os.path.join(log_dir, "memory.jsonl"))))]
+    for title, lines in parts:
+        if len(lines) > 2:
+            out += [f"**{title}**\n", *lines, ""]
+    attention = read_lines(os.path.join(log_dir, "attention.md"))
+    if attention:
+        out += ["**Attention (bench/attention.py)**", *[l.replace("## ", "") for l in attention], ""]
+    return "\n".join(out) + "\n"
+
+
+def define_flags():
+    flags.DEFINE_string("bench_logs", None, "bench/gpu.sh's log dir")
+    flags.DEFINE_string("mode", "gpu", "gpu or cpu_smoke, optionally ,quick")
+    flags.DEFINE_string("append_to", "", "append the section to this file (e.g. bench/RESULTS.md)")
+    flags.mark_flag_as_required("bench_logs")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UserError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
+    text = section(args.bench_logs, args.mode)
+    with open(os.path.join(args.bench_logs, "results_section.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    if args.append_to:
+        with open(args.append_to, "a", encoding="utf-8") as f:
+            f.write(text)
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main, define_flags, usage=__doc__)

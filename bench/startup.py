@@ -1,0 +1,135 @@
+"""Start-up time of a training run: process start to the end of its first step, `main.py` on
+the demo corpus, with a persistent compilation cache that starts empty (cold) and is then
+reused (warm). Not part of the test suite.
+
+    python bench/startup.py --config=configs/ettin_150m.py:mlm --rows=64 --seq_len=1024
+
+Each run is a fresh `python main.py` in a fresh workdir whose demo variant is set to one step
+of `rows x seq_len` (no eval; one checkpoint at the end, after the timed part), logging every
+step; the time is taken when the process prints `step 1/1`, which it does after the step's
+metrics are back on the host. The demo corpus is built before the first run (not timed), so
+cold and warm differ only in the cache: `JAX_COMPILATION_CACHE_DIR` (every compilation
+cached, however short). Prints one JSON object per run; --json_out appends them to a file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from absl import flags  # noqa: E402  # pylint: disable=wrong-import-position
+
+from ettin_jax import cli  # noqa: E402  # pylint: disable=wrong-import-position
+FIRST_STEP = re.compile(r"\bstep 1/\d+")
+
+
+def demo_flags(rows: int, seq_len: int) -> list[str]:
+    """main.py overrides that make the demo run one logged step of rows x seq_len."""
+    return [f"--config.demo.train.global_batch_size={rows}",
+            f"--config.demo.train.seq_len={seq_len}",
+            f"--config.demo.schedule.total_tokens={rows * seq_len}",
+            "--config.demo.log.every_steps=1",
+            "--config.demo.train.eval_batches=0",
+            "--config.demo.data.num_workers=0"]
+
+
+def build_demo_corpus(config_arg: str):
+    """Builds the demo corpus main.py will use (its first run would otherwise time it)."""
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    from data_pipeline import demo_corpus  # pylint: disable=import-outside-toplevel
+    path, _, arg = config_arg.partition(":")
+    spec = importlib.util.spec_from_file_location("startup_config", os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    demo_corpus.configure(module.get_config(arg or None).copy_and_resolve_references())
+
+
+def time_run(command: list[str], env: dict, timeout: float, log_path: str) -> dict:
+    """Runs `command`; seconds to its first-step line and to its exit, and its exit code."""
+    start = time.perf_counter()
+    first_step = None
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            for line in process.stdout:
+                log.write(line)
+                if first_step is None and FIRST_STEP.search(line):
+                    first_step = time.perf_counter() - start
+                if time.perf_counter() - start > timeout:
+                    raise subprocess.TimeoutExpired(command, timeout)
+            rc = process.wait(timeout=max(1.0, timeout - (time.perf_counter() - start)))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+            rc = "timeout"
+    return {"first_step_s": None if first_step is None else round(first_step, 1),
+            "exit_s": round(time.perf_counter() - start, 1), "rc": rc}
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def define_flags():
+    flags.DEFINE_string("config", None, "main.py's --config, e.g. configs/ettin_150m.py:mlm")
+    flags.DEFINE_integer("rows", 64, "rows of the one step")
+    flags.DEFINE_integer("seq_len", 1024, "tokens per row")
+    flags.DEFINE_string("runs", "cold,warm", "runs in order: cold empties the cache dir first, "
+                        "warm reuses it")
+    flags.DEFINE_string("cache_dir", "", "compilation cache dir (default: a fresh temporary one)")
+    flags.DEFINE_multi_string("override", [], "extra main.py flag, e.g. "
+                              "--override=--config.model.remat=full (repeatable)")
+    flags.DEFINE_float("timeout", 240.0, "seconds per run")
+    flags.DEFINE_string("run_logs", "", "where each run's output goes (default: a temporary dir)")
+    flags.DEFINE_string("json_out", "", "also append each result to this file")
+    flags.mark_flag_as_required("config")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UserError(f"unexpected arguments {argv[1:]}")
+    args = flags.FLAGS
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="ettin-startup-cache-")
+    log_dir = args.run_logs or tempfile.mkdtemp(prefix="ettin-startup-logs-")
+    os.makedirs(log_dir, exist_ok=True)
+    start = time.perf_counter()
+    build_demo_corpus(args.config)
+    print(f"demo corpus ready ({time.perf_counter() - start:.1f} s, not timed)", flush=True)
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1")
+    for run in args.runs.split(","):
+        if run not in ("cold", "warm"):
+            raise cli.UserError(f"--runs entry {run!r}: expected cold or warm")
+        if run == "cold":
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        os.makedirs(cache_dir, exist_ok=True)
+        workdir = tempfile.mkdtemp(prefix=f"ettin-startup-{run}-")
+        command = [sys.executable, "main.py", f"--config={args.config}", f"--workdir={workdir}",
+                   *demo_flags(args.rows, args.seq_len), *args.override]
+        result = {"run": run, "config": args.config, "rows": args.rows, "seq_len": args.seq_len,
+                  **time_run(command, env, args.timeout, os.path.join(log_dir, f"{run}.log")),
+                  "cache_mb": round(dir_bytes(cache_dir) / 1e6, 1),
+                  "command": " ".join(command[1:])}
+        shutil.rmtree(workdir, ignore_errors=True)
+        print(json.dumps(result), flush=True)
+        if args.json_out:
+            with open(args.json_out, "a", encoding="utf-8") as f:
+                f.write(json.dumps(result) + "\n")
+        if result["first_step_s"] is None:
+            print(f"no first step in {run} run (rc {result['rc']}); its output: "
+                  f"{os.path.join(log_dir, run + '.log')}", flush=True)
+
+
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main, define_flags, usage=__doc__)
