@@ -38,6 +38,7 @@ import jax
 from absl import logging
 
 from ettin_jax import checkpoint as checkpoint_lib
+from ettin_jax import stop_signals
 from ettin_jax import train
 
 # Config keys the two sides must share: they decide the packed rows of every step
@@ -183,7 +184,7 @@ def train_pair(configs: Sequence, workdir: str) -> dict[str, dict]:
     workdirs = [os.path.join(workdir, c.objective) for c in configs]
     common = set.intersection(*map(saved_steps, workdirs))
     resume_at = max(common, default=0)
-    stop = train.StopOnSignal()
+    stop = stop_signals.StopOnSignal()
     try:
         for _ in range(MAX_START_ATTEMPTS):
             result = _train_from(configs, workdirs, resume_at, stop)

@@ -137,6 +137,7 @@ def test_a_run_logs_the_plans_tokens_per_step_and_a_resume_keeps_the_stored_figu
     shutil.rmtree(tmp_path / "short")
     write_mds(tmp_path / "short", long_docs)
     moved = tiny_data_config(tmp_path / "short", tok, steps=6)
+    moved.train.allow_config_change = True   # 2 more steps: a deliberate change of the budget
     fresh = step_tokens.measure(moved, demo=False)["mean_sequence_length"]
     assert schedules.rows_per_step(moved, fresh, 4) == 16     # what re-measuring would give
     replan = plan_lib.make_plan(moved, str(workdir))
