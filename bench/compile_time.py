@@ -1,6 +1,8 @@
-"""Compile time of the model's loss + gradient with the layer groups scanned and unrolled.
+"""Compile time of the model's loss + gradient (or of the whole train step) with the layer
+groups scanned and unrolled.
 
     python bench/compile_time.py --config=configs/ettin_150m.py:mlm --batch=1 --seq_len=1024
+    python bench/compile_time.py --config=configs/ettin_150m.py:mlm --step=train
 
 Start-up of a run is dominated by XLA compiling the train step, and with
 `config.model.scan_layers=False` every layer is traced and compiled apart. For each setting
@@ -10,7 +12,9 @@ cross-entropy of the prediction head on every position (`ettin_jax.cross_entropy
 train step's loss), then times `.lower(...)` (tracing to StableHLO) and `.compile()` (XLA)
 apart on abstract inputs: no parameter is materialised, nothing runs. The persistent
 compilation cache is off, so each compile is a cold one. The optimizer update is left out:
-its cost grows with the parameter count, not with how the layers are traced.
+its cost grows with the parameter count, not with how the layers are traced. `--step=train`
+times the real jitted train step instead (`train.make_setup` on one device: micro-batch
+loss and gradients, StableAdamW update, metrics), what a run compiles before its first step.
 
 With --results the figures are appended to bench/RESULTS.md with the command and machine.
 """
@@ -34,6 +38,8 @@ def define_flags():
     flags.DEFINE_integer("batch", 1, "rows of the traced batch")
     flags.DEFINE_integer("seq_len", 1024, "tokens per row")
     flags.DEFINE_list("scan", ["false", "true"], "config.model.scan_layers settings to time, in order")
+    flags.DEFINE_enum("step", "loss_grad", ["loss_grad", "train"], "what is compiled: the "
+                      "model's loss + gradient, or the whole train step of train.make_setup")
     flags.DEFINE_string("remat", None, "override config.model.remat (none, full, dots)")
     flags.DEFINE_string("dtype", None, "override config.model.dtype (compute dtype)")
     flags.DEFINE_bool("results", False, "append the figures to bench/RESULTS.md")
@@ -76,6 +82,25 @@ def _loss_and_grad(model_config):
     return jax.jit(jax.value_and_grad(loss)), args
 
 
+def _train_step(config):
+    """The run's jitted train step (one device) and abstract arguments: state, one micro batch
+    of --batch x --seq_len in the loader's format, learning rate, step."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from bench.batches import make_batch  # pylint: disable=import-outside-toplevel
+    from ettin_jax import losses, sharding, train  # pylint: disable=import-outside-toplevel
+
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    setup = train.make_setup(config, mesh)
+    batch = make_batch(config, FLAGS.batch, FLAGS.seq_len)
+    abstract_batch = {k: jax.ShapeDtypeStruct((1, *np.shape(batch[k])), jnp.int32)
+                      for k in losses.BATCH_KEYS[config.objective]}
+    args = (setup.abstract_state, abstract_batch, jax.ShapeDtypeStruct((), jnp.float32),
+            jax.ShapeDtypeStruct((), jnp.int32))
+    return setup.train_step, args
+
+
 def _time(config, scan_layers: bool) -> dict:
     from ettin_jax import model as model_lib  # pylint: disable=import-outside-toplevel
     model = dict(config.model.to_dict(), scan_layers=scan_layers)
@@ -86,7 +111,12 @@ def _time(config, scan_layers: bool) -> dict:
     if not scan_layers:
         model["remat"] = "none"       # remat applies to the scanned groups only
     model_config = model_lib.ModelConfig.from_config(model)
-    step, args = _loss_and_grad(model_config)
+    if FLAGS.step == "train":
+        run_config = config.copy_and_resolve_references()
+        run_config.model.update(model)
+        step, args = _train_step(run_config)
+    else:
+        step, args = _loss_and_grad(model_config)
     start = time.perf_counter()
     lowered = step.lower(*args)
     lowered_at = time.perf_counter()
@@ -106,7 +136,8 @@ def _append_results(config, rows, command):
     machine = (f"{os.cpu_count()}-core {platform.machine()} {device.platform}"
                if device.platform == "cpu" else device.device_kind)
     lines = [
-        f"\n## Compile time of loss + grad, {config.size} {config.objective}, batch {FLAGS.batch} x "
+        f"\n## Compile time of {'the train step' if FLAGS.step == 'train' else 'loss + grad'}, "
+        f"{config.size} {config.objective}, batch {FLAGS.batch} x "
         f"{FLAGS.seq_len}, {machine}, load {os.getloadavg()[0]:.1f}, jax {jax.__version__}, {now}\n",
         f"Command: `{command}`. {FLAGS.note}\n",
         "| scan_layers | remat | lower s | compile s | StableHLO chars | optimized HLO chars |",
