@@ -55,7 +55,8 @@ def define_model_source_flags(checkpoint_use: str = "its newest checkpoint"):
     """Defines --checkpoint / --hf / --tokenizer / --dtype; `checkpoint_use` says in --help
     what the tool does with a run's checkpoint."""
     flags.DEFINE_string("checkpoint", None, f"a training run's workdir: {checkpoint_use}")
-    flags.DEFINE_string("hf", None, "a transformers directory (config.json + model.safetensors)")
+    flags.DEFINE_string("hf", None, "a transformers directory (config.json + model.safetensors, "
+                        "a sharded index or pytorch_model.bin)")
     flags.DEFINE_string("tokenizer", None, "tokenizer directory or tokenizer.json (default: the "
                         "one saved with the run or the transformers directory)")
     flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"], "compute dtype of the matmuls "
@@ -151,7 +152,7 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
         head, sep, _ = message.partition(": Error whilst parsing config file")
         if sep:
             message = f"{head}: {_innermost(e)}"
-    except (KeyError, AttributeError) as e:   # ml_collections: an override of a missing key
+    except (KeyError, AttributeError):   # ml_collections: an override of a missing key
         message = _unknown_config_key(flag_values, argv)
         if message is None:
             raise

@@ -447,3 +447,23 @@ def test_regression_learns_resumes_exactly_and_skips_finished_runs(tmp_path):
     assert writers.created == 0
     assert summary["best"]["score"] == reference["best"]["score"]
     assert summary["best"]["metrics"]["dev/pearson"]["mean"] == metrics["pearson"]
+
+
+def test_encoder_pools_as_its_config_says_unless_told(tmp_path):
+    """No --pooling: an encoder pools by its config's classifier_pooling, as transformers'
+    ModernBertForSequenceClassification does; an explicit pooling wins."""
+    rng = np.random.default_rng(2)
+    data_dir = str(tmp_path / "data")
+    for stem, n in (("train", 16), ("dev", 16)):
+        _write_tsv(os.path.join(data_dir, "SST-2", f"{stem}.tsv"), ["sentence", "label"],
+                   [[_sentence(rng, bool(y)), str(y)] for y in rng.integers(0, 2, n)])
+    encoder = _tiny("mlm")
+    encoder.config = dataclasses.replace(encoder.config, classifier_pooling="mean")
+    for options_pooling, expected in (("", "mean"), ("cls", "cls")):
+        summary = finetune.run_task(
+            tasks.get_task("sst2"), backbone_factory=_factory(encoder), tokenizer=_tokenizer(),
+            data_dir=data_dir, workdir=str(tmp_path / f"work{options_pooling}"), lrs=[1e-3],
+            epochs=[1], seeds=[0], mesh=_mesh_one_device(), writer_factory=_Writers(),
+            options=finetune.FinetuneOptions(batch_size=16, eval_batch_size=16, max_seq_len=32,
+                                             pooling=options_pooling))
+        assert summary["pooling"] == expected

@@ -77,7 +77,8 @@ def define_flags():
     flags.DEFINE_float("weight_decay", d.weight_decay, "AdamW weight decay (times the LR, as PyTorch)")
     flags.DEFINE_float("classifier_dropout", d.classifier_dropout, "dropout before the classifier")
     flags.DEFINE_enum("pooling", "", ["", *POOLINGS], "cls | mean (encoders), last | mean "
-                      "(decoders); default cls for encoders, last for decoders")
+                      "(decoders); default: the encoder config's classifier_pooling (cls unless "
+                      "it says mean), last for decoders")
     flags.DEFINE_integer("evals_per_epoch", d.evals_per_epoch, "dev evaluations per epoch")
     flags.DEFINE_integer("patience", d.patience, "stop a run after this many evaluations without a better dev score")
     flags.DEFINE_integer("max_train_examples", 0, "> 0: train on the first N examples only (smoke runs)")

@@ -327,7 +327,8 @@ def run_task(task: Task, *, backbone_factory: Callable[[], model_lib.EttinModel]
     if mesh is None:
         mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     config = nnx.eval_shape(backbone_factory).config
-    pooling = options.pooling or ("last" if config.causal else "cls")
+    # Encoders pool as their config says (transformers reads classifier_pooling the same way).
+    pooling = options.pooling or ("last" if config.causal else config.classifier_pooling)
 
     def make_classifier(seed: int) -> SequenceClassifier:
         return SequenceClassifier(backbone_factory(), task.num_outputs, pooling=pooling,

@@ -96,7 +96,8 @@ def define_flags():
                         required=True)
     flags.DEFINE_bool("overwrite", False, "export: write into --out even if it holds files "
                       "other than a previous export's")
-    flags.DEFINE_string("hf", None, "import: a transformers directory (config.json + model.safetensors)")
+    flags.DEFINE_string("hf", None, "import: a transformers directory (config.json + model.safetensors, a "
+                        "sharded index or pytorch_model.bin)")
 
 
 def main(argv):
