@@ -133,12 +133,13 @@ def measure(config, *, sample_documents: int = 20_000, max_relative_error: float
     if not config.data.mixture:
         return None
     seq_len, m = config.train.seq_len, config.model
-    srcs = loader._open_sources(config, config.data.mixture)  # pylint: disable=protected-access
+    srcs = loader.open_sources(config, config.data.mixture)
     results = []
     for src in srcs:
-        held_out = 0 if config.data.eval_mixture else loader._holdout(config, src)  # pylint: disable=protected-access
+        held_out = 0 if config.data.eval_mixture else loader.held_out_documents(config, src)
         frame = (None if src.kind == "arrayrecord" else
-                 functools.partial(loader._frame, cls_id=m.cls_token_id, sep_id=m.sep_token_id))  # pylint: disable=protected-access
+                 functools.partial(loader.frame_document, cls_id=m.cls_token_id,
+                                   sep_id=m.sep_token_id))
         results.append(measure_source(src, seq_len=seq_len, stop=len(src.docs) - held_out,
                                       frame=frame, sample_documents=sample_documents,
                                       max_relative_error=max_relative_error, seed=seed))

@@ -7,6 +7,9 @@
                        batch_rows=None, include_metadata=False)
         -> grain.DatasetIterator (finite: one pass over the eval documents)
     tokenizer_path(config) -> str   # directory with tokenizer.json (for export / decoding)
+    resolve_sources(config) -> (train sources, eval sources or None, tokenizer path), checked
+    open_sources, held_out_documents, frame_document   # the loader's own rules, reused by
+                                    # data_pipeline.lengths (tokens per step) and the run plan
 
 Batch format: a dict of numpy int32 arrays holding this host's slice of one global batch;
 `batch` = rows_for_step(step) // process_count rows, `seq` = config.train.seq_len:
@@ -107,33 +110,33 @@ def _check_tokenizer(config, srcs: list[sources.Source], tok_path: str) -> None:
                                        "differ")
 
 
-def _open_sources(config, mixture: str) -> list[sources.Source]:
+def open_sources(config, mixture: str) -> list[sources.Source]:
     d = config.data
     return [sources.open_source(path, weight, vocab_size=config.model.vocab_size,
                                 cache_dir=d.mds_cache_dir or None)
             for path, weight in sources.parse_mixture(mixtures.expand(mixture, config.phase))]
 
 
-def _resolve(config) -> tuple[list[sources.Source], list[sources.Source] | None, str]:
+def resolve_sources(config) -> tuple[list[sources.Source], list[sources.Source] | None, str]:
     """(train sources, eval sources or None = hold out from train, tokenizer path)."""
     d = config.data
     if not d.mixture:
         raise ValueError(_NO_MIXTURE)
-    train = _open_sources(config, d.mixture)
-    evals = _open_sources(config, d.eval_mixture) if d.eval_mixture else None
+    train = open_sources(config, d.mixture)
+    evals = open_sources(config, d.eval_mixture) if d.eval_mixture else None
     tok_dir = tokenizer_path(config)
     _check_tokenizer(config, train + (evals or []), tok_dir)
     return train, evals, tok_dir
 
 
-def _holdout(config, src: sources.Source) -> int:
+def held_out_documents(config, src: sources.Source) -> int:
     """Documents at the end of a train source kept for eval (when no eval_mixture is set)."""
     n = len(src.docs)
     return min(config.data.eval_documents, n // 10)
 
 
 # -- per-element functions (module level so Grain can pickle them into worker processes)
-def _frame(ids: np.ndarray, *, cls_id: int, sep_id: int) -> np.ndarray:
+def frame_document(ids: np.ndarray, *, cls_id: int, sep_id: int) -> np.ndarray:
     """Ettin's loading quirk (recipe §4.5): every document starts [CLS] and ends [SEP]."""
     if ids.size == 0 or ids[0] != cls_id:
         ids = np.concatenate([[cls_id], ids]).astype(np.int32)
@@ -155,7 +158,7 @@ def _source_stream(config, src: sources.Source, i: int, *, start: int, stop: int
     m = config.model
     ds = grain.MapDataset.source(src.docs)[start:stop]
     if src.kind != "arrayrecord":          # prepare output is framed already
-        ds = ds.map(functools.partial(_frame, cls_id=m.cls_token_id, sep_id=m.sep_token_id))
+        ds = ds.map(functools.partial(frame_document, cls_id=m.cls_token_id, sep_id=m.sep_token_id))
     ds = ds.map(functools.partial(_tag, source=i))
     if shuffle:
         ds = ds.shuffle(seed=(config.data.seed * 1009 + i) % 2**32)
@@ -232,10 +235,10 @@ def make_train_iterator(config, *, process_index: int | None = None,
     several sources, Grain's mixture ends when the first of them runs out).
     """
     pid, pcount = _host(process_index, process_count)
-    train, evals, _ = _resolve(config)
+    train, evals, _ = resolve_sources(config)
     streams = []
     for i, src in enumerate(train):
-        stop = len(src.docs) - (_holdout(config, src) if evals is None else 0)
+        stop = len(src.docs) - (held_out_documents(config, src) if evals is None else 0)
         streams.append(_source_stream(config, src, i, start=0, stop=stop,
                                       shuffle=config.data.shuffle, num_epochs=num_epochs))
     if len(streams) == 1:
@@ -265,10 +268,10 @@ def make_eval_iterator(config, *, process_index: int | None = None,
     the last batch is padded with empty rows. batch_rows: global rows per batch (default
     config.data.eval_batch_size)."""
     pid, pcount = _host(process_index, process_count)
-    train, evals, _ = _resolve(config)
+    train, evals, _ = resolve_sources(config)
     streams = []
     for i, src in enumerate(evals or train):
-        start = 0 if evals else len(src.docs) - _holdout(config, src)
+        start = 0 if evals else len(src.docs) - held_out_documents(config, src)
         streams.append(_source_stream(config, src, i, start=start, stop=len(src.docs),
                                       shuffle=False, num_epochs=None))
     docs = streams[0] if len(streams) == 1 else grain.MapDataset.concatenate(streams)

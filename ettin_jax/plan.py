@@ -83,7 +83,7 @@ def make_plan(config, workdir: str, *, num_devices: int | None = None) -> dict:
     tokenizer = ""
     if not demo_run:   # what the loader checks first: sources open, tokenizer fits the model
         from data_pipeline import loader  # pylint: disable=import-outside-toplevel
-        tokenizer = os.path.abspath(loader._resolve(config)[2])  # pylint: disable=protected-access
+        tokenizer = os.path.abspath(loader.resolve_sources(config)[2])
     record = step_tokens.for_run(config, workdir, demo=demo_run)
     mean = record["mean_sequence_length"]
     seq_len = int(config.train.seq_len)
