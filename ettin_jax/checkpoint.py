@@ -250,6 +250,17 @@ def read_only_manager(workdir: str, *, with_data: bool = False) -> ocp.Checkpoin
                                  item_handlers=_handlers(with_data))
 
 
+def saved_steps(workdir: str) -> list[int]:
+    """The steps of a run's finished checkpoints, ascending ([] when it has no checkpoints/)."""
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return []
+    manager = read_only_manager(workdir)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
 def readable_steps(manager, workdir: str) -> list[int]:
     """The run's checkpoint steps, newest first; FileNotFoundError when there is none."""
     steps = sorted(manager.all_steps(), reverse=True)

@@ -166,23 +166,12 @@ def _size(num_bytes: int) -> str:
 
 # --- the lockstep driver -----------------------------------------------------------------------
 
-def saved_steps(workdir: str) -> set[int]:
-    """The steps of a run's finished checkpoints (none when it has no checkpoints/ yet)."""
-    if not os.path.isdir(checkpoint_lib.checkpoint_dir(workdir)):
-        return set()
-    manager = checkpoint_lib.read_only_manager(workdir)
-    try:
-        return set(manager.all_steps())
-    finally:
-        manager.close()
-
-
 def train_pair(configs: Sequence, workdir: str) -> dict[str, dict]:
     """Trains the pair's two sides (side_configs) in lockstep in `<workdir>/<objective>`
     (module docstring); returns each side's last logged metrics by objective."""
     workdir = os.path.abspath(workdir)
     workdirs = [os.path.join(workdir, c.objective) for c in configs]
-    common = set.intersection(*map(saved_steps, workdirs))
+    common = set.intersection(*(set(checkpoint_lib.saved_steps(w)) for w in workdirs))
     resume_at = max(common, default=0)
     stop = stop_signals.StopOnSignal()
     try:

@@ -38,24 +38,15 @@ from ettin_jax import step_tokens
 from ettin_jax.model_config import ModelConfig
 
 
-def _checkpoint_steps(workdir: str) -> list[int]:
-    """Finished checkpoint steps of a run, read from its directory listing (Orbax names a
-    finished checkpoint `<step>`; one being written carries a suffix)."""
-    directory = checkpoint_lib.checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
-
-
 def _restore(config, workdir: str) -> dict:
     """What a real run starts from, in train._restore_or_init's order."""
-    own = _checkpoint_steps(workdir)
+    own = checkpoint_lib.saved_steps(workdir)
     if own:
         return {"from": "workdir", "path": checkpoint_lib.checkpoint_dir(workdir),
                 "step": own[-1]}
     init_from = config.train.init_from
     if init_from:
-        steps = _checkpoint_steps(init_from)
+        steps = checkpoint_lib.saved_steps(init_from)
         return {"from": "init_from", "path": os.path.abspath(init_from),
                 "step": steps[-1] if steps else None,
                 "optimizer_state": bool(config.train.init_optimizer_state)}
