@@ -30,7 +30,7 @@ def define_flags():
     config_flags.DEFINE_config_file(
         "config", None, "FILE:ARG, e.g. configs/ettin_150m.py:mlm (runs: mlm, clm, mlm_ext, "
         "clm_ext, mlm_decay, clm_decay, mlm_from_clm, clm_from_mlm; options: ,mntp=true "
-        ",window=training; pairs on identical data: mlm+clm, mlm_ext+clm_ext, ...)",
+        ",window=transformers; pairs on identical data: mlm+clm, mlm_ext+clm_ext, ...)",
         lock_config=True)
     flags.DEFINE_string("workdir", None, "where checkpoints, TensorBoard logs and metrics.jsonl go")
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (several "
@@ -71,6 +71,9 @@ def validate(config, workdir: str, *, dry_run: bool = False):
     if config.phase not in config_base.PHASES:
         raise cli.UserError(f"config.phase={config.phase!r}: expected one of {config_base.PHASES}")
     init_from = config.train.init_from
+    if not dry_run:   # a later phase names its start (ettin_jax.workdir imports no backend)
+        from ettin_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+        workdir_lib.check_init_from(config)
     # "scratch": the explicit choice of a later phase to start from random weights.
     if init_from and init_from != "scratch" and not _is_remote(init_from) and not dry_run:
         if not os.path.isdir(init_from):

@@ -47,6 +47,8 @@ def assert_one_error_line(result, *fragments):
      ["config.train.init_from=/no/such/run", "no such directory"]),
     (["--config=configs/ettin_tiny.py:mxm"], ["--config=configs/ettin_tiny.py:mxm",
                                               "objective 'mxm' is not one of"]),
+    (["--config=configs/ettin_tiny.py:clm_decay"], ["--config.train.init_from=<workdir",
+                                                    "init_from=scratch"]),
 ])
 def test_main_user_errors_are_one_line_before_jax_starts(tmp_path, args, fragments):
     result = run("main.py", f"--workdir={tmp_path / 'w'}", *args)
