@@ -90,14 +90,16 @@ def train_step(state: dict, batch: dict, learning_rate, step, *, graphdef, rng_l
     new_params = optax.apply_updates(params, updates)
     grad_norm = optax.tree.norm(grads)
     # Divergence guard: a non-finite step leaves params and optimizer state as they were.
-    ok = divergence.update_is_finite(stats["loss"], grad_norm, optax.tree.norm(new_params))
+    new_param_norm = optax.tree.norm(new_params)
+    ok = divergence.update_is_finite(stats["loss"], grad_norm, new_param_norm)
     new_state = divergence.keep_if(ok, {"params": new_params, "opt_state": opt_state}, state)
     applied = ok.astype(jnp.float32)
     metrics = TrainMetrics.single_from_model_output(
         loss_sum=jnp.where(ok, stats["loss"], 0.0), predictions=stats["count"] * applied,
         correct=stats["correct"] * applied, grad_norm=jnp.where(ok, grad_norm, 0.0),
         applied=applied, skipped=1.0 - applied,
-        param_norm=optax.tree.norm(new_state["params"]),
+        # The kept params' norm: the new one, re-reduced only when the step was skipped.
+        param_norm=jax.lax.cond(ok, lambda: new_param_norm, lambda: optax.tree.norm(params)),
         real_tokens=jnp.sum(batch["segment_ids"] > 0, dtype=jnp.float32),
         tokens=batch["segment_ids"].size)
     return new_state, metrics
