@@ -23,7 +23,7 @@ import warnings
 
 from absl import flags
 
-from data_pipeline import prepare, shards, tokenizer
+from data_pipeline import shards, tokenizer
 from ettin_jax import cli
 
 
@@ -97,6 +97,9 @@ def build(output: str, *, vocab_size: int, unk_id: int, max_bytes: int = 8_000_0
             tok = tokenizer.train_bpe(texts, vocab_size=vocab_size, unk_id=unk_id)
         tokenizer.save(tok, tok_dir + ".tmp")
         os.replace(tok_dir + ".tmp", tok_dir)
+    # Imported here: prepare pulls in datasketch and scipy (0.4 s), which a run that reuses
+    # the built corpus (every run but the first) never needs.
+    from data_pipeline import prepare  # pylint: disable=import-outside-toplevel
     # Code fails prose quality rules by design, so only dedup runs on the demo corpus.
     prepare.run(prepare.Options(inputs=[corpus], output=shard_dir, tokenizer=tok_dir,
                                 source="python-stdlib", filters=(), docs_per_shard=2000,

@@ -237,15 +237,15 @@ def _restore_or_init(config, setup: Setup, ckpt, train_iter,
 
 def _make_writers(config, workdir: str, num_steps: int):
     """(all metric writers, clu's ReportProgress, per-step hooks); only process 0 writes files."""
-    # clu.metric_writers imports TensorFlow (seconds at start-up, and absent from the GPU image
-    # that runs bench/train_step.py): only the loop imports it.
-    from clu import metric_writers, periodic_actions  # pylint: disable=import-outside-toplevel
-    from ettin_jax import jsonl_writer  # pylint: disable=import-outside-toplevel
+    # writers before clu.periodic_actions: its TensorBoard backend then needs no TensorFlow.
+    from ettin_jax import writers as writers_lib  # pylint: disable=import-outside-toplevel
+    from clu import periodic_actions  # pylint: disable=import-outside-toplevel
+    metric_writers = writers_lib.metric_writers
     is_writer = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_writer)
     writers = [writer]
     if is_writer:
-        writers.append(jsonl_writer.JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
+        writers.append(writers_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json_best_effort(indent=2))
     report_progress = periodic_actions.ReportProgress(
@@ -256,7 +256,7 @@ def _make_writers(config, workdir: str, num_steps: int):
         if config.log.profile_steps > 0:
             hooks.append(periodic_actions.Profile(logdir=workdir,
                                                   num_profile_steps=config.log.profile_steps))
-    return jsonl_writer.RecordsMultiWriter(writers), report_progress, hooks
+    return writers_lib.RecordsMultiWriter(writers), report_progress, hooks
 
 
 def _save(ckpt, step: int, state: dict, tokens: int, config, train_iter, tokenizer: str,
@@ -331,7 +331,7 @@ def train_steps(config, workdir: str, *, resume_at_most: int | None = None):
 
 
 def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
-    from clu import metric_writers  # pylint: disable=import-outside-toplevel
+    from ettin_jax.writers import metric_writers  # pylint: disable=import-outside-toplevel
     from data_pipeline import fingerprint as fingerprint_lib  # pylint: disable=import-outside-toplevel
     from data_pipeline import loader  # pylint: disable=import-outside-toplevel
 

@@ -321,7 +321,7 @@ def run_task(task: Task, *, backbone_factory: Callable[[], model_lib.EttinModel]
     from ettin_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
 
     if writer_factory is None:
-        from clu import metric_writers  # pylint: disable=import-outside-toplevel
+        from ettin_jax.writers import metric_writers  # pylint: disable=import-outside-toplevel
         writer_factory = lambda logdir: metric_writers.create_default_writer(  # pylint: disable=unnecessary-lambda-assignment
             logdir, just_logging=jax.process_index() > 0, asynchronous=False)
     if mesh is None:

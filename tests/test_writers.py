@@ -1,0 +1,70 @@
+"""The metric writers without TensorFlow: `ettin_jax.writers.TensorBoardWriter`'s event files,
+read back with TensorFlow's own reader, and `main.py` on a host where TensorFlow is absent."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import train_testlib
+from test_train_resume import FLAGS as TRAIN_FLAGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_events(logdir):
+    """{tag: {step: value}} of every event file in logdir, read by TensorFlow's reader."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    values = {}
+    for name in sorted(os.listdir(logdir)):
+        if "tfevents" not in name:
+            continue
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, name)):
+            for value in event.summary.value:
+                values.setdefault(value.tag, {})[event.step] = (
+                    value.metadata.plugin_data.plugin_name, tf.make_ndarray(value.tensor))
+    return values
+
+
+def test_tensorboard_writer_files_read_back_with_tensorflow(tmp_path):
+    from ettin_jax import writers  # pylint: disable=import-outside-toplevel
+    writer = writers.TensorBoardWriter(str(tmp_path / "tb"))
+    writer.write_scalars(1, {"loss": 10.25, "learning_rate": np.float32(3e-4)})
+    writer.write_scalars(7, {"loss": 6.5})
+    writer.write_texts(7, {"note": "phase ext ✓"})
+    writer.close()
+    got = read_events(tmp_path / "tb")
+    assert set(got) == {"loss", "learning_rate", "note"}
+    assert {step: (plugin, float(v)) for step, (plugin, v) in got["loss"].items()} == {
+        1: ("scalars", 10.25), 7: ("scalars", 6.5)}
+    plugin, lr = got["learning_rate"][1]
+    assert plugin == "scalars" and lr == pytest.approx(3e-4)
+    plugin, note = got["note"][7]
+    assert plugin == "text" and note.item().decode("utf-8") == "phase ext ✓"
+    with pytest.raises(NotImplementedError, match="histograms"):
+        writer.write_histograms(1, {"w": np.zeros(3)})
+
+
+def test_main_trains_and_writes_tensorboard_without_tensorflow(tmp_path):
+    """A host without TensorFlow (the GPU image): TensorBoard's scalars equal metrics.jsonl."""
+    blocker = tmp_path / "no_tensorflow"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "for name in ('tensorflow', 'tensorflow_datasets'):\n"
+        "    sys.modules[name] = None   # `import tensorflow` now raises ImportError\n")
+    env = train_testlib.subprocess_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(blocker), env.get("PYTHONPATH")]))
+    flags = [flag for flag in TRAIN_FLAGS if "total_tokens" not in flag] + [
+        "--config.demo.schedule.total_tokens=1024"]                   # 2 steps of 8 x 64
+    workdir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "main.py", f"--workdir={workdir}", *flags],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
+        jsonl = {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+    events = read_events(workdir)
+    assert sorted(jsonl) == [1, 2]
+    assert {step: float(v) for step, (_, v) in events["loss"].items()} == pytest.approx(jsonl)
