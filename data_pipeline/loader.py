@@ -195,6 +195,13 @@ def _pad_row(config, ratio: float) -> dict:
     return row
 
 
+def row_spec(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of one training row per key; a batch puts `[rows]` in front. Lets the
+    train step compile before the first batch exists (ettin_jax.precompile)."""
+    pad = _pad_row(config, config.train.mask_ratio)
+    return {key: (pad[key].shape, pad[key].dtype) for key in _keys(config, include_metadata=False)}
+
+
 def _ensure_absl_flags_parsed() -> None:
     # Grain's mp_prefetch reads absl flags; outside an absl app (tests, notebooks) they are
     # unparsed and reading them raises. Mark them parsed with their defaults.

@@ -39,6 +39,7 @@ from ettin_jax import divergence
 from ettin_jax import losses
 from ettin_jax import model_loader
 from ettin_jax import optimizer as optimizer_lib
+from ettin_jax import precompile
 from ettin_jax import schedules
 from ettin_jax import sharding as sharding_lib
 from ettin_jax import step_tokens
@@ -366,6 +367,15 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     num_steps = schedules.total_steps(config, mean, data_parallel)
     micro_rows = schedules.micro_batch_size(config, mean, data_parallel)
     batch_keys = losses.BATCH_KEYS[config.objective]
+    # The train step compiles on a thread from here on (ettin_jax.precompile), for the shapes
+    # of the step the run starts at; everything up to the loop runs beside it.
+    saved = [s for s in checkpoint_lib.saved_steps(workdir)
+             if resume_at_most is None or s <= resume_at_most]
+    first_step = saved[-1] if saved else 0
+    compiled = precompile.start(
+        setup.train_step, setup.abstract_state,
+        precompile.batch_spec(config, mesh, rows_for_step(first_step), micro_rows),
+        schedules.learning_rate(config, 0.0), first_step)
     train_iter = loader.make_train_iterator(config, rows_for_step=rows_for_step)
     try:   # recorded with each checkpoint, for `python -m ettin_jax.hf export`
         tokenizer = os.path.abspath(loader.tokenizer_path(config))
@@ -393,6 +403,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     run_start = time.time()
 
     # Loop.
+    compiled.result()
     try:
         yield Progress("start", step=step)
         with metric_writers.ensure_flushes(writers):
