@@ -41,7 +41,7 @@ RUNTIME_SECTIONS = ("mesh", "demo")
 RUNTIME_KEYS = frozenset({
     "model.attention_impl", "model.dtype", "model.scan_layers", "model.remat",
     "train.xla_backend_optimization_level", "train.allow_config_change",
-    "train.compilation_cache_dir",
+    "train.compilation_cache_dir", "train.loss_vocab_chunk", "train.loss_row_chunk",
     "data.num_workers", "data.worker_group_rows", "data.worker_buffer_groups",
     "data.mds_cache_dir", "checkpoint.async_save",
     "log.progress_every_secs", "log.device_peak_flops", "log.profile_steps",
