@@ -11,9 +11,9 @@
 #   memory (bench/memory.py): largest micro batch per size at 1024 and 8192, remat
 #     none/full/dots, 80 GB; compile-only, so it runs in the background from the start until
 #     the start-up stage (whatever finished by then is reported).
-#   tuning, last, with the budget left (at least 120 s): the 150m mlm step at 64x1024 profiled
-#     (top ops per XLA operation -> $LOG/profile_150m_mlm.txt), then one process timing the
-#     baseline (pallas, threefry, loss chunks 4096/8192, 64 rows) and each knob changed alone:
+#   tuning, last, with the budget left (at least 120 s): one process timing the 150m mlm step
+#     at 64x1024, baseline (pallas, threefry, loss chunks 4096/8192, 64 rows) first and then
+#     profiled (top ops per XLA operation -> $LOG/profile_150m_mlm.txt), then each knob alone:
 #     prng_impl rbg / unsafe_rbg, attention_impl mosaic, loss_vocab_chunk 16384,
 #     loss_row_chunk 32768, micro batch 32 / 128 rows (bench/variants.py; -> $LOG/tune.jsonl).
 # The section (card, date, jax version, every command) is appended to bench/RESULTS.md and
@@ -64,7 +64,8 @@ if [ "$SMOKE" = 1 ]; then
   # torch.compile takes minutes per model on a small CPU: the first peer command compiles.
   PEER_COMPILE_REST=no
   # The tiny vocabulary (512) and 4-row batch: chunks and rows that still split the loss.
-  TUNE_VARIANTS="prng_impl=rbg,unsafe_rbg;attention_impl=mosaic;loss_vocab_chunk=96;loss_row_chunk=64;batch=2,8"
+  TUNE_VARIANTS="prng_impl=rbg,unsafe_rbg;attention_impl=mosaic;loss_vocab_chunk=96"
+  TUNE_VARIANTS+=";loss_row_chunk=64;batch=2,8"
 else
   C150=configs/ettin_150m.py C1B=configs/ettin_1b.py SIZES="17m 32m 68m 150m 400m 1b"
   S64x1K=64x1024 S8x8K=8x8192 S32x1K=32x1024 SEQS=1024,8192 ATT_BATCH=""
@@ -72,7 +73,8 @@ else
   STEPS="--steps=10 --warmup=2" PEER_STEPS="--steps=10 --warmup=3" PEER_COMPILE_REST=yes
   # In order of priority (a variant the budget does not reach is recorded as skipped). At
   # 64x1024 MLM ~19.7k positions are predicted: row chunk 8192 pads them to 24,576.
-  TUNE_VARIANTS="prng_impl=rbg,unsafe_rbg;attention_impl=mosaic;loss_vocab_chunk=16384;loss_row_chunk=32768;batch=32,128"
+  TUNE_VARIANTS="prng_impl=rbg,unsafe_rbg;attention_impl=mosaic;loss_vocab_chunk=16384"
+  TUNE_VARIANTS+=";loss_row_chunk=32768;batch=32,128"
 fi
 if [ "$QUICK" = 1 ]; then
   SEQS=${SEQS#*,} MEM_SEQS=${MEM_SEQS%,*}
@@ -141,14 +143,14 @@ fi
 # --- tuning: the profile, then the one-at-a-time variants in one process ---
 tune() {
   if [ "$HAVE_DEPS" = 0 ]; then skip "tune: needs ml-collections and grain"; return; fi
-  run profile_150m_mlm 200 python bench/train_step.py --profile --attention_impl=pallas \
-    --config=$C150:mlm --shapes=$S64x1K --top=30 --profile_out="$LOG/profile_150m_mlm.txt"
-  # The sweep stops starting variants 40 s before its timeout (start-up and the last steps),
-  # so what it measured is in tune.jsonl and the rest is listed as skipped, not killed.
-  local limit; limit=$(cut 480)
+  # One process: the baseline is timed, then profiled (its compiled step, no second compile),
+  # then each variant. The sweep stops starting variants 40 s before its timeout (start-up,
+  # the last steps), so what it measured is in tune.jsonl and the rest is listed as skipped.
+  local limit; limit=$(cut 600)
   run tune_150m_mlm "$limit" python bench/train_step.py --attention_impl=pallas --transformers=no \
     $STEPS --config=$C150:mlm --shapes=$S64x1K --variants="$TUNE_VARIANTS" \
-    --variants_budget_s=$(( limit > 60 ? limit - 40 : 20 )) --json_out="$LOG/tune.jsonl"
+    --variants_budget_s=$(( limit > 60 ? limit - 40 : 20 )) --json_out="$LOG/tune.jsonl" \
+    --profile_out="$LOG/profile_150m_mlm.txt" --top=30
 }
 
 # --- memory: compile-only, in the background (no autotuning: nothing runs on the device) ---
@@ -226,7 +228,11 @@ fi
 if [ "$TUNE" = 1 ]; then
   tune
 elif [ "$QUICK" = 0 ]; then
-  if [ "$DRY" = 1 ] || [ "$(remaining)" -ge 120 ]; then tune; else skip "tune: budget spent ($(remaining)s left, needs 120s)"; fi
+  if [ "$DRY" = 1 ] || [ "$(remaining)" -ge 120 ]; then
+    tune
+  else
+    skip "tune: budget spent ($(remaining)s left, needs 120s)"
+  fi
 fi
 
 # --- report ---

@@ -128,7 +128,8 @@ def section(log_dir: str, mode: str) -> str:
             out += [f"**{title}**\n", *lines, ""]
     profile = read_lines(os.path.join(log_dir, "profile_150m_mlm.txt"))
     if profile:
-        out += ["**Profile of one step, the tuning shape (bench/train_step.py --profile)**\n", "```",
+        out += ["**Profile of one step of the tuning baseline (bench/train_step.py "
+                "--profile_out)**\n", "```",
                 *profile, "```", ""]
     attention = read_lines(os.path.join(log_dir, "attention.md"))
     if attention:

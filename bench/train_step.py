@@ -26,7 +26,8 @@ to bench/RESULTS.md as a table row, with --json_out to a JSON-lines file.
 time, bench/variants.py), each its own compile, all in this one process (imports and batches
 once); a row each, with `variant` in its JSON record and the first step's seconds (compile
 plus one step) as compile_s. A variant that fails is recorded with its error and the sweep
-goes on; --variants_budget_s stops starting new ones. --prng_impl, --loss_vocab_chunk and
+goes on; --variants_budget_s stops starting new ones; --profile_out=FILE also profiles the
+baseline's compiled step (as --profile below) after timing it. --prng_impl, --loss_vocab_chunk and
 --loss_row_chunk set the speed knobs of config.train for every run of the process.
 
 With --profile it times nothing: it runs one step under `jax.profiler.trace` and prints where
@@ -88,7 +89,9 @@ def define_flags():
     flags.DEFINE_string("note", "", "free text for the RESULTS.md row")
     flags.DEFINE_bool("profile", False, "print the step's time per XLA operation instead of timing it")
     flags.DEFINE_integer("top", 25, "with --profile: entries listed per group")
-    flags.DEFINE_string("profile_out", None, "with --profile: also write the listing to this file")
+    flags.DEFINE_string("profile_out", None, "write --profile's listing to this file; without "
+                        "--profile, profile one more step of the first timed run (with "
+                        "--variants the baseline) after timing it: no extra compile")
     flags.mark_flag_as_required("config")
 
 
@@ -164,19 +167,23 @@ def op_names(hlo_text: str) -> dict:
     return names
 
 
-def profile(config, batch, top: int, out_path: str | None = None):
+def profile(config, batch, top: int, out_path: str | None = None, step_fn=None):
     """Prints the thunk time of one step per JAX operation (see the module docstring), and
-    writes the same lines to `out_path` when given."""
+    writes the same lines to `out_path` when given. `step_fn`: ours_step_fn's triple of a step
+    already compiled and warm (a timed run's), else one is built and warmed up here."""
     import jax  # pylint: disable=import-outside-toplevel
 
-    step, _, hlo_text = ours_step_fn(config, batch)
-    step()
-    step()
+    if step_fn is None:
+        step_fn = ours_step_fn(config, batch)
+        step_fn[0]()
+        step_fn[0]()
+    step, _, hlo_text = step_fn
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             step()
         totals = thunk_durations(trace_dir)
-    names = op_names(hlo_text())   # the same computation, to name each thunk by its operation
+    # The same computation (jit's in-memory cache: no second compile), to name each thunk.
+    names = op_names(hlo_text())
     by_op = collections.Counter()
     for thunk, micros in totals.items():
         if thunk in names:
@@ -212,8 +219,10 @@ def resolve_auto(value: str, default: bool) -> bool:
     return default if value == "auto" else value == "yes"
 
 
-def time_shape(config, rows: int, seq_len: int, *, ours: bool, peer: bool) -> dict:
-    """Times ours and/or the peer at one shape (steps interleaved); the result record."""
+def time_shape(config, rows: int, seq_len: int, *, ours: bool, peer: bool,
+               profile_out: str | None = None) -> dict:
+    """Times ours and/or the peer at one shape (steps interleaved); the result record. With
+    `profile_out`, then profiles one more step of ours (the same compiled step) into it."""
     import jax  # pylint: disable=import-outside-toplevel
     from ettin_jax import train_metrics  # pylint: disable=import-outside-toplevel
 
@@ -226,9 +235,9 @@ def time_shape(config, rows: int, seq_len: int, *, ours: bool, peer: bool) -> di
     tokens = rows * seq_len
     step_fns, loss_fns = [], []
     if ours:
-        step, loss = ours_step_fn(config, batch)[:2]
-        step_fns.append(step)
-        loss_fns.append(loss)
+        ours_fns = ours_step_fn(config, batch)
+        step_fns.append(ours_fns[0])
+        loss_fns.append(ours_fns[1])
     if peer:
         import torch  # pylint: disable=import-outside-toplevel
         from bench import peer as peer_lib  # pylint: disable=import-outside-toplevel
@@ -279,13 +288,19 @@ def time_shape(config, rows: int, seq_len: int, *, ours: bool, peer: bool) -> di
                       cpu_time_ratio=round(hf_cpu_seconds / cpu_seconds, 3))
         print(f"ettin-jax is {result['ratio']}x transformers by wall time, "
               f"{result['cpu_time_ratio']}x by CPU time", flush=True)
+    if ours and profile_out:
+        try:
+            profile(config, batch, F.top, profile_out, step_fn=ours_fns)
+        except Exception as e:  # pylint: disable=broad-except  # the timing above stands
+            result["profile_error"] = f"{type(e).__name__}: {e}"[:300]
+            print(f"profile failed (the timing stands): {result['profile_error']}", flush=True)
     return result
 
 
 def main(argv):
     del argv
     F = flags.FLAGS
-    if F.profile:   # per-thunk trace events on CPU; read when the backend starts, below
+    if F.profile or F.profile_out:   # per-thunk trace events on CPU; read at backend start
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + " --xla_cpu_enable_xprof_traceme=true").strip()
     import jax  # pylint: disable=import-outside-toplevel
@@ -323,12 +338,15 @@ def main(argv):
         sweep = [v for rows, seq_len in shapes
                  for v in variants_lib.one_at_a_time(config, rows, seq_len, parsed)]
         variants_lib.run_all(
-            sweep, lambda v: time_shape(v.config, v.rows, v.seq_len, ours=True,
-                                        peer=peer and v.name == variants_lib.BASELINE),
+            sweep, lambda v: time_shape(
+                v.config, v.rows, v.seq_len, ours=True,
+                peer=peer and v.name == variants_lib.BASELINE,
+                profile_out=F.profile_out if v is sweep[0] else None),
             budget_s=F.variants_budget_s, emit=emit)
         return
-    for rows, seq_len in shapes:
-        emit(time_shape(config, rows, seq_len, ours=ours, peer=peer))
+    for index, (rows, seq_len) in enumerate(shapes):
+        emit(time_shape(config, rows, seq_len, ours=ours, peer=peer,
+                        profile_out=F.profile_out if index == 0 else None))
 
 
 def append_results(result, note):

@@ -113,7 +113,8 @@ def run_all(variants: list[Variant], time_variant: Callable[[Variant], dict], *,
                 "batch": variant.rows, "seq_len": variant.seq_len, "variant": variant.name}
         left = budget_s - (time.monotonic() - start)
         if budget_s > 0 and left < longest:
-            record = dict(head, skipped=f"budget: {left:.0f} s left, a variant took {longest:.0f} s")
+            record = dict(head, skipped=f"budget: {left:.0f} s left, a variant took "
+                                        f"{longest:.0f} s")
             print(f"variant {variant.name}: skipped ({record['skipped']})", flush=True)
         else:
             print(f"-- variant {variant.name} ({variant.rows}x{variant.seq_len})", flush=True)
