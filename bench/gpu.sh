@@ -82,8 +82,8 @@ if [ "$QUICK" = 1 ]; then
 fi
 
 remaining() { echo $(( BUDGET - ($(date +%s) - START) )); }
-# cut LIMIT: LIMIT cut to the budget left (what `run` gives a command).
-cut() { local left; left=$(remaining); [ "$left" -lt "$1" ] && echo "$left" || echo "$1"; }
+# budget_cut LIMIT: LIMIT cut to the budget left (what `run` gives a command).
+budget_cut() { local left; left=$(remaining); [ "$left" -lt "$1" ] && echo "$left" || echo "$1"; }
 
 # quoted CMD...: the command as one line a shell reads back (words with ; * ' etc. quoted).
 quoted() {
@@ -146,7 +146,7 @@ tune() {
   # One process: the baseline is timed, then profiled (its compiled step, no second compile),
   # then each variant. The sweep stops starting variants 40 s before its timeout (start-up,
   # the last steps), so what it measured is in tune.jsonl and the rest is listed as skipped.
-  local limit; limit=$(cut 600)
+  local limit; limit=$(budget_cut 600)
   run tune_150m_mlm "$limit" python bench/train_step.py --attention_impl=pallas --transformers=no \
     $STEPS --config=$C150:mlm --shapes=$S64x1K --variants="$TUNE_VARIANTS" \
     --variants_budget_s=$(( limit > 60 ? limit - 40 : 20 )) --json_out="$LOG/tune.jsonl" \

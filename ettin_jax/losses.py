@@ -21,13 +21,13 @@ BATCH_KEYS = {"mlm": ("input_ids", "segment_ids", "positions", "mask_positions",
               "clm": ("input_ids", "segment_ids", "positions", "labels")}
 
 
-def head_loss(model, hidden, labels, *, vocab_chunk: int = 4096, row_chunk: int = 8192):
+def head_loss(model, hidden, labels, **chunks):
     """Summed loss of the head on `hidden [..., hidden]` against `labels [...]` (-100 = none),
-    through the chunked cross-entropy (the `[..., vocab]` logits are never built; at most
-    `[row_chunk, vocab_chunk]` of them are live)."""
+    through the chunked cross-entropy (the `[..., vocab]` logits are never built; `chunks`:
+    its vocab_chunk / row_chunk, at most `[row_chunk, vocab_chunk]` logits are live)."""
     return cross_entropy.cross_entropy(
         model.head_features(hidden), model.tok_embeddings[...], model.decoder_bias[...],
-        labels, dtype=model.config.compute_dtype, vocab_chunk=vocab_chunk, row_chunk=row_chunk)
+        labels, dtype=model.config.compute_dtype, **chunks)
 
 
 def mlm_loss(model, batch, *, mntp: bool = False, **chunks):
