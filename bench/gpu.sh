@@ -89,7 +89,11 @@ budget_cut() { local left; left=$(remaining); [ "$left" -lt "$1" ] && echo "$lef
 quoted() {
   local out="" word
   for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_./=:,+@%-]*$ ]]; then out+="$word "; else out+="'${word//\'/\'\\\'\'}' "; fi
+    if [[ $word =~ ^[A-Za-z0-9_./=:,+@%-]*$ ]]; then
+      out+="$word "
+    else
+      out+="'${word//\'/\'\\\'\'}' "
+    fi
   done
   echo "${out% }"
 }

@@ -27,8 +27,9 @@ time, bench/variants.py), each its own compile, all in this one process (imports
 once); a row each, with `variant` in its JSON record and the first step's seconds (compile
 plus one step) as compile_s. A variant that fails is recorded with its error and the sweep
 goes on; --variants_budget_s stops starting new ones; --profile_out=FILE also profiles the
-baseline's compiled step (as --profile below) after timing it. --prng_impl, --loss_vocab_chunk and
---loss_row_chunk set the speed knobs of config.train for every run of the process.
+baseline's compiled step (as --profile below) after timing it. --prng_impl,
+--loss_vocab_chunk and --loss_row_chunk set the speed knobs of config.train for every run of
+the process.
 
 With --profile it times nothing: it runs one step under `jax.profiler.trace` and prints where
 the step's time goes, per XLA operation (each executed thunk named by the JAX operation that
