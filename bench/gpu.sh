@@ -3,38 +3,47 @@
 #   train step, ours (bench/train_step.py --attention_impl=pallas) and transformers' peer
 #     (bf16 autocast, fused AdamW, torch.compile; its own process): 150m mlm 64x1024 and
 #     8x8192, 1b mlm 32x1024, 150m clm 64x1024;
-#   attention (bench/attention.py): pallas, cudnn at 1024 and 8192, global and local layers;
+#   attention (bench/attention.py): pallas, cudnn, mosaic at 1024 and 8192, global and local
+#     layers;
 #   start-up (bench/startup.py): main.py to its first step, 150m 64x1024, cold then warm cache;
 #   in that order of priority: each command has its own timeout, cut to the budget left, and
 #   what the budget does not reach is listed as skipped (attention was measured before);
 #   memory (bench/memory.py): largest micro batch per size at 1024 and 8192, remat
 #     none/full/dots, 80 GB; compile-only, so it runs in the background from the start until
 #     the start-up stage (whatever finished by then is reported).
+#   tuning, last, with the budget left (at least 120 s): one process timing the 150m mlm step
+#     at 64x1024, baseline (pallas, threefry, loss chunks 4096/8192, 64 rows) first and then
+#     profiled (top ops per XLA operation -> $LOG/profile_150m_mlm.txt), then each knob alone:
+#     prng_impl rbg / unsafe_rbg, attention_impl mosaic, loss_vocab_chunk 16384,
+#     loss_row_chunk 32768, micro batch 32 / 128 rows (bench/variants.py; -> $LOG/tune.jsonl).
 # The section (card, date, jax version, every command) is appended to bench/RESULTS.md and
 # written to $LOG/results_section.md (on the device machine: $OUT/gpubench/, copy it back).
 #
 #   bash bench/gpu.sh [--quick] [--skip_peer] [--budget_s=480]   # on the GPU machine
+#   bash bench/gpu.sh --tune [--budget_s=480]    # the tuning part alone (profile + variants)
 #   bash bench/gpu.sh --dry_run      # print every command, run nothing
 #   bash bench/gpu.sh --cpu_smoke    # every command on CPU, tiny config and shapes
 #   bash bench/gpu.sh --fetch_wheels # on a networked machine: grain, ml-collections, clu,
-#                                    # array-record, portpicker for Python 3.12 into .whl/
+#                                    # array-record, portpicker, datasketch (the demo corpus's
+#                                    # dedup) for Python 3.12 into .whl/
 # --quick: 150m 64x1024 only (ours, peer), attention at 8192, memory at 1024 for 150m and 1b.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-QUICK=0 SKIP_PEER=0 DRY=0 SMOKE=0 BUDGET=480
+QUICK=0 SKIP_PEER=0 DRY=0 SMOKE=0 TUNE=0 BUDGET=480
 for arg in "$@"; do
   case $arg in
     --quick) QUICK=1 ;;
     --skip_peer) SKIP_PEER=1 ;;
     --dry_run) DRY=1 ;;
     --cpu_smoke) SMOKE=1 ;;
+    --tune) TUNE=1 ;;
     --budget_s=*) BUDGET=${arg#*=} ;;
     --fetch_wheels)
       exec pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --abi cp312 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 --platform any -d .whl grain==0.2.18 \
-        ml-collections==1.1.0 clu==0.0.12 array-record==0.8.6 portpicker ;;
+        ml-collections==1.1.0 clu==0.0.12 array-record==0.8.6 portpicker datasketch==2.0.0 ;;
     *) echo "bench/gpu.sh: unknown argument $arg (see the comment at the top)" >&2; exit 2 ;;
   esac
 done
@@ -55,11 +64,18 @@ if [ "$SMOKE" = 1 ]; then
   STEPS="--steps=2 --warmup=1" PEER_STEPS="--steps=2 --warmup=1"
   # torch.compile takes minutes per model on a small CPU: the first peer command compiles.
   PEER_COMPILE_REST=no
+  # The tiny vocabulary (512) and 4-row batch: chunks and rows that still split the loss.
+  TUNE_VARIANTS="prng_impl=rbg,unsafe_rbg;attention_impl=mosaic;loss_vocab_chunk=96"
+  TUNE_VARIANTS+=";loss_row_chunk=64;batch=2,8"
 else
   C150=configs/ettin_150m.py C1B=configs/ettin_1b.py SIZES="17m 32m 68m 150m 400m 1b"
   S64x1K=64x1024 S8x8K=8x8192 S32x1K=32x1024 SEQS=1024,8192 ATT_BATCH=""
   MEM_SEQS=1024,8192 MEM_EXTRA="" START_SHAPE="--rows=64 --seq_len=1024"
   STEPS="--steps=10 --warmup=2" PEER_STEPS="--steps=10 --warmup=3" PEER_COMPILE_REST=yes
+  # In order of priority (a variant the budget does not reach is recorded as skipped). At
+  # 64x1024 MLM the loss runs on 64 x 312 = 19,968 slots: row chunk 8192 pads them to 24,576.
+  TUNE_VARIANTS="prng_impl=rbg,unsafe_rbg;attention_impl=mosaic;loss_vocab_chunk=16384"
+  TUNE_VARIANTS+=";loss_row_chunk=32768;batch=32,128"
 fi
 if [ "$QUICK" = 1 ]; then
   SEQS=${SEQS#*,} MEM_SEQS=${MEM_SEQS%,*}
@@ -67,6 +83,21 @@ if [ "$QUICK" = 1 ]; then
 fi
 
 remaining() { echo $(( BUDGET - ($(date +%s) - START) )); }
+# budget_cut LIMIT: LIMIT cut to the budget left (what `run` gives a command).
+budget_cut() { local left; left=$(remaining); [ "$left" -lt "$1" ] && echo "$left" || echo "$1"; }
+
+# quoted CMD...: the command as one line a shell reads back (words with ; * ' etc. quoted).
+quoted() {
+  local out="" word
+  for word in "$@"; do
+    if [[ $word =~ ^[A-Za-z0-9_./=:,+@%-]*$ ]]; then
+      out+="$word "
+    else
+      out+="'${word//\'/\'\\\'\'}' "
+    fi
+  done
+  echo "${out% }"
+}
 
 # run NAME TIMEOUT CMD...: runs CMD with its own timeout (cut to the budget left), output to
 # $LOG/NAME.log; records the command, exit code and seconds in $LOG/commands.tsv.
@@ -74,15 +105,16 @@ run() {
   local name=$1 limit=$2; shift 2
   local left; left=$(remaining)
   [ "$left" -lt "$limit" ] && limit=$left
-  echo "+ [$name, timeout ${limit}s] $*"
-  if [ "$DRY" = 1 ]; then printf '%s\t-\t-\t%s\n' "$name" "$*" >> "$LOG/commands.tsv"; return 0; fi
+  local shown; shown=$(quoted "$@")
+  echo "+ [$name, timeout ${limit}s] $shown"
+  if [ "$DRY" = 1 ]; then printf '%s\t-\t-\t%s\n' "$name" "$shown" >> "$LOG/commands.tsv"; return 0; fi
   if [ "$limit" -lt 20 ]; then
     SKIPPED+=("$name: budget spent (${left}s left)"); return 0
   fi
   local t0 rc; t0=$(date +%s)
   timeout --kill-after=10 "$limit" "$@" > "$LOG/$name.log" 2>&1; rc=$?
   local took=$(( $(date +%s) - t0 ))
-  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$took" "$*" >> "$LOG/commands.tsv"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$took" "$shown" >> "$LOG/commands.tsv"
   case $rc in
     0) echo "  ok in ${took}s" ;;
     124|137) echo "  TIMEOUT after ${took}s (log: $LOG/$name.log)"; SKIPPED+=("$name: timed out after ${took}s") ;;
@@ -94,7 +126,7 @@ skip() { echo "SKIP $1"; SKIPPED+=("$1"); }
 
 # --- environment: wheel-travelled packages (shared/jax_notes.md §10) ---
 HAVE_DEPS=1
-if ! python -c "import grain, ml_collections, clu, array_record, portpicker" 2>/dev/null; then
+if ! python -c "import grain, ml_collections, clu, array_record, portpicker, datasketch" 2>/dev/null; then
   if ls .whl/*.whl > /dev/null 2>&1; then
     echo "+ pip install --no-index --no-deps --target /tmp/site .whl/*.whl; PYTHONPATH=/tmp/site"
     if [ "$DRY" = 0 ]; then
@@ -103,7 +135,7 @@ if ! python -c "import grain, ml_collections, clu, array_record, portpicker" 2>/
     fi
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   else
-    echo "grain/ml-collections/clu/array-record/portpicker missing and no .whl/: run" \
+    echo "grain/ml-collections/clu/array-record/portpicker/datasketch missing and no .whl/: run" \
          "'bash bench/gpu.sh --fetch_wheels' on a networked machine and carry .whl"
     HAVE_DEPS=0
   fi
@@ -113,9 +145,24 @@ if [ "$DRY" = 0 ] && [ "$SMOKE" = 0 ]; then
     > "$LOG/gpu.txt" 2>&1 || echo "nvidia-smi failed: $(cat "$LOG/gpu.txt")"
 fi
 
+# --- tuning: the profile, then the one-at-a-time variants in one process ---
+tune() {
+  if [ "$HAVE_DEPS" = 0 ]; then skip "tune: needs ml-collections and grain"; return; fi
+  # One process: the baseline is timed, then profiled (its compiled step, no second compile),
+  # then each variant. The sweep stops starting variants 40 s before its timeout (start-up,
+  # the last steps), so what it measured is in tune.jsonl and the rest is listed as skipped.
+  local limit; limit=$(budget_cut 600)
+  run tune_150m_mlm "$limit" python bench/train_step.py --attention_impl=pallas --transformers=no \
+    $STEPS --config=$C150:mlm --shapes=$S64x1K --variants="$TUNE_VARIANTS" \
+    --variants_budget_s=$(( limit > 60 ? limit - 40 : 20 )) --json_out="$LOG/tune.jsonl" \
+    --profile_out="$LOG/profile_150m_mlm.txt" --top=30
+}
+
 # --- memory: compile-only, in the background (no autotuning: nothing runs on the device) ---
 MEM_PIDS=()
-if [ "$HAVE_DEPS" = 1 ]; then
+if [ "$TUNE" = 1 ]; then
+  :   # --tune: the tuning part alone (below)
+elif [ "$HAVE_DEPS" = 1 ]; then
   for size in $SIZES; do
     for objective in mlm; do
       cmd=(python bench/memory.py --config=configs/ettin_$size.py:$objective --seq_lens=$MEM_SEQS
@@ -136,7 +183,9 @@ fi
 # --- train step: ours, then the peer, each config in one process ---
 OURS="python bench/train_step.py --attention_impl=pallas --transformers=no $STEPS --json_out=$LOG/train_step.jsonl"
 PEER="python bench/train_step.py --transformers=only --peer_autocast=yes $PEER_STEPS --json_out=$LOG/train_step.jsonl"
-if [ "$HAVE_DEPS" = 1 ]; then
+if [ "$TUNE" = 1 ]; then
+  :
+elif [ "$HAVE_DEPS" = 1 ]; then
   if [ "$QUICK" = 1 ]; then
     run ours_150m_mlm 200 $OURS --config=$C150:mlm --shapes=$S64x1K
   else
@@ -165,16 +214,31 @@ if [ "$DRY" = 0 ] && [ ${#MEM_PIDS[@]} -gt 0 ]; then
   done
   wait "${MEM_PIDS[@]}" 2>/dev/null
 fi
-if [ "$HAVE_DEPS" = 1 ]; then
+if [ "$TUNE" = 1 ]; then
+  :
+elif [ "$HAVE_DEPS" = 1 ]; then
   run startup 300 python bench/startup.py --config=$C150:mlm $START_SHAPE --timeout=140 \
     --run_logs="$LOG/startup" --json_out="$LOG/startup.jsonl"
 else
   skip "start-up: main.py needs grain, clu, ml-collections"
 fi
 
-# --- attention kernels ---
-run attention 150 python bench/attention.py --impls pallas,cudnn --seqs $SEQS $ATT_BATCH \
-  --layers enc-global,enc-local,dec-global,dec-local --results "$LOG/attention.md" --note "bench/gpu.sh"
+# --- attention kernels (an implementation this build of bench/attention.py lacks is left out) ---
+if [ "$TUNE" = 0 ]; then
+  run attention 150 python bench/attention.py --impls pallas,cudnn,mosaic --seqs $SEQS $ATT_BATCH \
+    --layers enc-global,enc-local,dec-global,dec-local --results "$LOG/attention.md" --note "bench/gpu.sh"
+fi
+
+# --- tuning: --tune, or the full mode's leftover budget ---
+if [ "$TUNE" = 1 ]; then
+  tune
+elif [ "$QUICK" = 0 ]; then
+  if [ "$DRY" = 1 ] || [ "$(remaining)" -ge 120 ]; then
+    tune
+  else
+    skip "tune: budget spent ($(remaining)s left, needs 120s)"
+  fi
+fi
 
 # --- report ---
 for item in "${SKIPPED[@]+"${SKIPPED[@]}"}"; do echo "skipped or incomplete: $item"; done
@@ -182,6 +246,6 @@ printf '%s\n' "${SKIPPED[@]+"${SKIPPED[@]}"}" > "$LOG/skipped.txt"
 if [ "$DRY" = 1 ]; then echo "dry run: nothing ran"; exit 0; fi
 TARGET=bench/RESULTS.md
 [ "$SMOKE" = 1 ] && TARGET=$LOG/RESULTS.smoke.md
-python bench/gpu_report.py --bench_logs="$LOG" --mode="$([ "$SMOKE" = 1 ] && echo cpu_smoke || echo gpu)$([ "$QUICK" = 1 ] && echo ,quick)" \
+python bench/gpu_report.py --bench_logs="$LOG" --mode="$([ "$SMOKE" = 1 ] && echo cpu_smoke || echo gpu)$([ "$QUICK" = 1 ] && echo ,quick)$([ "$TUNE" = 1 ] && echo ,tune)" \
   --append_to="$TARGET" && echo "appended to $TARGET and $LOG/results_section.md"
 echo "bench/gpu.sh done in $(( $(date +%s) - START ))s"

@@ -3,8 +3,9 @@
     python bench/gpu_report.py --bench_logs=$OUT/gpubench --mode=gpu --append_to=bench/RESULTS.md
 
 Reads commands.tsv (name, exit code, seconds, command), gpu.txt (nvidia-smi), the JSON lines
-of train_step.jsonl, memory.jsonl and startup.jsonl, attention.md and skipped.txt; writes the
-section to LOG_DIR/results_section.md and appends it to --append_to.
+of train_step.jsonl, tune.jsonl (the one-at-a-time variants of bench/variants.py), memory.jsonl
+and startup.jsonl, attention.md, profile_150m_mlm.txt and skipped.txt; writes the section to
+LOG_DIR/results_section.md and appends it to --append_to.
 """
 from __future__ import annotations
 
@@ -55,6 +56,28 @@ def train_step_table(records: list) -> list:
     return lines
 
 
+def variants_table(records: list) -> list:
+    """One row per variant record (bench/train_step.py --variants), its speed against the
+    baseline its sweep timed first; failed and skipped variants say why."""
+    base = None
+    lines = ["| config | rows x seq | variant | ms/step | tokens/s | MFU | tokens/s vs baseline | "
+             "first step s | attention | prng | loss chunks (vocab/rows) | note |",
+             "| --- " * 12 + "|"]
+    for r in records:
+        if r.get("variant") == "baseline":
+            base = r if "tokens_per_sec" in r else None
+        speed = (f"{r['tokens_per_sec'] / base['tokens_per_sec'] - 1:+.1%}"
+                 if base and "tokens_per_sec" in r and r is not base else "")
+        note = r.get("error") or r.get("skipped") or ""
+        lines.append(f"| {r['config']} | {r['batch']} x {r['seq_len']} | {r['variant']} | "
+                     f"{fmt(r.get('step_ms'))} | {fmt(r.get('tokens_per_sec'), ',.0f')} | "
+                     f"{fmt(r.get('mfu'), '.1%')} | {speed} | {fmt(r.get('compile_s'))} | "
+                     f"{r.get('attention_impl', '')} | {r.get('prng_impl', '')} | "
+                     f"{r.get('loss_vocab_chunk', '')}/{r.get('loss_row_chunk', '')} | "
+                     f"{note.replace('|', '/').splitlines()[0] if note else ''} |")
+    return lines
+
+
 def memory_table(records: list) -> list:
     lines = ["| config | seq | remat | max micro rows | peak GB | next row GB | probes | "
              "grad_accum_steps (1 dev) | (8 dev) | global rows |", "| --- " * 10 + "|"]
@@ -92,6 +115,9 @@ def section(log_dir: str, mode: str) -> str:
     parts = [("Train step (bench/train_step.py; ours pallas attention, the peer bf16 autocast + "
               "fused AdamW + torch.compile in its own process)",
               train_step_table(read_json_lines(os.path.join(log_dir, "train_step.jsonl")))),
+             ("Tuning: the train step with one knob changed at a time (bench/train_step.py "
+              "--variants; first step = compile + one step)",
+              variants_table(read_json_lines(os.path.join(log_dir, "tune.jsonl")))),
              ("Start-up, process start to first step (bench/startup.py)",
               startup_table(read_json_lines(os.path.join(log_dir, "startup.jsonl")))),
              ("Largest micro batch (bench/memory.py; XLA's allocation plan on this backend, "
@@ -100,6 +126,11 @@ def section(log_dir: str, mode: str) -> str:
     for title, lines in parts:
         if len(lines) > 2:
             out += [f"**{title}**\n", *lines, ""]
+    profile = read_lines(os.path.join(log_dir, "profile_150m_mlm.txt"))
+    if profile:
+        out += ["**Profile of one step of the tuning baseline (bench/train_step.py "
+                "--profile_out)**\n", "```",
+                *profile, "```", ""]
     attention = read_lines(os.path.join(log_dir, "attention.md"))
     if attention:
         out += ["**Attention (bench/attention.py)**", *[l.replace("## ", "") for l in attention], ""]

@@ -279,6 +279,13 @@ def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: st
     c.train.eval_batches = 8                # held-out batches per eval; 0 = no eval
     # -1 = XLA's default. 0 skips LLVM's optimisations: CPU tests compile ~3x faster.
     c.train.xla_backend_optimization_level = -1
+    # Speed knobs (bench/train_step.py --variants measures them; bench/RESULTS.md "tuning knobs").
+    # PRNG of the dropout keys: threefry | rbg | unsafe_rbg. Another PRNG draws other masks, so
+    # it is a recorded setting (ettin_jax.workdir), unlike the loss chunks, which only trade
+    # the live logits' memory (rows x vocab chunk, float32) against loop steps.
+    c.train.prng_impl = "threefry"
+    c.train.loss_vocab_chunk = 4096         # vocabulary columns per chunk of the cross-entropy
+    c.train.loss_row_chunk = 8192           # predicted positions per chunk of the cross-entropy
     # Divergence guard (ettin_jax.divergence): a step whose loss, gradient norm or new params
     # are not finite leaves params and optimizer state as they were (counted as skipped_steps);
     # this many skips in a row stop the run with an error naming the last good checkpoint.

@@ -21,15 +21,16 @@ BATCH_KEYS = {"mlm": ("input_ids", "segment_ids", "positions", "mask_positions",
               "clm": ("input_ids", "segment_ids", "positions", "labels")}
 
 
-def head_loss(model, hidden, labels):
+def head_loss(model, hidden, labels, **chunks):
     """Summed loss of the head on `hidden [..., hidden]` against `labels [...]` (-100 = none),
-    through the chunked cross-entropy (the `[..., vocab]` logits are never built)."""
+    through the chunked cross-entropy (the `[..., vocab]` logits are never built; `chunks`:
+    its vocab_chunk / row_chunk, at most `[row_chunk, vocab_chunk]` logits are live)."""
     return cross_entropy.cross_entropy(
         model.head_features(hidden), model.tok_embeddings[...], model.decoder_bias[...],
-        labels, dtype=model.config.compute_dtype)
+        labels, dtype=model.config.compute_dtype, **chunks)
 
 
-def mlm_loss(model, batch, *, mntp: bool = False):
+def mlm_loss(model, batch, *, mntp: bool = False, **chunks):
     """Sparse MLM: the head runs on the hidden states of the masked positions only.
 
     batch: input_ids/segment_ids/positions `[rows, seq]`, mask_positions/mask_labels
@@ -44,17 +45,31 @@ def mlm_loss(model, batch, *, mntp: bool = False):
         valid &= ~starts_document
         where = jnp.maximum(where - 1, 0)
     gathered = jnp.take_along_axis(hidden, where[..., None], axis=1)   # [rows, P, hidden]
-    return head_loss(model, gathered, jnp.where(valid, labels, IGNORE))
+    return head_loss(model, gathered, jnp.where(valid, labels, IGNORE), **chunks)
 
 
-def clm_loss(model, batch):
+def clm_loss(model, batch, **chunks):
     """Next-token loss; batch["labels"] `[rows, seq]` is already shifted (-100 = none)."""
     hidden = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"])
-    return head_loss(model, hidden, batch["labels"])
+    return head_loss(model, hidden, batch["labels"], **chunks)
+
+
+def loss_chunks(config) -> dict:
+    """head_loss's chunk sizes from `config.train.loss_vocab_chunk` / `loss_row_chunk`
+    (positive ints; they trade live logits memory against loop steps, not the result)."""
+    chunks = {}
+    for key, arg in (("loss_vocab_chunk", "vocab_chunk"), ("loss_row_chunk", "row_chunk")):
+        value = config.train[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"config.train.{key}={value!r}: expected a positive integer "
+                             f"(e.g. --config.train.{key}=4096)")
+        chunks[arg] = value
+    return chunks
 
 
 def loss_fn_for(config) -> Callable:
-    """The loss of `config.objective` (MNTP when `config.train.mntp`)."""
+    """The loss of `config.objective` (MNTP when `config.train.mntp`), chunked as
+    `config.train.loss_vocab_chunk` / `loss_row_chunk` say."""
     if config.objective == "mlm":
-        return functools.partial(mlm_loss, mntp=bool(config.train.mntp))
-    return clm_loss
+        return functools.partial(mlm_loss, mntp=bool(config.train.mntp), **loss_chunks(config))
+    return functools.partial(clm_loss, **loss_chunks(config))

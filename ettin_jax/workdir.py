@@ -41,7 +41,7 @@ RUNTIME_SECTIONS = ("mesh", "demo")
 RUNTIME_KEYS = frozenset({
     "model.attention_impl", "model.dtype", "model.scan_layers", "model.remat",
     "train.xla_backend_optimization_level", "train.allow_config_change",
-    "train.compilation_cache_dir",
+    "train.compilation_cache_dir", "train.loss_vocab_chunk", "train.loss_row_chunk",
     "data.num_workers", "data.worker_group_rows", "data.worker_buffer_groups",
     "data.mds_cache_dir", "checkpoint.async_save",
     "log.progress_every_secs", "log.device_peak_flops", "log.profile_steps",
@@ -175,11 +175,17 @@ def run_identity(config) -> dict:
 
 
 _ABSENT = "(absent)"
+# Keys added after runs were recorded without them: the value the code used before the key
+# existed, so a run recorded earlier resumes unchanged (and a run that sets another value is
+# refused as a change).
+BEFORE_THE_KEY = {"train.prng_impl": "threefry"}
 
 
 def _differences(old: dict, new: dict) -> list[str]:
-    return [f"{key}: {old.get(key, _ABSENT)!r} -> {new.get(key, _ABSENT)!r}"
-            for key in sorted(set(old) | set(new)) if old.get(key, _ABSENT) != new.get(key, _ABSENT)]
+    def recorded(key):
+        return old.get(key, BEFORE_THE_KEY.get(key, _ABSENT))
+    return [f"{key}: {recorded(key)!r} -> {new.get(key, _ABSENT)!r}"
+            for key in sorted(set(old) | set(new)) if recorded(key) != new.get(key, _ABSENT)]
 
 
 def check_identity(config, workdir: str):

@@ -1,16 +1,45 @@
 """bench/gpu.sh --dry_run: the script parses and prints every command it would run."""
 import os
+import shlex
 import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_gpu_sh_dry_run_prints_every_command(tmp_path):
-    out = subprocess.run(["bash", "bench/gpu.sh", "--dry_run"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, env=dict(os.environ, OUT=str(tmp_path)))
+def dry_run(tmp_path, *args):
+    out = subprocess.run(["bash", "bench/gpu.sh", "--dry_run", *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, OUT=str(tmp_path)))
     assert out.returncode == 0, out.stderr
-    for name in ("ours_150m_mlm", "ours_1b_mlm", "ours_150m_clm", "peer_150m_mlm", "peer_1b_mlm",
-                 "peer_150m_clm", "attention", "startup", "memory_1b"):
-        assert f"[{name}," in out.stdout, (name, out.stdout)
     assert "dry run: nothing ran" in out.stdout
     assert not (tmp_path / "gpubench" / "train_step.jsonl").exists()   # nothing ran
+    return out.stdout
+
+
+def command_of(stdout, name):
+    """The printed command of `name`, split as a shell would split it."""
+    line = next(l for l in stdout.splitlines() if l.startswith(f"+ [{name},"))
+    return shlex.split(line.split("] ", 1)[1])
+
+
+def test_gpu_sh_dry_run_prints_every_command(tmp_path):
+    stdout = dry_run(tmp_path)
+    for name in ("ours_150m_mlm", "ours_1b_mlm", "ours_150m_clm", "peer_150m_mlm", "peer_1b_mlm",
+                 "peer_150m_clm", "attention", "startup", "memory_1b", "tune_150m_mlm"):
+        assert f"[{name}," in stdout, (name, stdout)
+    assert "pallas,cudnn,mosaic" in command_of(stdout, "attention")
+
+
+def test_gpu_sh_tune_runs_one_profiled_sweep_only(tmp_path):
+    """--tune: the variants sweep (its baseline profiled), nothing else; the command reads
+    back as one --variants argument that names every knob, with a budget under its timeout."""
+    stdout = dry_run(tmp_path, "--tune")
+    names = [l.split(",")[0][3:] for l in stdout.splitlines() if l.startswith("+ [")]
+    assert names == ["tune_150m_mlm"], stdout
+    args = dict(a.split("=", 1) for a in command_of(stdout, "tune_150m_mlm") if "=" in a)
+    for knob in ("prng_impl=rbg,unsafe_rbg", "attention_impl=mosaic", "loss_vocab_chunk=",
+                 "loss_row_chunk=", "batch=32,128"):
+        assert knob in args["--variants"], args
+    timeout = int(stdout.split("[tune_150m_mlm, timeout ")[1].split("s]")[0])
+    assert 0 < int(args["--variants_budget_s"]) < timeout
+    assert args["--profile_out"].endswith("gpubench/profile_150m_mlm.txt")

@@ -1,0 +1,122 @@
+"""The train step's speed knobs (config.train.prng_impl, loss_vocab_chunk, loss_row_chunk):
+each runs, the PRNG changes dropout but nothing else about a step, the chunk sizes change
+nothing about the loss or its gradients, bad values fail naming the key, and the workdir
+identity records the PRNG but not the chunks. Tiny config, one device, in process."""
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from bench.batches import make_batch
+from configs import ettin_tiny
+from ettin_jax import losses, model_loader, sharding, train
+from ettin_jax import workdir as workdir_lib
+
+ROWS, SEQ_LEN = 4, 64
+
+
+def tiny_config(**train_keys):
+    config = ettin_tiny.get_config("mlm")
+    config.train.global_batch_size, config.train.seq_len = ROWS, SEQ_LEN
+    config.train.xla_backend_optimization_level = 0
+    for key, value in train_keys.items():
+        config.train[key] = value
+    return config
+
+
+def one_device_mesh():
+    return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+
+
+def test_prng_impls_run_and_dropout_follows_the_step_and_the_prng():
+    """With dropout on (attn_out_dropout 0.1), one train step from the same params under each
+    PRNG: finite loss, params move, the same step number gives the same loss and another step
+    another loss (other masks); the three PRNGs give three losses at one step."""
+    host = None
+    first_losses = {}
+    for impl in train.PRNG_IMPLS:
+        config = tiny_config(prng_impl=impl)
+        assert config.model.attn_out_dropout > 0
+        setup = train.make_setup(config, one_device_mesh())
+        host = make_batch(config, ROWS, SEQ_LEN) if host is None else host
+        batch = sharding.host_batch_to_global(
+            {k: host[k] for k in losses.BATCH_KEYS["mlm"]}, setup.mesh, num_micro=1)
+        params = jax.tree.map(np.asarray, setup.init_state()["params"])
+
+        def step_loss(step, setup=setup, batch=batch, params=params, config=config):
+            state = setup.init_state()               # donated: a fresh copy of the same params
+            new_state, metrics = setup.train_step(state, batch, config.optimizer.peak_lr, step)
+            moved = any(not np.array_equal(a, np.asarray(b)) for a, b in zip(
+                jax.tree.leaves(params), jax.tree.leaves(new_state["params"])))
+            return float(metrics.compute()["loss"]), moved
+
+        (first, moved), (again, _), (other, _) = step_loss(0), step_loss(0), step_loss(1)
+        assert np.isfinite(first) and np.isfinite(other) and moved, impl
+        assert first == again, impl
+        assert first != other, impl
+        first_losses[impl] = first
+    assert len(set(first_losses.values())) == 3, first_losses
+
+
+def test_loss_and_grads_do_not_depend_on_the_chunks():
+    """The loss plumbed from config.train.loss_vocab_chunk / loss_row_chunk: a vocab chunk
+    that does not divide the 512-token vocabulary and a row chunk smaller than the predicted
+    positions (so padded row chunks) give the loss and gradients of the one-chunk default."""
+    base = tiny_config()
+    base.model.attn_out_dropout = 0.0              # deterministic: only the chunks differ
+    small = tiny_config(loss_vocab_chunk=96, loss_row_chunk=16)
+    small.model = base.model
+    host = make_batch(base, ROWS, SEQ_LEN)
+    assert (host["mask_labels"] != losses.IGNORE).sum() > 16
+    model = model_loader.new_model(base.model, seed=0)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def mean_loss(params, loss_fn):
+        total, stats = loss_fn(nnx.merge(graphdef, params, rest), host)
+        return total / stats["count"]
+
+    results = []
+    for config in (base, small):
+        loss_fn = losses.loss_fn_for(config)
+        jaxpr = str(jax.make_jaxpr(lambda p, f=loss_fn: mean_loss(p, f))(params))
+        results.append((jaxpr.count("scan["), jax.value_and_grad(mean_loss)(params, loss_fn)))
+    (base_scans, (base_loss, base_grads)), (small_scans, (small_loss, small_grads)) = results
+    assert small_scans > base_scans        # the row chunks are a loop of their own: plumbed
+    np.testing.assert_allclose(small_loss, base_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(base_grads), jax.tree.leaves(small_grads)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("key,value", [("prng_impl", "philox"), ("loss_vocab_chunk", 0),
+                                       ("loss_row_chunk", -8)])
+def test_bad_knob_values_fail_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=f"config.train.{key}="):
+        train.make_setup(tiny_config(**{key: value}), one_device_mesh())
+
+
+def test_workdir_records_the_prng_but_not_the_chunks(tmp_path):
+    """Another PRNG is another run's dropout: a recorded setting, refused on resume unless
+    allowed. Chunk sizes change only how the loss runs: free to change."""
+    workdir_lib.check_identity(tiny_config(), str(tmp_path))
+    workdir_lib.check_identity(tiny_config(loss_vocab_chunk=128, loss_row_chunk=64),
+                               str(tmp_path))
+    with pytest.raises(workdir_lib.RunIdentityError, match="train.prng_impl: 'threefry' -> 'rbg'"):
+        workdir_lib.check_identity(tiny_config(prng_impl="rbg"), str(tmp_path))
+    workdir_lib.check_identity(tiny_config(prng_impl="rbg", allow_config_change=True),
+                               str(tmp_path))
+    assert workdir_lib.run_identity(tiny_config(prng_impl="rbg"))["settings"][
+        "train.prng_impl"] == "rbg"
+
+
+def test_a_run_recorded_before_the_prng_key_resumes_as_threefry(tmp_path):
+    """run_identity.json written before train.prng_impl existed: threefry is what it ran."""
+    workdir_lib.check_identity(tiny_config(), str(tmp_path))
+    path = tmp_path / workdir_lib.IDENTITY_NAME
+    record = json.loads(path.read_text())
+    del record["settings"]["train.prng_impl"]
+    path.write_text(json.dumps(record))
+    workdir_lib.check_identity(tiny_config(), str(tmp_path))
+    with pytest.raises(workdir_lib.RunIdentityError, match="train.prng_impl: 'threefry' -> 'rbg'"):
+        workdir_lib.check_identity(tiny_config(prng_impl="rbg"), str(tmp_path))
