@@ -63,7 +63,14 @@ def validate(config, workdir: str, *, dry_run: bool = False):
     plans with a missing init_from too (the plan says a real run would find no checkpoint)."""
     if not workdir.strip():
         raise cli.UserError("--workdir is empty")
-    if not _is_remote(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
+    if _is_remote(workdir):
+        # The lock, run_identity.json, metrics.jsonl and TensorBoard files are written with
+        # local file operations; without this check the run trains until its first save.
+        raise cli.UserError(f"--workdir={workdir}: a workdir must be a local or mounted path "
+                            "(its lock, identity, metrics and TensorBoard files use local file "
+                            "operations); mount the bucket (e.g. gcsfuse) and pass the mount's "
+                            "path")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise cli.UserError(f"--workdir={workdir} is a file, not a directory")
     if config.objective not in config_base.OBJECTIVES:
         raise cli.UserError(f"config.objective={config.objective!r}: expected one of "

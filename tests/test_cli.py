@@ -49,6 +49,8 @@ def assert_one_error_line(result, *fragments):
                                               "objective 'mxm' is not one of"]),
     (["--config=configs/ettin_tiny.py:clm_decay"], ["--config.train.init_from=<workdir",
                                                     "init_from=scratch"]),
+    (["--config=configs/ettin_tiny.py:mlm", "--workdir=gs://bucket/runs/x"],
+     ["--workdir=gs://bucket/runs/x", "local or mounted path"]),
 ])
 def test_main_user_errors_are_one_line_before_jax_starts(tmp_path, args, fragments):
     result = run("main.py", f"--workdir={tmp_path / 'w'}", *args)
