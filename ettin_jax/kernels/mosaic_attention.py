@@ -5,7 +5,9 @@
 `attention(impl="mosaic")` sends windowed (local) layers to the Triton `flash_attention`.
 
 Forward: `mosaic_forward.py` (warp-specialized, TMA ring, wgmma, online softmax).
-Backward: BACKWARD_IMPL below names which kernels run (see its comment).
+Backward: `mosaic_backward.py` (dK/dV and dQ kernels) by default; `MosaicBlocks(backward=
+"triton")` runs `flash_attention.py`'s Triton backward on the Mosaic forward's output and
+log-sum-exp instead (same convention: log2 units, `[batch, heads, seq]`), for comparison on a GPU.
 
 The mask is reduced to intervals once (`intervals.attention_intervals`), and each kernel visits
 only the tiles inside its rows' intervals (`flash_attention._tile_loop_ranges`), so packed
@@ -24,6 +26,7 @@ from ettin_jax.kernels.flash_attention import (_backward as triton_backward, _ro
                                                _tile_loop_ranges, default_block_sizes)
 from ettin_jax.kernels.intervals import attention_intervals
 from ettin_jax.kernels.mosaic_common import COMPUTE_WARPGROUPS, MosaicBlocks
+from ettin_jax.kernels.mosaic_backward import backward
 from ettin_jax.kernels.mosaic_forward import forward
 from ettin_jax.sharding import run_per_shard
 
@@ -31,10 +34,6 @@ try:  # public from jax 0.11 on
     InterpretGPUParams = plgpu.InterpretGPUParams
 except AttributeError:  # jax 0.10
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-# "triton": the backward is flash_attention.py's Triton dK/dV and dQ kernels fed with the Mosaic
-# forward's output and log-sum-exp (same convention: log2 units, [batch, heads, seq]).
-BACKWARD_IMPL = "triton"
 
 
 def tile_ranges(starts, ends, rows: int, block: int):
@@ -56,27 +55,40 @@ def _interpret_params(interpret: bool):
     return InterpretGPUParams() if interpret else False
 
 
-def _forward(q, k, v, k_start, k_end, scale, blocks, interpret):
+def _forward(q, k, v, intervals, scale, blocks, interpret):
+    k_start, k_end = intervals[:2]
     ranges = tile_ranges(k_start, k_end, COMPUTE_WARPGROUPS * blocks.block_q, blocks.block_kv)
     return forward(q, k, v, k_start, k_end, ranges, scale=scale, blocks=blocks,
                    interpret=_interpret_params(interpret))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _mosaic(q, k, v, k_start, k_end, q_start, q_end, scale, blocks, interpret):
-    return _forward(q, k, v, k_start, k_end, scale, blocks, interpret)[0]
+def _backward(q, k, v, intervals, out, lse, d_out, scale, blocks, interpret):
+    if blocks.backward == "triton":
+        return triton_backward(q, k, v, *intervals, out, lse, d_out, scale,
+                               default_block_sizes(q.shape[-1], q.dtype), interpret)
+    k_start, k_end, q_start, q_end = intervals
+    rows_q = COMPUTE_WARPGROUPS * blocks.block_q_bwd
+    rows_kv = COMPUTE_WARPGROUPS * blocks.block_kv_bwd
+    ranges = (tile_ranges(k_start, k_end, rows_q, blocks.block_kv_bwd),
+              tile_ranges(q_start, q_end, rows_kv, blocks.block_q_bwd))
+    return backward(q, k, v, intervals, ranges, out, lse, d_out, scale=scale, blocks=blocks,
+                    interpret=_interpret_params(interpret))
 
 
-def _mosaic_fwd(q, k, v, k_start, k_end, q_start, q_end, scale, blocks, interpret):
-    out, lse = _forward(q, k, v, k_start, k_end, scale, blocks, interpret)
-    return out, (q, k, v, k_start, k_end, q_start, q_end, out, lse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _mosaic(q, k, v, intervals, scale, blocks, interpret):
+    return _forward(q, k, v, intervals, scale, blocks, interpret)[0]
+
+
+def _mosaic_fwd(q, k, v, intervals, scale, blocks, interpret):
+    out, lse = _forward(q, k, v, intervals, scale, blocks, interpret)
+    return out, (q, k, v, intervals, out, lse)
 
 
 def _mosaic_bwd(scale, blocks, interpret, residuals, d_out):
-    q, k, v, k_start, k_end, q_start, q_end, out, lse = residuals
-    dq, dk, dv = triton_backward(q, k, v, k_start, k_end, q_start, q_end, out, lse, d_out,
-                                 scale, default_block_sizes(q.shape[-1], q.dtype), interpret)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, intervals, out, lse = residuals
+    dq, dk, dv = _backward(q, k, v, intervals, out, lse, d_out, scale, blocks, interpret)
+    return dq, dk, dv, (None,) * 4
 
 
 _mosaic.defvjp(_mosaic_fwd, _mosaic_bwd)
@@ -144,5 +156,5 @@ def _mosaic_attention_local(q, k, v, segment_ids, *, causal, sm_scale, block_siz
     scale = float(head_dim ** -0.5 if sm_scale is None else sm_scale)
     if seq != length:  # padded positions have empty intervals: they see and are seen by nothing
         q, k, v = (jnp.pad(x, ((0, 0), (0, seq - length), (0, 0), (0, 0))) for x in (q, k, v))
-    out = _mosaic(q, k, v, *intervals, scale, blocks, bool(interpret))
+    out = _mosaic(q, k, v, tuple(intervals), scale, blocks, bool(interpret))
     return out[:, :length]

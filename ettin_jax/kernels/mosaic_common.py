@@ -41,6 +41,8 @@ class MosaicBlocks:
     keys per ring slot; `stages`: ring depth. Backward: `block_q_bwd` query rows and
     `block_kv_bwd` key rows per warpgroup or ring slot in both the dK/dV and the dQ kernel.
     Every block is a multiple of 64 (wgmma rows, the 128-byte swizzle of 16-bit tiles).
+    `backward`: "mosaic" (`mosaic_backward.py`) or "triton" (`flash_attention.py`'s kernels on
+    this forward's output and log-sum-exp).
     """
     block_q: int = 64
     block_kv: int = 128
@@ -48,9 +50,12 @@ class MosaicBlocks:
     block_q_bwd: int = 64
     block_kv_bwd: int = 64
     stages_bwd: int = 2
+    backward: str = "mosaic"
 
     def check(self):
-        for field in dataclasses.fields(self):
+        if self.backward not in ("mosaic", "triton"):
+            raise ValueError(f"MosaicBlocks.backward={self.backward!r}: 'mosaic' or 'triton'")
+        for field in dataclasses.fields(self)[:-1]:
             value = getattr(self, field.name)
             if field.name.startswith("block_") and (value < 64 or value % 64):
                 raise ValueError(f"MosaicBlocks.{field.name}={value}: must be a multiple of 64")
