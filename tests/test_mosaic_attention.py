@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
 from ettin_jax.attention import attention, attention_mask, xla_attention
 from ettin_jax.kernels import flash_attention, mosaic_attention
 from ettin_jax.kernels.intervals import attention_intervals
@@ -66,14 +68,22 @@ def _inputs(seq, count=4, seed=0):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_output_and_gradients_match_reference(causal):
+def test_output_and_gradients_match_reference(causal, capfd):
     """Forward and dq/dk/dv (Mosaic backward) against xla_attention in float32 math on bf16
-    inputs: packed documents with padding, seq 200 (padded to 256 inside), batch 2, 2 heads."""
+    inputs: packed documents with padding, seq 200 (padded to 256 inside), batch 2, 2 heads.
+    The causal case also runs the interpreter's race detector over all three kernels: it orders
+    SMEM loads/stores and TMA copies by the barriers (not wgmma operand reads), so a ring slot
+    released before its lse/delta are read is caught."""
     q, k, v, d_out = _inputs(200)
     kw = dict(segment_ids=_segments(200), causal=causal)
-    out, vjp = jax.vjp(lambda q, k, v: mosaic_attention(q, k, v, block_sizes=BLOCKS, **kw),
-                       q, k, v)
+    params = InterpretGPUParams(detect_races=causal)
+    out, vjp = jax.vjp(lambda q, k, v: mosaic_attention(q, k, v, block_sizes=BLOCKS,
+                                                        interpret=params, **kw), q, k, v)
     grads = vjp(d_out)
+    if causal:  # the detector prints each race it finds; its state is per kernel
+        jax.block_until_ready(grads)
+        assert not gpu_callbacks.get_races().races_found
+        assert "RACE DETECTED" not in capfd.readouterr().out
     ref, ref_vjp = jax.vjp(lambda q, k, v: xla_attention(q, k, v, **kw), q, k, v)
     for name, a, b in zip(["out", "dq", "dk", "dv"], [out, *grads], [ref, *ref_vjp(d_out)]):
         assert a.dtype == jnp.bfloat16 and a.shape == b.shape, name

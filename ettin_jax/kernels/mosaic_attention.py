@@ -51,7 +51,10 @@ def tile_ranges(starts, ends, rows: int, block: int):
                     ends.reshape(batch, seq // rows, rows)).astype(jnp.int32)
 
 
-def _interpret_params(interpret: bool):
+def _interpret_params(interpret):
+    """`InterpretGPUParams` for the Mosaic kernels (True: the defaults), or False."""
+    if isinstance(interpret, InterpretGPUParams):
+        return interpret
     return InterpretGPUParams() if interpret else False
 
 
@@ -65,7 +68,7 @@ def _forward(q, k, v, intervals, scale, blocks, interpret):
 def _backward(q, k, v, intervals, out, lse, d_out, scale, blocks, interpret):
     if blocks.backward == "triton":
         return triton_backward(q, k, v, *intervals, out, lse, d_out, scale,
-                               default_block_sizes(q.shape[-1], q.dtype), interpret)
+                               default_block_sizes(q.shape[-1], q.dtype), bool(interpret))
     k_start, k_end, q_start, q_end = intervals
     rows_q = COMPUTE_WARPGROUPS * blocks.block_q_bwd
     rows_kv = COMPUTE_WARPGROUPS * blocks.block_kv_bwd
@@ -118,7 +121,7 @@ def check_arguments(q, k, v, segment_ids, window_size):
 
 def mosaic_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_size=(-1, -1),
                      sm_scale: float | None = None, block_sizes: MosaicBlocks | None = None,
-                     interpret: bool | None = None):
+                     interpret: bool | InterpretGPUParams | None = None):
     """Fused attention of a global layer under `ettin_jax.attention`'s mask rule.
 
     Runs per shard under an active multi-device mesh, as `flash_attention` does.
@@ -130,7 +133,8 @@ def mosaic_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_
       window_size: must be (-1, -1); windowed layers raise ValueError.
       sm_scale: logit scale, default `head_dim ** -0.5`.
       block_sizes: `MosaicBlocks`; default `MosaicBlocks()`.
-      interpret: run in Mosaic GPU's interpreter; None = when the backend is not GPU.
+      interpret: run in Mosaic GPU's interpreter (an `InterpretGPUParams` sets its options,
+        e.g. `detect_races=True`); None = when the backend is not GPU.
     Returns:
       `[batch, seq, heads, head_dim]` in q's dtype; rows that see no key are 0.
     """
@@ -156,5 +160,5 @@ def _mosaic_attention_local(q, k, v, segment_ids, *, causal, sm_scale, block_siz
     scale = float(head_dim ** -0.5 if sm_scale is None else sm_scale)
     if seq != length:  # padded positions have empty intervals: they see and are seen by nothing
         q, k, v = (jnp.pad(x, ((0, 0), (0, seq - length), (0, 0), (0, 0))) for x in (q, k, v))
-    out = _mosaic(q, k, v, tuple(intervals), scale, blocks, bool(interpret))
+    out = _mosaic(q, k, v, tuple(intervals), scale, blocks, _interpret_params(interpret))
     return out[:, :length]
