@@ -11,8 +11,8 @@ seq]`) and use delta = rowsum(dO * O) from XLA. Each has the CTA shape of `mosai
   dQ: a CTA per (head, 2 * block_q query rows, batch); the memory warpgroup streams K, K^T, V^T;
     S = Q K^T, dP = dO V^T, dQ += dS K.
 
-P^T and dS(^T) go through SMEM as wgmma A operands; the transposed operands come transposed
-from XLA (see `mosaic_common.py` for why).
+P^T and dS(^T) are wgmma A operands from registers on the GPU (through SMEM in the
+interpreter); the transposed B operands come transposed from XLA (`mosaic_common.py` says why).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ettin_jax.kernels.mosaic_common import (COMPUTE_REGISTERS, COMPUTE_WARPGROUPS, LOG2E,
                                              MosaicBlocks, interval_mask, load_vector, matmul,
+                                             matmul_from_registers,
                                              smem_transforms, stream_tiles, visit_tiles, zeros)
 
 ROW = plgpu.Layout.WGMMA.reduce(1)   # one value per row of a WGMMA-layout tile
@@ -87,11 +88,10 @@ def _dkv_kernel(k_ref, v_ref, qs_ref, qe_ref, ranges_ref, q_ref, qt_ref, do_ref,
             dpt = matmul(my_v, dot_smem.at[slot], shape)
             delta = load_vector(delta_smem.at[slot], COL, interpret)
             dst = pt * (dpt - lax.broadcast_in_dim(delta, shape, [1]))
-            my_pt[...] = pt.astype(my_pt.dtype)
-            my_dst[...] = dst.astype(my_dst.dtype)
-            plgpu.commit_smem()
-            dv = dv + matmul(my_pt, do_smem.at[slot], (block_kv, head_dim))
-            dk = dk + matmul(my_dst, q_smem.at[slot], (block_kv, head_dim))
+            dv = dv + matmul_from_registers(pt.astype(my_pt.dtype), my_pt, do_smem.at[slot],
+                                            (block_kv, head_dim), interpret)
+            dk = dk + matmul_from_registers(dst.astype(my_dst.dtype), my_dst, q_smem.at[slot],
+                                            (block_kv, head_dim), interpret)
             plgpu.barrier_arrive(consumed.at[slot])
             return dk, dv
 
@@ -157,9 +157,9 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, ks_ref, ke_ref, ranges_ref, k_
                 p = jnp.where(interval_mask(k_start, k_end, j * block_kv, shape, interpret),
                               p, 0.0)
             dp = matmul(my_do, vt_smem.at[slot], shape)
-            my_ds[...] = (p * (dp - lax.broadcast_in_dim(delta, shape, [0]))).astype(my_ds.dtype)
-            plgpu.commit_smem()
-            dq = dq + matmul(my_ds, k_smem.at[slot], (block_q, head_dim))
+            ds = (p * (dp - lax.broadcast_in_dim(delta, shape, [0]))).astype(my_ds.dtype)
+            dq = dq + matmul_from_registers(ds, my_ds, k_smem.at[slot], (block_q, head_dim),
+                                            interpret)
             plgpu.barrier_arrive(consumed.at[slot])
             return dq
 
@@ -209,7 +209,7 @@ def backward(q, k, v, intervals, ranges, out, lse, d_out, *, scale: float,
         scratch_types=[
             own_kv, own_kv,                                                # K then dK, V then dV
             plgpu.SMEM((wgs, bkv), jnp.int32), plgpu.SMEM((wgs, bkv), jnp.int32),  # q_start/end
-            own_kq, own_kq,                                                # P^T, dS^T
+            own_kq, own_kq,                                    # P^T, dS^T (interpreter)
             tile_q, tile_qt, tile_q, tile_qt,                              # Q, Q^T, dO, dO^T ring
             plgpu.SMEM((dkv_stages, bq), jnp.float32),                     # lse ring
             plgpu.SMEM((dkv_stages, bq), jnp.float32),                     # delta ring
@@ -230,7 +230,7 @@ def backward(q, k, v, intervals, ranges, out, lse, d_out, *, scale: float,
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         scratch_types=[
             own_qd, own_qd, own_row, own_row, own_int, own_int,            # Q then dQ, dO, ...
-            plgpu.SMEM((wgs, bq, bkv), dtype, transforms=tr),              # dS
+            plgpu.SMEM((wgs, bq, bkv), dtype, transforms=tr),              # dS (interpreter)
             plgpu.SMEM((dq_stages, bkv, head_dim), dtype, transforms=tr),  # K ring
             plgpu.SMEM((dq_stages, head_dim, bkv), dtype, transforms=tr),  # K^T ring
             plgpu.SMEM((dq_stages, head_dim, bkv), dtype, transforms=tr),  # V^T ring

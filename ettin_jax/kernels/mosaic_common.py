@@ -8,7 +8,8 @@ warpgroups walk the same tiles (`visit_tiles`) with element masks only on bounda
 
 Written so that Mosaic GPU's CPU interpreter runs the very kernels the GPU runs:
   * transposed operands come transposed from XLA (the interpreter has no `transpose_ref`),
-  * wgmma operands are SMEM refs (the interpreter's wgmma reads no registers),
+  * wgmma's A operand comes from registers only on the GPU (`matmul_from_registers`; the
+    interpreter's wgmma reads SMEM refs only),
   * accumulators are fresh zero `ACC`s whose result is added to registers (no `run_state`),
   * register layouts (`layout_cast`, `plgpu.load`) are applied only for the GPU
     (`on_gpu_layout`, `load_vector`): the interpreter has no layouts,
@@ -89,6 +90,21 @@ def matmul(a_smem, b_smem, shape):
     """`a @ b` on the tensor cores, both operands in SMEM; float32 `[m, n]` registers."""
     def scope(acc_ref):
         plgpu.wgmma(acc_ref, a_smem, b_smem)
+        return acc_ref[...]
+    return pl.run_scoped(scope, plgpu.ACC(shape, jnp.float32))
+
+
+def matmul_from_registers(a, a_smem, b_smem, shape, interpret: bool):
+    """`a @ b` for a 16-bit `a` in registers (P or dS): wgmma's register A operand on the GPU,
+    as FA3 does for P V. The interpreter's wgmma reads SMEM only, so there `a` is stored to
+    `a_smem` first (the GPU path of this one call is checked by the cuda lowering tests)."""
+    if interpret:
+        a_smem[...] = a
+        plgpu.commit_smem()
+        return matmul(a_smem, b_smem, shape)
+
+    def scope(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_smem)
         return acc_ref[...]
     return pl.run_scoped(scope, plgpu.ACC(shape, jnp.float32))
 

@@ -21,6 +21,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ettin_jax.kernels.mosaic_common import (COMPUTE_REGISTERS, COMPUTE_WARPGROUPS, LOG2E,
                                              MosaicBlocks, interval_mask, load_vector, matmul,
+                                             matmul_from_registers,
                                              smem_transforms, stream_tiles, visit_tiles, zeros)
 
 
@@ -76,10 +77,9 @@ def _forward_kernel(q_ref, kt_ref, v_ref, ranges_ref, ks_ref, ke_ref, o_ref, lse
             alpha = jnp.exp2(m - m_use)
             p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
             l = alpha * l + jnp.sum(p, axis=1)
-            my_p[...] = p.astype(my_p.dtype)
-            plgpu.commit_smem()
             plgpu.barrier_wait(v_ready.at[slot])
-            pv = matmul(my_p, v_smem.at[slot], (block_q, head_dim))
+            pv = matmul_from_registers(p.astype(my_p.dtype), my_p, v_smem.at[slot],
+                                       (block_q, head_dim), interpret)
             plgpu.barrier_arrive(consumed.at[slot])
             return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l
 
@@ -122,7 +122,7 @@ def forward(q, k, v, k_start, k_end, ranges, *, scale: float, blocks: MosaicBloc
             plgpu.SMEM((wgs, bq, head_dim), q.dtype, transforms=tr),        # Q, then O
             plgpu.SMEM((stages, head_dim, bkv), q.dtype, transforms=tr),    # K^T ring
             plgpu.SMEM((stages, bkv, head_dim), q.dtype, transforms=tr),    # V ring
-            plgpu.SMEM((wgs, bq, bkv), q.dtype, transforms=tr),             # P
+            plgpu.SMEM((wgs, bq, bkv), q.dtype, transforms=tr),             # P (interpreter)
             plgpu.SMEM((wgs, bq), jnp.int32),                               # k_start
             plgpu.SMEM((wgs, bq), jnp.int32),                               # k_end
             plgpu.SMEM((wgs, bq), jnp.float32),                             # lse
