@@ -65,7 +65,8 @@ def _dkv_kernel(k_ref, v_ref, qs_ref, qe_ref, ranges_ref, q_ref, qt_ref, do_ref,
     def _compute():
         plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
         keys = pl.ds(tile * (COMPUTE_WARPGROUPS * block_kv) + wg * block_kv, block_kv)
-        my_k, my_v, my_pt, my_dst = k_smem.at[wg], v_smem.at[wg], pt_smem.at[wg], dst_smem.at[wg]
+        my_k, my_v = k_smem.at[wg], v_smem.at[wg]
+        my_pt, my_dst = (pt_smem.at[wg], dst_smem.at[wg]) if interpret else (None, None)
         for src, dst in ((k_ref.at[batch, keys, head], my_k), (v_ref.at[batch, keys, head], my_v),
                          (qs_ref.at[batch, keys], qs_smem.at[wg]),
                          (qe_ref.at[batch, keys], qe_smem.at[wg])):
@@ -88,9 +89,9 @@ def _dkv_kernel(k_ref, v_ref, qs_ref, qe_ref, ranges_ref, q_ref, qt_ref, do_ref,
             dpt = matmul(my_v, dot_smem.at[slot], shape)
             delta = load_vector(delta_smem.at[slot], COL, interpret)
             dst = pt * (dpt - lax.broadcast_in_dim(delta, shape, [1]))
-            dv = dv + matmul_from_registers(pt.astype(my_pt.dtype), my_pt, do_smem.at[slot],
+            dv = dv + matmul_from_registers(pt.astype(my_k.dtype), my_pt, do_smem.at[slot],
                                             (block_kv, head_dim), interpret)
-            dk = dk + matmul_from_registers(dst.astype(my_dst.dtype), my_dst, q_smem.at[slot],
+            dk = dk + matmul_from_registers(dst.astype(my_k.dtype), my_dst, q_smem.at[slot],
                                             (block_kv, head_dim), interpret)
             plgpu.barrier_arrive(consumed.at[slot])
             return dk, dv
@@ -134,7 +135,8 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, ks_ref, ke_ref, ranges_ref, k_
     def _compute():
         plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
         rows = pl.ds(tile * (COMPUTE_WARPGROUPS * block_q) + wg * block_q, block_q)
-        my_q, my_do, my_ds = q_smem.at[wg], do_smem.at[wg], ds_smem.at[wg]
+        my_q, my_do = q_smem.at[wg], do_smem.at[wg]
+        my_ds = ds_smem.at[wg] if interpret else None
         for src, dst in ((q_ref.at[batch, rows, head], my_q), (do_ref.at[batch, rows, head], my_do),
                          (lse_ref.at[batch, head, rows], lse_smem.at[wg]),
                          (delta_ref.at[batch, head, rows], delta_smem.at[wg]),
@@ -157,7 +159,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, ks_ref, ke_ref, ranges_ref, k_
                 p = jnp.where(interval_mask(k_start, k_end, j * block_kv, shape, interpret),
                               p, 0.0)
             dp = matmul(my_do, vt_smem.at[slot], shape)
-            ds = (p * (dp - lax.broadcast_in_dim(delta, shape, [0]))).astype(my_ds.dtype)
+            ds = (p * (dp - lax.broadcast_in_dim(delta, shape, [0]))).astype(my_q.dtype)
             dq = dq + matmul_from_registers(ds, my_ds, k_smem.at[slot], (block_q, head_dim),
                                             interpret)
             plgpu.barrier_arrive(consumed.at[slot])
@@ -194,6 +196,10 @@ def backward(q, k, v, intervals, ranges, out, lse, d_out, *, scale: float,
 
     tr = smem_transforms()
     dtype = q.dtype
+
+    def staged(scratch):  # P^T, dS^T, dS: wgmma reads them from registers on the GPU
+        return scratch if interpret else None
+
     common = dict(num_threads=wgs + 1, thread_name="wg", interpret=interpret,
                   compiler_params=plgpu.CompilerParams(approx_math=True))
     kernel_args = dict(scale=scale, block_q=bq, block_kv=bkv, interpret=bool(interpret))
@@ -209,7 +215,7 @@ def backward(q, k, v, intervals, ranges, out, lse, d_out, *, scale: float,
         scratch_types=[
             own_kv, own_kv,                                                # K then dK, V then dV
             plgpu.SMEM((wgs, bkv), jnp.int32), plgpu.SMEM((wgs, bkv), jnp.int32),  # q_start/end
-            own_kq, own_kq,                                    # P^T, dS^T (interpreter)
+            staged(own_kq), staged(own_kq),                                # P^T, dS^T
             tile_q, tile_qt, tile_q, tile_qt,                              # Q, Q^T, dO, dO^T ring
             plgpu.SMEM((dkv_stages, bq), jnp.float32),                     # lse ring
             plgpu.SMEM((dkv_stages, bq), jnp.float32),                     # delta ring
@@ -230,7 +236,7 @@ def backward(q, k, v, intervals, ranges, out, lse, d_out, *, scale: float,
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         scratch_types=[
             own_qd, own_qd, own_row, own_row, own_int, own_int,            # Q then dQ, dO, ...
-            plgpu.SMEM((wgs, bq, bkv), dtype, transforms=tr),              # dS (interpreter)
+            staged(plgpu.SMEM((wgs, bq, bkv), dtype, transforms=tr)),      # dS
             plgpu.SMEM((dq_stages, bkv, head_dim), dtype, transforms=tr),  # K ring
             plgpu.SMEM((dq_stages, head_dim, bkv), dtype, transforms=tr),  # K^T ring
             plgpu.SMEM((dq_stages, head_dim, bkv), dtype, transforms=tr),  # V^T ring

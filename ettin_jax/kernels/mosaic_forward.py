@@ -53,7 +53,8 @@ def _forward_kernel(q_ref, kt_ref, v_ref, ranges_ref, ks_ref, ke_ref, o_ref, lse
     def _compute():
         plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
         rows = pl.ds(tile * (COMPUTE_WARPGROUPS * block_q) + wg * block_q, block_q)
-        my_q, my_p = q_smem.at[wg], p_smem.at[wg]
+        my_q = q_smem.at[wg]
+        my_p = p_smem.at[wg] if interpret else None
         plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], my_q, q_ready.at[wg])
         plgpu.copy_gmem_to_smem(ks_ref.at[batch, rows], ks_smem.at[wg], q_ready.at[wg])
         plgpu.copy_gmem_to_smem(ke_ref.at[batch, rows], ke_smem.at[wg], q_ready.at[wg])
@@ -78,7 +79,7 @@ def _forward_kernel(q_ref, kt_ref, v_ref, ranges_ref, ks_ref, ke_ref, o_ref, lse
             p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
             l = alpha * l + jnp.sum(p, axis=1)
             plgpu.barrier_wait(v_ready.at[slot])
-            pv = matmul_from_registers(p.astype(my_p.dtype), my_p, v_smem.at[slot],
+            pv = matmul_from_registers(p.astype(my_q.dtype), my_p, v_smem.at[slot],
                                        (block_q, head_dim), interpret)
             plgpu.barrier_arrive(consumed.at[slot])
             return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l
@@ -113,6 +114,10 @@ def forward(q, k, v, k_start, k_end, ranges, *, scale: float, blocks: MosaicBloc
     stages = max(1, min(blocks.stages, seq // bkv))
     kt = jnp.transpose(k, (0, 2, 3, 1))  # [batch, heads, D, seq]: the B operand of Q K^T
     tr = smem_transforms()
+
+    def interpreter_only(scratch):  # the GPU feeds P to wgmma from registers
+        return scratch if interpret else None
+
     return plgpu.kernel(
         functools.partial(_forward_kernel, scale=scale, block_q=bq, block_kv=bkv,
                           stages=stages, interpret=bool(interpret)),
@@ -122,7 +127,7 @@ def forward(q, k, v, k_start, k_end, ranges, *, scale: float, blocks: MosaicBloc
             plgpu.SMEM((wgs, bq, head_dim), q.dtype, transforms=tr),        # Q, then O
             plgpu.SMEM((stages, head_dim, bkv), q.dtype, transforms=tr),    # K^T ring
             plgpu.SMEM((stages, bkv, head_dim), q.dtype, transforms=tr),    # V ring
-            plgpu.SMEM((wgs, bq, bkv), q.dtype, transforms=tr),             # P (interpreter)
+            interpreter_only(plgpu.SMEM((wgs, bq, bkv), q.dtype, transforms=tr)),  # P
             plgpu.SMEM((wgs, bq), jnp.int32),                               # k_start
             plgpu.SMEM((wgs, bq), jnp.int32),                               # k_end
             plgpu.SMEM((wgs, bq), jnp.float32),                             # lse
