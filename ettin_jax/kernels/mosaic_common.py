@@ -86,10 +86,13 @@ def load_vector(ref, layout, interpret: bool):
     return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
 
 
-def matmul(a_smem, b_smem, shape):
-    """`a @ b` on the tensor cores, both operands in SMEM; float32 `[m, n]` registers."""
+def matmul(a_smem, b_smem, shape, while_running=None):
+    """`a @ b` on the tensor cores, both operands in SMEM; float32 `[m, n]` registers.
+    `while_running()` runs after the wgmma is issued, before its result is awaited."""
     def scope(acc_ref):
         plgpu.wgmma(acc_ref, a_smem, b_smem)
+        if while_running is not None:
+            while_running()
         return acc_ref[...]
     return pl.run_scoped(scope, plgpu.ACC(shape, jnp.float32))
 

@@ -27,7 +27,7 @@ from ettin_jax.kernels.mosaic_common import (COMPUTE_REGISTERS, COMPUTE_WARPGROU
 
 def _forward_kernel(q_ref, kt_ref, v_ref, ranges_ref, ks_ref, ke_ref, o_ref, lse_ref,
                     q_smem, kt_smem, v_smem, p_smem, ks_smem, ke_smem, lse_smem,
-                    q_ready, k_ready, v_ready, consumed, *, scale: float, block_q: int,
+                    q_ready, k_ready, v_ready, consumed, schedule, *, scale: float, block_q: int,
                     block_kv: int, stages: int, interpret: bool):
     """One CTA. q_ref, v_ref, o_ref: `[batch, seq, heads, D]`; kt_ref: `[batch, heads, D, seq]`;
     ranges_ref: `[batch, seq // (2 * block_q), 4]` key-tile bounds; ks_ref, ke_ref:
@@ -63,11 +63,21 @@ def _forward_kernel(q_ref, kt_ref, v_ref, ranges_ref, ks_ref, ke_ref, o_ref, lse
         k_end = load_vector(ke_smem.at[wg], row_layout, interpret)
         qk_scale = scale * LOG2E  # logits in log2 units: exp2 instead of exp
 
+        # Ping-pong (FA3): the two compute warpgroups meet on `schedule` twice per key tile,
+        # with warpgroup 1 one meeting behind, so that one's softmax overlaps the other's
+        # matmuls. Each warpgroup arrives and waits 2 * tiles + 1 times.
+        def meet():
+            plgpu.barrier_arrive(schedule)
+            plgpu.barrier_wait(schedule)
+
+        pl.when(wg == 1)(meet)
+
         def step(masked: bool, i, carry):
             acc, m, l = carry
             slot = lax.rem(i - lo, stages)
             plgpu.barrier_wait(k_ready.at[slot])
-            s = matmul(my_q, kt_smem.at[slot], (block_q, block_kv)) * qk_scale
+            s = matmul(my_q, kt_smem.at[slot], (block_q, block_kv), while_running=meet)
+            s = s * qk_scale
             if masked:
                 visible = interval_mask(k_start, k_end, i * block_kv, s.shape, interpret)
                 s = jnp.where(visible, s, -jnp.inf)
@@ -78,7 +88,9 @@ def _forward_kernel(q_ref, kt_ref, v_ref, ranges_ref, ks_ref, ke_ref, o_ref, lse
             alpha = jnp.exp2(m - m_use)
             p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
             l = alpha * l + jnp.sum(p, axis=1)
+            plgpu.barrier_arrive(schedule)  # softmax done
             plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_wait(schedule)  # the other warpgroup's QK^T is issued: our turn
             pv = matmul_from_registers(p.astype(my_q.dtype), my_p, v_smem.at[slot],
                                        (block_q, head_dim), interpret)
             plgpu.barrier_arrive(consumed.at[slot])
@@ -87,6 +99,7 @@ def _forward_kernel(q_ref, kt_ref, v_ref, ranges_ref, ks_ref, ke_ref, o_ref, lse
         m0 = zeros((block_q,), interpret, row_layout) - jnp.inf
         acc, m, l = visit_tiles(step, ranges, (zeros((block_q, head_dim), interpret), m0,
                                                zeros((block_q,), interpret, row_layout)))
+        pl.when(wg == 0)(meet)
         empty = l == 0.0  # rows that see no key: output 0, lse +inf (exp2(s - lse) == 0)
         safe_l = jnp.where(empty, 1.0, l)
         my_q[...] = (acc / lax.broadcast_in_dim(safe_l, acc.shape, [0])).astype(my_q.dtype)
@@ -135,6 +148,7 @@ def forward(q, k, v, k_start, k_end, ranges, *, scale: float, blocks: MosaicBloc
             plgpu.Barrier(num_barriers=stages),                             # K^T landed
             plgpu.Barrier(num_barriers=stages),                             # V landed
             plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),           # slot consumed
+            plgpu.Barrier(num_arrivals=wgs),                                # ping-pong
         ],
         grid=(heads, seq // (wgs * bq), batch),
         grid_names=("heads", "q_tiles", "batch"),
