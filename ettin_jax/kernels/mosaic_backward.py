@@ -115,7 +115,10 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, ks_ref, ke_ref, ranges_ref, k_
     """One CTA of query rows. q/do/k/dq refs: `[batch, seq, heads, D]`; kt/vt refs:
     `[batch, heads, D, seq]`; ks/ke refs: `[batch, seq]` key intervals; lse/delta refs:
     `[batch, heads, seq]`; ranges_ref: `[batch, seq // (2 * block_q), 4]`."""
-    head, tile, batch = (lax.axis_index(n) for n in ("heads", "q_tiles", "batch"))
+    head, batch = lax.axis_index("heads"), lax.axis_index("batch")
+    # Last query tiles first: under a causal mask they visit the most key tiles, and starting
+    # the longest CTAs first shortens the tail of the launch.
+    tile = ranges_ref.shape[1] - 1 - lax.axis_index("q_tiles")
     wg = lax.axis_index("wg")
     ranges = tuple(ranges_ref[batch, tile, i] for i in range(4))
     lo = ranges[0]

@@ -32,7 +32,10 @@ def _forward_kernel(q_ref, kt_ref, v_ref, ranges_ref, ks_ref, ke_ref, o_ref, lse
     """One CTA. q_ref, v_ref, o_ref: `[batch, seq, heads, D]`; kt_ref: `[batch, heads, D, seq]`;
     ranges_ref: `[batch, seq // (2 * block_q), 4]` key-tile bounds; ks_ref, ke_ref:
     `[batch, seq]` key intervals; lse_ref: `[batch, heads, seq]`."""
-    head, tile, batch = (lax.axis_index(n) for n in ("heads", "q_tiles", "batch"))
+    head, batch = lax.axis_index("heads"), lax.axis_index("batch")
+    # Last query tiles first: under a causal mask they visit the most key tiles, and starting
+    # the longest CTAs first shortens the tail of the launch.
+    tile = ranges_ref.shape[1] - 1 - lax.axis_index("q_tiles")
     wg = lax.axis_index("wg")
     ranges = tuple(ranges_ref[batch, tile, i] for i in range(4))
     lo, hi = ranges[0], ranges[3]
