@@ -1,5 +1,6 @@
-"""Mosaic GPU attention (ettin_jax/kernels/mosaic_*.py) in Mosaic GPU's CPU interpreter against the
-XLA reference, its cuda lowering on this CPU-only machine, and attention(impl="mosaic")'s routing."""
+"""Mosaic GPU attention (ettin_jax/kernels/mosaic_*.py) in Mosaic GPU's CPU interpreter against
+the XLA reference, its cuda lowering on this CPU-only machine, and attention(impl="mosaic")'s
+routing."""
 import re
 
 import jax
@@ -27,7 +28,8 @@ def _compile_interpreter_threads_once():
     CTA (its per-call closure defeats jax's compilation cache), ~3 s each here. jax 0.11 made the
     function top-level; this backports that for this module (same programs, ~10x faster)."""
     try:
-        from jax._src.pallas.mosaic.interpret import thread_map  # pylint: disable=import-outside-toplevel
+        # pylint: disable-next=import-outside-toplevel
+        from jax._src.pallas.mosaic.interpret import thread_map
     except ImportError:
         yield
         return

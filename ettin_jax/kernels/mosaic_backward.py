@@ -1,4 +1,4 @@
-"""Mosaic GPU attention backward (FlashAttention-2 split, no atomics): a dK/dV kernel and a dQ kernel.
+"""Mosaic GPU attention backward, FlashAttention-2 split (no atomics): a dK/dV and a dQ kernel.
 
 Both recompute the probabilities from the forward's log-sum-exp (log2 units, `[batch, heads,
 seq]`) and use delta = rowsum(dO * O) from XLA. Each has the CTA shape of `mosaic_common.py`:
@@ -26,8 +26,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ettin_jax.kernels.mosaic_common import (COMPUTE_REGISTERS, COMPUTE_WARPGROUPS, LOG2E,
                                              MosaicBlocks, interval_mask, load_vector, matmul,
-                                             matmul_from_registers,
-                                             smem_transforms, stream_tiles, visit_tiles, zeros)
+                                             matmul_from_registers, smem_transforms,
+                                             stream_tiles, visit_tiles, zeros)
 
 ROW = plgpu.Layout.WGMMA.reduce(1)   # one value per row of a WGMMA-layout tile
 COL = plgpu.Layout.WGMMA.reduce(0)   # one value per column

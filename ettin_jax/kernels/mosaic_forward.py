@@ -2,7 +2,8 @@
 
 One CTA per (head, 2 * block_q query rows, batch): two compute warpgroups of `block_q` rows and
 a memory warpgroup streaming K^T/V tiles through the SMEM ring (`mosaic_common.py`). Compute
-warpgroups do S = Q K^T and O += P V with wgmma and the online softmax in float32, base 2.
+warpgroups do S = Q K^T and O += P V with wgmma (P from registers) and the online softmax in
+float32, base 2, ping-ponging (FA3) so that one's softmax overlaps the other's matmuls.
 
 The CTA visits key tiles `[lo, hi)` of its rows' intervals and masks element-wise only on
 `[lo, full_lo)` and `[full_hi, hi)`. Rows that see no key give 0 and lse = +inf. The lse
@@ -21,8 +22,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ettin_jax.kernels.mosaic_common import (COMPUTE_REGISTERS, COMPUTE_WARPGROUPS, LOG2E,
                                              MosaicBlocks, interval_mask, load_vector, matmul,
-                                             matmul_from_registers,
-                                             smem_transforms, stream_tiles, visit_tiles, zeros)
+                                             matmul_from_registers, smem_transforms,
+                                             stream_tiles, visit_tiles, zeros)
 
 
 def _forward_kernel(q_ref, kt_ref, v_ref, ranges_ref, ks_ref, ke_ref, o_ref, lse_ref,
