@@ -117,10 +117,13 @@ def test_forward_lse_matches_reference():
     assert _rel(out, ref) <= TOLERANCE
 
 
-def test_unpacked_causal_matches_reference():
-    """No segment_ids (one document per row), causal, a length that is a multiple of the tiles."""
+def test_unpacked_causal_with_triton_backward_matches_reference():
+    """No segment_ids (one document per row), causal, a length that is a multiple of the tiles,
+    default forward tiles, and the Triton backward fed with the Mosaic forward's residuals."""
     q, k, v, d_out = _inputs(256, seed=2)
-    out, vjp = jax.vjp(lambda q, k, v: mosaic_attention(q, k, v, causal=True), q, k, v)
+    blocks = MosaicBlocks(backward="triton")
+    out, vjp = jax.vjp(lambda q, k, v: mosaic_attention(q, k, v, causal=True, block_sizes=blocks),
+                       q, k, v)
     ref, ref_vjp = jax.vjp(lambda q, k, v: xla_attention(q, k, v, causal=True), q, k, v)
     for name, a, b in zip(["out", "dq", "dk", "dv"], [out, *vjp(d_out)], [ref, *ref_vjp(d_out)]):
         assert _rel(a, b) <= TOLERANCE, (name, _rel(a, b))
