@@ -19,6 +19,7 @@ Written so that Mosaic GPU's CPU interpreter runs the very kernels the GPU runs:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 
 import jax
@@ -81,9 +82,17 @@ def on_gpu_layout(x, layout, interpret: bool):
     return x if interpret else plgpu.layout_cast(x, layout)
 
 
+# jax 0.10's plgpu.load requires an index argument; 0.11 deprecates passing one.
+_LOAD_NEEDS_INDEX = (inspect.signature(plgpu.load).parameters["idx"].default
+                     is inspect.Parameter.empty)
+
+
 def load_vector(ref, layout, interpret: bool):
     """A 1-D SMEM vector as registers of `layout` (a row or column vector of the WGMMA layout)."""
-    return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+    if interpret:
+        return ref[...]
+    return plgpu.load(ref, (), layout=layout) if _LOAD_NEEDS_INDEX else plgpu.load(
+        ref, layout=layout)
 
 
 def matmul(a_smem, b_smem, shape, while_running=None):
