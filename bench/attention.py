@@ -144,9 +144,12 @@ def run_table(impl_names, seqs, layers, dtype, batch_override=0):
             for name in impl_names:
                 if name not in impls:
                     continue
+                # --allow_cpu is a smoke test of the flags (interpreted kernels): time one call.
+                reps = 3 if name == "xla" and seq > 4096 else 10
+                timing = dict(reps=reps) if jax.default_backend() == "gpu" else dict(reps=1,
+                                                                                    rounds=1)
                 try:
-                    t = time_fn(fwd_bwd(impls[name], mask_kw), (q, k, v, do),
-                                reps=3 if name == "xla" and seq > 4096 else 10)
+                    t = time_fn(fwd_bwd(impls[name], mask_kw), (q, k, v, do), **timing)
                     rows.append((seq, batch, layer, name, t * 1e3, flops / t / 1e12))
                     print(f"{seq:6d} {batch:3d} {layer:18s} {name:15s} {t*1e3:9.3f} ms "
                           f"{flops / t / 1e12:7.1f} TFLOP/s", flush=True)
