@@ -301,8 +301,9 @@ def define_flags():
                         "the file the table is appended to")
     flags.DEFINE_string("note", "", "free text for the RESULTS.md entry")
     flags.DEFINE_integer("batch", 0, "rows per call (default: 16k query rows: 16 at 1024, 2 at 8192)")
-    flags.DEFINE_bool("allow_cpu", False, "run on CPU too (smoke test of the flags: pallas in "
-                      "interpret mode)")
+    flags.DEFINE_bool("allow_cpu", False, "run on CPU too (smoke test of the flags: kernels in "
+                      "interpret mode; mosaic needs XLA_FLAGS=--xla_force_host_platform_device_"
+                      "count=4 on a 2-core machine, see mosaic_attention's interpret)")
 
 
 def main(argv):

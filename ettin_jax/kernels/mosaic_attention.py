@@ -134,7 +134,11 @@ def mosaic_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_
       sm_scale: logit scale, default `head_dim ** -0.5`.
       block_sizes: `MosaicBlocks`; default `MosaicBlocks()`.
       interpret: run in Mosaic GPU's interpreter (an `InterpretGPUParams` sets its options,
-        e.g. `detect_races=True`); None = when the backend is not GPU.
+        e.g. `detect_races=True`); None = when the backend is not GPU. The interpreter runs a
+        CTA's 3 warpgroups as concurrent XLA CPU computations that block on barriers: with one
+        CPU device on a 2-core machine they were seen to hang; more host devices
+        (`XLA_FLAGS=--xla_force_host_platform_device_count=4`, as tests/conftest.py sets) avoid
+        it.
     Returns:
       `[batch, seq, heads, head_dim]` in q's dtype; rows that see no key are 0.
     """
