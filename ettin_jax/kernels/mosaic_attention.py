@@ -124,7 +124,8 @@ def mosaic_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_
                      interpret: bool | InterpretGPUParams | None = None):
     """Fused attention of a global layer under `ettin_jax.attention`'s mask rule.
 
-    Runs per shard under an active multi-device mesh, as `flash_attention` does.
+    Runs per shard under an active multi-device mesh, as `flash_attention` does (on a GPU;
+    the CPU interpreter hung under a 4-device mesh here, so only unsharded calls are tested).
 
     Args:
       q, k, v: `[batch, seq, heads, head_dim]` bfloat16/float16, head_dim a multiple of 64.
