@@ -2,7 +2,10 @@
 
 For each Ettin layer kind (encoder global/local, decoder global/local, and a packed-documents
 variant) at seq 1024 and 8192, times forward+backward of every available implementation:
-`pallas` (ettin_jax.kernels.flash_attention), `cudnn` (jax.nn, masks it supports), `xla`
+`pallas` (ettin_jax.kernels.flash_attention), `mosaic` (attention(impl="mosaic"): the Mosaic GPU
+kernels of ettin_jax.kernels.mosaic_attention on global layers, the Triton kernels on local
+ones), `mosaic-triton-bwd` (Mosaic forward + Triton backward, global layers only), `cudnn`
+(jax.nn, masks it supports), `xla`
 (ettin_jax.attention.xla_attention, dense), and jax's own Pallas ops where they apply
 (`jax-triton-mha`: causal/bidirectional, no window; `jax-mgpu`: bidirectional only).
 TFLOP/s count only visible (unmasked) query-key pairs: 4*D flops per pair forward, 2.5x that
@@ -11,7 +14,7 @@ backward (FlashAttention's convention, the dq recomputation not counted).
 Usage (on the GPU machine):
   python bench/attention.py --check          # kernel vs XLA reference on the GPU, fwd + grads
   python bench/attention.py                  # the table, appended to bench/RESULTS.md
-  python bench/attention.py --sweep          # block-size sweep for the pallas kernel
+  python bench/attention.py --sweep          # block-size sweep for the pallas and mosaic kernels
 """
 from __future__ import annotations
 
@@ -29,8 +32,10 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ettin_jax import cli  # noqa: E402
-from ettin_jax.attention import xla_attention  # noqa: E402
-from ettin_jax.kernels import BlockSizes, cudnn_attention, flash_attention  # noqa: E402
+from ettin_jax.attention import attention, xla_attention  # noqa: E402
+from ettin_jax.kernels import (BlockSizes, cudnn_attention, flash_attention,  # noqa: E402
+                               mosaic_attention)
+from ettin_jax.kernels.mosaic_common import MosaicBlocks  # noqa: E402
 from ettin_jax.kernels.intervals import attention_intervals  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 64  # ettin-150m: hidden 768 = 12 x 64; every Ettin size has head_dim 64
@@ -67,6 +72,9 @@ def visible_pairs(batch, seq, segment_ids, causal, window):
 def implementations():
     impls = {
         "pallas": lambda q, k, v, **kw: flash_attention(q, k, v, **kw),
+        "mosaic": lambda q, k, v, **kw: attention(q, k, v, impl="mosaic", **kw),
+        "mosaic-triton-bwd": lambda q, k, v, **kw: mosaic_attention(
+            q, k, v, block_sizes=MosaicBlocks(backward="triton"), **kw),
         "cudnn": lambda q, k, v, **kw: cudnn_attention(q, k, v, **kw),
         "xla": lambda q, k, v, **kw: xla_attention(q, k, v, **kw),
     }
@@ -136,9 +144,12 @@ def run_table(impl_names, seqs, layers, dtype, batch_override=0):
             for name in impl_names:
                 if name not in impls:
                     continue
+                # --allow_cpu is a smoke test of the flags (interpreted kernels): time one call.
+                reps = 3 if name == "xla" and seq > 4096 else 10
+                timing = dict(reps=reps) if jax.default_backend() == "gpu" else dict(reps=1,
+                                                                                    rounds=1)
                 try:
-                    t = time_fn(fwd_bwd(impls[name], mask_kw), (q, k, v, do),
-                                reps=3 if name == "xla" and seq > 4096 else 10)
+                    t = time_fn(fwd_bwd(impls[name], mask_kw), (q, k, v, do), **timing)
                     rows.append((seq, batch, layer, name, t * 1e3, flops / t / 1e12))
                     print(f"{seq:6d} {batch:3d} {layer:18s} {name:15s} {t*1e3:9.3f} ms "
                           f"{flops / t / 1e12:7.1f} TFLOP/s", flush=True)
@@ -187,22 +198,28 @@ def check(dtypes, head_dims):
                           window_size=window)
                 start = time.perf_counter()
                 results = []
+                # The Mosaic kernels cover 16-bit global layers with head_dim % 64 == 0.
+                mosaic = (window == (-1, -1) and head_dim % 64 == 0
+                          and jnp.dtype(dtype) != jnp.float32)
+                impls = [("pallas", flash_attention)] + ([("mosaic", mosaic_attention)]
+                                                         if mosaic else [])
                 with jax.default_matmul_precision("float32"):  # no TF32 in the reference
-                    for impl in (flash_attention, xla_attention):
+                    for _, impl in impls + [("xla", xla_attention)]:
                         out, vjp = jax.vjp(jax.jit(functools.partial(impl, **kw)), q, k, v)
                         results.append([out, *vjp(do)])
-                errs = []
-                for a, b in zip(*results):
-                    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-                    errs.append(np.linalg.norm(a - b) / np.linalg.norm(b)
-                                if np.isfinite(a).all() else np.inf)
-                good = max(errs) <= tol
-                ok &= good
-                print(f"check {jnp.dtype(dtype).name:8s} d={head_dim} causal={causal!s:5} "
-                      f"window={window} packed={packed!s:5} out/dq/dk/dv rel err "
-                      f"{' '.join(f'{e:.1e}' for e in errs)} {'ok' if good else 'FAIL'} "
-                      f"({time.perf_counter() - start:.1f} s)",
-                      flush=True)
+                for (name, _), result in zip(impls, results):
+                    errs = []
+                    for a, b in zip(result, results[-1]):
+                        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+                        errs.append(np.linalg.norm(a - b) / np.linalg.norm(b)
+                                    if np.isfinite(a).all() else np.inf)
+                    good = max(errs) <= tol
+                    ok &= good
+                    print(f"check {name:6s} {jnp.dtype(dtype).name:8s} d={head_dim} "
+                          f"causal={causal!s:5} window={window} packed={packed!s:5} "
+                          f"out/dq/dk/dv rel err {' '.join(f'{e:.1e}' for e in errs)} "
+                          f"{'ok' if good else 'FAIL'} ({time.perf_counter() - start:.1f} s)",
+                          flush=True)
     # f32 bound: Triton f32 dots are IEEE here, but exp2 and accumulation order differ.
     print("CHECK", "PASSED" if ok else "FAILED")
     return ok
@@ -222,8 +239,21 @@ SWEEP = [
 ]
 
 
+MOSAIC_SWEEP = [
+    MosaicBlocks(),
+    MosaicBlocks(block_kv=64),
+    MosaicBlocks(stages=3),
+    MosaicBlocks(block_kv=64, stages=4),
+    MosaicBlocks(block_q_bwd=128, block_kv_bwd=64),
+    MosaicBlocks(block_q_bwd=64, block_kv_bwd=128),
+    MosaicBlocks(stages_bwd=3),
+    MosaicBlocks(backward="triton"),
+]
+
+
 def sweep(seqs, layers, dtype):
-    """Forward-only and forward+backward times of each BlockSizes in SWEEP and of jax's mha."""
+    """Forward-only and forward+backward times of each BlockSizes in SWEEP, each MosaicBlocks
+    in MOSAIC_SWEEP (global layers) and of jax's mha."""
     for seq in seqs:
         batch = BATCH[seq]
         keys = jax.random.split(jax.random.key(1), 4)
@@ -239,10 +269,14 @@ def sweep(seqs, layers, dtype):
                 print(f"sweep {seq:5d} {layer:11s} fwd {time_fn(fwd, (q, k, v))*1e3:7.3f} ms "
                       f"fwd+bwd {time_fn(both, (q, k, v, do))*1e3:7.3f} ms jax-triton-mha",
                       flush=True)
-            for blocks in SWEEP:
+            kernels = [(flash_attention, blocks) for blocks in SWEEP]
+            if window == (-1, -1):
+                kernels += [(mosaic_attention, blocks) for blocks in MOSAIC_SWEEP]
+            for kernel, blocks in kernels:
                 kw = dict(causal=causal, window_size=window, block_sizes=blocks)
-                fwd = jax.jit(lambda q, k, v, kw=kw: flash_attention(q, k, v, **kw))
-                both = fwd_bwd(lambda q, k, v, kw=kw, **_: flash_attention(q, k, v, **kw), {})
+                fwd = jax.jit(lambda q, k, v, kernel=kernel, kw=kw: kernel(q, k, v, **kw))
+                both = fwd_bwd(lambda q, k, v, kernel=kernel, kw=kw, **_: kernel(q, k, v, **kw),
+                               {})
                 try:
                     tf = time_fn(fwd, (q, k, v))
                     tb = time_fn(both, (q, k, v, do))
@@ -260,14 +294,16 @@ def define_flags():
     flags.DEFINE_bool("sweep", False, "block-size sweep, then exit")
     flags.DEFINE_string("seqs", "1024,8192", "sequence lengths")
     flags.DEFINE_string("layers", ",".join(LAYERS), "layer kinds")
-    flags.DEFINE_string("impls", "pallas,cudnn,xla,jax-triton-mha,jax-mgpu", "implementations")
+    flags.DEFINE_string("impls", "pallas,mosaic,mosaic-triton-bwd,cudnn,xla,jax-triton-mha,"
+                        "jax-mgpu", "implementations")
     flags.DEFINE_string("dtype", "bfloat16", "compute dtype")
     flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), "RESULTS.md"),
                         "the file the table is appended to")
     flags.DEFINE_string("note", "", "free text for the RESULTS.md entry")
     flags.DEFINE_integer("batch", 0, "rows per call (default: 16k query rows: 16 at 1024, 2 at 8192)")
-    flags.DEFINE_bool("allow_cpu", False, "run on CPU too (smoke test of the flags: pallas in "
-                      "interpret mode)")
+    flags.DEFINE_bool("allow_cpu", False, "run on CPU too (smoke test of the flags: kernels in "
+                      "interpret mode; mosaic needs XLA_FLAGS=--xla_force_host_platform_device_"
+                      "count=4 on a 2-core machine, see mosaic_attention's interpret)")
 
 
 def main(argv):

@@ -137,7 +137,7 @@ def model_config(*, num_layers: int, hidden_size: int, intermediate_size: int,
     m.initializer_range = 0.02            # full_megatron truncated normal (recipe §1.4)
     m.initializer_cutoff_factor = 2.0
     m.dtype = "bfloat16"                  # compute dtype; parameters stay float32
-    m.attention_impl = "auto"             # auto | xla | pallas | cudnn | splash
+    m.attention_impl = "auto"             # auto | xla | pallas | mosaic | cudnn | splash
     # Run the repeated (local, local, global) layer groups as one lax.scan, so XLA compiles
     # one group instead of every layer (start-up time); False = a Python loop over layers.
     m.scan_layers = True

@@ -13,7 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla", "pallas", "cudnn", "splash")
+# "mosaic": Mosaic GPU kernels for global layers, the Triton "pallas" kernels for windowed ones.
+IMPLEMENTATIONS = ("xla", "pallas", "mosaic", "cudnn", "splash")
 
 
 def attention_mask(q_len: int, k_len: int, *, segment_ids=None, causal: bool = False,
@@ -170,7 +171,10 @@ def attention(q, k, v, *, impl: str = "xla", segment_ids=None, causal: bool = Fa
         if banded_blocks(q.shape[1], window_size) is not None:
             return banded_attention(q, k, v, **kwargs)
         return xla_attention(q, k, v, **kwargs)
-    if impl == "pallas":
+    if impl == "mosaic" and tuple(window_size) == (-1, -1):
+        from ettin_jax.kernels import mosaic_attention  # pylint: disable=import-outside-toplevel
+        return mosaic_attention(q, k, v, **kwargs)
+    if impl in ("pallas", "mosaic"):
         from ettin_jax.kernels import flash_attention  # pylint: disable=import-outside-toplevel
         return flash_attention(q, k, v, **kwargs)
     if impl == "cudnn":
