@@ -3,7 +3,8 @@
 #   train step, ours (bench/train_step.py --attention_impl=pallas) and transformers' peer
 #     (bf16 autocast, fused AdamW, torch.compile; its own process): 150m mlm 64x1024 and
 #     8x8192, 1b mlm 32x1024, 150m clm 64x1024;
-#   attention (bench/attention.py): pallas, cudnn, mosaic at 1024 and 8192, global and local
+#   attention (bench/attention.py): --check (kernels vs XLA), then pallas, cudnn, mosaic,
+#   mosaic-triton-bwd at 1024 and 8192, global and local
 #     layers;
 #   start-up (bench/startup.py): main.py to its first step, 150m 64x1024, cold then warm cache;
 #   in that order of priority: each command has its own timeout, cut to the budget left, and
@@ -17,7 +18,8 @@
 #     prng_impl rbg / unsafe_rbg, attention_impl mosaic, loss_vocab_chunk 16384,
 #     loss_row_chunk 32768, micro batch 32 / 128 rows (bench/variants.py; -> $LOG/tune.jsonl).
 # The section (card, date, jax version, every command) is appended to bench/RESULTS.md and
-# written to $LOG/results_section.md (on the device machine: $OUT/gpubench/, copy it back).
+# written to $LOG/results_section.md (/tmp/gpubench); with $OUT set (the device machine), that
+# section and a .tar.gz of every log are copied to $OUT, which the device tool brings back.
 #
 #   bash bench/gpu.sh [--quick] [--skip_peer] [--budget_s=480]   # on the GPU machine
 #   bash bench/gpu.sh --tune [--budget_s=480]    # the tuning part alone (profile + variants)
@@ -47,19 +49,25 @@ for arg in "$@"; do
     *) echo "bench/gpu.sh: unknown argument $arg (see the comment at the top)" >&2; exit 2 ;;
   esac
 done
-LOG=${OUT:-/tmp}/gpubench
-[ "$SMOKE" = 1 ] && LOG=${OUT:-/tmp}/gpubench-smoke
+LOG=${GPUBENCH_LOG:-/tmp/gpubench}      # GPUBENCH_LOG: another log directory
+[ "$SMOKE" = 1 ] && LOG=${GPUBENCH_LOG:-/tmp/gpubench-smoke}
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 START=$(date +%s)
 SKIPPED=()
+# The report reads every *.jsonl here: results of an earlier run must not mix into this one's.
+[ "$DRY" = 0 ] && rm -f "$LOG"/*.jsonl "$LOG"/*.log "$LOG/attention.md"
 : > "$LOG/commands.tsv"
 
 # Sizes and shapes; --cpu_smoke swaps in the tiny config and tiny shapes, same flags.
 if [ "$SMOKE" = 1 ]; then
   export JAX_PLATFORMS=cpu
   C150=configs/ettin_tiny.py C1B=configs/ettin_tiny.py SIZES="tiny"
-  S64x1K=4x128 S8x8K=2x256 S32x1K=2x128 SEQS=128,256 ATT_BATCH="--batch 1 --allow_cpu"
+  S64x1K=4x128 S8x8K=2x256 S32x1K=2x128 SEQS=128 ATT_BATCH="--batch 1 --allow_cpu"
+  # Mosaic GPU's interpreter hangs with one CPU device on a 2-core machine, and takes ~40 s
+  # per fwd+bwd call at seq 128 (kernels/mosaic_attention.py): one global and one local layer.
+  ATT_ENV=(env XLA_FLAGS=--xla_force_host_platform_device_count=4)
+  ATT_LAYERS=enc-global,dec-local ATT_LIMIT=240
   MEM_SEQS=64,128 MEM_EXTRA="--budget_gb=0.05 --max_rows=64" START_SHAPE="--rows=4 --seq_len=64"
   STEPS="--steps=2 --warmup=1" PEER_STEPS="--steps=2 --warmup=1"
   # torch.compile takes minutes per model on a small CPU: the first peer command compiles.
@@ -69,7 +77,8 @@ if [ "$SMOKE" = 1 ]; then
   TUNE_VARIANTS+=";loss_row_chunk=64;batch=2,8"
 else
   C150=configs/ettin_150m.py C1B=configs/ettin_1b.py SIZES="17m 32m 68m 150m 400m 1b"
-  S64x1K=64x1024 S8x8K=8x8192 S32x1K=32x1024 SEQS=1024,8192 ATT_BATCH=""
+  S64x1K=64x1024 S8x8K=8x8192 S32x1K=32x1024 SEQS=1024,8192 ATT_BATCH="" ATT_ENV=()
+  ATT_LAYERS=enc-global,enc-local,dec-global,dec-local ATT_LIMIT=150
   MEM_SEQS=1024,8192 MEM_EXTRA="" START_SHAPE="--rows=64 --seq_len=1024"
   STEPS="--steps=10 --warmup=2" PEER_STEPS="--steps=10 --warmup=3" PEER_COMPILE_REST=yes
   # In order of priority (a variant the budget does not reach is recorded as skipped). At
@@ -225,8 +234,15 @@ fi
 
 # --- attention kernels (an implementation this build of bench/attention.py lacks is left out) ---
 if [ "$TUNE" = 0 ]; then
-  run attention 150 python bench/attention.py --impls pallas,cudnn,mosaic --seqs $SEQS $ATT_BATCH \
-    --layers enc-global,enc-local,dec-global,dec-local --results "$LOG/attention.md" --note "bench/gpu.sh"
+  # Correctness first: the Mosaic kernels' GPU path (register operands, layouts) has never run.
+  if [ "$SMOKE" = 1 ]; then
+    skip "attention_check: interpreted kernels at seq 1000 take minutes on a CPU (tests/test_mosaic_attention.py checks them)"
+  else
+    run attention_check 120 python bench/attention.py --check --check_dtypes bfloat16 --check_head_dims 64
+  fi
+  run attention $ATT_LIMIT "${ATT_ENV[@]}" python bench/attention.py \
+    --impls pallas,cudnn,mosaic,mosaic-triton-bwd --seqs $SEQS $ATT_BATCH --layers $ATT_LAYERS \
+    --results "$LOG/attention.md" --note "bench/gpu.sh"
 fi
 
 # --- tuning: --tune, or the full mode's leftover budget ---
@@ -248,4 +264,10 @@ TARGET=bench/RESULTS.md
 [ "$SMOKE" = 1 ] && TARGET=$LOG/RESULTS.smoke.md
 python bench/gpu_report.py --bench_logs="$LOG" --mode="$([ "$SMOKE" = 1 ] && echo cpu_smoke || echo gpu)$([ "$QUICK" = 1 ] && echo ,quick)$([ "$TUNE" = 1 ] && echo ,tune)" \
   --append_to="$TARGET" && echo "appended to $TARGET and $LOG/results_section.md"
+# The device tool brings back at most 8 files from $OUT: the section and one archive of the logs.
+if [ -n "${OUT:-}" ]; then
+  cp "$LOG/results_section.md" "$OUT/" 2>/dev/null
+  tar czf "$OUT/$(basename "$LOG")_logs.tar.gz" -C "$(dirname "$LOG")" "$(basename "$LOG")" \
+    && echo "copied results_section.md and $(basename "$LOG")_logs.tar.gz to $OUT"
+fi
 echo "bench/gpu.sh done in $(( $(date +%s) - START ))s"

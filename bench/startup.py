@@ -10,6 +10,9 @@ step; the time is taken when the process prints `step 1/1`, which it does after 
 metrics are back on the host. The demo corpus is built before the first run (not timed), so
 cold and warm differ only in the cache: `JAX_COMPILATION_CACHE_DIR` (every compilation
 cached, however short). Prints one JSON object per run; --json_out appends them to a file.
+Each record also says when main.py logged that JAX started (imports done), that the state was
+restored or initialized, and that the train step (compiled on a thread meanwhile) was ready,
+with that compilation's own seconds.
 """
 from __future__ import annotations
 
@@ -28,6 +31,13 @@ from absl import flags  # noqa: E402  # pylint: disable=wrong-import-position
 
 from ettin_jax import cli  # noqa: E402  # pylint: disable=wrong-import-position
 FIRST_STEP = re.compile(r"\bstep 1/\d+")
+# Where the time to the first step goes, from main.py's own log lines (seconds since process
+# start at which each first appears): imports and backend start, state restored or
+# initialized (the train step compiles on a thread meanwhile), the step's compilation done.
+STAGES = {"jax_started_s": re.compile(r"JAX process \d+ of \d+"),
+          "state_ready_s": re.compile(r"parameters, \d+ steps of"),
+          "step_compiled_s": re.compile(r"train step compiled in")}
+COMPILE_SECONDS = re.compile(r"train step compiled in ([0-9.]+) s")
 
 
 def demo_flags(rows: int, seq_len: int) -> list[str]:
@@ -55,6 +65,8 @@ def time_run(command: list[str], env: dict, timeout: float, log_path: str) -> di
     """Runs `command`; seconds to its first-step line and to its exit, and its exit code."""
     start = time.perf_counter()
     first_step = None
+    stages = {name: None for name in STAGES}
+    compile_s = None
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -63,6 +75,11 @@ def time_run(command: list[str], env: dict, timeout: float, log_path: str) -> di
                 log.write(line)
                 if first_step is None and FIRST_STEP.search(line):
                     first_step = time.perf_counter() - start
+                for name, pattern in STAGES.items():
+                    if stages[name] is None and pattern.search(line):
+                        stages[name] = round(time.perf_counter() - start, 1)
+                if compile_s is None and (match := COMPILE_SECONDS.search(line)):
+                    compile_s = float(match.group(1))
                 if time.perf_counter() - start > timeout:
                     raise subprocess.TimeoutExpired(command, timeout)
             rc = process.wait(timeout=max(1.0, timeout - (time.perf_counter() - start)))
@@ -71,7 +88,8 @@ def time_run(command: list[str], env: dict, timeout: float, log_path: str) -> di
             process.wait()
             rc = "timeout"
     return {"first_step_s": None if first_step is None else round(first_step, 1),
-            "exit_s": round(time.perf_counter() - start, 1), "rc": rc}
+            "exit_s": round(time.perf_counter() - start, 1), "rc": rc, **stages,
+            "step_compile_s": compile_s}
 
 
 def dir_bytes(path: str) -> int:

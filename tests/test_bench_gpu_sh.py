@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def dry_run(tmp_path, *args):
     out = subprocess.run(["bash", "bench/gpu.sh", "--dry_run", *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, OUT=str(tmp_path)))
+                         env=dict(os.environ, GPUBENCH_LOG=str(tmp_path / "gpubench")))
     assert out.returncode == 0, out.stderr
     assert "dry run: nothing ran" in out.stdout
     assert not (tmp_path / "gpubench" / "train_step.jsonl").exists()   # nothing ran
@@ -25,9 +25,12 @@ def command_of(stdout, name):
 def test_gpu_sh_dry_run_prints_every_command(tmp_path):
     stdout = dry_run(tmp_path)
     for name in ("ours_150m_mlm", "ours_1b_mlm", "ours_150m_clm", "peer_150m_mlm", "peer_1b_mlm",
-                 "peer_150m_clm", "attention", "startup", "memory_1b", "tune_150m_mlm"):
+                 "peer_150m_clm", "attention_check", "attention", "startup", "memory_1b",
+                 "tune_150m_mlm"):
         assert f"[{name}," in stdout, (name, stdout)
-    assert "pallas,cudnn,mosaic" in command_of(stdout, "attention")
+    assert "--check" in command_of(stdout, "attention_check")
+    impls = command_of(stdout, "attention")[command_of(stdout, "attention").index("--impls") + 1]
+    assert set(impls.split(",")) == {"pallas", "cudnn", "mosaic", "mosaic-triton-bwd"}
 
 
 def test_gpu_sh_tune_runs_one_profiled_sweep_only(tmp_path):
