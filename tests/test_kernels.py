@@ -13,7 +13,7 @@ from configs import ettin_tiny
 from ettin_jax.attention import attention, attention_mask, xla_attention
 from ettin_jax.kernels import BlockSizes, cudnn_attention, flash_attention
 from ettin_jax.kernels.cudnn import cudnn_mask_support
-from ettin_jax.kernels.flash_attention import _tile_loop_ranges, flash_attention_from_intervals
+from ettin_jax.kernels.flash_attention import flash_attention_from_intervals, tile_loop_ranges
 from ettin_jax.kernels.intervals import attention_intervals
 from ettin_jax.model import EttinModel
 
@@ -156,7 +156,7 @@ def test_tiles_outside_the_intervals_are_skipped():
 
     def visited(intervals, row_block, col_block):
         starts, ends = (x.reshape(-1, row_block) for x in intervals)
-        ranges = jax.vmap(lambda s, e: jnp.stack(_tile_loop_ranges(s, e, col_block)))(starts, ends)
+        ranges = jax.vmap(lambda s, e: jnp.stack(tile_loop_ranges(s, e, col_block)))(starts, ends)
         lo, full_lo, full_hi, hi = np.asarray(ranges).T
         assert (lo <= full_lo).all() and (full_lo <= full_hi).all() and (full_hi <= hi).all()
         return int((hi - lo).sum()), int((hi - lo - (full_hi - full_lo)).sum())

@@ -88,7 +88,7 @@ def default_block_sizes(head_dim: int, dtype) -> BlockSizes:
     return BlockSizes()
 
 
-def _tile_loop_ranges(starts, ends, block: int, split: bool = True):
+def tile_loop_ranges(starts, ends, block: int, split: bool = True):
     """Loop bounds over the other side's tiles for one tile of intervals.
 
     Args:
@@ -160,7 +160,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, ks_ref, ke_ref, o_ref, lse_ref, *, scale: f
         acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
-    lo, full_lo, full_hi, hi = _tile_loop_ranges(k_start, k_end, block_k, split)
+    lo, full_lo, full_hi, hi = tile_loop_ranges(k_start, k_end, block_k, split)
     carry = (jnp.zeros((block_q, head_dim), jnp.float32),
              jnp.full((block_q,), -jnp.inf, jnp.float32),
              jnp.zeros((block_q,), jnp.float32))
@@ -233,7 +233,7 @@ def _dkv_kernel(k_ref, v_ref, qs_ref, qe_ref, q_ref, do_ref, lse_ref, delta_ref,
         dk = dk + _t_dot(ds.astype(q.dtype), q)
         return dk, dv
 
-    lo, full_lo, full_hi, hi = _tile_loop_ranges(qs_ref[...], qe_ref[...], block_q, split)
+    lo, full_lo, full_hi, hi = tile_loop_ranges(qs_ref[...], qe_ref[...], block_q, split)
     carry = (jnp.zeros((block_k, head_dim), jnp.float32),
              jnp.zeros((block_k, head_dim), jnp.float32))
     carry = lax.fori_loop(lo, full_lo, functools.partial(body, True), carry)
@@ -263,7 +263,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, ks_ref, ke_ref, k_ref, v_ref, 
         ds = p * (_dot_t(do, v) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    lo, full_lo, full_hi, hi = _tile_loop_ranges(k_start, k_end, block_k, split)
+    lo, full_lo, full_hi, hi = tile_loop_ranges(k_start, k_end, block_k, split)
     dq = jnp.zeros((block_q, head_dim), jnp.float32)
     dq = lax.fori_loop(lo, full_lo, functools.partial(body, True), dq)
     dq = lax.fori_loop(full_lo, full_hi, functools.partial(body, False), dq)
@@ -271,8 +271,8 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, ks_ref, ke_ref, k_ref, v_ref, 
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _backward(q, k, v, k_start, k_end, q_start, q_end, out, lse, d_out, scale,
-              blocks: BlockSizes, interpret):
+def backward(q, k, v, k_start, k_end, q_start, q_end, out, lse, d_out, scale,
+             blocks: BlockSizes, interpret):
     batch, seq, heads, head_dim = q.shape
     # delta_i = sum_d o_id * do_id = sum_j p_ij dp_ij: the softmax-Jacobian term, [b, h, s].
     delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), d_out.astype(jnp.float32))
@@ -329,15 +329,15 @@ def _flash_fwd(q, k, v, k_start, k_end, q_start, q_end, scale, blocks, interpret
 
 def _flash_bwd(scale, blocks, interpret, residuals, d_out):
     q, k, v, k_start, k_end, q_start, q_end, out, lse = residuals
-    dq, dk, dv = _backward(q, k, v, k_start, k_end, q_start, q_end, out, lse, d_out, scale,
-                           blocks, interpret)
+    dq, dk, dv = backward(q, k, v, k_start, k_end, q_start, q_end, out, lse, d_out, scale,
+                          blocks, interpret)
     return dq, dk, dv, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _round_up(x: int, multiple: int) -> int:
+def round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
@@ -379,7 +379,7 @@ def _flash_attention_local(q, k, v, segment_ids, *, causal, window_size, sm_scal
         raise ValueError(f"segment_ids must be [batch, seq] = {(batch, length)}; "
                          f"got {segment_ids.shape}")
     blocks = block_sizes or default_block_sizes(head_dim, q.dtype)
-    seq = _round_up(length, blocks.seq_multiple)
+    seq = round_up(length, blocks.seq_multiple)
     if segment_ids is not None:
         segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, seq - length)))
     intervals = attention_intervals(seq, length, segment_ids=segment_ids, causal=causal,

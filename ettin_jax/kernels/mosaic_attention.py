@@ -10,7 +10,7 @@ Backward: `mosaic_backward.py` (dK/dV and dQ kernels) by default; `MosaicBlocks(
 log-sum-exp instead (same convention: log2 units, `[batch, heads, seq]`), for comparison on a GPU.
 
 The mask is reduced to intervals once (`intervals.attention_intervals`), and each kernel visits
-only the tiles inside its rows' intervals (`flash_attention._tile_loop_ranges`), so packed
+only the tiles inside its rows' intervals (`flash_attention.tile_loop_ranges`), so packed
 documents skip cross-document tiles and causal layers skip the upper triangle.
 """
 from __future__ import annotations
@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-# pylint: disable-next=protected-access
-from ettin_jax.kernels.flash_attention import (_backward as triton_backward, _round_up,
-                                               _tile_loop_ranges, default_block_sizes)
+from ettin_jax.kernels.flash_attention import backward as triton_backward
+from ettin_jax.kernels.flash_attention import default_block_sizes, round_up, tile_loop_ranges
 from ettin_jax.kernels.intervals import attention_intervals
 from ettin_jax.kernels.mosaic_common import COMPUTE_WARPGROUPS, MosaicBlocks
 from ettin_jax.kernels.mosaic_backward import backward
@@ -43,10 +42,10 @@ def tile_ranges(starts, ends, rows: int, block: int):
       starts, ends: `[batch, seq]` int32 intervals (`attention_intervals`).
     Returns:
       `[batch, seq // rows, 4]` int32 `(lo, full_lo, full_hi, hi)` in tiles of `block`
-      (`flash_attention._tile_loop_ranges`).
+      (`flash_attention.tile_loop_ranges`).
     """
     batch, seq = starts.shape
-    per_tile = jax.vmap(jax.vmap(lambda s, e: jnp.stack(_tile_loop_ranges(s, e, block))))
+    per_tile = jax.vmap(jax.vmap(lambda s, e: jnp.stack(tile_loop_ranges(s, e, block))))
     return per_tile(starts.reshape(batch, seq // rows, rows),
                     ends.reshape(batch, seq // rows, rows)).astype(jnp.int32)
 
@@ -155,7 +154,7 @@ def _mosaic_attention_local(q, k, v, segment_ids, *, causal, sm_scale, block_siz
     batch, length, _, head_dim = q.shape
     blocks = block_sizes or MosaicBlocks()
     blocks.check()
-    seq = _round_up(length, blocks.seq_multiple)
+    seq = round_up(length, blocks.seq_multiple)
     if segment_ids is not None:
         segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, seq - length)))
     intervals = [jnp.broadcast_to(x, (batch, seq)) for x in

@@ -160,7 +160,7 @@ def stream_tiles(issue, lo, hi, stages: int, consumed):
 def visit_tiles(step, ranges, carry):
     """Compute warpgroup: `carry = step(masked, i, carry)` over tiles `i` in `[lo, hi)`.
 
-    `ranges` = (lo, full_lo, full_hi, hi) (`flash_attention._tile_loop_ranges`): tiles in
+    `ranges` = (lo, full_lo, full_hi, hi) (`flash_attention.tile_loop_ranges`): tiles in
     `[full_lo, full_hi)` are visible to every row and skip the element mask.
     """
     lo, full_lo, full_hi, hi = ranges
