@@ -144,8 +144,6 @@ def _pair_configs(pair: str) -> list:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise cli.UserError(f"unexpected arguments {argv[1:]}; overrides are --config.KEY=VALUE")
     config, workdir = FLAGS.config, FLAGS.workdir
     # A pair (`mlm+clm`) is two ordinary runs in workdir/mlm and workdir/clm.
     sides = ([(c, os.path.join(workdir, c.objective)) for c in _pair_configs(config.pair)]
@@ -169,4 +167,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, define_flags, usage=__doc__)
+    cli.run(main, define_flags, usage=__doc__, positional="overrides are --config.KEY=VALUE")

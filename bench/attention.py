@@ -307,8 +307,6 @@ def define_flags():
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise cli.UserError(f"unexpected arguments {argv[1:]}")
     args = flags.FLAGS
     if jax.default_backend() != "gpu" and not args.allow_cpu:
         raise cli.UserError("bench/attention.py needs a GPU (jax.default_backend() is "

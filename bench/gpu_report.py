@@ -148,8 +148,6 @@ def define_flags():
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise cli.UserError(f"unexpected arguments {argv[1:]}")
     args = flags.FLAGS
     text = section(args.bench_logs, args.mode)
     with open(os.path.join(args.bench_logs, "results_section.md"), "w", encoding="utf-8") as f:

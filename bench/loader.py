@@ -54,8 +54,6 @@ def define_flags():
 
 
 def main(argv) -> int:
-    if len(argv) > 1:
-        raise cli.UserError(f"unexpected arguments {argv[1:]}")
     a = flags.FLAGS
     config = a.config
     config.train.seq_len = a.seq_len

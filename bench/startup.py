@@ -112,8 +112,6 @@ def define_flags():
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise cli.UserError(f"unexpected arguments {argv[1:]}")
     args = flags.FLAGS
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="ettin-startup-cache-")
     log_dir = args.run_logs or tempfile.mkdtemp(prefix="ettin-startup-logs-")

@@ -128,8 +128,6 @@ def define_flags():
 
 
 def main(argv) -> int:
-    if len(argv) > 1:
-        raise cli.UserError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
     tok_dir, shard_dir = build(f.output, vocab_size=f.vocab_size, unk_id=f.unk_id,
                                max_bytes=f.max_bytes, workers=f.workers)

@@ -100,8 +100,6 @@ def statistics(batches: list[dict], special_ids: list[int], names: list[str]) ->
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise cli.UserError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
     config = f.config
     with config.unlocked():

@@ -414,8 +414,6 @@ def options_from_flags(f) -> Options:
 
 
 def main(argv) -> int:
-    if len(argv) > 1:
-        raise cli.UserError(f"unexpected arguments {argv[1:]}")
     run(options_from_flags(flags.FLAGS))
     return 0
 

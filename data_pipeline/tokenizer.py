@@ -183,4 +183,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    cli.run(main, define_flags, usage=__doc__)
+    cli.run(main, define_flags, usage=__doc__, positional=True)

@@ -171,9 +171,11 @@ def _print_help(usage: str, full: bool):
 
 def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None] | None = None,
         *, usage: str = "", user_errors: tuple[type[BaseException], ...] = (),
-        argv: Sequence[str] | None = None):
+        positional: bool | str = False, argv: Sequence[str] | None = None):
     """Defines the tool's flags, parses them and runs `main(argv)` under absl (module
-    docstring). `user_errors`: more exception classes to print as one `error:` line."""
+    docstring). `user_errors`: more exception classes to print as one `error:` line.
+    `positional`: True for a tool that takes arguments besides flags; otherwise any is an
+    `error:` line (a str is a hint appended to it)."""
     if define_flags is not None:
         define_flags()
     if "verbose" not in flags.FLAGS:
@@ -191,6 +193,9 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
 
     def guarded_main(args):
         try:
+            if positional is not True and len(args) > 1:
+                hint = f"; {positional}" if positional else ""
+                raise UserError(f"unexpected arguments {args[1:]}{hint}")
             return main(args)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -279,4 +279,4 @@ def main(argv):
 
 if __name__ == "__main__":
     from ettin_jax import cli
-    cli.run(main, define_flags, usage=__doc__)
+    cli.run(main, define_flags, usage=__doc__, positional=True)

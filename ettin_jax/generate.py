@@ -168,8 +168,6 @@ def load_decoder(checkpoint: str | None, hf_dir: str | None, tokenizer_path: str
 def main(argv):
     from absl import flags  # pylint: disable=import-outside-toplevel
     from ettin_jax import cli  # pylint: disable=import-outside-toplevel
-    if len(argv) > 1:
-        raise cli.UserError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
     model, tokenizer = load_decoder(f.checkpoint, f.hf, f.tokenizer, f.dtype)
     prompt = encode_prompt(tokenizer, f.prompt, model.config)

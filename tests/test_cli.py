@@ -83,7 +83,7 @@ def main(argv):
     if kind == "interrupt":
         raise KeyboardInterrupt
     raise ValueError("bad value\\nsecond line")
-cli.run(main, usage="a test tool")
+cli.run(main, usage="a test tool", positional=True)
 """
 
 
@@ -99,6 +99,15 @@ def test_runner_bug_keeps_traceback_user_error_does_not():
     interrupted = run("-c", _RUNNER, "interrupt")
     assert interrupted.returncode == cli.EXIT_INTERRUPTED
     assert interrupted.stderr.strip() == "interrupted"
+
+
+def test_tools_without_positional_arguments_refuse_them():
+    """A stray word (e.g. a flag missing its `--`) is an error line, not silently ignored."""
+    result = run("bench/compile_time.py", "--config=configs/ettin_tiny.py:mlm", "step=train")
+    assert_one_error_line(result, "unexpected arguments ['step=train']")
+    result = run("main.py", "--config=configs/ettin_tiny.py:mlm", "--workdir=/tmp/x",
+                 "train.seq_len=64")
+    assert_one_error_line(result, "unexpected arguments", "overrides are --config.KEY=VALUE")
 
 
 # --- every other entry point --------------------------------------------------------------------

@@ -26,8 +26,6 @@ def _int_list(text: str) -> list[int]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise cli.UserError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
     tasks = list(TASKS.values()) if f.task == "all" else [get_task(t) for t in f.task.split(",")]
     # Every file is read (and checked) before the model loads, so bad data fails fast.

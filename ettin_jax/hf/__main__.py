@@ -112,4 +112,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, define_flags, usage=__doc__)
+    cli.run(main, define_flags, usage=__doc__, positional=True)
