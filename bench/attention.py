@@ -13,15 +13,13 @@ backward (FlashAttention's convention, the dq recomputation not counted).
 
 Usage (on the GPU machine):
   python bench/attention.py --check          # kernel vs XLA reference on the GPU, fwd + grads
-  python bench/attention.py                  # the table, appended to bench/RESULTS.md
+  python bench/attention.py --results        # the table, appended to bench/RESULTS.md
   python bench/attention.py --sweep          # block-size sweep for the pallas and mosaic kernels
 """
 from __future__ import annotations
 
-import datetime
 import functools
 import os
-import shlex
 import sys
 import time
 
@@ -32,6 +30,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ettin_jax import cli  # noqa: E402
+from bench import results  # noqa: E402
 from ettin_jax.attention import attention, xla_attention  # noqa: E402
 from ettin_jax.kernels import (BlockSizes, cudnn_attention, flash_attention,  # noqa: E402
                                mosaic_attention)
@@ -160,22 +159,15 @@ def run_table(impl_names, seqs, layers, dtype, batch_override=0):
     return rows
 
 
-def write_results(rows, path, dtype, note):
-    device = jax.devices()[0]
-    lines = [f"\n## attention fwd+bwd, {device.device_kind}, jax {jax.__version__}, "
-             f"{jnp.dtype(dtype).name}, heads {HEADS} x head_dim {HEAD_DIM}, "
-             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n",
-             f"Command: `python bench/attention.py {shlex.join(sys.argv[1:])}`. {note}\n",
-             "| seq | batch | layer | impl | ms (fwd+bwd) | TFLOP/s (visible pairs) |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for seq, batch, layer, name, ms, tflops in rows:
-        if ms is None:
-            lines.append(f"| {seq} | {batch} | {layer} | {name} | n/a | {tflops} |")
-        else:
-            lines.append(f"| {seq} | {batch} | {layer} | {name} | {ms:.3f} | {tflops:.1f} |")
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"appended {len(rows)} rows to {path}")
+def write_results(rows, dtype, note):
+    results.append(
+        f"attention fwd+bwd, {jnp.dtype(dtype).name}, heads {HEADS} x head_dim {HEAD_DIM}, "
+        f"{results.utc_now()}",
+        ["seq", "batch", "layer", "impl", "ms (fwd+bwd)", "TFLOP/s (visible pairs)"],
+        [[seq, batch, layer, name, "n/a" if ms is None else f"{ms:.3f}",
+          tflops if ms is None else f"{tflops:.1f}"]
+         for seq, batch, layer, name, ms, tflops in rows],
+        where=results.machine(), note=note)
 
 
 def check(dtypes, head_dims):
@@ -297,9 +289,7 @@ def define_flags():
     flags.DEFINE_string("impls", "pallas,mosaic,mosaic-triton-bwd,cudnn,xla,jax-triton-mha,"
                         "jax-mgpu", "implementations")
     flags.DEFINE_string("dtype", "bfloat16", "compute dtype")
-    flags.DEFINE_string("results", os.path.join(os.path.dirname(__file__), "RESULTS.md"),
-                        "the file the table is appended to")
-    flags.DEFINE_string("note", "", "free text for the RESULTS.md entry")
+    results.define_flags()
     flags.DEFINE_integer("batch", 0, "rows per call (default: 16k query rows: 16 at 1024, 2 at 8192)")
     flags.DEFINE_bool("allow_cpu", False, "run on CPU too (smoke test of the flags: kernels in "
                       "interpret mode; mosaic needs XLA_FLAGS=--xla_force_host_platform_device_"
@@ -322,7 +312,8 @@ def main(argv):
         sweep(seqs, layers, dtype)
         return 0
     rows = run_table(args.impls.split(","), seqs, layers, dtype, args.batch)
-    write_results(rows, args.results, dtype, args.note)
+    if args.results:
+        write_results(rows, dtype, args.note)
     return 0
 
 

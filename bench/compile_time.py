@@ -16,12 +16,9 @@ its cost grows with the parameter count, not with how the layers are traced. `--
 times the real jitted train step instead (`train.make_setup` on one device: micro-batch
 loss and gradients, StableAdamW update, metrics), what a run compiles before its first step.
 
-With --results the figures are appended to bench/RESULTS.md with the command and machine.
+With --results the figures are appended to bench/RESULTS.md (bench/results.py).
 """
-import datetime
 import os
-import platform
-import shlex
 import sys
 import time
 
@@ -30,6 +27,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ettin_jax import cli  # noqa: E402  # pylint: disable=wrong-import-position
+from bench import results  # noqa: E402  # pylint: disable=wrong-import-position
 
 
 def define_flags():
@@ -42,8 +40,7 @@ def define_flags():
                       "model's loss + gradient, or the whole train step of train.make_setup")
     flags.DEFINE_string("remat", None, "override config.model.remat (none, full, dots)")
     flags.DEFINE_string("dtype", None, "override config.model.dtype (compute dtype)")
-    flags.DEFINE_bool("results", False, "append the figures to bench/RESULTS.md")
-    flags.DEFINE_string("note", "", "free text for the RESULTS.md entry")
+    results.define_flags()
     flags.mark_flag_as_required("config")
 
 
@@ -128,25 +125,16 @@ def _time(config, scan_layers: bool) -> dict:
             "optimized_hlo_chars": len(compiled.as_text() or "")}
 
 
-def _append_results(config, rows, command):
-    import jax  # pylint: disable=import-outside-toplevel
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    device = jax.devices()[0]
-    machine = (f"{os.cpu_count()}-core {platform.machine()} {device.platform}"
-               if device.platform == "cpu" else device.device_kind)
-    lines = [
-        f"\n## Compile time of {'the train step' if FLAGS.step == 'train' else 'loss + grad'}, "
-        f"{config.size} {config.objective}, batch {FLAGS.batch} x "
-        f"{FLAGS.seq_len}, {machine}, load {os.getloadavg()[0]:.1f}, jax {jax.__version__}, {now}\n",
-        f"Command: `{command}`. {FLAGS.note}\n",
-        "| scan_layers | remat | lower s | compile s | StableHLO chars | optimized HLO chars |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    lines += [f"| {r['scan_layers']} | {r['remat']} | {r['lower_s']:.1f} | {r['compile_s']:.1f} | "
-              f"{r['stablehlo_chars']:,} | {r['optimized_hlo_chars']:,} |" for r in rows]
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+def _append_results(config, rows):
+    what = "the train step" if FLAGS.step == "train" else "loss + grad"
+    results.append(
+        f"Compile time of {what}, {config.size} {config.objective}, batch {FLAGS.batch} x "
+        f"{FLAGS.seq_len}, {results.utc_now()}",
+        ["scan_layers", "remat", "lower s", "compile s", "StableHLO chars",
+         "optimized HLO chars"],
+        [[r["scan_layers"], r["remat"], f"{r['lower_s']:.1f}", f"{r['compile_s']:.1f}",
+          f"{r['stablehlo_chars']:,}", f"{r['optimized_hlo_chars']:,}"] for r in rows],
+        where=results.machine(), note=FLAGS.note)
 
 
 def main(argv):
@@ -165,8 +153,7 @@ def main(argv):
               f"optimized HLO {row['optimized_hlo_chars']:,} chars", flush=True)
         rows.append(row)
     if FLAGS.results:
-        command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-        _append_results(config, rows, command)
+        _append_results(config, rows)
 
 
 if __name__ == "__main__":

@@ -242,7 +242,7 @@ if [ "$TUNE" = 0 ]; then
   fi
   run attention $ATT_LIMIT "${ATT_ENV[@]}" python bench/attention.py \
     --impls pallas,cudnn,mosaic,mosaic-triton-bwd --seqs $SEQS $ATT_BATCH --layers $ATT_LAYERS \
-    --results "$LOG/attention.md" --note "bench/gpu.sh"
+    --results --results_file "$LOG/attention.md" --note "bench/gpu.sh"
 fi
 
 # --- tuning: --tune, or the full mode's leftover budget ---

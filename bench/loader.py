@@ -1,20 +1,19 @@
 """Loader throughput: packed + masked tokens/s at seq_len 1024 with the default workers.
 
     python bench/loader.py [--config=configs/ettin_17m.py:mlm] [--batches=40] [--rows=256]
-                           [--workers=N] [--seq_len=1024] [--no_append]
+                           [--workers=N] [--seq_len=1024] [--results]
 
 Builds a synthetic prepared corpus in a temp dir (real ArrayRecord shards; document lengths
 log-normal, median 400 tokens, sigma 1.1, clipped to [16, 20000]: a web-like length mix;
 random regular ids framed [CLS] ... [SEP]) and a tokenizer of the config's vocabulary layout,
 then times `make_train_iterator` after a warm-up batch (worker start-up excluded). Reports
 tokens/s (all row tokens, padding included), packing efficiency (non-pad / all tokens), and
-the mask ratio; appends one line to bench/RESULTS.md unless --no_append.
+the mask ratio; --results appends them as a row to bench/RESULTS.md.
 """
 from __future__ import annotations
 
 import datetime
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,14 +25,14 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from ettin_jax import cli  # noqa: E402
+from bench import results  # noqa: E402
 
 from data_pipeline import loader, shards, tokenizer  # noqa: E402
 
 
-HEADER = ("## Data loader (bench/loader.py): packed + masked tokens/s, goal >= 500k on 2 cores",
-          "",
-          "| date | run | tokens/s | packing efficiency | labels / real tokens | machine | command |",
-          "|---|---|---|---|---|---|---|")
+TITLE = "Data loader (bench/loader.py): packed + masked tokens/s, goal >= 500k on 2 cores"
+COLUMNS = ["date", "run", "tokens/s", "packing efficiency", "labels / real tokens", "machine",
+           "command"]
 
 
 def synthetic_docs(n: int, *, unk_id: int, cls_id: int, sep_id: int, seed: int = 0):
@@ -50,7 +49,7 @@ def define_flags():
     flags.DEFINE_integer("documents", 20_000, "synthetic documents in the corpus")
     flags.DEFINE_integer("seq_len", 1024, "row length (8192: phases 2-3)")
     flags.DEFINE_integer("workers", None, "default: config.data.num_workers")
-    flags.DEFINE_bool("no_append", False, "do not append to bench/RESULTS.md")
+    results.define_flags()
 
 
 def main(argv) -> int:
@@ -84,19 +83,13 @@ def main(argv) -> int:
         it.close()
     rate = tokens / elapsed
     efficiency = real / tokens
-    line = (f"| {datetime.date.today()} | {config.objective}, seq {a.seq_len}, {a.rows} rows/batch, "
-            f"{d.num_workers} workers | {rate:,.0f} | {efficiency:.4f} | "
-            f"{masked / max(real, 1):.3f} | {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
-            f"Python {platform.python_version()} | `python bench/loader.py` |")
-    print(line)
-    if not a.no_append:
-        results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-        existing = open(results).read() if os.path.exists(results) else ""
-        last = existing.rstrip().rsplit("\n", 1)[-1]
-        with open(results, "a") as f:
-            if "`python bench/loader.py`" not in last:   # others appended since: new table
-                f.write(("\n" if existing else "") + "\n".join(HEADER) + "\n")
-            f.write(line + "\n")
+    row = [datetime.date.today(),
+           f"{config.objective}, seq {a.seq_len}, {a.rows} rows/batch, {d.num_workers} workers",
+           f"{rate:,.0f}", f"{efficiency:.4f}", f"{masked / max(real, 1):.3f}",
+           results.machine(device=False), f"`{results.command()}`" + (f" {a.note}" if a.note else "")]
+    print(" | ".join(f"{column}: {cell}" for column, cell in zip(COLUMNS, row)))
+    if a.results:
+        results.append(TITLE, COLUMNS, [row], continue_table=True)
     return 0
 
 

@@ -21,10 +21,8 @@ shards the state over the devices).
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import shlex
 import sys
 import time
 
@@ -33,6 +31,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ettin_jax import cli  # noqa: E402  # pylint: disable=wrong-import-position
+from bench import results  # noqa: E402  # pylint: disable=wrong-import-position
 
 GB = 1e9
 
@@ -166,28 +165,22 @@ def search(config, seq_len: int, remat: str, budget: float, max_rows: int,
     return result
 
 
-def append_results(rows: list, command: str, note: str):
+def append_results(rows: list, note: str):
     import jax  # pylint: disable=import-outside-toplevel
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    backend = jax.default_backend()
-    kind = ("compiler's estimate on CPU, not a GPU figure" if backend == "cpu"
-            else f"{jax.devices()[0].device_kind} allocation plan")
+    kind = ("compiler's estimate on CPU, not a GPU figure" if jax.default_backend() == "cpu"
+            else "allocation plan")
     dps = flags.FLAGS.data_parallel
-    lines = [f"\n## Largest micro batch (bench/memory.py), {rows[0]['config']}, budget "
-             f"{rows[0]['budget_gb']:g} GB, {kind}, jax {jax.__version__}, {now}\n",
-             f"Command: `{command}`. {note}\n",
-             "| seq | remat | dtype | attention | max rows | peak GB | temp GB | next row GB | "
-             "probes | search s | " + " | ".join(f"grad_accum ({dp} dev)" for dp in dps) + " |",
-             "| --- " * (10 + len(dps)) + "|"]
-    for r in rows:
-        max_rows = f"{r['max_micro_rows']}" + (" (cap)" if r["capped"] else "")
-        lines.append(f"| {r['seq_len']} | {r['remat']} | {r['dtype']} | {r['attention_impl']} | "
-                     f"{max_rows} | {r.get('peak_gb', 'n/a')} | {r.get('temp_gb', 'n/a')} | "
-                     f"{r.get('next_peak_gb', 'n/a')} | {r['probes']} | {r['search_s']} | "
-                     + " | ".join(str(r["grad_accum_steps"][dp]) for dp in dps) + " |")
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    results.append(
+        f"Largest micro batch (bench/memory.py), {rows[0]['config']}, budget "
+        f"{rows[0]['budget_gb']:g} GB, {kind}, {results.utc_now()}",
+        ["seq", "remat", "dtype", "attention", "max rows", "peak GB", "temp GB", "next row GB",
+         "probes", "search s", *(f"grad_accum ({dp} dev)" for dp in dps)],
+        [[r["seq_len"], r["remat"], r["dtype"], r["attention_impl"],
+          f"{r['max_micro_rows']}" + (" (cap)" if r["capped"] else ""),
+          r.get("peak_gb", "n/a"), r.get("temp_gb", "n/a"), r.get("next_peak_gb", "n/a"),
+          r["probes"], r["search_s"], *(r["grad_accum_steps"][dp] for dp in dps)]
+         for r in rows],
+        where=results.machine(), note=note)
 
 
 def define_flags():
@@ -203,8 +196,7 @@ def define_flags():
     flags.DEFINE_string("attention_impl", None, "override config.model.attention_impl")
     flags.DEFINE_string("dtype", None, "override config.model.dtype (default: the config's)")
     flags.DEFINE_string("json_out", None, "also append each result as a JSON line to this file")
-    flags.DEFINE_bool("results", False, "append the figures to bench/RESULTS.md")
-    flags.DEFINE_string("note", "", "free text for the RESULTS.md entry")
+    results.define_flags()
     flags.mark_flag_as_required("config")
 
 
@@ -216,18 +208,18 @@ def main(argv):
         config.model.attention_impl = F.attention_impl
     if F.dtype:
         config.model.dtype = F.dtype
-    results = []
+    found = []
     for seq_len in map(int, F.seq_lens):
         for remat in F.remat:
             result = search(config, seq_len, remat, F.budget_gb * GB, F.max_rows,
                             data_parallel=[int(dp) for dp in F.data_parallel])
             print(json.dumps(result), flush=True)
-            results.append(result)
+            found.append(result)
             if F.json_out:
                 with open(F.json_out, "a", encoding="utf-8") as f:
                     f.write(json.dumps(result) + "\n")
     if F.results:
-        append_results(results, "python " + " ".join(shlex.quote(a) for a in sys.argv), F.note)
+        append_results(found, F.note)
     return 0
 
 

@@ -53,6 +53,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ettin_jax import cli  # noqa: E402  # pylint: disable=wrong-import-position
+from bench import results  # noqa: E402  pylint: disable=wrong-import-position
 from bench import variants as variants_lib  # noqa: E402  pylint: disable=wrong-import-position
 from bench.batches import make_batch  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -86,8 +87,7 @@ def define_flags():
     flags.DEFINE_enum("peer_autocast", "auto", ["auto", "yes", "no"],
                       "bf16 autocast for the transformers model (auto: on a CUDA device)")
     flags.DEFINE_string("json_out", None, "also append each result as a JSON line to this file")
-    flags.DEFINE_bool("results", False, "append the result to bench/RESULTS.md")
-    flags.DEFINE_string("note", "", "free text for the RESULTS.md row")
+    results.define_flags()
     flags.DEFINE_bool("profile", False, "print the step's time per XLA operation instead of timing it")
     flags.DEFINE_integer("top", 25, "with --profile: entries listed per group")
     flags.DEFINE_string("profile_out", None, "write --profile's listing to this file; without "
@@ -351,27 +351,17 @@ def main(argv):
 
 
 def append_results(result, note):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    machine = (f"{result['device']}, {os.cpu_count()} cores, load {load:.1f}, "
-               f"Python {platform.python_version()}")
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    header = ("\n## Train step (bench/train_step.py): tokens/s of the jitted step, one device\n\n"
-              "| date | config | batch x seq | dtype | tokens/s | MFU | transformers tokens/s | "
-              "ratio (wall) | ratio (CPU time) | machine | command |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|\n")
-    with open(path, encoding="utf-8") as f:
-        headers = [line for line in f if line.startswith("## ")]
-    # Continue our table only if it is the file's last section (others append here too).
-    has_header = bool(headers) and headers[-1].startswith("## Train step (bench/train_step.py)")
-    row = (f"| {datetime.date.today()} | {result['config']} | {result['batch']} x "
-           f"{result['seq_len']} | {result.get('dtype', 'n/a')} | {result.get('tokens_per_sec', 'n/a')} | "
-           f"{result.get('mfu', 'n/a')} | {result.get('transformers_tokens_per_sec', 'n/a')} | "
-           f"{result.get('ratio', 'n/a')} | {result.get('cpu_time_ratio', 'n/a')} | {machine} | "
-           f"`{command}`"
-           f"{' ' + note if note else ''} |\n")
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(("" if has_header else header) + row)
+    """One row of the per-run table; the row names its own machine and command."""
+    get = lambda key: result.get(key, "n/a")  # noqa: E731
+    results.append(
+        "Train step (bench/train_step.py): tokens/s of the jitted step, one device",
+        ["date", "config", "batch x seq", "dtype", "tokens/s", "MFU", "transformers tokens/s",
+         "ratio (wall)", "ratio (CPU time)", "machine", "command"],
+        [[datetime.date.today(), result["config"], f"{result['batch']} x {result['seq_len']}",
+          get("dtype"), get("tokens_per_sec"), get("mfu"), get("transformers_tokens_per_sec"),
+          get("ratio"), get("cpu_time_ratio"), results.machine(),
+          f"`{results.command()}`" + (f" {note}" if note else "")]],
+        continue_table=True)
 
 
 if __name__ == "__main__":
