@@ -191,8 +191,14 @@ def test_every_variant_lowers_for_gpu(mask, dtype, head_dim):
     def loss(q, k, v, seg):
         return jnp.sum(f(q, k, v, seg).astype(jnp.float32))
 
+    # The Triton lowering reads the target's compute capability off a device; jax >= 0.11
+    # no longer assumes one when there is no GPU, so name an H100 (a Hopper, as on our GPUs).
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                                       platform="gpu")
+    target = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=h100)
     for fn, kernels in ((f, 1), (jax.grad(loss, argnums=(0, 1, 2)), 3)):
-        text = jax.jit(fn).trace(q, q, q, seg).lower(lowering_platforms=("cuda",)).as_text()
+        with jax.sharding.use_abstract_mesh(target):
+            text = jax.jit(fn).trace(q, q, q, seg).lower(lowering_platforms=("cuda",)).as_text()
         assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == kernels
 
 
