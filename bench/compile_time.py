@@ -3,6 +3,7 @@ groups scanned and unrolled.
 
     python bench/compile_time.py --config=configs/ettin_150m.py:mlm --batch=1 --seq_len=1024
     python bench/compile_time.py --config=configs/ettin_150m.py:mlm --step=train
+    python bench/compile_time.py --config=configs/ettin_150m.py:mlm --step=train --target=h100
 
 Start-up of a run is dominated by XLA compiling the train step, and with
 `config.model.scan_layers=False` every layer is traced and compiled apart. For each setting
@@ -14,7 +15,9 @@ apart on abstract inputs: no parameter is materialised, nothing runs. The persis
 compilation cache is off, so each compile is a cold one. The optimizer update is left out:
 its cost grows with the parameter count, not with how the layers are traced. `--step=train`
 times the real jitted train step instead (`train.make_setup` on one device: micro-batch
-loss and gradients, StableAdamW update, metrics), what a run compiles before its first step.
+loss and gradients, StableAdamW update, metrics), what a run compiles before its first step;
+with --target=h100 XLA's GPU compiler does it for an H100 on this machine, without one
+(bench/aot_gpu.py: the GPU compile minus autotuning, on this machine's cores).
 
 With --results the figures are appended to bench/RESULTS.md (bench/results.py).
 """
@@ -40,6 +43,8 @@ def define_flags():
                       "model's loss + gradient, or the whole train step of train.make_setup")
     flags.DEFINE_string("remat", None, "override config.model.remat (none, full, dots)")
     flags.DEFINE_string("dtype", None, "override config.model.dtype (compute dtype)")
+    flags.DEFINE_string("target", "", "with --step=train: compile for this GPU on a machine "
+                        "without one (bench/aot_gpu.py: h100; nothing autotuned)")
     results.define_flags()
     flags.mark_flag_as_required("config")
 
@@ -88,10 +93,15 @@ def _train_step(config):
     from bench.batches import make_batch  # pylint: disable=import-outside-toplevel
     from ettin_jax import losses, sharding, train  # pylint: disable=import-outside-toplevel
 
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    from bench import aot_gpu  # pylint: disable=import-outside-toplevel
+
+    device = aot_gpu.device(FLAGS.target) if FLAGS.target else jax.devices()[0]
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
     setup = train.make_setup(config, mesh)
     batch = make_batch(config, FLAGS.batch, FLAGS.seq_len)
-    abstract_batch = {k: jax.ShapeDtypeStruct((1, *np.shape(batch[k])), jnp.int32)
+    batch_sharding = sharding.batch_sharding(mesh, leading_axes=1)
+    abstract_batch = {k: jax.ShapeDtypeStruct((1, *np.shape(batch[k])), jnp.int32,
+                                              sharding=batch_sharding)
                       for k in losses.BATCH_KEYS[config.objective]}
     args = (setup.abstract_state, abstract_batch, jax.ShapeDtypeStruct((), jnp.float32),
             jax.ShapeDtypeStruct((), jnp.int32))
@@ -99,7 +109,9 @@ def _train_step(config):
 
 
 def _time(config, scan_layers: bool) -> dict:
+    import contextlib  # pylint: disable=import-outside-toplevel
     from ettin_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+    from ettin_jax.kernels.target import building_for  # pylint: disable=import-outside-toplevel
     model = dict(config.model.to_dict(), scan_layers=scan_layers)
     if FLAGS.remat is not None:
         model["remat"] = FLAGS.remat
@@ -115,7 +127,8 @@ def _time(config, scan_layers: bool) -> dict:
     else:
         step, args = _loss_and_grad(model_config)
     start = time.perf_counter()
-    lowered = step.lower(*args)
+    with building_for("gpu") if FLAGS.target else contextlib.nullcontext():
+        lowered = step.lower(*args)
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     compiled_at = time.perf_counter()
@@ -127,6 +140,8 @@ def _time(config, scan_layers: bool) -> dict:
 
 def _append_results(config, rows):
     what = "the train step" if FLAGS.step == "train" else "loss + grad"
+    if FLAGS.target:
+        what += f" for an {FLAGS.target} (compiled on this machine, without one)"
     results.append(
         f"Compile time of {what}, {config.size} {config.objective}, batch {FLAGS.batch} x "
         f"{FLAGS.seq_len}, {results.utc_now()}",
@@ -142,6 +157,9 @@ def main(argv):
     import jax  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_enable_compilation_cache", False)   # cold compiles only
     config = FLAGS.config
+    if FLAGS.target and FLAGS.step != "train":
+        raise cli.UserError("--target goes with --step=train (the train step's arguments are "
+                            "placed on the target device)")
     rows = []
     for text in FLAGS.scan:
         if text.lower() not in ("true", "false"):

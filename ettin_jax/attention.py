@@ -145,7 +145,10 @@ def banded_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_
 
 
 def default_implementation() -> str:
-    backend = jax.default_backend()
+    """The attention of the backend being built for (`kernels.target`): Triton kernels on a
+    GPU, splash on a TPU, XLA elsewhere."""
+    from ettin_jax.kernels.target import target_platform  # pylint: disable=import-outside-toplevel
+    backend = target_platform()
     if backend == "gpu":
         return "pallas"
     if backend == "tpu":

@@ -270,3 +270,35 @@ def test_model_logits_pallas_equal_xla(arg):
     reference, out = logits["xla"], logits["pallas"]
     real = segment_ids[0] != 0
     np.testing.assert_allclose(out[0, real], reference[0, real], atol=1e-4)
+
+
+def test_kernels_follow_the_platform_being_built_for():
+    """kernels.building_for("gpu") builds the Triton kernels (not their interpreted
+    emulation) and makes attention_impl="auto" pick them, though this machine is a CPU: what
+    compiling for a GPU from here (bench/aot_gpu.py) needs. Outside it, the CPU defaults."""
+    from ettin_jax.attention import default_implementation
+    from ettin_jax.kernels.target import building_for, target_platform
+    q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+
+    def triton_calls(impl):
+        fn = lambda q: attention(q, q, q, impl=impl, causal=True)  # noqa: E731
+        text = jax.jit(fn).trace(q).lower(lowering_platforms=("cuda",)).as_text()
+        return len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text))
+
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                                       platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("data",),
+                                                                  abstract_device=h100)):
+        assert target_platform() == "cpu" and default_implementation() == "xla"
+        assert triton_calls("pallas") == 0          # interpreted: plain XLA ops
+        with building_for("gpu"):
+            assert target_platform() == "gpu" and default_implementation() == "pallas"
+            assert triton_calls("pallas") == 1
+            assert triton_calls("auto") == 1
+            with building_for("tpu"):
+                assert default_implementation() == "splash"
+            assert target_platform() == "gpu"
+        assert target_platform() == "cpu"
+    with pytest.raises(ValueError, match="expected 'gpu', 'tpu' or 'cpu'"):
+        with building_for("cuda"):
+            pass

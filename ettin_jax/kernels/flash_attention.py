@@ -27,6 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ettin_jax.kernels.intervals import attention_intervals
+from ettin_jax.kernels.target import target_platform
 from ettin_jax.sharding import run_per_shard
 
 try:  # The Triton backend is deprecated from jax 0.11 on; import it lazily and say so if gone.
@@ -416,7 +417,7 @@ def flash_attention_from_intervals(q, k, v, intervals, *, sm_scale: float | None
         raise ValueError(f"intervals have length {seq}: need a multiple of "
                          f"{blocks.seq_multiple} (the largest block) and >= seq {length}")
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = target_platform() != "gpu"
     scale = float(head_dim ** -0.5 if sm_scale is None else sm_scale)
     # Pad seq (padded positions have empty intervals) and head_dim to a power of two >= 16
     # (zero columns change neither q.k nor the kept output columns).

@@ -27,6 +27,7 @@ from ettin_jax.kernels.intervals import attention_intervals
 from ettin_jax.kernels.mosaic_common import COMPUTE_WARPGROUPS, MosaicBlocks
 from ettin_jax.kernels.mosaic_backward import backward
 from ettin_jax.kernels.mosaic_forward import forward
+from ettin_jax.kernels.target import target_platform
 from ettin_jax.sharding import run_per_shard
 
 try:  # public from jax 0.11 on
@@ -160,7 +161,7 @@ def _mosaic_attention_local(q, k, v, segment_ids, *, causal, sm_scale, block_siz
     intervals = [jnp.broadcast_to(x, (batch, seq)) for x in
                  attention_intervals(seq, length, segment_ids=segment_ids, causal=causal)]
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = target_platform() != "gpu"
     scale = float(head_dim ** -0.5 if sm_scale is None else sm_scale)
     if seq != length:  # padded positions have empty intervals: they see and are seen by nothing
         q, k, v = (jnp.pad(x, ((0, 0), (0, seq - length), (0, 0), (0, 0))) for x in (q, k, v))

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
+from ettin_jax.kernels.target import target_platform
 from ettin_jax.sharding import run_per_shard
 
 DEFAULT_BLOCK = 512   # head_dim 64 at seq 1024 / 8192: two or sixteen tiles per axis
@@ -71,7 +72,7 @@ def splash_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_
 def _splash_local(q, k, v, segment_ids, *, causal, window_size, sm_scale, block_size, interpret):
     batch, seq_len, num_heads, head_dim = q.shape
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = target_platform() != "tpu"
     block = block_size or min(DEFAULT_BLOCK, -(-seq_len // 128) * 128)
     padded_len = -(-seq_len // block) * block
     real = (jnp.ones((batch, seq_len), jnp.int32) if segment_ids is None
