@@ -46,3 +46,10 @@ def test_gpu_sh_tune_runs_one_profiled_sweep_only(tmp_path):
     timeout = int(stdout.split("[tune_150m_mlm, timeout ")[1].split("s]")[0])
     assert 0 < int(args["--variants_budget_s"]) < timeout
     assert args["--profile_out"].endswith("gpubench/profile_150m_mlm.txt")
+
+
+def test_gpu_sh_full_mode_times_a_cold_start_without_autotuning(tmp_path):
+    def runs(stdout):
+        return next(a for a in command_of(stdout, "startup") if a.startswith("--runs="))
+    assert runs(dry_run(tmp_path)) == "--runs=cold,warm,cold_no_autotune"
+    assert runs(dry_run(tmp_path, "--quick")) == "--runs=cold,warm"
