@@ -23,8 +23,8 @@ from ettin_jax import cli
 
 # XLA's GpuTargetConfigProto (text format) of an NVIDIA H100 80GB HBM3 (SXM): 132 SMs of
 # compute capability 9.0 at 1.98 GHz, 79.1 GiB of HBM3 at 3.35 TB/s, 50 MiB of L2, 228 KiB
-# of shared memory per SM (227 KiB per block opted in); CUDA 12.8 and cuDNN 9.10 as in
-# jax-cuda12-plugin's wheels.
+# of shared memory per SM (227 KiB per block opted in); the CUDA (12.8) and cuDNN (9.10)
+# versions the compiler may assume.
 H100_80GB = """
 gpu_device_info {
   threads_per_block_limit: 1024

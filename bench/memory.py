@@ -1,8 +1,10 @@
-"""Largest micro batch whose compiled train step fits a device's memory, and the
-`train.grad_accum_steps` that follows (not part of the test suite).
+"""Largest micro batch whose compiled train step fits a device's memory, i.e. the config's
+`train.max_micro_rows`, and the `train.grad_accum_steps` that follows (not part of the test
+suite).
 
     python bench/memory.py --config=configs/ettin_150m.py:mlm --seq_lens=1024,8192
     python bench/memory.py --config=configs/ettin_1b.py:mlm --remat=none,full,dots --budget_gb=80
+    python bench/memory.py --config=configs/ettin_150m.py:mlm --target=h100   # no GPU needed
 
 For each sequence length and `config.model.remat` setting this compiles `train.make_setup(...)
 .train_step` (forward, backward and optimizer update of one micro batch, `[1, rows, seq_len]`,
@@ -11,12 +13,14 @@ peak = argument + output - alias + temp bytes (outputs that reuse a donated argu
 the new params and optimizer state, are counted once). Nothing is allocated or run, so it
 works on CPU; the figures are the compiler's plan for the backend it ran on (on a GPU the
 allocation plan the step will use, on CPU only an estimate: other fusions, XLA attention
-instead of the Pallas kernel). The largest fitting row count is searched by interpolation
+instead of the Pallas kernel). --target=h100 compiles for an H100 on a machine without one
+(bench/aot_gpu.py): the GPU's own plan, Pallas kernels included, nothing autotuned. The largest fitting row count is searched by interpolation
 with bisection steps, assuming memory does not fall as rows grow.
 
-The proposal: `grad_accum_steps` = global rows per step (`schedules.rows_per_step`) / largest
-micro batch, rounded up to a count that splits the rows evenly over the micro batches and the
-data-parallel devices (--data_parallel; one device's figure is conservative for FSDP, which
+The proposal: `train.max_micro_rows` = the largest micro batch (configs/base.py's table holds
+them), from which a run with `grad_accum_steps=0` takes the fewest micro batches that fit
+(`schedules.grad_accum_steps`); the table shows that count for full rows (4608 rows a step)
+on each --data_parallel device count (one device's figure is conservative for FSDP, which
 shards the state over the devices).
 """
 from __future__ import annotations
@@ -31,28 +35,36 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ettin_jax import cli  # noqa: E402  # pylint: disable=wrong-import-position
-from bench import results  # noqa: E402  # pylint: disable=wrong-import-position
+from bench import aot_gpu, results  # noqa: E402  # pylint: disable=wrong-import-position
 
 GB = 1e9
 
 
-def step_memory_fn(config, seq_len: int):
+def step_memory_fn(config, seq_len: int, target: str = ""):
     """rows -> XLA's memory figures (bytes) of the compiled train step at `[1, rows, seq_len]`.
 
     One jitted step is built per call of this function; each row count lowers and compiles it
-    once more (abstract inputs: nothing is allocated)."""
+    once more (abstract inputs: nothing is allocated). target: compile for that GPU
+    (bench/aot_gpu.py) instead of this machine's first device."""
+    import contextlib  # pylint: disable=import-outside-toplevel
     import jax  # pylint: disable=import-outside-toplevel
+    from bench import aot_gpu  # pylint: disable=import-outside-toplevel
     from bench.batches import make_batch  # pylint: disable=import-outside-toplevel
     from ettin_jax import losses, sharding, train  # pylint: disable=import-outside-toplevel
+    from ettin_jax.kernels.target import building_for  # pylint: disable=import-outside-toplevel
 
     config = config.copy_and_resolve_references()
     config.train.seq_len = seq_len
     config.train.grad_accum_steps = 1
-    if jax.default_backend() == "cpu":
+    if jax.default_backend() == "cpu" and not target:
         # LLVM's optimisations run after buffer assignment: the memory plan is the same and
         # CPU compiles are ~3x faster without them.
         config.train.xla_backend_optimization_level = 0
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    device = aot_gpu.device(target) if target else jax.devices()[0]
+    def building():   # every trace of this step happens inside: kernels built for the GPU
+        return building_for("gpu") if target else contextlib.nullcontext()
+
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
     setup = train.make_setup(config, mesh)
     batch_sharding = sharding.batch_sharding(mesh, leading_axes=1)
     one_row = make_batch(config, 1, seq_len)
@@ -62,8 +74,9 @@ def step_memory_fn(config, seq_len: int):
         batch = {k: jax.ShapeDtypeStruct((1, rows) + one_row[k].shape[1:], one_row[k].dtype,
                                          sharding=batch_sharding) for k in keys}
         start = time.perf_counter()
-        compiled = setup.train_step.lower(setup.abstract_state, batch,
-                                          config.optimizer.peak_lr, 0).compile()
+        with building():
+            compiled = setup.train_step.lower(setup.abstract_state, batch,
+                                              config.optimizer.peak_lr, 0).compile()
         stats = compiled.memory_analysis()
         if stats is None:
             raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis "
@@ -117,19 +130,9 @@ def _interpolate(probes: dict, lo: int, hi: int, budget: float) -> int:
     return a + int((budget - probes[a]) // slope)
 
 
-def grad_accum_steps(global_rows: int, max_micro_rows: int, data_parallel: int = 1):
-    """Fewest micro batches per step whose rows split evenly over `data_parallel` devices with
-    at most `max_micro_rows` rows per device; None if no split fits."""
-    for accum in range(1, global_rows + 1):
-        if global_rows % (accum * data_parallel) == 0 and \
-                global_rows // (accum * data_parallel) <= max_micro_rows:
-            return accum
-    return None
-
-
 def search(config, seq_len: int, remat: str, budget: float, max_rows: int,
-           data_parallel=(1, 8)) -> dict:
-    """One (seq_len, remat) search; its result record."""
+           data_parallel=(1, 8), target: str = "") -> dict:
+    """One (seq_len, remat) search; its result record. target: as step_memory_fn's."""
     import jax  # pylint: disable=import-outside-toplevel
     from ettin_jax import schedules  # pylint: disable=import-outside-toplevel
 
@@ -137,7 +140,7 @@ def search(config, seq_len: int, remat: str, budget: float, max_rows: int,
     config.model.remat = remat
     global_rows = schedules.rows_per_step(config)
     max_rows = max_rows or global_rows
-    memory = step_memory_fn(config, seq_len)
+    memory = step_memory_fn(config, seq_len, target)
     figures = {}
 
     def peak(rows):
@@ -151,7 +154,8 @@ def search(config, seq_len: int, remat: str, budget: float, max_rows: int,
     rows, _ = largest_fitting(peak, budget, max_rows)
     result = {"config": f"{config.size}:{config.objective}", "seq_len": seq_len, "remat": remat,
               "dtype": config.model.dtype, "attention_impl": config.model.attention_impl,
-              "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+              "backend": "gpu" if target else jax.default_backend(),
+              "device": f"{target} (compiled without one)" if target else jax.devices()[0].device_kind,
               "budget_gb": budget / GB, "max_rows_tried": max_rows, "max_micro_rows": rows,
               "capped": rows == max_rows, "probes": len(figures),
               "search_s": round(time.perf_counter() - start, 1), "global_rows": global_rows}
@@ -160,15 +164,28 @@ def search(config, seq_len: int, remat: str, budget: float, max_rows: int,
                        if k != "compile_s"})
     if rows + 1 in figures:
         result["next_peak_gb"] = round(figures[rows + 1]["peak"] / GB, 3)
-    result["grad_accum_steps"] = {
-        str(dp): grad_accum_steps(global_rows, rows, dp) for dp in data_parallel}
+    # What the run would take with train.max_micro_rows = rows (schedules.grad_accum_steps),
+    # for full rows (no mean known: the most rows a step can have).
+    proposal = config.copy_and_resolve_references()
+    proposal.train.grad_accum_steps, proposal.train.max_micro_rows = schedules.AUTO, max(rows, 1)
+    result["grad_accum_steps"] = {}
+    for dp in data_parallel:
+        try:
+            accum = schedules.grad_accum_steps(proposal, None, dp) if rows else None
+        except ValueError:    # the step's sequences do not split over dp devices
+            accum = None
+        result["grad_accum_steps"][str(dp)] = accum
     return result
 
 
 def append_results(rows: list, note: str):
     import jax  # pylint: disable=import-outside-toplevel
-    kind = ("compiler's estimate on CPU, not a GPU figure" if jax.default_backend() == "cpu"
-            else "allocation plan")
+    if flags.FLAGS.target:
+        kind = f"XLA's allocation plan for an {flags.FLAGS.target}, compiled on this machine without one"
+    elif jax.default_backend() == "cpu":
+        kind = "compiler's estimate on CPU, not a GPU figure"
+    else:
+        kind = "allocation plan"
     dps = flags.FLAGS.data_parallel
     results.append(
         f"Largest micro batch (bench/memory.py), {rows[0]['config']}, budget "
@@ -196,6 +213,9 @@ def define_flags():
     flags.DEFINE_string("attention_impl", None, "override config.model.attention_impl")
     flags.DEFINE_string("dtype", None, "override config.model.dtype (default: the config's)")
     flags.DEFINE_string("json_out", None, "also append each result as a JSON line to this file")
+    flags.DEFINE_enum("target", "", ["", *aot_gpu.TARGETS], "compile for this GPU on a machine "
+                      "without one (bench/aot_gpu.py; needs jax's CUDA plugin) instead of for "
+                      "this machine's first device")
     results.define_flags()
     flags.mark_flag_as_required("config")
 
@@ -212,7 +232,7 @@ def main(argv):
     for seq_len in map(int, F.seq_lens):
         for remat in F.remat:
             result = search(config, seq_len, remat, F.budget_gb * GB, F.max_rows,
-                            data_parallel=[int(dp) for dp in F.data_parallel])
+                            data_parallel=[int(dp) for dp in F.data_parallel], target=F.target)
             print(json.dumps(result), flush=True)
             found.append(result)
             if F.json_out:

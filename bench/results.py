@@ -61,9 +61,11 @@ def _last_heading(path: str) -> str | None:
 
 
 def append(title: str, columns: list, rows: list, *, where: str = "", note: str = "",
-           path: str | None = None, continue_table: bool = False) -> str:
+           path: str | None = None, continue_table: bool = False,
+           commands: str = "") -> str:
     """Appends `rows` (lists of cells) under `## {title}` to `path` (default --results_file);
-    returns the path. The heading is followed by `where`, the command and `note`.
+    returns the path. The heading is followed by `where`, the command (or `commands`, for
+    figures several runs made) and `note`.
 
     continue_table: for tables with a row per run, whose rows name their own machine and
     command: no such line; while `## {title}` is the file's last heading only the rows are
@@ -77,7 +79,7 @@ def append(title: str, columns: list, rows: list, *, where: str = "", note: str 
             lines = ["", heading, "", *table, *lines]
         else:
             preamble = " ".join(part for part in (
-                where and f"{where}.", f"Command: `{command()}`.", note) if part)
+                where and f"{where}.", commands or f"Command: `{command()}`.", note) if part)
             lines = ["", heading, "", preamble, "", *table, *lines]
     with open(path, "a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")

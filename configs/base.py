@@ -183,6 +183,18 @@ def data_config(*, model: ml_collections.ConfigDict, seed: int) -> ml_collection
 # Sizes whose clm_decay yaml keeps the local RoPE base at 10k (standard/<size>/prolong_decay/
 # decoder_<size>.yaml sets local_attn_rotary_emb_base: 10000.0); the others leave it unset.
 _CLM_DECAY_LOCAL_10K = ("17m", "32m", "68m", "400m")
+# Rows of train.seq_len in the largest micro batch that fits one 80 GB H100 (see
+# _add_training_sections), per size and row length, model defaults (remat none): XLA's GPU
+# allocation plan of the train step, bench/memory.py --target=h100 --budget_gb=60 (figures in
+# bench/RESULTS.md; the smaller of mlm and clm where both were searched, within 1%).
+MAX_MICRO_ROWS = {
+    "17m": {1024: 457, 8192: 57},
+    "32m": {1024: 228, 8192: 28},
+    "68m": {1024: 97, 8192: 12},
+    "150m": {1024: 55, 8192: 6},
+    "400m": {1024: 25, 8192: 3},
+    "1b": {1024: 12, 8192: 1},
+}
 
 
 def rope_thetas(size: str, objective: str, phase: str) -> tuple[float, float]:
@@ -257,6 +269,9 @@ def get_config_for_size(arg: str | None, *, size: str, model: ml_collections.Con
     c.optimizer.moments_dtype = "float32"
     c.optimizer.lr_warmup_tokens = lr_warmup_tokens
     c.optimizer.batch_warmup_tokens = batch_warmup_tokens
+    # Batch-size warmup starts with this share of the step's sequences (in whole micro
+    # batches, at least one) and grows linearly to all of them (schedules.warmup_micro_batches).
+    c.optimizer.batch_warmup_start_fraction = 1 / 8
     # StableAdamW decays weights by wd * lr_t / max_lr, max_lr = peak_lr * max_lr_fraction: the
     # LR the optimizer was built with (recipe §4.1). Extension and decay carry the phase-1
     # optimizer over (so its max_lr), a cross-objective run builds a fresh one at its own LR.
@@ -271,9 +286,15 @@ def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: st
     """Schedule, batching, checkpoints, mesh and logging of one phase (recipe §3.2, §3.3, §4.2)."""
     huge = size == "1b"                     # the 1b's extension and decay are a third as long
     # Each step's rows are split into micro batches whose gradients are summed (gradient
-    # accumulation); batch-size warmup adds whole micro batches. 8 x 576 rows is Ettin's 17m
-    # layout on 4 GPUs; raise it where the activations of a micro batch do not fit.
-    c.train.grad_accum_steps = 8
+    # accumulation). 0 = auto: the fewest micro batches whose rows per data-parallel device
+    # stay within max_micro_rows, for the run's measured mean length and device count
+    # (ettin_jax.schedules.grad_accum_steps); a count fixes the split instead. max_micro_rows
+    # is the largest micro batch of the default model settings (remat none) that fits an 80 GB
+    # H100 with JAX's default 75% memory pool, from XLA's GPU allocation plan (bench/memory.py
+    # --target=h100 --budget_gb=60, bench/RESULTS.md); lower it for smaller accelerators.
+    c.train.grad_accum_steps = 0
+    # Sizes not measured (the test model) get 0: set it, or a grad_accum_steps count.
+    c.train.max_micro_rows = MAX_MICRO_ROWS.get(size, {}).get(c.train.seq_len, 0)
     c.train.init_optimizer_state = phase in ("ext", "decay")   # cross-objective: params only
     c.train.eval_every_steps = 1000
     c.train.eval_batches = 8                # held-out batches per eval; 0 = no eval

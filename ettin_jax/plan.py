@@ -15,7 +15,8 @@ JSON keys: size, objective, phase, seq_len, rows_per_step, tokens_per_step,
 mean_sequence_length (null for the demo), sequences_per_step, total_tokens, total_steps,
 schedule, lr_start, lr_end, peak_lr (the highest LR of this phase: optimizer.peak_lr x
 schedule.lr_fraction), lr_warmup_tokens, batch_warmup_tokens, batch_warmup_steps,
-first_step_rows, global_rope_theta, local_rope_theta, mask_ratio (MLM runs),
+first_step_rows, grad_accum_steps (micro batches per full step), micro_rows_per_device,
+max_micro_rows (its limit when grad_accum_steps is auto, else null), global_rope_theta, local_rope_theta, mask_ratio (MLM runs),
 decoder_window_keys (CLM runs), data_seed, model_seed, sources (path, token_share, measured
 mean), demo, tokenizer, checkpoint_every_steps, checkpoint_every_tokens, num_params,
 data_parallel, num_devices, figure_stored, restore (what a real run would start from:
@@ -79,6 +80,7 @@ def make_plan(config, workdir: str, *, num_devices: int | None = None) -> dict:
     mean = record["mean_sequence_length"]
     seq_len = int(config.train.seq_len)
     rows = schedules.rows_per_step(config, mean, data_parallel)
+    accum = schedules.checked_grad_accum_steps(config, mean, data_parallel)
     total_steps = schedules.total_steps(config, mean, data_parallel)
     rows_for_step = schedules.rows_schedule(config, mean, data_parallel)
     warmup_steps = 0
@@ -104,6 +106,9 @@ def make_plan(config, workdir: str, *, num_devices: int | None = None) -> dict:
         "lr_warmup_tokens": float(config.optimizer.lr_warmup_tokens),
         "batch_warmup_tokens": float(config.optimizer.batch_warmup_tokens),
         "batch_warmup_steps": warmup_steps, "first_step_rows": rows_for_step(0),
+        "grad_accum_steps": accum, "micro_rows_per_device": rows // accum // data_parallel,
+        "max_micro_rows": (None if config.train.grad_accum_steps != schedules.AUTO
+                           else int(config.train.max_micro_rows)),
         "global_rope_theta": float(config.model.global_rope_theta),
         "local_rope_theta": float(config.model.local_rope_theta),
         "data_seed": int(config.data.seed), "model_seed": int(config.seed),
@@ -181,7 +186,10 @@ def format_plan(plan: dict) -> str:
         lines.append(f"objective  CLM, decoder local window {p['decoder_window_keys']} keys")
     lines += [
         f"step       {step}",
-        f"devices    {p['num_devices']}, {p['data_parallel']} data-parallel groups",
+        f"devices    {p['num_devices']}, {p['data_parallel']} data-parallel groups; "
+        f"{p['grad_accum_steps']} micro batches of {p['micro_rows_per_device']} rows per "
+        "device a step" + ("" if p["max_micro_rows"] is None else
+                           f" (auto: the fewest within {p['max_micro_rows']} rows)"),
         f"length     {_amount(p['total_tokens'])} tokens in {p['total_steps']:,} steps",
         f"lr         {p['schedule']}: {p['lr_start']:.3g} at start, peak {p['peak_lr']:.3g}, "
         f"{p['lr_end']:.3g} at the end; warmup {_amount(p['lr_warmup_tokens'])} tokens",

@@ -60,6 +60,66 @@ def learning_rate(config, tokens: float) -> float:
     return config.optimizer.peak_lr * config.schedule.lr_fraction * lr_multiplier(config, tokens)
 
 
+AUTO = 0   # train.grad_accum_steps = 0: as many micro batches as train.max_micro_rows needs
+
+
+def grad_accum_steps(config, mean_sequence_length: float | None = None,
+                     data_parallel: int = 1) -> int:
+    """Micro batches per full step: `train.grad_accum_steps`, or, when that is 0 (auto), the
+    fewest that split `train.global_batch_size` over the `data_parallel` groups and keep each
+    group's share of a micro batch within `train.max_micro_rows` rows (the largest micro batch
+    that fits one accelerator: the configs set it per size and row length from bench/memory.py's
+    H100 table). The answer follows the run's mean sequence length and device count, so the
+    same config fills one GPU or eight."""
+    accum = int(config.train.grad_accum_steps)
+    if accum != AUTO:
+        return accum
+    limit = int(config.train.get("max_micro_rows", 0))
+    if limit < 1:
+        raise ValueError(f"config.train.grad_accum_steps=0 (auto) needs config.train."
+                         f"max_micro_rows >= 1 (rows of a micro batch that fit one device), got "
+                         f"{limit}; or set grad_accum_steps to a count")
+    seqs = int(config.train.global_batch_size)
+    for accum in range(1, seqs + 1):
+        if seqs % (accum * data_parallel) == 0 and _rows(
+                config, mean_sequence_length, data_parallel, accum) <= limit * accum * data_parallel:
+            return accum
+    raise ValueError(f"config.train.global_batch_size={seqs} does not split into micro batches "
+                     f"of at most config.train.max_micro_rows={limit} rows per device over "
+                     f"{data_parallel} data-parallel devices (it must be a multiple of their "
+                     "count); change the mesh, or set grad_accum_steps")
+
+
+def checked_grad_accum_steps(config, mean_sequence_length: float | None,
+                             data_parallel: int) -> int:
+    """grad_accum_steps, checked to split the step's sequences over the data-parallel devices."""
+    accum = grad_accum_steps(config, mean_sequence_length, data_parallel)
+    if config.train.global_batch_size % (data_parallel * accum):
+        raise ValueError(
+            f"config.train.global_batch_size={config.train.global_batch_size} must split into "
+            f"grad_accum_steps={accum} micro batches whose rows divide over data x fsdp = "
+            f"{data_parallel} devices")
+    return accum
+
+
+def _rows(config, mean_sequence_length: float | None, data_parallel: int, accum: int,
+          sequences: int | None = None) -> int:
+    seqs = config.train.global_batch_size if sequences is None else sequences
+    if mean_sequence_length is None:
+        return seqs
+    seq_len = config.train.seq_len
+    if not 0 < mean_sequence_length <= seq_len:
+        raise ValueError(f"mean_sequence_length={mean_sequence_length}: must lie in "
+                         f"(0, config.train.seq_len={seq_len}] (pieces longer than seq_len "
+                         "are split by the loader)")
+    quantum = accum * data_parallel
+    if quantum < 1:
+        raise ValueError(f"config.train.grad_accum_steps={accum} and "
+                         f"data_parallel={data_parallel} must be >= 1")
+    rows = seqs * mean_sequence_length / seq_len
+    return quantum * max(1, round(rows / quantum))
+
+
 def rows_per_step(config, mean_sequence_length: float | None = None, data_parallel: int = 1,
                   *, sequences: int | None = None) -> int:
     """Packed rows of `train.seq_len` tokens that carry `sequences` (default
@@ -72,41 +132,34 @@ def rows_per_step(config, mean_sequence_length: float | None = None, data_parall
     data_pipeline.lengths measures; None (the demo, or no measurement) keeps one row per
     sequence, i.e. rows = sequences.
     """
-    seqs = config.train.global_batch_size if sequences is None else sequences
-    if mean_sequence_length is None:
-        return seqs
-    seq_len = config.train.seq_len
-    if not 0 < mean_sequence_length <= seq_len:
-        raise ValueError(f"mean_sequence_length={mean_sequence_length}: must lie in "
-                         f"(0, config.train.seq_len={seq_len}] (pieces longer than seq_len "
-                         "are split by the loader)")
-    quantum = config.train.grad_accum_steps * data_parallel
-    if quantum < 1:
-        raise ValueError(f"config.train.grad_accum_steps={config.train.grad_accum_steps} and "
-                         f"data_parallel={data_parallel} must be >= 1")
-    rows = seqs * mean_sequence_length / seq_len
-    return quantum * max(1, round(rows / quantum))
+    accum = grad_accum_steps(config, mean_sequence_length, data_parallel)
+    return _rows(config, mean_sequence_length, data_parallel, accum, sequences)
 
 
-def num_micro_batches(config, tokens: float) -> int:
-    """Micro batches in the step after `tokens` tokens (each of `micro_batch_size` rows).
+def warmup_micro_batches(config, tokens: float, full: int) -> int:
+    """Micro batches in the step after `tokens` tokens, of `full` in a full step.
 
-    Batch-size warmup (recipe §4.4) counts sequences: a step carries one micro batch's share
-    (global_batch_size / grad_accum_steps sequences) at first, growing linearly to
-    `train.global_batch_size` over `optimizer.batch_warmup_tokens`, in whole micro batches.
-    Rows convert sequences as rows_per_step does, so the count does not depend on the mean.
+    Batch-size warmup (recipe §4.4) counts sequences: a step carries
+    `optimizer.batch_warmup_start_fraction` (f) of `train.global_batch_size` at first, in whole
+    micro batches (ceil(full x f), at least one), and grows linearly to all of it over
+    `optimizer.batch_warmup_tokens` in steps of that many micro batches: about 1 / f distinct
+    step sizes whatever the split, as each size compiles the train step once more. Rows
+    convert sequences as rows_per_step does, so the count does not depend on the mean.
     """
-    full = config.train.global_batch_size // micro_batch_size(config)
     warmup = config.optimizer.batch_warmup_tokens
     if warmup <= 0 or tokens >= warmup:
         return full
-    return max(1, min(full, 1 + int((full - 1) * tokens / warmup)))
+    start = float(config.optimizer.get("batch_warmup_start_fraction", 1 / 8))
+    first = max(1, min(full, math.ceil(full * start - 1e-9)))
+    levels = math.ceil(full / first)
+    return min(full, first * (1 + int((levels - 1) * tokens / warmup)))
 
 
 def micro_batch_size(config, mean_sequence_length: float | None = None,
                      data_parallel: int = 1) -> int:
     """Rows per micro batch (all hosts together): rows_per_step / grad_accum_steps."""
-    seqs, accum = config.train.global_batch_size, config.train.grad_accum_steps
+    seqs = config.train.global_batch_size
+    accum = grad_accum_steps(config, mean_sequence_length, data_parallel)
     if accum < 1 or seqs % accum:
         raise ValueError(f"config.train.global_batch_size={seqs} is not a multiple of "
                          f"config.train.grad_accum_steps={accum}")
@@ -119,6 +172,7 @@ def rows_schedule(config, mean_sequence_length: float | None = None, data_parall
     A step's tokens are its rows x seq_len. Steps are replayed from the start, so the answer
     is the same on a resumed run; after the batch-size warmup every step is full.
     """
+    accum = grad_accum_steps(config, mean_sequence_length, data_parallel)
     micro = micro_batch_size(config, mean_sequence_length, data_parallel)
     full = rows_per_step(config, mean_sequence_length, data_parallel)
     seq_len = config.train.seq_len
@@ -128,7 +182,7 @@ def rows_schedule(config, mean_sequence_length: float | None = None, data_parall
 
     def rows_for_step(step: int) -> int:
         while len(rows) <= step and tokens[0] < warmup:
-            rows.append(micro * num_micro_batches(config, tokens[0]))
+            rows.append(micro * warmup_micro_batches(config, tokens[0], accum))
             tokens[0] += rows[-1] * seq_len
         return rows[step] if step < len(rows) else full
 

@@ -7,7 +7,7 @@
 One optimizer step takes a global batch of `rows_for_step(step)` rows, split into micro batches
 `[num_micro, micro_rows, ...]` whose gradients are summed inside one jitted step (gradient
 accumulation; batch-size warmup adds micro batches, so the step compiles once per distinct
-count, at most `train.grad_accum_steps` times). The loss is the mean over every predicted
+count, about 1 / optimizer.batch_warmup_start_fraction times). The loss is the mean over every predicted
 token of the step (ettin_jax.losses).
 
 State is functional: `{"params": nnx.State of Params, "opt_state": optax state}`, sharded by
@@ -202,15 +202,6 @@ def evaluate(setup: Setup, params, config) -> dict:
 
 # --- the loop's bookkeeping --------------------------------------------------------------------
 
-def _check_batch_splits(config, mesh):
-    devices = sharding_lib.data_parallel_size(mesh)
-    if config.train.global_batch_size % (devices * config.train.grad_accum_steps):
-        raise ValueError(
-            f"config.train.global_batch_size={config.train.global_batch_size} must split into "
-            f"grad_accum_steps={config.train.grad_accum_steps} micro batches whose rows divide "
-            f"over data x fsdp = {devices} devices")
-
-
 def _make_checkpointer(config, workdir: str, mean_sequence_length: float | None,
                        data_parallel: int) -> tuple[checkpoint_lib.Checkpointer, int]:
     """(the workdir's Checkpointer, steps between saves)."""
@@ -362,7 +353,6 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     # Mesh.
     mesh = sharding_lib.make_mesh(config.mesh)
     sharding_lib.log_mesh(mesh)
-    _check_batch_splits(config, mesh)
 
     # Model and optimizer state: layout and jitted steps (arrays come with the restore).
     setup = make_setup(config, mesh)
@@ -371,11 +361,16 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     # measured at the first start and read back on every resume (ettin_jax.step_tokens).
     mean = step_tokens.agreed(config, workdir, demo=demo_run)
     data_parallel = sharding_lib.data_parallel_size(mesh)
+    accum = schedules.checked_grad_accum_steps(config, mean, data_parallel)
     rows_per_step = schedules.rows_per_step(config, mean, data_parallel)
     logging.info("tokens per step: %d sequences of mean length %s -> %d rows of %d = %s tokens",
                  config.train.global_batch_size, "(demo: one row each)" if mean is None else
                  f"{mean:.1f}", rows_per_step, config.train.seq_len,
                  f"{rows_per_step * config.train.seq_len:,}")
+    logging.info("%d micro batches of %d rows per step (%d per data-parallel device)%s", accum,
+                 rows_per_step // accum, rows_per_step // accum // data_parallel, "" if
+                 config.train.grad_accum_steps else f", the fewest within config.train."
+                 f"max_micro_rows={config.train.max_micro_rows}")
 
     # Data.
     rows_for_step = schedules.rows_schedule(config, mean, data_parallel)

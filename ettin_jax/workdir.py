@@ -42,6 +42,7 @@ RUNTIME_KEYS = frozenset({
     "model.attention_impl", "model.dtype", "model.scan_layers", "model.remat",
     "train.xla_backend_optimization_level", "train.allow_config_change",
     "train.compilation_cache_dir", "train.loss_vocab_chunk", "train.loss_row_chunk",
+    "train.max_micro_rows",
     "data.num_workers", "data.worker_group_rows", "data.worker_buffer_groups",
     "data.mds_cache_dir", "checkpoint.async_save",
     "log.progress_every_secs", "log.device_peak_flops", "log.profile_steps",
@@ -178,7 +179,7 @@ _ABSENT = "(absent)"
 # Keys added after runs were recorded without them: the value the code used before the key
 # existed, so a run recorded earlier resumes unchanged (and a run that sets another value is
 # refused as a change).
-BEFORE_THE_KEY = {"train.prng_impl": "threefry"}
+BEFORE_THE_KEY = {"train.prng_impl": "threefry", "optimizer.batch_warmup_start_fraction": 0.125}
 
 
 def _differences(old: dict, new: dict) -> list[str]:

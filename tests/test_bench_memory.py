@@ -3,6 +3,7 @@ import functools
 
 import configs.ettin_tiny
 from bench import memory
+from ettin_jax import schedules
 
 
 def test_largest_fitting_micro_batch_on_compiled_train_step():
@@ -18,7 +19,30 @@ def test_largest_fitting_micro_batch_on_compiled_train_step():
     assert 2 <= rows < 4
     assert compiled_peak(rows) <= budget < compiled_peak(rows + 1)
     assert all(probes[n] == compiled_peak(n) for n in probes)
-    # 16 global rows, `rows` per device: the fewest micro batches that split them evenly.
-    accum = memory.grad_accum_steps(16, rows)
-    assert 16 % accum == 0 and 16 // accum <= rows
-    assert all(16 // fewer > rows for fewer in range(1, accum) if 16 % fewer == 0)
+    # The search's answer as the config's limit: 8 global rows (no mean: full rows), `rows`
+    # per device: the fewest micro batches that split them evenly.
+    config.train.grad_accum_steps, config.train.max_micro_rows = 0, rows
+    accum = schedules.grad_accum_steps(config)
+    assert 8 % accum == 0 and 8 // accum <= rows
+    assert all(8 // fewer > rows for fewer in range(1, accum) if 8 % fewer == 0)
+
+
+def test_compiling_for_a_gpu_without_its_plugin_says_what_to_install():
+    """--target=h100 needs jax's CUDA plugin (bench/aot_gpu.py); without it the error names
+    the pip line for this jax version. (Where the plugin is installed, the device is made.)"""
+    import importlib.util
+
+    import jax
+    import pytest
+
+    from bench import aot_gpu
+    from ettin_jax import cli
+    if importlib.util.find_spec("jax_plugins") is not None and \
+            importlib.util.find_spec("jax_plugins.xla_cuda12") is not None:
+        assert aot_gpu.device("h100").device_kind == "NVIDIA H100 80GB HBM3"
+        return
+    with pytest.raises(cli.UserError, match=rf"pip install jax-cuda12-plugin=={jax.__version__} "
+                                            rf"jax-cuda12-pjrt=={jax.__version__}"):
+        aot_gpu.device("h100")
+    with pytest.raises(cli.UserError, match="expected one of"):
+        aot_gpu.device("a100")

@@ -67,9 +67,13 @@ def test_dry_run_at_scale_carries_4608_sequences_of_the_data(tmp_path, arg, seq_
     known = framed_mean(sizes, seq_len)
     assert plan["mean_sequence_length"] == pytest.approx(known, rel=1e-9)
     assert plan["seq_len"] == seq_len and plan["num_devices"] == 4
-    assert plan["rows_per_step"] % (8 * 4) == 0              # whole micro batches on 4 devices
+    accum = plan["grad_accum_steps"]                           # auto: the fewest that fit
+    assert plan["rows_per_step"] % (accum * 4) == 0           # whole micro batches on 4 devices
+    assert plan["micro_rows_per_device"] == plan["rows_per_step"] // (accum * 4) \
+        <= plan["max_micro_rows"]
     assert plan["tokens_per_step"] == plan["rows_per_step"] * seq_len
-    assert plan["tokens_per_step"] == pytest.approx(4608 * known, rel=0.03)
+    # 4608 sequences' rows, rounded to whole micro batches on the 4 devices
+    assert abs(plan["rows_per_step"] - 4608 * known / seq_len) <= accum * 4 / 2
     assert plan["tokens_per_step"] < 4608 * seq_len          # not 4608 full rows
     assert plan["checkpoint_every_steps"] == math.ceil(8.5e9 / plan["tokens_per_step"])
     # 150m by hand: embeddings, 22 layers (layer 0 without attention norm), final norm,
@@ -82,7 +86,7 @@ def test_dry_run_at_scale_carries_4608_sequences_of_the_data(tmp_path, arg, seq_
     if arg == "mlm":   # 1.7T tokens; the LR warms up from ~0 and holds 8e-4; 50B batch warmup
         assert plan["total_tokens"] == 1.7e12 and plan["global_rope_theta"] == 10_000
         assert plan["lr_start"] == pytest.approx(8e-14) and plan["lr_end"] == pytest.approx(8e-4)
-        assert plan["first_step_rows"] == plan["rows_per_step"] // 8
+        assert plan["first_step_rows"] == plan["rows_per_step"] // accum * math.ceil(accum / 8)
         assert plan["batch_warmup_steps"] > 0
         assert plan["restore"] == {"from": "fresh"}
     else:              # 250B tokens of full steps; 1-sqrt from 8e-4 to 4e-4; RoPE 160k/160k
@@ -154,3 +158,34 @@ def test_a_run_logs_the_plans_tokens_per_step_and_a_resume_keeps_the_stored_figu
     moved.train.seq_len = 128                              # a mean is valid for its row length
     with pytest.raises(ValueError, match=r"step_tokens\.json.*config\.train\.seq_len=128"):
         step_tokens.for_run(moved, str(workdir), demo=False)
+
+
+def test_auto_grad_accum_splits_a_real_run_as_its_plan_says(tmp_path, caplog):
+    """grad_accum_steps=0: the plan and the run take the fewest micro batches within
+    max_micro_rows rows per device. By hand: 8 rows on 4 devices; 16 sequences split into 1, 2
+    or 4 micro batches; one micro batch puts 2 rows on a device, two put 1 <= max_micro_rows."""
+    import logging
+    rng = np.random.default_rng(0)
+    tok = make_tokenizer(tmp_path / "tok", vocab_size=512, unk_id=500)
+    write_mds(tmp_path / "short", [rng.integers(0, 500, n) for n in rng.integers(20, 41, 200)])
+    config = tiny_data_config(tmp_path / "short", tok, steps=2)
+    config.train.grad_accum_steps, config.train.max_micro_rows = 0, 1
+    workdir = str(tmp_path / "run")
+    plan = plan_lib.make_plan(config, workdir)
+    assert (plan["rows_per_step"], plan["grad_accum_steps"], plan["micro_rows_per_device"],
+            plan["max_micro_rows"]) == (8, 2, 1, 1)
+    assert "2 micro batches of 1 rows per device a step (auto: the fewest within 1 rows)" in \
+        plan_lib.format_plan(plan)
+    with caplog.at_level(logging.INFO):
+        train.train_and_evaluate(config, workdir)
+    assert "2 micro batches of 4 rows per step (1 per data-parallel device), the fewest " \
+           "within config.train.max_micro_rows=1" in caplog.text
+    assert sorted(logged(workdir)) == [1, 2]
+    config.train.max_micro_rows = 2          # how the run executes: a resume may change it
+    config.schedule.total_tokens *= 2
+    config.train.allow_config_change = True
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        train.train_and_evaluate(config, workdir)
+    assert "1 micro batches of 8 rows per step (2 per data-parallel device)" in caplog.text
+    assert sorted(logged(workdir)) == [1, 2, 3, 4]

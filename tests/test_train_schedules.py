@@ -31,7 +31,8 @@ def test_extension_decays_one_minus_sqrt_from_peak_to_half():
     # 1 - sqrt(1/4) = 0.5 of the way from peak to peak/2
     assert lr(c, total / 4) == pytest.approx(0.75 * PEAK_150M)
     assert lr(c, total) == pytest.approx(0.5 * PEAK_150M)
-    assert schedules.num_micro_batches(c, 0) == c.train.grad_accum_steps
+    full = schedules.grad_accum_steps(c)
+    assert schedules.warmup_micro_batches(c, 0, full) == full          # no batch warmup
 
 
 def test_decay_goes_from_half_peak_to_two_percent():
@@ -77,10 +78,11 @@ def test_batch_size_warmup_grows_linearly_in_micro_batches():
     c.train.grad_accum_steps = 8
     full = 8
     warmup = c.optimizer.batch_warmup_tokens
-    assert schedules.num_micro_batches(c, 0) == 1
-    assert schedules.num_micro_batches(c, warmup / 2) == 1 + math.floor((full - 1) / 2)
-    assert schedules.num_micro_batches(c, warmup) == full
-    counts = [schedules.num_micro_batches(c, t) for t in range(0, int(warmup), int(warmup) // 50)]
+    assert schedules.warmup_micro_batches(c, 0, full) == 1
+    assert schedules.warmup_micro_batches(c, warmup / 2, full) == 1 + math.floor((full - 1) / 2)
+    assert schedules.warmup_micro_batches(c, warmup, full) == full
+    counts = [schedules.warmup_micro_batches(c, t, full)
+              for t in range(0, int(warmup), int(warmup) // 50)]
     assert counts == sorted(counts) and counts[0] == 1 and counts[-1] <= full
 
 
@@ -121,6 +123,7 @@ def test_warmup_steps_and_checkpoints_follow_the_packed_rows():
     c = ettin_17m.get_config("mlm")
     c.schedule.total_tokens = 4e9
     c.optimizer.batch_warmup_tokens = 1e9
+    c.train.grad_accum_steps = 8
     mean, seq_len, accum = 700.0, c.train.seq_len, c.train.grad_accum_steps
     full = schedules.rows_per_step(c, mean)
     assert full == accum * round(4608 * mean / seq_len / accum)
@@ -150,3 +153,73 @@ def test_total_steps_matches_a_step_by_step_count_without_warmup():
         rows = schedules.rows_per_step(c, mean, data_parallel=4)
         assert schedules.total_steps(c, mean, data_parallel=4) == math.ceil(
             3e10 / (rows * c.train.seq_len))
+
+
+def test_auto_grad_accum_takes_the_fewest_micro_batches_that_fit():
+    c = ettin_150m.get_config("mlm")
+    c.train.grad_accum_steps, c.train.max_micro_rows = 0, 50
+    # By hand, mean 600 at 1024: 4608 x 600 / 1024 = 2700 rows. One device: 48 micro batches
+    # would hold round(2700 / 48) = 56 rows, 64 hold round(42.2) = 42 <= 50 (the divisors of
+    # 4608 = 2^9 x 3^2 between are none). Eight devices: 6 x 8 groups hold 56, 8 x 8 hold 42.
+    assert schedules.grad_accum_steps(c, 600.0) == 64
+    assert schedules.rows_per_step(c, 600.0) == 64 * 42
+    assert schedules.micro_batch_size(c, 600.0) == 42
+    assert schedules.grad_accum_steps(c, 600.0, 8) == 8
+    assert schedules.micro_batch_size(c, 600.0, 8) == 8 * 42
+    # A property against brute force over every split, for random limits, means and meshes.
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        c.train.seq_len = int(rng.choice([1024, 8192]))
+        c.train.max_micro_rows = int(rng.integers(1, 200))
+        dp = int(rng.choice([1, 2, 4, 8, 16]))
+        mean = float(rng.uniform(50, c.train.seq_len))
+        accum = schedules.grad_accum_steps(c, mean, dp)
+        rows = schedules.rows_per_step(c, mean, dp)
+        fits = [a for a in range(1, 4609) if 4608 % (a * dp) == 0 and
+                a * dp * max(1, round(4608 * mean / c.train.seq_len / (a * dp)))
+                <= c.train.max_micro_rows * a * dp]
+        assert accum == fits[0]
+        assert rows % (accum * dp) == 0 and rows // (accum * dp) <= c.train.max_micro_rows
+    c.train.max_micro_rows = 0
+    with pytest.raises(ValueError, match="max_micro_rows >= 1"):
+        schedules.validate(c)
+    c.train.max_micro_rows = 10
+    with pytest.raises(ValueError, match="over 5 data-parallel devices"):
+        schedules.grad_accum_steps(c, 600.0, 5)          # 4608 does not split over 5
+    c.train.grad_accum_steps = 8                          # a count: max_micro_rows is not read
+    assert schedules.grad_accum_steps(c, 600.0, 4) == 8
+
+
+def test_batch_warmup_starts_at_a_fraction_of_the_batch_whatever_the_split():
+    c = ettin_17m.get_config("mlm")
+    warmup = c.optimizer.batch_warmup_tokens
+    # first = ceil(full / 8) micro batches, then steps of `first`: at most 8 step sizes
+    for full, first, half in ((8, 1, 4), (96, 12, 48), (12, 2, 6), (4, 1, 2), (1, 1, 1)):
+        assert schedules.warmup_micro_batches(c, 0, full) == first
+        assert schedules.warmup_micro_batches(c, warmup / 2, full) == half
+        assert schedules.warmup_micro_batches(c, warmup, full) == full
+        counts = {schedules.warmup_micro_batches(c, t, full)
+                  for t in np.linspace(0, warmup, 1000)}
+        assert all(n % first == 0 or n == full for n in counts) and len(counts) <= 8
+    c.optimizer.batch_warmup_start_fraction = 0.5
+    assert schedules.warmup_micro_batches(c, 0, 96) == 48
+    assert schedules.warmup_micro_batches(c, 0, 7) == 4
+    assert schedules.warmup_micro_batches(c, warmup * 0.99, 7) == 4      # ceil(7 / 4) = 2 levels
+    c.optimizer.batch_warmup_tokens = 0
+    assert schedules.warmup_micro_batches(c, 0, 96) == 96
+
+
+def test_every_size_and_phase_fits_its_micro_batches_on_one_device_and_on_eight():
+    """The configs' default: grad_accum_steps auto within max_micro_rows (bench/memory.py's
+    H100 table), for Ettin-like means (phase 1 ~ 2.8M / 4608 tokens, phases 2-3 ~ 2.5M / 4608)."""
+    from configs import ettin_32m, ettin_68m, ettin_400m
+    for module in (ettin_17m, ettin_32m, ettin_68m, ettin_150m, ettin_400m, ettin_1b):
+        for arg, mean in (("mlm", 608.0), ("clm_ext", 543.0), ("mlm_decay", 543.0)):
+            c = module.get_config(arg)
+            assert c.train.grad_accum_steps == schedules.AUTO and c.train.max_micro_rows >= 1
+            schedules.validate(c)
+            for dp in (1, 8):
+                accum = schedules.grad_accum_steps(c, mean, dp)
+                rows = schedules.rows_per_step(c, mean, dp)
+                assert rows // (accum * dp) <= c.train.max_micro_rows, (c.size, arg, dp)
+                assert rows == pytest.approx(4608 * mean / c.train.seq_len, abs=accum * dp)
