@@ -446,7 +446,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
                     scalars.update(train_metrics.train_scalars(
                         window, config, step=step, num_steps=num_steps,
                         learning_rate=learning_rate, rows=rows, tokens=tokens,
-                        peak_flops=peak_flops))
+                        peak_flops=peak_flops), micro_batches=rows // micro_rows)
                     window.metrics = None
                     guard.check_loss(step, scalars["loss"])
                 if config.train.eval_batches and (step % config.train.eval_every_steps == 0
