@@ -65,12 +65,13 @@ AUTO = 0   # train.grad_accum_steps = 0: as many micro batches as train.max_micr
 
 def grad_accum_steps(config, mean_sequence_length: float | None = None,
                      data_parallel: int = 1) -> int:
-    """Micro batches per full step: `train.grad_accum_steps`, or, when that is 0 (auto), the
-    fewest that split `train.global_batch_size` over the `data_parallel` groups and keep each
+    """Micro batches per full step: `train.grad_accum_steps`, or, when that is 0 (auto), a
+    count that splits `train.global_batch_size` over the `data_parallel` groups and keeps each
     group's share of a micro batch within `train.max_micro_rows` rows (the largest micro batch
     that fits one accelerator: the configs set it per size and row length from bench/memory.py's
-    H100 table). The answer follows the run's mean sequence length and device count, so the
-    same config fills one GPU or eight."""
+    H100 table): the fewest such, or up to twice as many where that rounds the step's rows
+    nearer its sequences. The answer follows the run's mean sequence length and device count,
+    so the same config fills one GPU or eight."""
     accum = int(config.train.grad_accum_steps)
     if accum != AUTO:
         return accum
@@ -80,10 +81,17 @@ def grad_accum_steps(config, mean_sequence_length: float | None = None,
                          f"max_micro_rows >= 1 (rows of a micro batch that fit one device), got "
                          f"{limit}; or set grad_accum_steps to a count")
     seqs = int(config.train.global_batch_size)
-    for accum in range(1, seqs + 1):
-        if seqs % (accum * data_parallel) == 0 and _rows(
-                config, mean_sequence_length, data_parallel, accum) <= limit * accum * data_parallel:
-            return accum
+    fits = [accum for accum in range(1, seqs + 1) if seqs % (accum * data_parallel) == 0 and
+            _rows(config, mean_sequence_length, data_parallel, accum)
+            <= limit * accum * data_parallel]
+    if fits:
+        # A step's rows round to whole micro batches on every device, which can move its
+        # tokens by up to half of accum x data_parallel rows (1b at 8192: 256 rows for 305):
+        # of the splits with at most twice the fewest micro batches, the one whose rows come
+        # nearest the sequences' (ties: fewer micro batches).
+        exact = seqs * (mean_sequence_length or config.train.seq_len) / config.train.seq_len
+        return min((accum for accum in fits if accum <= 2 * fits[0]), key=lambda accum: (
+            abs(_rows(config, mean_sequence_length, data_parallel, accum) - exact), accum))
     raise ValueError(f"config.train.global_batch_size={seqs} does not split into micro batches "
                      f"of at most config.train.max_micro_rows={limit} rows per device over "
                      f"{data_parallel} data-parallel devices (it must be a multiple of their "

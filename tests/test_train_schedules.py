@@ -160,25 +160,37 @@ def test_auto_grad_accum_takes_the_fewest_micro_batches_that_fit():
     c.train.grad_accum_steps, c.train.max_micro_rows = 0, 50
     # By hand, mean 600 at 1024: 4608 x 600 / 1024 = 2700 rows. One device: 48 micro batches
     # would hold round(2700 / 48) = 56 rows, 64 hold round(42.2) = 42 <= 50 (the divisors of
-    # 4608 = 2^9 x 3^2 between are none). Eight devices: 6 x 8 groups hold 56, 8 x 8 hold 42.
+    # 4608 = 2^9 x 3^2 between are none): 2688 rows, and no split up to 128 comes nearer
+    # (72: 2736, 96: 2688, 128: 2688). Eight devices: 6 x 8 groups hold 56, 8 x 8 hold 42.
     assert schedules.grad_accum_steps(c, 600.0) == 64
     assert schedules.rows_per_step(c, 600.0) == 64 * 42
     assert schedules.micro_batch_size(c, 600.0) == 42
     assert schedules.grad_accum_steps(c, 600.0, 8) == 8
     assert schedules.micro_batch_size(c, 600.0, 8) == 8 * 42
-    # A property against brute force over every split, for random limits, means and meshes.
+    # 1b-like at 8192 (mean 543: 305.4 rows' worth, 1 row fits): the fewest split, 256 micro
+    # batches of one row, would carry 256 rows (-16%); 288 carries 288 (-5.7%): taken.
+    c.train.seq_len, c.train.max_micro_rows = 8192, 1
+    assert schedules.grad_accum_steps(c, 543.0) == 288
+    assert schedules.rows_per_step(c, 543.0) == 288
+    # A property against brute force over every split, for random limits, means and meshes:
+    # a split that fits, at most twice the fewest, and none of those nearer the sequences.
     rng = np.random.default_rng(1)
     for _ in range(200):
         c.train.seq_len = int(rng.choice([1024, 8192]))
         c.train.max_micro_rows = int(rng.integers(1, 200))
         dp = int(rng.choice([1, 2, 4, 8, 16]))
         mean = float(rng.uniform(50, c.train.seq_len))
+        exact = 4608 * mean / c.train.seq_len
         accum = schedules.grad_accum_steps(c, mean, dp)
         rows = schedules.rows_per_step(c, mean, dp)
+
+        def rows_of(a):
+            return a * dp * max(1, round(exact / (a * dp)))
         fits = [a for a in range(1, 4609) if 4608 % (a * dp) == 0 and
-                a * dp * max(1, round(4608 * mean / c.train.seq_len / (a * dp)))
-                <= c.train.max_micro_rows * a * dp]
-        assert accum == fits[0]
+                rows_of(a) <= c.train.max_micro_rows * a * dp]
+        assert accum in fits and accum <= 2 * fits[0] and rows == rows_of(accum)
+        assert all(abs(rows_of(a) - exact) >= abs(rows - exact)
+                   for a in fits if a <= 2 * fits[0])
         assert rows % (accum * dp) == 0 and rows // (accum * dp) <= c.train.max_micro_rows
     c.train.max_micro_rows = 0
     with pytest.raises(ValueError, match="max_micro_rows >= 1"):
