@@ -1,5 +1,5 @@
 """Largest micro batch whose compiled train step fits a device's memory, i.e. the config's
-`train.max_micro_rows`, and the `train.grad_accum_steps` that follows (not part of the test
+`train.max_micro_tokens` (rows x seq_len), and the `train.grad_accum_steps` that follows (not part of the test
 suite).
 
     python bench/memory.py --config=configs/ettin_150m.py:mlm --seq_lens=1024,8192
@@ -17,8 +17,8 @@ instead of the Pallas kernel). --target=h100 compiles for an H100 on a machine w
 (bench/aot_gpu.py): the GPU's own plan, Pallas kernels included, nothing autotuned. The largest fitting row count is searched by interpolation
 with bisection steps, assuming memory does not fall as rows grow.
 
-The proposal: `train.max_micro_rows` = the largest micro batch (configs/base.py's table holds
-them), from which a run with `grad_accum_steps=0` takes the fewest micro batches that fit
+The proposal: `train.max_micro_tokens` = the largest micro batch x seq_len (configs/base.py's
+MAX_MICRO_ROWS holds the rows), from which a run with `grad_accum_steps=0` takes the fewest micro batches that fit
 (`schedules.grad_accum_steps`); the table shows that count for full rows (4608 rows a step)
 on each --data_parallel device count (one device's figure is conservative for FSDP, which
 shards the state over the devices).
@@ -164,10 +164,11 @@ def search(config, seq_len: int, remat: str, budget: float, max_rows: int,
                        if k != "compile_s"})
     if rows + 1 in figures:
         result["next_peak_gb"] = round(figures[rows + 1]["peak"] / GB, 3)
-    # What the run would take with train.max_micro_rows = rows (schedules.grad_accum_steps),
+    # What the run would take with train.max_micro_tokens = rows x seq_len (schedules),
     # for full rows (no mean known: the most rows a step can have).
     proposal = config.copy_and_resolve_references()
-    proposal.train.grad_accum_steps, proposal.train.max_micro_rows = schedules.AUTO, max(rows, 1)
+    proposal.train.grad_accum_steps = schedules.AUTO
+    proposal.train.seq_len, proposal.train.max_micro_tokens = seq_len, max(rows, 1) * seq_len
     result["grad_accum_steps"] = {}
     for dp in data_parallel:
         try:

@@ -286,15 +286,16 @@ def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: st
     """Schedule, batching, checkpoints, mesh and logging of one phase (recipe §3.2, §3.3, §4.2)."""
     huge = size == "1b"                     # the 1b's extension and decay are a third as long
     # Each step's rows are split into micro batches whose gradients are summed (gradient
-    # accumulation). 0 = auto: the fewest micro batches whose rows per data-parallel device
-    # stay within max_micro_rows, for the run's measured mean length and device count
-    # (ettin_jax.schedules.grad_accum_steps); a count fixes the split instead. max_micro_rows
+    # accumulation). 0 = auto: the fewest micro batches whose tokens per data-parallel device
+    # stay within max_micro_tokens, for the run's measured mean length and device count
+    # (ettin_jax.schedules.grad_accum_steps); a count fixes the split instead. max_micro_tokens
     # is the largest micro batch of the default model settings (remat none) that fits an 80 GB
     # H100 with JAX's default 75% memory pool, from XLA's GPU allocation plan (bench/memory.py
     # --target=h100 --budget_gb=60, bench/RESULTS.md); lower it for smaller accelerators.
     c.train.grad_accum_steps = 0
     # Sizes not measured (the test model) get 0: set it, or a grad_accum_steps count.
-    c.train.max_micro_rows = MAX_MICRO_ROWS.get(size, {}).get(c.train.seq_len, 0)
+    c.train.max_micro_tokens = (MAX_MICRO_ROWS.get(size, {}).get(c.train.seq_len, 0)
+                                * c.train.seq_len)
     c.train.init_optimizer_state = phase in ("ext", "decay")   # cross-objective: params only
     c.train.eval_every_steps = 1000
     c.train.eval_batches = 8                # held-out batches per eval; 0 = no eval

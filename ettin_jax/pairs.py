@@ -44,7 +44,7 @@ from ettin_jax import train
 # Config keys the two sides must share: they decide the packed rows of every step
 # (data_pipeline.loader), the step count and the steps that are saved.
 SHARED_KEYS = ("phase", "data", "train.seq_len", "train.global_batch_size",
-               "train.grad_accum_steps", "train.max_micro_rows", "optimizer.batch_warmup_tokens",
+               "train.grad_accum_steps", "train.max_micro_tokens", "optimizer.batch_warmup_tokens",
                "optimizer.batch_warmup_start_fraction", "schedule.total_tokens", "model.vocab_size",
                "model.pad_token_id", "checkpoint.every_steps", "checkpoint.every_tokens", "mesh")
 # A side whose checkpoint is damaged moves the common start back; each retry sets one aside.

@@ -16,7 +16,8 @@ mean_sequence_length (null for the demo), sequences_per_step, total_tokens, tota
 schedule, lr_start, lr_end, peak_lr (the highest LR of this phase: optimizer.peak_lr x
 schedule.lr_fraction), lr_warmup_tokens, batch_warmup_tokens, batch_warmup_steps,
 first_step_rows, grad_accum_steps (micro batches per full step), micro_rows_per_device,
-max_micro_rows (its limit when grad_accum_steps is auto, else null), global_rope_theta, local_rope_theta, mask_ratio (MLM runs),
+max_micro_rows (its limit when grad_accum_steps is auto, from train.max_micro_tokens; else
+null), global_rope_theta, local_rope_theta, mask_ratio (MLM runs),
 decoder_window_keys (CLM runs), data_seed, model_seed, sources (path, token_share, measured
 mean), demo, tokenizer, checkpoint_every_steps, checkpoint_every_tokens, num_params,
 data_parallel, num_devices, figure_stored, restore (what a real run would start from:
@@ -108,7 +109,7 @@ def make_plan(config, workdir: str, *, num_devices: int | None = None) -> dict:
         "batch_warmup_steps": warmup_steps, "first_step_rows": rows_for_step(0),
         "grad_accum_steps": accum, "micro_rows_per_device": rows // accum // data_parallel,
         "max_micro_rows": (None if config.train.grad_accum_steps != schedules.AUTO
-                           else int(config.train.max_micro_rows)),
+                           else schedules.max_micro_rows(config)),
         "global_rope_theta": float(config.model.global_rope_theta),
         "local_rope_theta": float(config.model.local_rope_theta),
         "data_seed": int(config.data.seed), "model_seed": int(config.seed),

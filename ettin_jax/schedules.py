@@ -60,26 +60,35 @@ def learning_rate(config, tokens: float) -> float:
     return config.optimizer.peak_lr * config.schedule.lr_fraction * lr_multiplier(config, tokens)
 
 
-AUTO = 0   # train.grad_accum_steps = 0: as many micro batches as train.max_micro_rows needs
+AUTO = 0   # train.grad_accum_steps = 0: as many micro batches as train.max_micro_tokens needs
+
+
+def max_micro_rows(config) -> int:
+    """Rows of `train.seq_len` in the largest micro batch that fits one device:
+    `train.max_micro_tokens` // seq_len (memory grows about linearly in tokens, so a run whose
+    seq_len is overridden keeps a fitting limit)."""
+    return int(config.train.get("max_micro_tokens", 0)) // int(config.train.seq_len)
 
 
 def grad_accum_steps(config, mean_sequence_length: float | None = None,
                      data_parallel: int = 1) -> int:
     """Micro batches per full step: `train.grad_accum_steps`, or, when that is 0 (auto), a
     count that splits `train.global_batch_size` over the `data_parallel` groups and keeps each
-    group's share of a micro batch within `train.max_micro_rows` rows (the largest micro batch
-    that fits one accelerator: the configs set it per size and row length from bench/memory.py's
-    H100 table): the fewest such, or up to twice as many where that rounds the step's rows
+    group's share of a micro batch within `max_micro_rows(config)` rows (the largest micro
+    batch that fits one accelerator: the configs set `train.max_micro_tokens` per size and row
+    length from bench/memory.py's H100 table): the fewest such, or up to twice as many where that rounds the step's rows
     nearer its sequences. The answer follows the run's mean sequence length and device count,
     so the same config fills one GPU or eight."""
     accum = int(config.train.grad_accum_steps)
     if accum != AUTO:
         return accum
-    limit = int(config.train.get("max_micro_rows", 0))
+    limit = max_micro_rows(config)
     if limit < 1:
         raise ValueError(f"config.train.grad_accum_steps=0 (auto) needs config.train."
-                         f"max_micro_rows >= 1 (rows of a micro batch that fit one device), got "
-                         f"{limit}; or set grad_accum_steps to a count")
+                         f"max_micro_tokens >= train.seq_len={config.train.seq_len} (the tokens of "
+                         f"a micro batch that fit one device), got "
+                         f"{config.train.get('max_micro_tokens', 0)}; or set grad_accum_steps to "
+                         "a count")
     seqs = int(config.train.global_batch_size)
     fits = [accum for accum in range(1, seqs + 1) if seqs % (accum * data_parallel) == 0 and
             _rows(config, mean_sequence_length, data_parallel, accum)
@@ -93,7 +102,7 @@ def grad_accum_steps(config, mean_sequence_length: float | None = None,
         return min((accum for accum in fits if accum <= 2 * fits[0]), key=lambda accum: (
             abs(_rows(config, mean_sequence_length, data_parallel, accum) - exact), accum))
     raise ValueError(f"config.train.global_batch_size={seqs} does not split into micro batches "
-                     f"of at most config.train.max_micro_rows={limit} rows per device over "
+                     f"of at most {limit} rows per device (config.train.max_micro_tokens) over "
                      f"{data_parallel} data-parallel devices (it must be a multiple of their "
                      "count); change the mesh, or set grad_accum_steps")
 

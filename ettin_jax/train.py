@@ -370,7 +370,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     logging.info("%d micro batches of %d rows per step (%d per data-parallel device)%s", accum,
                  rows_per_step // accum, rows_per_step // accum // data_parallel, "" if
                  config.train.grad_accum_steps else f", the fewest within config.train."
-                 f"max_micro_rows={config.train.max_micro_rows}")
+                 f"max_micro_tokens={config.train.max_micro_tokens}")
 
     # Data.
     rows_for_step = schedules.rows_schedule(config, mean, data_parallel)

@@ -42,7 +42,7 @@ RUNTIME_KEYS = frozenset({
     "model.attention_impl", "model.dtype", "model.scan_layers", "model.remat",
     "train.xla_backend_optimization_level", "train.allow_config_change",
     "train.compilation_cache_dir", "train.loss_vocab_chunk", "train.loss_row_chunk",
-    "train.max_micro_rows",
+    "train.max_micro_tokens",
     "data.num_workers", "data.worker_group_rows", "data.worker_buffer_groups",
     "data.mds_cache_dir", "checkpoint.async_save",
     "log.progress_every_secs", "log.device_peak_flops", "log.profile_steps",

@@ -21,7 +21,7 @@ def test_largest_fitting_micro_batch_on_compiled_train_step():
     assert all(probes[n] == compiled_peak(n) for n in probes)
     # The search's answer as the config's limit: 8 global rows (no mean: full rows), `rows`
     # per device: the fewest micro batches that split them evenly.
-    config.train.grad_accum_steps, config.train.max_micro_rows = 0, rows
+    config.train.grad_accum_steps, config.train.max_micro_tokens = 0, rows * config.train.seq_len
     accum = schedules.grad_accum_steps(config)
     assert 8 % accum == 0 and 8 // accum <= rows
     assert all(8 // fewer > rows for fewer in range(1, accum) if 8 % fewer == 0)

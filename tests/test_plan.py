@@ -162,13 +162,13 @@ def test_a_run_logs_the_plans_tokens_per_step_and_a_resume_keeps_the_stored_figu
 
 def test_auto_grad_accum_splits_a_real_run_as_its_plan_says(tmp_path):
     """grad_accum_steps=0: the plan and the run take the fewest micro batches within
-    max_micro_rows rows per device. By hand: 8 rows on 4 devices; 16 sequences split into 1, 2
-    or 4 micro batches; one micro batch puts 2 rows on a device, two put 1 <= max_micro_rows."""
+    max_micro_tokens per device. By hand: 8 rows on 4 devices; 16 sequences split into 1, 2
+    or 4 micro batches; one micro batch puts 2 rows of 64 on a device, two put 1 (64 tokens)."""
     rng = np.random.default_rng(0)
     tok = make_tokenizer(tmp_path / "tok", vocab_size=512, unk_id=500)
     write_mds(tmp_path / "short", [rng.integers(0, 500, n) for n in rng.integers(20, 41, 200)])
     config = tiny_data_config(tmp_path / "short", tok, steps=2)
-    config.train.grad_accum_steps, config.train.max_micro_rows = 0, 1
+    config.train.grad_accum_steps, config.train.max_micro_tokens = 0, 64
     workdir = str(tmp_path / "run")
     plan = plan_lib.make_plan(config, workdir)
     assert (plan["rows_per_step"], plan["grad_accum_steps"], plan["micro_rows_per_device"],
@@ -179,7 +179,7 @@ def test_auto_grad_accum_splits_a_real_run_as_its_plan_says(tmp_path):
     records = logged(workdir)
     assert sorted(records) == [1, 2]
     assert {(r["batch_size"], r["micro_batches"]) for r in records.values()} == {(8, 2)}
-    config.train.max_micro_rows = 2          # how the run executes: a resume may change it
+    config.train.max_micro_tokens = 128      # how the run executes: a resume may change it
     config.schedule.total_tokens *= 2
     config.train.allow_config_change = True  # (the longer schedule is a recorded change)
     train.train_and_evaluate(config, workdir)

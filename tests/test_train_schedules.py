@@ -157,7 +157,7 @@ def test_total_steps_matches_a_step_by_step_count_without_warmup():
 
 def test_auto_grad_accum_takes_the_fewest_micro_batches_that_fit():
     c = ettin_150m.get_config("mlm")
-    c.train.grad_accum_steps, c.train.max_micro_rows = 0, 50
+    c.train.grad_accum_steps, c.train.max_micro_tokens = 0, 50 * 1024 + 1023   # 50 rows
     # By hand, mean 600 at 1024: 4608 x 600 / 1024 = 2700 rows. One device: 48 micro batches
     # would hold round(2700 / 48) = 56 rows, 64 hold round(42.2) = 42 <= 50 (the divisors of
     # 4608 = 2^9 x 3^2 between are none): 2688 rows, and no split up to 128 comes nearer
@@ -169,7 +169,7 @@ def test_auto_grad_accum_takes_the_fewest_micro_batches_that_fit():
     assert schedules.micro_batch_size(c, 600.0, 8) == 8 * 42
     # 1b-like at 8192 (mean 543: 305.4 rows' worth, 1 row fits): the fewest split, 256 micro
     # batches of one row, would carry 256 rows (-16%); 288 carries 288 (-5.7%): taken.
-    c.train.seq_len, c.train.max_micro_rows = 8192, 1
+    c.train.seq_len, c.train.max_micro_tokens = 8192, 8192
     assert schedules.grad_accum_steps(c, 543.0) == 288
     assert schedules.rows_per_step(c, 543.0) == 288
     # A property against brute force over every split, for random limits, means and meshes:
@@ -177,7 +177,8 @@ def test_auto_grad_accum_takes_the_fewest_micro_batches_that_fit():
     rng = np.random.default_rng(1)
     for _ in range(200):
         c.train.seq_len = int(rng.choice([1024, 8192]))
-        c.train.max_micro_rows = int(rng.integers(1, 200))
+        limit = int(rng.integers(1, 200))
+        c.train.max_micro_tokens = limit * c.train.seq_len + int(rng.integers(0, c.train.seq_len))
         dp = int(rng.choice([1, 2, 4, 8, 16]))
         mean = float(rng.uniform(50, c.train.seq_len))
         exact = 4608 * mean / c.train.seq_len
@@ -187,18 +188,22 @@ def test_auto_grad_accum_takes_the_fewest_micro_batches_that_fit():
         def rows_of(a):
             return a * dp * max(1, round(exact / (a * dp)))
         fits = [a for a in range(1, 4609) if 4608 % (a * dp) == 0 and
-                rows_of(a) <= c.train.max_micro_rows * a * dp]
+                rows_of(a) <= limit * a * dp]
         assert accum in fits and accum <= 2 * fits[0] and rows == rows_of(accum)
         assert all(abs(rows_of(a) - exact) >= abs(rows - exact)
                    for a in fits if a <= 2 * fits[0])
-        assert rows % (accum * dp) == 0 and rows // (accum * dp) <= c.train.max_micro_rows
-    c.train.max_micro_rows = 0
-    with pytest.raises(ValueError, match="max_micro_rows >= 1"):
+        assert rows % (accum * dp) == 0 and rows // (accum * dp) <= limit
+    c.train.max_micro_tokens = c.train.seq_len - 1          # not even one row
+    with pytest.raises(ValueError, match=r"max_micro_tokens >= train.seq_len"):
         schedules.validate(c)
-    c.train.max_micro_rows = 10
+    c.train.seq_len, c.train.max_micro_tokens = 1024, 10 * 1024
     with pytest.raises(ValueError, match="over 5 data-parallel devices"):
         schedules.grad_accum_steps(c, 600.0, 5)          # 4608 does not split over 5
-    c.train.grad_accum_steps = 8                          # a count: max_micro_rows is not read
+    c.train.seq_len = 4096                       # an override: the limit follows the tokens
+    assert schedules.max_micro_rows(c) == 2
+    accum = schedules.grad_accum_steps(c, 600.0, 4)
+    assert schedules.rows_per_step(c, 600.0, 4) // (accum * 4) <= 2
+    c.train.grad_accum_steps = 8                          # a count: the limit is not read
     assert schedules.grad_accum_steps(c, 600.0, 4) == 8
 
 
@@ -222,16 +227,18 @@ def test_batch_warmup_starts_at_a_fraction_of_the_batch_whatever_the_split():
 
 
 def test_every_size_and_phase_fits_its_micro_batches_on_one_device_and_on_eight():
-    """The configs' default: grad_accum_steps auto within max_micro_rows (bench/memory.py's
+    """The configs' default: grad_accum_steps auto within max_micro_tokens (bench/memory.py's
     H100 table), for Ettin-like means (phase 1 ~ 2.8M / 4608 tokens, phases 2-3 ~ 2.5M / 4608)."""
     from configs import ettin_32m, ettin_68m, ettin_400m
     for module in (ettin_17m, ettin_32m, ettin_68m, ettin_150m, ettin_400m, ettin_1b):
         for arg, mean in (("mlm", 608.0), ("clm_ext", 543.0), ("mlm_decay", 543.0)):
             c = module.get_config(arg)
-            assert c.train.grad_accum_steps == schedules.AUTO and c.train.max_micro_rows >= 1
+            assert c.train.grad_accum_steps == schedules.AUTO
+            assert schedules.max_micro_rows(c) >= 1 and \
+                c.train.max_micro_tokens % c.train.seq_len == 0
             schedules.validate(c)
             for dp in (1, 8):
                 accum = schedules.grad_accum_steps(c, mean, dp)
                 rows = schedules.rows_per_step(c, mean, dp)
-                assert rows // (accum * dp) <= c.train.max_micro_rows, (c.size, arg, dp)
+                assert rows // (accum * dp) <= schedules.max_micro_rows(c), (c.size, arg, dp)
                 assert rows == pytest.approx(4608 * mean / c.train.seq_len, abs=accum * dp)
