@@ -41,9 +41,7 @@ import glob
 import gzip
 import json
 import os
-import platform
 import re
-import shlex
 import sys
 import tempfile
 import time
