@@ -1,5 +1,6 @@
 """A compile-only GPU device on a machine without a GPU: XLA's GPU compiler, run ahead of time.
 
+    aot_gpu.host_on_cpu()                 # first, before jax starts its backends
     device = aot_gpu.device("h100")       # a jax Device that compiles for an H100 80GB
     mesh = sharding.make_mesh({...}, devices=[device])
     with building_for("gpu"):         # ettin_jax.kernels.target
@@ -55,6 +56,14 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 TARGETS = {"h100": H100_80GB}
 
 
+def host_on_cpu():
+    """Runs jax on the CPU backend only. Call before jax starts its backends (the first
+    `jax.devices()`, array or jit): otherwise the CUDA plugin's start-up looks for a CUDA
+    runtime to check its version against, fails without one, and is not loaded at all, so no
+    GPU topology can be made. Same as JAX_PLATFORMS=cpu in the environment."""
+    jax.config.update("jax_platforms", "cpu")
+
+
 def device(target: str) -> jax.Device:
     """A compile-only device of `target` (a key of TARGETS). Raises cli.UserError naming the
     install line when jax's CUDA plugin is missing."""
@@ -69,5 +78,6 @@ def device(target: str) -> jax.Device:
             f"cannot compile for --target={target} without a GPU here ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); it needs jax's CUDA plugin: "
             f"pip install jax-cuda12-plugin=={jax.__version__} "
-            f"jax-cuda12-pjrt=={jax.__version__}") from None
+            f"jax-cuda12-pjrt=={jax.__version__}, and jax on the CPU backend "
+            f"(JAX_PLATFORMS=cpu, or bench/aot_gpu.host_on_cpu() before jax starts)") from None
     return topology.devices[0]

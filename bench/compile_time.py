@@ -30,7 +30,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ettin_jax import cli  # noqa: E402  # pylint: disable=wrong-import-position
-from bench import results  # noqa: E402  # pylint: disable=wrong-import-position
+from bench import aot_gpu, results  # noqa: E402  # pylint: disable=wrong-import-position
 
 
 def define_flags():
@@ -92,8 +92,6 @@ def _train_step(config):
     import numpy as np  # pylint: disable=import-outside-toplevel
     from bench.batches import make_batch  # pylint: disable=import-outside-toplevel
     from ettin_jax import losses, sharding, train  # pylint: disable=import-outside-toplevel
-
-    from bench import aot_gpu  # pylint: disable=import-outside-toplevel
 
     device = aot_gpu.device(FLAGS.target) if FLAGS.target else jax.devices()[0]
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
@@ -157,6 +155,8 @@ def main(argv):
     import jax  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_enable_compilation_cache", False)   # cold compiles only
     config = FLAGS.config
+    if FLAGS.target:
+        aot_gpu.host_on_cpu()
     if FLAGS.target and FLAGS.step != "train":
         raise cli.UserError("--target goes with --step=train (the train step's arguments are "
                             "placed on the target device)")

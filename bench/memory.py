@@ -224,6 +224,8 @@ def define_flags():
 def main(argv):
     del argv
     F = flags.FLAGS
+    if F.target:
+        aot_gpu.host_on_cpu()
     config = F.config
     if F.attention_impl:
         config.model.attention_impl = F.attention_impl
