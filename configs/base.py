@@ -306,8 +306,8 @@ def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: st
     # it is a recorded setting (ettin_jax.workdir), unlike the loss chunks, which only trade
     # the live logits' memory (rows x vocab chunk, float32) against loop steps.
     c.train.prng_impl = "threefry"
-    c.train.loss_vocab_chunk = 4096         # vocabulary columns per chunk of the cross-entropy
-    c.train.loss_row_chunk = 8192           # predicted positions per chunk of the cross-entropy
+    c.train.loss_vocab_chunk = 4096         # most vocabulary columns per chunk of the cross-entropy
+    c.train.loss_row_chunk = 8192           # most predicted positions per chunk (equal chunks)
     # Divergence guard (ettin_jax.divergence): a step whose loss, gradient norm or new params
     # are not finite leaves params and optimizer state as they were (counted as skipped_steps);
     # this many skips in a row stop the run with an error naming the last good checkpoint.

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from ettin_jax.cross_entropy import IGNORE, cross_entropy
+from ettin_jax.cross_entropy import IGNORE, balanced_chunk, cross_entropy
 
 
 def _dense(features, embedding, bias, labels):
@@ -28,10 +28,11 @@ def _inputs(seed, shape, hidden, vocab):
 
 
 # vocab a multiple of the chunk, not a multiple (last chunk overlaps), and one chunk; rows
-# below and above row_chunk (several row chunks, the last padded).
+# below and above row_chunk (several row chunks, the last padded); chunks that balanced_chunk
+# shrinks below the limit (600 rows in 2 x 384, vocab 1,100 in 3 x 384).
 @pytest.mark.parametrize("shape,vocab,vocab_chunk,row_chunk", [
     ((6, 10), 256, 64, 8192), ((6, 10), 300, 64, 8192), ((3, 7), 97, 128, 8192),
-    ((5, 9), 300, 128, 16)])
+    ((5, 9), 300, 128, 16), ((20, 30), 1100, 512, 512)])
 def test_matches_dense_logits(shape, vocab, vocab_chunk, row_chunk):
     features, embedding, bias, labels = _inputs(vocab + len(shape), shape, 24, vocab)
 
@@ -93,3 +94,27 @@ def test_memory_stays_below_one_copy_of_the_logits():
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
     dense_logits_bytes = rows * vocab * 4
     assert compiled.memory_analysis().temp_size_in_bytes < dense_logits_bytes / 4
+
+
+def test_balanced_chunk_hand_values():
+    # 32 x 1024 MLM rows have 32 x 312 masked slots: two chunks of 4,992, not 2 x 8,192.
+    assert balanced_chunk(9984, 8192) == 4992
+    # The 50,368-token vocabulary: 13 chunks of 3,968 (51,584 columns), not 13 x 4,096.
+    assert balanced_chunk(50368, 4096) == 3968
+    assert balanced_chunk(4096, 8192) == 4096          # one chunk: the total, unpadded
+    assert balanced_chunk(32768, 8192) == 8192         # divides evenly: the limit
+    assert balanced_chunk(45, 16) == 16                # limit below the alignment
+
+
+def test_balanced_chunk_properties():
+    """Over random totals and limits: at most the limit, as few chunks as chunks of `limit`,
+    and (when not capped by the limit) less than one alignment step of padding per chunk."""
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        total, limit = int(rng.integers(1, 100_000)), int(rng.integers(1, 20_000))
+        size = balanced_chunk(total, limit)
+        chunks = -(-total // size)
+        assert 1 <= size <= limit or (total <= limit and size == total)
+        assert chunks == -(-total // limit)
+        if total > limit and size < limit:
+            assert size % 128 == 0 and chunks * size - total < chunks * 128
