@@ -40,15 +40,15 @@ from bench import aot_gpu, results  # noqa: E402  # pylint: disable=wrong-import
 GB = 1e9
 
 
-def step_memory_fn(config, seq_len: int, target: str = ""):
-    """rows -> XLA's memory figures (bytes) of the compiled train step at `[1, rows, seq_len]`.
+def compiled_step_fn(config, seq_len: int, target: str = ""):
+    """rows -> the train step compiled at `[1, rows, seq_len]` (one micro batch, one device,
+    state donated as in training) on abstract inputs: nothing is allocated or run.
 
-    One jitted step is built per call of this function; each row count lowers and compiles it
-    once more (abstract inputs: nothing is allocated). target: compile for that GPU
-    (bench/aot_gpu.py) instead of this machine's first device."""
+    One jitted step is built per call of this function; each row count lowers and compiles
+    it once more. target: compile for that GPU (bench/aot_gpu.py) instead of this machine's
+    first device. Also used by bench/hlo_profile.py."""
     import contextlib  # pylint: disable=import-outside-toplevel
     import jax  # pylint: disable=import-outside-toplevel
-    from bench import aot_gpu  # pylint: disable=import-outside-toplevel
     from bench.batches import make_batch  # pylint: disable=import-outside-toplevel
     from ettin_jax import losses, sharding, train  # pylint: disable=import-outside-toplevel
     from ettin_jax.kernels.target import building_for  # pylint: disable=import-outside-toplevel
@@ -70,14 +70,25 @@ def step_memory_fn(config, seq_len: int, target: str = ""):
     one_row = make_batch(config, 1, seq_len)
     keys = losses.BATCH_KEYS[config.objective]
 
-    def memory(rows: int) -> dict:
+    def compiled(rows: int):
         batch = {k: jax.ShapeDtypeStruct((1, rows) + one_row[k].shape[1:], one_row[k].dtype,
                                          sharding=batch_sharding) for k in keys}
-        start = time.perf_counter()
         with building():
-            compiled = setup.train_step.lower(setup.abstract_state, batch,
-                                              config.optimizer.peak_lr, 0).compile()
-        stats = compiled.memory_analysis()
+            return setup.train_step.lower(setup.abstract_state, batch,
+                                          config.optimizer.peak_lr, 0).compile()
+
+    return compiled
+
+
+def step_memory_fn(config, seq_len: int, target: str = ""):
+    """rows -> XLA's memory figures (bytes) of the compiled train step at `[1, rows, seq_len]`
+    (compiled_step_fn's step; target as there)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    compile_step = compiled_step_fn(config, seq_len, target)
+
+    def memory(rows: int) -> dict:
+        start = time.perf_counter()
+        stats = compile_step(rows).memory_analysis()
         if stats is None:
             raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis "
                                "of compiled programs; bench/memory.py cannot size batches here")

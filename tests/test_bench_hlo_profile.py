@@ -1,0 +1,122 @@
+"""bench/hlo_profile.py: bytes and FLOPs of compiled programs against hand-computed values.
+
+The programs are compiled by XLA for this machine's CPU; the profile reads them the way it
+reads a GPU compile (bench/aot_gpu.py), from `compiled.as_text()`."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import configs.ettin_tiny
+from bench import hlo_profile, memory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _kernels(fn, *args, donate=()):
+    text = jax.jit(fn, donate_argnums=donate).lower(*args).compile().as_text()
+    return hlo_profile.Module(text).kernels()
+
+
+def _matmul(x, w):
+    return x @ w
+
+
+def test_dot_flops_and_source_line():
+    kernels = _kernels(_matmul, jnp.ones((64, 128)), jnp.ones((128, 32)))
+    matmuls = [k for k in kernels if k.kind == "matmul"]
+    assert sum(k.flops for k in matmuls) == 2 * 64 * 128 * 32
+    assert all(k.where.startswith("test_bench_hlo_profile.py:") and k.where.endswith(" _matmul")
+               for k in matmuls)
+    assert not any(k.backward for k in kernels)
+
+
+def _scanned(x, w):
+    def body(carry, _):
+        return jnp.tanh(carry @ w), None
+    return jax.lax.scan(body, x, None, length=5)[0]
+
+
+def test_loop_bodies_count_their_trip_count():
+    kernels = _kernels(_scanned, jnp.ones((32, 64)), jnp.ones((64, 64)))
+    assert sum(k.flops for k in kernels) == 5 * 2 * 32 * 64 * 64
+    # The backward pass of the same loop: twice the forward's matmuls, marked backward.
+    grads = _kernels(jax.grad(lambda x, w: jnp.sum(_scanned(x, w)), argnums=1),
+                     jnp.ones((32, 64)), jnp.ones((64, 64)))
+    backward = sum(k.flops for k in grads if k.backward)
+    assert backward == 2 * 5 * 2 * 32 * 64 * 64
+
+
+def _update_rows(buffer, rows, start):
+    return jax.lax.dynamic_update_slice(buffer, rows * 2.0, (start, 0))
+
+
+def test_in_place_update_counts_the_update_not_the_buffer():
+    buffer, rows = jnp.zeros((4096, 1024)), jnp.ones((8, 1024))
+    kernels = _kernels(_update_rows, buffer, rows, 16, donate=(0,))
+    update = rows.size * 4
+    # Read the 8 rows, write 8 rows; the 16 MB buffer is neither read nor rewritten.
+    assert sum(k.bytes for k in kernels) <= 2 * update + 64
+
+
+def _scaled_columns(x):
+    return x[:, :8] * 2.0
+
+
+def test_a_sliced_operand_counts_the_slice():
+    kernels = _kernels(_scaled_columns, jnp.ones((1024, 1024)))
+    assert sum(k.bytes for k in kernels) == 2 * 1024 * 8 * 4
+
+
+def test_roofline_takes_the_slower_of_flops_and_bytes():
+    kernels = [hlo_profile.Kernel("a.py:1 f", False, "other", bytes=3_000_000_000, flops=0, count=1),
+               hlo_profile.Kernel("a.py:1 f", False, "other", bytes=1_000_000_000, flops=0, count=2),
+               hlo_profile.Kernel("b.py:2 g", True, "matmul", bytes=1_000, flops=2e12, count=1)]
+    summary = hlo_profile.summarize(kernels, peak_flops=1e15, bandwidth=1e12)
+    lines = {(line.where, line.kind): line for line in summary["lines"]}
+    assert lines["a.py:1 f", "other"].seconds == pytest.approx(4e-3)   # bytes bound
+    assert lines["a.py:1 f", "other"].count == 3
+    assert lines["b.py:2 g", "matmul"].seconds == pytest.approx(2e-3)  # FLOPs bound
+    assert [line.where for line in summary["lines"]] == ["a.py:1 f", "b.py:2 g"]
+    assert summary["totals"]["other"].bytes == 4_000_000_000
+
+
+def test_train_step_profile_accounts_for_the_model_matmuls(tmp_path):
+    """The tiny model's compiled train step: the matmul FLOPs the profile finds outside the
+    attention (XLA's attention on CPU, itself dots) equal the hand count of forward +
+    backward (3x forward) of every projection and of the decoder over the masked slots, and
+    the command line prints the table from the saved HLO."""
+    config = configs.ettin_tiny.get_config("mlm")
+    config.model.scan_layers = False
+    config.train.loss_vocab_chunk = 128   # 4 chunks: a loop, which XLA cannot merge with the forward
+    rows, seq_len = 2, 64
+    text = memory.compiled_step_fn(config, seq_len)(rows).as_text()
+    kernels = hlo_profile.Module(text).kernels()
+    flops = sum(k.flops for k in kernels if not k.where.startswith("attention.py:"))
+    assert any(k.flops and k.where.startswith("attention.py:") for k in kernels)
+    m = config.model
+    tokens = rows * seq_len
+    per_layer = m.hidden_size * (3 * m.hidden_size + m.hidden_size + 3 * m.intermediate_size)
+    from data_pipeline import objectives
+    slots = rows * objectives.max_predictions(seq_len, config.train.mask_ratio)
+    head = slots * (m.hidden_size * m.hidden_size + m.hidden_size * m.vocab_size)
+    expected = 3 * 2 * (tokens * m.num_layers * per_layer + head)
+    # The decoder's backward recomputes its logits chunk by chunk (ettin_jax.cross_entropy):
+    # one more forward of the decoder matmul.
+    expected += 2 * slots * m.hidden_size * m.vocab_size
+    assert flops == expected
+
+    path = tmp_path / "step.hlo"
+    path.write_text(text)
+    done = subprocess.run([sys.executable, "bench/hlo_profile.py", f"--hlo={path}",
+                           "--device_kind=H100", "--top=5"], cwd=ROOT, capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "Roofline step time" in done.stdout and "model.py:" in done.stdout
+    missing = subprocess.run([sys.executable, "bench/hlo_profile.py", "--hlo=/nonexistent",
+                              "--device_kind=H100"], cwd=ROOT, capture_output=True, text=True,
+                             check=False)
+    assert missing.returncode != 0 and "--hlo=/nonexistent: no such file" in missing.stderr
