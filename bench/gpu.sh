@@ -17,7 +17,8 @@
 #     at 64x1024, baseline (pallas, threefry, loss chunks 4096/8192, 64 rows) first and then
 #     profiled (top ops per XLA operation -> $LOG/profile_150m_mlm.txt), then each knob alone:
 #     prng_impl rbg / unsafe_rbg, attention_impl mosaic, loss_vocab_chunk 16384,
-#     loss_row_chunk 32768, micro batch 32 / 128 rows (bench/variants.py; -> $LOG/tune.jsonl).
+#     loss_row_chunk 32768, micro batch 32 / 128 rows, scan_layers true (bench/variants.py;
+#     -> $LOG/tune.jsonl).
 # The section (card, date, jax version, every command) is appended to bench/RESULTS.md and
 # written to $LOG/results_section.md (/tmp/gpubench); with $OUT set (the device machine), that
 # section and a .tar.gz of every log are copied to $OUT, which the device tool brings back.
@@ -75,7 +76,7 @@ if [ "$SMOKE" = 1 ]; then
   PEER_COMPILE_REST=no
   # The tiny vocabulary (512) and 4-row batch: chunks and rows that still split the loss.
   TUNE_VARIANTS="prng_impl=rbg,unsafe_rbg;attention_impl=mosaic;loss_vocab_chunk=96"
-  TUNE_VARIANTS+=";loss_row_chunk=64;batch=2,8"
+  TUNE_VARIANTS+=";loss_row_chunk=64;batch=2,8;scan_layers=true"
 else
   C150=configs/ettin_150m.py C1B=configs/ettin_1b.py SIZES="17m 32m 68m 150m 400m 1b"
   S64x1K=64x1024 S8x8K=8x8192 S32x1K=32x1024 SEQS=1024,8192 ATT_BATCH="" ATT_ENV=()
@@ -85,7 +86,7 @@ else
   # In order of priority (a variant the budget does not reach is recorded as skipped). At
   # 64x1024 MLM the loss runs on 64 x 312 = 19,968 slots: row chunk 8192 pads them to 24,576.
   TUNE_VARIANTS="prng_impl=rbg,unsafe_rbg;attention_impl=mosaic;loss_vocab_chunk=16384"
-  TUNE_VARIANTS+=";loss_row_chunk=32768;batch=32,128"
+  TUNE_VARIANTS+=";loss_row_chunk=32768;batch=32,128;scan_layers=true"
 fi
 if [ "$QUICK" = 1 ]; then
   SEQS=${SEQS#*,} MEM_SEQS=${MEM_SEQS%,*}

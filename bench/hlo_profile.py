@@ -305,7 +305,8 @@ def define_flags():
     flags.DEFINE_string("device_kind", None, "device whose peak and bandwidth price the kernels "
                         f"(one of {sorted(MEMORY_BANDWIDTH)}); default: the compiled-for device")
     flags.DEFINE_string("attention_impl", None, "override config.model.attention_impl")
-    flags.DEFINE_string("remat", None, "override config.model.remat")
+    flags.DEFINE_string("remat", None, "override config.model.remat (other than none: with "
+                        "the layer groups scanned)")
     flags.DEFINE_integer("top", 25, "source lines listed")
     results.define_flags()
 
@@ -335,6 +336,7 @@ def main(argv):
             config.model.attention_impl = FLAGS.attention_impl
         if FLAGS.remat:
             config.model.remat = FLAGS.remat
+            config.model.scan_layers |= FLAGS.remat != "none"   # remat needs the scan
         start = time.perf_counter()
         compiled = memory.compiled_step_fn(config, FLAGS.seq_len, FLAGS.target)(FLAGS.batch)
         text = compiled.as_text()

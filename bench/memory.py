@@ -149,6 +149,8 @@ def search(config, seq_len: int, remat: str, budget: float, max_rows: int,
 
     config = config.copy_and_resolve_references()
     config.model.remat = remat
+    if remat != "none":     # remat applies to scanned layer groups
+        config.model.scan_layers = True
     global_rows = schedules.rows_per_step(config)
     max_rows = max_rows or global_rows
     memory = step_memory_fn(config, seq_len, target)

@@ -41,7 +41,7 @@ def test_gpu_sh_tune_runs_one_profiled_sweep_only(tmp_path):
     assert names == ["tune_150m_mlm"], stdout
     args = dict(a.split("=", 1) for a in command_of(stdout, "tune_150m_mlm") if "=" in a)
     for knob in ("prng_impl=rbg,unsafe_rbg", "attention_impl=mosaic", "loss_vocab_chunk=",
-                 "loss_row_chunk=", "batch=32,128"):
+                 "loss_row_chunk=", "batch=32,128", "scan_layers=true"):
         assert knob in args["--variants"], args
     timeout = int(stdout.split("[tune_150m_mlm, timeout ")[1].split("s]")[0])
     assert 0 < int(args["--variants_budget_s"]) < timeout

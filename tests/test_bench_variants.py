@@ -11,10 +11,10 @@ from ettin_jax import cli
 def test_one_at_a_time_changes_one_key_per_variant_and_skips_the_baseline_value():
     config = ettin_tiny.get_config("mlm")
     parsed = variants.parse("prng_impl=threefry,rbg; loss_vocab_chunk=96;batch=4,2;"
-                            "scan_layers=false;model.remat=full")
+                            "scan_layers=true;model.remat=full")
     built = variants.one_at_a_time(config, 4, 64, parsed)
     assert [v.name for v in built] == ["baseline", "prng_impl=rbg", "loss_vocab_chunk=96",
-                                       "batch=2", "scan_layers=false", "model.remat=full"]
+                                       "batch=2", "scan_layers=true", "model.remat=full"]
     baseline = built[0]
 
     def value(config, dotted):
@@ -30,8 +30,8 @@ def test_one_at_a_time_changes_one_key_per_variant_and_skips_the_baseline_value(
                                                {"train.loss_vocab_chunk"}, {"shape"},
                                                {"model.scan_layers"}, {"model.remat"}]
     assert built[2].config.train.loss_vocab_chunk == 96            # an int, as the config holds
-    assert built[4].config.model.scan_layers is False
-    assert config.train.prng_impl == "threefry" and config.model.scan_layers   # not modified
+    assert built[4].config.model.scan_layers is True
+    assert config.train.prng_impl == "threefry" and not config.model.scan_layers   # not modified
 
 
 @pytest.mark.parametrize("text,message", [
