@@ -343,7 +343,8 @@ def main(argv):
         device = aot_gpu.device(FLAGS.target) if FLAGS.target else jax.devices()[0]
         kind = FLAGS.device_kind or device.device_kind
         what = (f"{config.size}:{config.objective} train step, {FLAGS.batch} x {FLAGS.seq_len}, "
-                f"{config.model.dtype}, attention {config.model.attention_impl}, remat "
+                f"{config.model.dtype}, attention {config.model.attention_impl}, layers "
+                f"{'scanned' if config.model.scan_layers else 'unrolled'}, remat "
                 f"{config.model.remat}, compiled for {device.device_kind}"
                 + (" on this machine without one (nothing autotuned)" if FLAGS.target else "")
                 + f" in {time.perf_counter() - start:.0f} s")
