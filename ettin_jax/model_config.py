@@ -64,7 +64,7 @@ class ModelConfig:
     initializer_cutoff_factor: float = 2.0
     dtype: str = "bfloat16"
     attention_impl: str = "auto"
-    scan_layers: bool = True
+    scan_layers: bool = False         # configs/base.py says why (memory traffic of the scan)
     remat: str = "none"
     pad_token_id: int = 50283
     cls_token_id: int = 50281
