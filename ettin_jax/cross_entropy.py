@@ -90,8 +90,11 @@ def _chunk_logits(features, embedding, bias, start, owned, dtype):
     weight = jax.lax.dynamic_slice_in_dim(embedding, start, vocab_chunk)
     logits = jnp.einsum("rh,vh->rv", features, weight.astype(dtype),
                         preferred_element_type=jnp.float32)
-    logits = logits + jax.lax.dynamic_slice_in_dim(bias, start, vocab_chunk)
-    return jnp.where(owned, logits, -jnp.inf), weight
+    # The mask rides on the `[vocab_chunk]` bias (finite + -inf = -inf): a select on the
+    # `[rows, vocab_chunk]` logits is one more pass over them, and XLA built its masks ahead
+    # as a `[chunks, rows, vocab_chunk]` tensor.
+    bias_chunk = jax.lax.dynamic_slice_in_dim(bias, start, vocab_chunk)
+    return logits + jnp.where(owned, bias_chunk, -jnp.inf), weight
 
 
 def _forward(features, embedding, bias, labels, dtype, vocab_chunk):
