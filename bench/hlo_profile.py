@@ -154,8 +154,10 @@ class Module:
                 return 2 * array_bytes(ins.type)
             if ins.opcode == "dynamic-update-slice":
                 return 2 * array_bytes(self.by_name[ins.operands[1]].type)
-            return array_bytes(ins.type) + sum(array_bytes(self.by_name[o].type)
-                                               for o in ins.operands if o in self.by_name)
+            # A cuBLAS call's second result is its scratch workspace, not traffic.
+            result = _ARRAY.search(ins.type).group(0) if _is_library_matmul(ins) else ins.type
+            return array_bytes(result) + sum(array_bytes(self.by_name[o].type)
+                                             for o in ins.operands if o in self.by_name)
         body = self.computations[fused]
         params = {int(i.attribute(r"parameter\((\d+)\)")): i.name
                   for i in body if i.opcode == "parameter"}
@@ -199,13 +201,20 @@ class Module:
             lhs = _dims(self.by_name[ins.operands[0]].type)
             return 2 * math.prod(_dims(ins.type)) * math.prod(
                 lhs[int(d)] for d in contracted.split(",") if d)
-        if ins.opcode == "custom-call" and "gemm" in (ins.attribute(r'custom_call_target="([^"]+)"') or ""):
+        if _is_library_matmul(ins):
             contracted = ins.attribute(r'"lhs_contracting_dimensions":\[([^\]]*)\]') or ""
             lhs = _dims(self.by_name[ins.operands[0]].type)
             return 2 * math.prod(_dims(ins.type)) * math.prod(
                 lhs[int(d.strip('"'))] for d in contracted.split(",") if d.strip('"'))
         called = ins.attribute(r"calls=%([\w.\-]+)")
         return sum(self._flops(i) for i in self.computations[called]) if called else 0
+
+
+def _is_library_matmul(ins: Instruction) -> bool:
+    """A cuBLAS call (`__cublas$gemm`, `__cublas$lt$matmul`): XLA's choice, where autotuning
+    finds it faster than its Triton GEMM fusion, or with --xla_gpu_enable_triton_gemm=false."""
+    target = ins.attribute(r'custom_call_target="([^"]+)"') or ""
+    return ins.opcode == "custom-call" and "cublas" in target
 
 
 def _operand_text(rest: str) -> str:

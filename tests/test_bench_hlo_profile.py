@@ -71,6 +71,55 @@ def test_a_sliced_operand_counts_the_slice():
     assert sum(k.bytes for k in kernels) == 2 * 1024 * 8 * 4
 
 
+# x @ w compiled for an H100 with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (bench/aot_gpu.py;
+# jax 0.10.2), shortened: the matmul is a cuBLAS call returning (result, workspace).
+CUBLAS_HLO = """HloModule jit__lambda, is_scheduled=true
+
+FileNames
+1 "<string>"
+
+FunctionNames
+1 "<module>"
+2 "<lambda>"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=11 end_line=11 column=4 end_column=17}
+2 {file_name_id=1 function_name_id=2 line=8 end_line=8 column=25 end_column=40}
+3 {file_name_id=1 function_name_id=2 line=8 end_line=8 column=34 end_column=39}
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+2 {file_location_id=2 parent_frame_id=2}
+3 {file_location_id=3 parent_frame_id=2}
+
+
+%fused_convert (param_0.5: bf16[256,128]) -> bf16[256,128] {
+  %param_0.5 = bf16[256,128]{1,0} parameter(0), metadata={scheduling_name="param_0.5"}
+  %convert.5 = f32[256,128]{1,0} convert(%param_0.5), metadata={scheduling_name="convert.5"}
+  %tanh.1.3 = f32[256,128]{1,0} tanh(%convert.5), metadata={op_name="jit(<lambda>)/tanh" scheduling_name="tanh.1.3" stack_frame_id=2}
+  ROOT %convert.1.1 = bf16[256,128]{1,0} convert(%tanh.1.3), metadata={scheduling_name="convert.1.1"}
+}
+
+ENTRY %main.1 (x.1: bf16[256,512], w.1: bf16[512,128]) -> bf16[256,128] {
+  %w.1 = bf16[512,128]{1,0} parameter(1), sharding={replicated}, metadata={op_name="w" scheduling_name="w.1"}
+  %x.1 = bf16[256,512]{1,0} parameter(0), sharding={replicated}, metadata={op_name="x" scheduling_name="x.1"}
+  %custom-call.1 = (bf16[256,128]{1,0}, s8[4194304]{0}) custom-call(%x.1, %w.1), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(<lambda>)/dot_general" scheduling_name="custom-call.1" stack_frame_id=3}, backend_config={"operation_queue_id":"0","gemm_backend_config":{"selected_algorithm":"0","alpha_real":1,"beta":0,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"alpha_imag":0}}
+  %get-tuple-element.1 = bf16[256,128]{1,0} get-tuple-element(%custom-call.1), index=0, metadata={op_name="jit(<lambda>)/dot_general" scheduling_name="get-tuple-element.1" stack_frame_id=3}
+  ROOT %loop_convert_fusion = bf16[256,128]{1,0} fusion(%get-tuple-element.1), kind=kLoop, calls=%fused_convert, metadata={scheduling_name="loop_convert_fusion"}, backend_config={"operation_queue_id":"0"}
+}
+"""
+
+
+def test_cublas_call_is_a_matmul_without_its_workspace():
+    kernels = hlo_profile.Module(CUBLAS_HLO).kernels()
+    assert [(k.kind, k.where) for k in kernels] == [("matmul", "<string>:8 <lambda>"),
+                                                    ("other", "fusion")]
+    matmul, tanh = kernels
+    assert matmul.flops == 2 * 256 * 512 * 128
+    assert matmul.bytes == 2 * (256 * 512 + 512 * 128 + 256 * 128)   # bf16 in and out
+    assert tanh.bytes == 2 * 2 * 256 * 128
+
+
 def test_roofline_takes_the_slower_of_flops_and_bytes():
     kernels = [hlo_profile.Kernel("a.py:1 f", False, "other", bytes=3_000_000_000, flops=0, count=1),
                hlo_profile.Kernel("a.py:1 f", False, "other", bytes=1_000_000_000, flops=0, count=2),
