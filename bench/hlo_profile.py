@@ -52,6 +52,11 @@ _COMPUTATION = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
 _FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all",
          "partition-id", "replica-id", "opt-barrier", "add-dependency", "iota"}
 _SLICES = {"dynamic-slice", "slice", "gather"}
+# Elementwise ops: inside a fusion an operand that reaches only slices through them is read
+# at the sliced elements only (the fused kernel computes them there).
+_ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "convert",
+                "select", "compare", "exponential", "log", "negate", "abs", "tanh", "and",
+                "or", "not", "sqrt", "rsqrt", "power", "clamp", "copy", "erf", "logistic"}
 
 
 def array_bytes(type_text: str) -> int:
@@ -178,14 +183,22 @@ class Module:
 
     def _read(self, param: str | None, users: dict, full: int) -> int:
         """Bytes a fusion reads of the parameter `param`: the slices taken of it when every use
-        slices it (through bitcasts), nothing when it is only the buffer updated in place."""
+        slices it (through bitcasts and same-shape elementwise ops), nothing when it is only
+        the buffer updated in place."""
         if param is None:
             return full
-        total, frontier = 0, [param]
+        param_type = self.by_name[param].type
+        total, frontier, seen = 0, [param], set()
         while frontier:
             name = frontier.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name != param and not users.get(name):
+                return full      # an elementwise result that is the fusion's output
             for user in users.get(name, []):
-                if user.opcode == "bitcast":
+                if user.opcode == "bitcast" or (user.opcode in _ELEMENTWISE
+                                                and _dims(user.type) == _dims(param_type)):
                     frontier.append(user.name)
                 elif user.opcode in _SLICES and user.operands[0] == name:
                     total += array_bytes(user.type)

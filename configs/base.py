@@ -139,14 +139,13 @@ def model_config(*, num_layers: int, hidden_size: int, intermediate_size: int,
     m.dtype = "bfloat16"                  # compute dtype; parameters stay float32
     m.attention_impl = "auto"             # auto | xla | pallas | mosaic | cudnn | splash
     # False: a Python loop over the layers. True: the repeated (local, local, global) layer
-    # groups run as one lax.scan, so XLA compiles one group instead of every layer (150m's
-    # H100 step compiles in 20 s instead of 28 s here), but a scan stacks every saved
-    # activation into [groups, ...] buffers that it first fills with zeros and then copies
-    # into, and the backward slices out of: in the 150m step at 32 x 1024 compiled for an
-    # H100 that is 241 GB of elementwise memory traffic instead of 120, a roofline step of
-    # 102 ms instead of 66, and 2x the activation memory (bench/hlo_profile.py, RESULTS.md).
-    # So the loop is the default; scan for compile time (deep models, short GPU windows) or
-    # for remat.
+    # groups run as one lax.scan, so XLA compiles one group instead of every layer (the H100
+    # compile of the train step here: 150m 20 s vs 28 s, 1b 31 s vs 34 s). But the scan
+    # stacks every activation saved for the backward into [groups, ...] buffers, which XLA
+    # fills with zeros, copies into and slices out of: the 150m step at 32 x 1024 compiled
+    # for an H100 moves 241 GB in elementwise kernels instead of 120 (roofline 102 ms vs
+    # 66 ms) and plans about twice the memory (bench/hlo_profile.py, bench/RESULTS.md).
+    # So the loop is the default; the scan is for compile time or remat.
     m.scan_layers = False
     # Rematerialise the scanned group in the backward pass to save activation memory (needs
     # scan_layers): none | full (keep only each group's input) | dots (also keep the weight

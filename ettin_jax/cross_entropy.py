@@ -110,8 +110,13 @@ def _forward(features, embedding, bias, labels, dtype, vocab_chunk):
         new_max = jnp.maximum(running_max, chunk_max)
         running_sum = (running_sum * jnp.exp(running_max - new_max)
                        + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=-1))
-        is_label = (labels - start)[:, None] == jnp.arange(vocab_chunk)[None, :]
-        label_logit += jnp.sum(jnp.where(is_label & owned, logits, 0.0), axis=-1)
+        # The label's logit, gathered: a select-and-sum over the chunk read a zeros tensor of
+        # the chunk's size as well, which XLA hoisted out of the loop and kept in memory.
+        column = labels - start
+        safe = jnp.clip(column, 0, vocab_chunk - 1)
+        has_label = (column >= 0) & (column < vocab_chunk) & owned[safe]
+        picked = jnp.take_along_axis(logits, safe[:, None], axis=-1)[:, 0]
+        label_logit += jnp.where(has_label, picked, 0.0)
         # Strictly greater: the first maximum wins, as jnp.argmax over the whole row.
         chunk_best = start + jnp.argmax(logits, axis=-1).astype(jnp.int32)
         best_id = jnp.where(chunk_max > best, chunk_best, best_id)

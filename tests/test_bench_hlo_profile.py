@@ -71,6 +71,20 @@ def test_a_sliced_operand_counts_the_slice():
     assert sum(k.bytes for k in kernels) == 2 * 1024 * 8 * 4
 
 
+def _label_logits(logits, bias, labels):
+    return jnp.take_along_axis(logits + bias[None, :], labels[:, None], axis=1)[:, 0]
+
+
+def test_gathering_from_an_elementwise_result_reads_the_gathered_elements():
+    """The cross-entropy's label logit: a gather from (logits + bias) fused into one kernel
+    computes the sum at the gathered elements only; the 16 MB logits are not read whole."""
+    kernels = _kernels(_label_logits, jnp.ones((4096, 1024)), jnp.ones((1024,)),
+                       jnp.zeros((4096,), jnp.int32))
+    rows = 4096 * 4
+    # gathered logits + the whole bias (broadcast) + labels + the result
+    assert sum(k.bytes for k in kernels) == rows + 1024 * 4 + rows + rows
+
+
 # x @ w compiled for an H100 with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (bench/aot_gpu.py;
 # jax 0.10.2), shortened: the matmul is a cuBLAS call returning (result, workspace).
 CUBLAS_HLO = """HloModule jit__lambda, is_scheduled=true
