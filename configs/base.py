@@ -191,16 +191,17 @@ def data_config(*, model: ml_collections.ConfigDict, seed: int) -> ml_collection
 # decoder_<size>.yaml sets local_attn_rotary_emb_base: 10000.0); the others leave it unset.
 _CLM_DECAY_LOCAL_10K = ("17m", "32m", "68m", "400m")
 # Rows of train.seq_len in the largest micro batch that fits one 80 GB H100 (see
-# _add_training_sections), per size and row length, model defaults (remat none): XLA's GPU
-# allocation plan of the train step, bench/memory.py --target=h100 --budget_gb=60 (figures in
-# bench/RESULTS.md; the smaller of mlm and clm where both were searched, within 1%).
+# _add_training_sections), per size and row length, model defaults (layers as a loop, remat
+# none): XLA's GPU allocation plan of the train step, bench/memory.py --target=h100
+# --budget_gb=60 (figures in bench/RESULTS.md; the smaller of mlm and clm). The scanned
+# layers need about twice the memory: halve these for scan_layers=True without remat.
 MAX_MICRO_ROWS = {
-    "17m": {1024: 457, 8192: 57},
-    "32m": {1024: 228, 8192: 28},
-    "68m": {1024: 97, 8192: 12},
-    "150m": {1024: 55, 8192: 6},
-    "400m": {1024: 25, 8192: 3},
-    "1b": {1024: 12, 8192: 1},
+    "17m": {1024: 756, 8192: 95},
+    "32m": {1024: 362, 8192: 45},
+    "68m": {1024: 183, 8192: 22},
+    "150m": {1024: 103, 8192: 13},
+    "400m": {1024: 45, 8192: 5},
+    "1b": {1024: 23, 8192: 2},
 }
 
 
