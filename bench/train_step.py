@@ -51,7 +51,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ettin_jax import cli  # noqa: E402  # pylint: disable=wrong-import-position
-from bench import results  # noqa: E402  pylint: disable=wrong-import-position
+from bench import hlo_profile, results  # noqa: E402  pylint: disable=wrong-import-position
 from bench import variants as variants_lib  # noqa: E402  pylint: disable=wrong-import-position
 from bench.batches import make_batch  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -156,13 +156,13 @@ def thunk_durations(trace_dir: str) -> collections.Counter:
 
 
 def op_names(hlo_text: str) -> dict:
-    """Instruction name -> its op_name metadata with digits folded (layers grouped)."""
+    """Instruction name -> its op_name metadata with digits folded (layers grouped), from
+    bench/hlo_profile.py's reading of the compiled module."""
     names = {}
-    for line in hlo_text.splitlines():
-        match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
-        source = re.search(r'op_name="([^"]+)"', line)
-        if match and source:
-            names[match.group(1)] = re.sub(r"\d+", "#", source.group(1))
+    for name, instruction in hlo_profile.Module(hlo_text).by_name.items():
+        source = instruction.attribute(r'op_name="([^"]+)"')
+        if source:
+            names[name] = re.sub(r"\d+", "#", source)
     return names
 
 

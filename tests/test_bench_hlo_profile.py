@@ -183,3 +183,15 @@ def test_train_step_profile_accounts_for_the_model_matmuls(tmp_path):
                               "--device_kind=H100"], cwd=ROOT, capture_output=True, text=True,
                              check=False)
     assert missing.returncode != 0 and "--hlo=/nonexistent: no such file" in missing.stderr
+
+
+def test_train_step_profile_names_each_kernel_by_its_operation():
+    """bench/train_step.py --profile names a trace's kernels through the same parser: the
+    dots of a compiled scan (inside its loop body) get their operation's name."""
+    from bench import train_step
+    text = jax.jit(_scanned).lower(jnp.ones((32, 64)), jnp.ones((64, 64))).compile().as_text()
+    names = train_step.op_names(text)
+    module = hlo_profile.Module(text)
+    dots = [name for name, ins in module.by_name.items() if ins.opcode == "dot"]
+    assert dots and all(names[name] == "jit(_scanned)/while/body/closed_call/dot_general"
+                        for name in dots)
