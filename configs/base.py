@@ -194,7 +194,7 @@ _CLM_DECAY_LOCAL_10K = ("17m", "32m", "68m", "400m")
 # _add_training_sections), per size and row length, model defaults (layers as a loop, remat
 # none): XLA's GPU allocation plan of the train step, bench/memory.py --target=h100
 # --budget_gb=60 (figures in bench/RESULTS.md; the smaller of mlm and clm). The scanned
-# layers need about twice the memory: halve these for scan_layers=True without remat.
+# layers without remat need about twice the memory: schedules.max_micro_rows halves these then.
 MAX_MICRO_ROWS = {
     "17m": {1024: 756, 8192: 95},
     "32m": {1024: 362, 8192: 45},

@@ -63,11 +63,26 @@ def learning_rate(config, tokens: float) -> float:
 AUTO = 0   # train.grad_accum_steps = 0: as many micro batches as train.max_micro_tokens needs
 
 
+# `train.max_micro_tokens` is measured with the model's layers as a loop (the default). A
+# `lax.scan` over them without remat keeps every saved activation twice over (the stacks XLA
+# copies them into): on XLA's H100 plan the scanned limits were 0.46-0.63 of the loop's at
+# every size and length (bench/RESULTS.md), so such a run gets half.
+SCAN_WITHOUT_REMAT_SHARE = 0.5
+
+
 def max_micro_rows(config) -> int:
     """Rows of `train.seq_len` in the largest micro batch that fits one device:
     `train.max_micro_tokens` // seq_len (memory grows about linearly in tokens, so a run whose
-    seq_len is overridden keeps a fitting limit)."""
-    return int(config.train.get("max_micro_tokens", 0)) // int(config.train.seq_len)
+    seq_len is overridden keeps a fitting limit), halved for `model.scan_layers` without
+    `model.remat` (SCAN_WITHOUT_REMAT_SHARE)."""
+    rows = int(config.train.get("max_micro_tokens", 0)) // int(config.train.seq_len)
+    return int(rows * SCAN_WITHOUT_REMAT_SHARE) if scan_halves_limit(config) else rows
+
+
+def scan_halves_limit(config) -> bool:
+    """Whether the layers run as a scan without remat (`max_micro_rows` takes a share)."""
+    model = config.get("model") or {}
+    return bool(model.get("scan_layers", False)) and model.get("remat", "none") == "none"
 
 
 def grad_accum_steps(config, mean_sequence_length: float | None = None,
@@ -84,11 +99,13 @@ def grad_accum_steps(config, mean_sequence_length: float | None = None,
         return accum
     limit = max_micro_rows(config)
     if limit < 1:
+        scanned = scan_halves_limit(config)
         raise ValueError(f"config.train.grad_accum_steps=0 (auto) needs config.train."
-                         f"max_micro_tokens >= train.seq_len={config.train.seq_len} (the tokens of "
-                         f"a micro batch that fit one device), got "
-                         f"{config.train.get('max_micro_tokens', 0)}; or set grad_accum_steps to "
-                         "a count")
+                         f"max_micro_tokens >= {'2 x ' if scanned else ''}train.seq_len="
+                         f"{config.train.seq_len} (the tokens of a micro batch that fit one "
+                         f"device{', halved for scan_layers without remat' if scanned else ''}), "
+                         f"got {config.train.get('max_micro_tokens', 0)}; or set "
+                         "grad_accum_steps to a count")
     seqs = int(config.train.global_batch_size)
     fits = [accum for accum in range(1, seqs + 1) if seqs % (accum * data_parallel) == 0 and
             _rows(config, mean_sequence_length, data_parallel, accum)

@@ -367,10 +367,13 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
                  config.train.global_batch_size, "(demo: one row each)" if mean is None else
                  f"{mean:.1f}", rows_per_step, config.train.seq_len,
                  f"{rows_per_step * config.train.seq_len:,}")
+    limit = "" if config.train.grad_accum_steps else (
+        f", the fewest within {schedules.max_micro_rows(config)} rows (config.train."
+        f"max_micro_tokens={config.train.max_micro_tokens}"
+        + (", halved: layers scanned without remat)" if schedules.scan_halves_limit(config)
+           else ")"))
     logging.info("%d micro batches of %d rows per step (%d per data-parallel device)%s", accum,
-                 rows_per_step // accum, rows_per_step // accum // data_parallel, "" if
-                 config.train.grad_accum_steps else f", the fewest within config.train."
-                 f"max_micro_tokens={config.train.max_micro_tokens}")
+                 rows_per_step // accum, rows_per_step // accum // data_parallel, limit)
 
     # Data.
     rows_for_step = schedules.rows_schedule(config, mean, data_parallel)

@@ -242,3 +242,25 @@ def test_every_size_and_phase_fits_its_micro_batches_on_one_device_and_on_eight(
                 rows = schedules.rows_per_step(c, mean, dp)
                 assert rows // (accum * dp) <= schedules.max_micro_rows(c), (c.size, arg, dp)
                 assert rows == pytest.approx(4608 * mean / c.train.seq_len, abs=accum * dp)
+
+
+def test_layers_scanned_without_remat_split_within_half_the_rows():
+    """MAX_MICRO_ROWS is the loop's limit; a scan without remat planned 0.46-0.63 of those rows
+    on XLA's H100 plan (bench/RESULTS.md), so the auto split keeps within half of them."""
+    c = ettin_150m.get_config("mlm")
+    loop_limit = c.train.max_micro_tokens // c.train.seq_len
+    assert schedules.max_micro_rows(c) == loop_limit == 103
+    loop_accum = schedules.grad_accum_steps(c, 1024.0, 1)
+    c.model.scan_layers = True
+    assert schedules.max_micro_rows(c) == loop_limit // 2
+    accum = schedules.grad_accum_steps(c, 1024.0, 1)
+    rows = schedules.rows_per_step(c, 1024.0, 1)
+    assert rows // accum <= loop_limit // 2 < rows // loop_accum
+    c.model.remat = "full"                      # remat keeps far less than the loop does
+    assert schedules.max_micro_rows(c) == loop_limit
+    assert schedules.grad_accum_steps(c, 1024.0, 1) == loop_accum
+    c.model.remat = "none"
+    c.train.max_micro_tokens = c.train.seq_len   # one row, halved: none; the error says so
+    with pytest.raises(ValueError, match=r"max_micro_tokens >= 2 x train.seq_len=1024 .*"
+                                         r"halved for scan_layers without remat"):
+        schedules.grad_accum_steps(c, 1024.0, 1)
