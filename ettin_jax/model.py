@@ -47,12 +47,17 @@ def _param(value, axes):
     return nnx.Param(value, out_sharding=axes, eager_sharding=mesh_active)
 
 
-def layer_norm(x, scale, eps: float):
-    """Bias-free LayerNorm over the last axis, computed in float32. x: `[..., hidden]`."""
+def normalize(x, eps: float):
+    """LayerNorm without its scale: (x - mean) / sqrt(var + eps) over the last axis, float32."""
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    return (x32 - mean) * jax.lax.rsqrt(var + eps) * scale[...]
+    return (x32 - mean) * jax.lax.rsqrt(var + eps)
+
+
+def layer_norm(x, scale, eps: float):
+    """Bias-free LayerNorm over the last axis, computed in float32. x: `[..., hidden]`."""
+    return normalize(x, eps) * scale[...]
 
 
 def gelu(x):
@@ -123,8 +128,17 @@ class Block(nnx.Module):
         `[batch, max_len, heads, head_dim]`) the new keys and values are written at
         `index..` and the queries attend to the whole cache; returns `(x, (k, v))` then.
         """
-        h = x if self.attn_norm is None else layer_norm(x, self.attn_norm, self.eps)
-        qkv = jnp.einsum("bsh,hcnd->bscnd", h.astype(dtype), self.qkv[...].astype(dtype))
+        # The norms that feed a matmul have their scale folded into its weight rows,
+        # (norm(x) * s) @ W = norm(x) @ (s[:, None] * W) up to rounding: the scale's gradient
+        # is then reduced from the `[hidden, ...]` weight gradient, where XLA otherwise wrote
+        # a `[batch, seq, hidden]` float32 product per norm and read it back (the 150m step
+        # moves 15 GB less, bench/RESULTS.md; tests/test_hf.py checks the gradients).
+        if self.attn_norm is None:
+            h, qkv_weight = x, self.qkv[...]
+        else:
+            h = normalize(x, self.eps)
+            qkv_weight = self.attn_norm[...][:, None, None, None] * self.qkv[...]
+        qkv = jnp.einsum("bsh,hcnd->bscnd", h.astype(dtype), qkv_weight.astype(dtype))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         cos, sin = rope_cos_sin(positions, q.shape[-1], self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -142,8 +156,9 @@ class Block(nnx.Module):
         attn_key, mlp_key = dropout_keys
         x = x + self.attn_out_dropout(out, rngs=attn_key).astype(jnp.float32)
 
-        h = layer_norm(x, self.mlp_norm, self.eps).astype(dtype)
-        gate_in = jnp.einsum("bsh,hci->bsci", h, self.mlp_in[...].astype(dtype))
+        h = normalize(x, self.eps).astype(dtype)
+        mlp_in_weight = self.mlp_norm[...][:, None, None] * self.mlp_in[...]
+        gate_in = jnp.einsum("bsh,hci->bsci", h, mlp_in_weight.astype(dtype))
         inner = gelu(gate_in[:, :, 0]) * gate_in[:, :, 1]
         out = jnp.einsum("bsi,ih->bsh", self.mlp_dropout(inner, rngs=mlp_key),
                          self.mlp_out[...].astype(dtype))

@@ -62,6 +62,33 @@ def test_transformers_to_ours(tmp_path, shape, causal):
     assert diff <= 1e-4
 
 
+
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "decoder"])
+def test_gradients_match_transformers(tmp_path, causal):
+    """Every parameter's gradient (norm scales moved away from 1 included) equals
+    transformers' autograd of the same loss: the norms feeding a matmul have their scale
+    folded into its weight, which must change nothing but where the gradient is reduced."""
+    shape = SHAPES[1]
+    _, torch_model = _hf_model(shape, causal)
+    torch_model.save_pretrained(tmp_path)
+    model, _ = model_loader.load_hf(str(tmp_path), dtype="float32")
+    model.eval()
+    rng = np.random.RandomState(4)
+    ids = rng.randint(0, 96, size=(2, shape["seq"]))
+    weights = rng.normal(size=(2, shape["seq"], VOCAB)).astype(np.float32)
+    (torch_model(torch.tensor(ids)).logits * torch.tensor(weights)).sum().backward()
+    expected = {name: p.grad.numpy() for name, p in torch_model.named_parameters()}
+
+    grads = nnx.grad(lambda m: jnp.sum(m(jnp.asarray(ids)) * weights))(model)
+    nnx.update(model, grads)                       # the gradient in the parameters' places
+    ours = hf.hf_state_dict(model)                 # ... and in transformers' names and layouts
+    assert set(ours) <= set(expected)
+    assert any("norm" in name for name in ours)
+    for name, grad in ours.items():
+        scale = np.abs(expected[name]).max()
+        assert np.abs(grad - expected[name]).max() <= 1e-4 * max(scale, 1.0), name
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["encoder", "decoder"])
 @pytest.mark.parametrize("window", ["transformers", "training"])
 def test_ours_to_transformers(tmp_path, causal, window):
