@@ -118,3 +118,25 @@ def test_balanced_chunk_properties():
         assert chunks == -(-total // limit)
         if total > limit and size < limit:
             assert size % 128 == 0 and chunks * size - total < chunks * 128
+
+
+def test_one_pass_max_and_sum_of_exponentials():
+    """The variadic reduction (online softmax within a chunk) against numpy's two passes, with
+    masked (-inf) columns, a row masked but for one column, and a non-finite logit that must
+    stay non-finite."""
+    from ettin_jax.cross_entropy import _row_max_sum_exp
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 300)).astype(np.float32) * 20
+    logits[:, 250:] = -np.inf                # a chunk's columns another chunk owns
+    logits[1, 1:] = -np.inf                  # one finite column
+    row_max, row_sum = jax.jit(_row_max_sum_exp)(jnp.asarray(logits))
+    expected_max = logits.max(axis=-1)
+    np.testing.assert_allclose(row_max, expected_max)
+    np.testing.assert_allclose(row_sum, np.exp(logits - expected_max[:, None]).sum(-1),
+                               rtol=1e-5)
+    assert row_sum[1] == 1.0
+    logits[2, 7] = np.inf
+    logits[3, 9] = np.nan
+    row_max, row_sum = jax.jit(_row_max_sum_exp)(jnp.asarray(logits))
+    log_z = row_max + np.log(row_sum)     # what the loss takes from them
+    assert not np.isfinite(log_z[2]) and np.isnan(log_z[3])
