@@ -41,18 +41,13 @@ def cross_entropy(features, embedding, bias, labels, *, dtype=jnp.float32,
     labels = labels.reshape(-1).astype(jnp.int32)
     rows = features.shape[0]
     vocab_chunk = balanced_chunk(embedding.shape[0], vocab_chunk)
-    loss_fn = functools.partial(_chunked_loss, dtype=jnp.dtype(dtype), vocab_chunk=vocab_chunk)
-    if rows <= row_chunk:
-        nll, correct = loss_fn(features, embedding, bias, labels)
-    else:
-        row_chunk = balanced_chunk(rows, row_chunk)
-        pad = -rows % row_chunk
-        features = jnp.pad(features, ((0, pad), (0, 0)))
-        labels_padded = jnp.pad(labels, (0, pad), constant_values=IGNORE)
-        nll, correct = jax.lax.map(
-            lambda chunk: loss_fn(chunk[0], embedding, bias, chunk[1]),
-            (features.reshape(-1, row_chunk, hidden), labels_padded.reshape(-1, row_chunk)))
-        nll, correct = jnp.sum(nll), jnp.sum(correct)
+    row_chunk = balanced_chunk(rows, row_chunk)
+    pad = -rows % row_chunk
+    features_padded = jnp.pad(features, ((0, pad), (0, 0)))
+    labels_padded = jnp.pad(labels, (0, pad), constant_values=IGNORE)
+    nll, correct = _chunked_loss(features_padded.reshape(-1, row_chunk, hidden), embedding, bias,
+                                 labels_padded.reshape(-1, row_chunk), jnp.dtype(dtype),
+                                 vocab_chunk)
     count = jnp.sum(labels != IGNORE, dtype=jnp.float32)
     return nll, {"count": count, "correct": correct}
 
@@ -83,13 +78,13 @@ def _chunk_start(index, vocab_chunk: int, vocab: int):
     return start, owned
 
 
-def _chunk_logits(features, embedding, bias, start, owned, dtype):
-    """`[rows, vocab_chunk]` float32 logits of the columns start.. (-inf where not owned).
-    `features` come already in `dtype`; the chunk's weight rows are cast here."""
+def _chunk_logits(features, embedding, bias, start, owned):
+    """`[rows, vocab_chunk]` float32 logits of the columns start.. (-inf where not owned),
+    and the chunk's weight rows. `features` and `embedding` come already in the matmul dtype
+    (cast once per call: a cast per chunk reads the float32 rows again for every row chunk)."""
     vocab_chunk = owned.shape[0]
     weight = jax.lax.dynamic_slice_in_dim(embedding, start, vocab_chunk)
-    logits = jnp.einsum("rh,vh->rv", features, weight.astype(dtype),
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum("rh,vh->rv", features, weight, preferred_element_type=jnp.float32)
     # The mask rides on the `[vocab_chunk]` bias (finite + -inf = -inf): a select on the
     # `[rows, vocab_chunk]` logits is one more pass over them, and XLA built its masks ahead
     # as a `[chunks, rows, vocab_chunk]` tensor.
@@ -105,7 +100,7 @@ def _forward(features, embedding, bias, labels, dtype, vocab_chunk):
     def body(carry, index):
         running_max, running_sum, label_logit, best, best_id = carry
         start, owned = _chunk_start(index, vocab_chunk, vocab)
-        logits, _ = _chunk_logits(features_in_dtype, embedding, bias, start, owned, dtype)
+        logits, _ = _chunk_logits(features_in_dtype, embedding, bias, start, owned)
         chunk_max, chunk_sum = _row_max_sum_exp(logits)
         new_max = jnp.maximum(running_max, chunk_max)
         running_sum = (running_sum * jnp.exp(running_max - new_max)
@@ -160,47 +155,70 @@ def _row_max_sum_exp(logits):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _chunked_loss(features, embedding, bias, labels, dtype, vocab_chunk):
-    nll, correct, _ = _forward(features, embedding, bias, labels, dtype, vocab_chunk)
+    """(summed nll, correct) of row chunks: features `[row_chunks, row_chunk, hidden]`, labels
+    `[row_chunks, row_chunk]`."""
+    nll, correct, _ = _forward_rows(features, embedding, bias, labels, dtype, vocab_chunk)
     return nll, correct
 
 
+def _forward_rows(features, embedding, bias, labels, dtype, vocab_chunk):
+    embedding_in_dtype = embedding.astype(dtype)
+    nll, correct, log_z = jax.lax.map(
+        lambda chunk: _forward(chunk[0], embedding_in_dtype, bias, chunk[1], dtype, vocab_chunk),
+        (features, labels))
+    return jnp.sum(nll), jnp.sum(correct), log_z
+
+
 def _chunked_loss_fwd(features, embedding, bias, labels, dtype, vocab_chunk):
-    nll, correct, log_z = _forward(features, embedding, bias, labels, dtype, vocab_chunk)
+    nll, correct, log_z = _forward_rows(features, embedding, bias, labels, dtype, vocab_chunk)
     return (nll, correct), (features, embedding, bias, labels, log_z)
 
 
 def _chunked_loss_bwd(dtype, vocab_chunk, residuals, cotangents):
+    """The gradients, row chunk by row chunk and, in each, vocabulary chunk by chunk. The
+    embedding's and the bias's gradients are one accumulator across all row chunks (a
+    gradient per row chunk, summed afterwards, zero-filled and added a full `[vocab, hidden]`
+    float32 array per row chunk)."""
     features, embedding, bias, labels, log_z = residuals
     d_nll = cotangents[0]  # `correct` is a count: no gradient flows from it
     vocab = embedding.shape[0]
     num_chunks = -(-vocab // vocab_chunk)
-    row_scale = jnp.where(labels != IGNORE, d_nll, 0.0)[:, None]
-    features_in_dtype = features.astype(dtype)
+    embedding_in_dtype = embedding.astype(dtype)
 
-    def body(carry, index):
-        d_features, d_embedding, d_bias = carry
-        start, owned = _chunk_start(index, vocab_chunk, vocab)
-        logits, weight = _chunk_logits(features_in_dtype, embedding, bias, start, owned, dtype)
-        is_label = (labels - start)[:, None] == jnp.arange(vocab_chunk)[None, :]
-        # d nll / d logits = softmax - one_hot(label); zero on columns the chunk does not own.
-        d_logits = (jnp.exp(logits - log_z[:, None]) - (is_label & owned)) * row_scale
-        d_features += jnp.einsum("rv,vh->rh", d_logits.astype(dtype), weight.astype(dtype),
-                                 preferred_element_type=jnp.float32)
-        d_weight = jnp.einsum("rv,rh->vh", d_logits.astype(dtype), features_in_dtype,
-                              preferred_element_type=jnp.float32)
-        d_embedding = jax.lax.dynamic_update_slice_in_dim(
-            d_embedding, jax.lax.dynamic_slice_in_dim(d_embedding, start, vocab_chunk) + d_weight,
-            start, axis=0)
-        d_bias = jax.lax.dynamic_update_slice_in_dim(
-            d_bias, jax.lax.dynamic_slice_in_dim(d_bias, start, vocab_chunk)
-            + jnp.sum(d_logits, axis=0), start, axis=0)
-        return (d_features, d_embedding, d_bias), None
+    def row_chunk_body(carry, chunk):
+        chunk_features, chunk_labels, chunk_log_z = chunk
+        row_scale = jnp.where(chunk_labels != IGNORE, d_nll, 0.0)[:, None]
+        features_in_dtype = chunk_features.astype(dtype)
 
-    init = (jnp.zeros(features.shape, jnp.float32), jnp.zeros(embedding.shape, jnp.float32),
-            jnp.zeros(bias.shape, jnp.float32))
-    (d_features, d_embedding, d_bias), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
-    return (d_features.astype(features.dtype), d_embedding.astype(embedding.dtype),
-            d_bias.astype(bias.dtype), None)
+        def body(carry, index):
+            d_features, d_embedding, d_bias = carry
+            start, owned = _chunk_start(index, vocab_chunk, vocab)
+            logits, weight = _chunk_logits(features_in_dtype, embedding_in_dtype, bias, start,
+                                           owned)
+            is_label = (chunk_labels - start)[:, None] == jnp.arange(vocab_chunk)[None, :]
+            # d nll / d logits = softmax - one_hot(label); zero on columns not owned.
+            d_logits = (jnp.exp(logits - chunk_log_z[:, None]) - (is_label & owned)) * row_scale
+            d_features += jnp.einsum("rv,vh->rh", d_logits.astype(dtype), weight,
+                                     preferred_element_type=jnp.float32)
+            d_weight = jnp.einsum("rv,rh->vh", d_logits.astype(dtype), features_in_dtype,
+                                  preferred_element_type=jnp.float32)
+            d_embedding = jax.lax.dynamic_update_slice_in_dim(
+                d_embedding,
+                jax.lax.dynamic_slice_in_dim(d_embedding, start, vocab_chunk) + d_weight,
+                start, axis=0)
+            d_bias = jax.lax.dynamic_update_slice_in_dim(
+                d_bias, jax.lax.dynamic_slice_in_dim(d_bias, start, vocab_chunk)
+                + jnp.sum(d_logits, axis=0), start, axis=0)
+            return (d_features, d_embedding, d_bias), None
+
+        (d_features, *carry), _ = jax.lax.scan(
+            body, (jnp.zeros(chunk_features.shape, jnp.float32), *carry), jnp.arange(num_chunks))
+        return tuple(carry), d_features.astype(features.dtype)
+
+    init = (jnp.zeros(embedding.shape, jnp.float32), jnp.zeros(bias.shape, jnp.float32))
+    (d_embedding, d_bias), d_features = jax.lax.scan(row_chunk_body, init,
+                                                     (features, labels, log_z))
+    return d_features, d_embedding.astype(embedding.dtype), d_bias.astype(bias.dtype), None
 
 
 _chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)
