@@ -176,9 +176,9 @@ def _chunked_loss_fwd(features, embedding, bias, labels, dtype, vocab_chunk):
 
 def _chunked_loss_bwd(dtype, vocab_chunk, residuals, cotangents):
     """The gradients, row chunk by row chunk and, in each, vocabulary chunk by chunk. The
-    embedding's and the bias's gradients are one accumulator across all row chunks (a
-    gradient per row chunk, summed afterwards, zero-filled and added a full `[vocab, hidden]`
-    float32 array per row chunk)."""
+    embedding's and the bias's gradients accumulate in one carry across the row chunks: a
+    gradient per row chunk, summed afterwards, cost a zero-filled and an added `[vocab,
+    hidden]` float32 array per row chunk."""
     features, embedding, bias, labels, log_z = residuals
     d_nll = cotangents[0]  # `correct` is a count: no gradient flows from it
     vocab = embedding.shape[0]
