@@ -182,6 +182,9 @@ def search(config, seq_len: int, remat: str, budget: float, max_rows: int,
     proposal = config.copy_and_resolve_references()
     proposal.train.grad_accum_steps = schedules.AUTO
     proposal.train.seq_len, proposal.train.max_micro_tokens = seq_len, max(rows, 1) * seq_len
+    # The rows were measured for this very config: schedules must not take its share for a
+    # scan without remat (its limits are the loop's).
+    proposal.model.scan_layers = False
     result["grad_accum_steps"] = {}
     for dp in data_parallel:
         try:

@@ -100,10 +100,11 @@ def grad_accum_steps(config, mean_sequence_length: float | None = None,
     limit = max_micro_rows(config)
     if limit < 1:
         scanned = scan_halves_limit(config)
+        factor = f"{1 / SCAN_WITHOUT_REMAT_SHARE:g} x " if scanned else ""
         raise ValueError(f"config.train.grad_accum_steps=0 (auto) needs config.train."
-                         f"max_micro_tokens >= {'2 x ' if scanned else ''}train.seq_len="
-                         f"{config.train.seq_len} (the tokens of a micro batch that fit one "
-                         f"device{', halved for scan_layers without remat' if scanned else ''}), "
+                         f"max_micro_tokens >= {factor}train.seq_len={config.train.seq_len} "
+                         f"(the tokens of a micro batch that fit one device"
+                         f"{', halved for scan_layers without remat' if scanned else ''}), "
                          f"got {config.train.get('max_micro_tokens', 0)}; or set "
                          "grad_accum_steps to a count")
     seqs = int(config.train.global_batch_size)
