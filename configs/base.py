@@ -196,8 +196,8 @@ _CLM_DECAY_LOCAL_10K = ("17m", "32m", "68m", "400m")
 # --budget_gb=60 (figures in bench/RESULTS.md; the smaller of mlm and clm). The scanned
 # layers without remat need about twice the memory: schedules.max_micro_rows halves these then.
 MAX_MICRO_ROWS = {
-    "17m": {1024: 756, 8192: 95},
-    "32m": {1024: 362, 8192: 45},
+    "17m": {1024: 913, 8192: 115},
+    "32m": {1024: 442, 8192: 55},
     "68m": {1024: 183, 8192: 22},
     "150m": {1024: 103, 8192: 13},
     "400m": {1024: 45, 8192: 5},
