@@ -102,9 +102,7 @@ def _forward(features, embedding, bias, labels, dtype, vocab_chunk):
         start, owned = _chunk_start(index, vocab_chunk, vocab)
         logits, _ = _chunk_logits(features_in_dtype, embedding, bias, start, owned)
         chunk_max, chunk_sum = _row_max_sum_exp(logits)
-        new_max = jnp.maximum(running_max, chunk_max)
-        running_sum = (running_sum * jnp.exp(running_max - new_max)
-                       + chunk_sum * jnp.exp(chunk_max - new_max))
+        new_max, running_sum = _merge_max_sum((running_max, running_sum), (chunk_max, chunk_sum))
         # The label's logit, gathered: a select-and-sum over the chunk read a zeros tensor of
         # the chunk's size as well, which XLA hoisted out of the loop and kept in memory.
         column = labels - start
@@ -137,20 +135,23 @@ def _row_max_sum_exp(logits):
     rescales partial sums to their common maximum (online softmax within the chunk), reads
     them once, in the same kernel as the argmax (XLA fuses sibling reductions of one input).
     """
-    def combine(a, b):
-        (max_a, sum_a), (max_b, sum_b) = a, b
-        new_max = jnp.maximum(max_a, max_b)
-        # A side whose maximum is -inf (masked columns, or the identity) adds nothing; the
-        # where also keeps exp(-inf - -inf) = nan out.
-        return new_max, (jnp.where(max_a == -jnp.inf, 0.0, sum_a * jnp.exp(max_a - new_max))
-                         + jnp.where(max_b == -jnp.inf, 0.0, sum_b * jnp.exp(max_b - new_max)))
-
     # Each logit enters as (itself, 1); a masked one (-inf) with a sum of 0. The ones are
     # computed from the logits: XLA hoists a loop-invariant `[rows, cols]` constant out of
     # the vocabulary loop and then reads it from memory on every chunk.
     ones = jnp.isfinite(logits).astype(logits.dtype)
     return jax.lax.reduce((logits, ones), (jnp.float32(-jnp.inf), jnp.float32(0.0)),
-                          combine, (logits.ndim - 1,))
+                          _merge_max_sum, (logits.ndim - 1,))
+
+
+def _merge_max_sum(a, b):
+    """Two (max, sum of exp(x - max)) partials of one row -> theirs together (online softmax):
+    within a chunk (the reduction's combiner) and across chunks (the vocabulary loop)."""
+    (max_a, sum_a), (max_b, sum_b) = a, b
+    new_max = jnp.maximum(max_a, max_b)
+    # A side whose maximum is -inf (masked columns, the identity, no chunk yet) adds nothing;
+    # the where also keeps exp(-inf - -inf) = nan out.
+    return new_max, (jnp.where(max_a == -jnp.inf, 0.0, sum_a * jnp.exp(max_a - new_max))
+                     + jnp.where(max_b == -jnp.inf, 0.0, sum_b * jnp.exp(max_b - new_max)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
