@@ -12,11 +12,14 @@ instruction of the entry computation or of a loop body (counted the loop's known
 times): a fusion, a custom call (Triton/Mosaic attention, cuBLAS), a copy. Its bytes are its
 operands plus its results, except that an operand the kernel only slices counts the slices,
 and an in-place update (dynamic-update-slice) counts the update, not the whole buffer. Its
-FLOPs are 2 x output elements x contracted size of each dot in it (attention kernels: bytes
-only). The roofline time of a kernel is max(FLOPs / peak, bytes / memory bandwidth); a line's
-time is the sum over its kernels, and the step's the sum over all (kernels run one after
-another). Bytes are counted as if nothing stayed in L2 cache, so the "everything else" figure
-overestimates HBM traffic; treat the time as a guide to where to look, not a measurement.
+FLOPs are 2 x output elements x contracted size of each dot in it; our Triton attention
+kernels' are the dots of the tiles they visit when every row is one document (packed rows
+visit fewer), their mask read from the op name (`ettin_jax.attention.mask_scope`); Mosaic GPU
+kernels have bytes only. The roofline time of a kernel is max(FLOPs / peak, bytes / memory
+bandwidth); a line's time is the sum over its kernels, and the step's the sum over all
+(kernels run one after another). Bytes are counted as if nothing stayed in L2 cache, so the
+"everything else" figure overestimates HBM traffic; treat the time as a guide to where to
+look, not a measurement.
 
 Kernels are attributed to the innermost frame of ours (file:line function) that XLA's
 metadata records, split into forward and backward (`transpose` in the operation's name).
@@ -36,7 +39,9 @@ from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ettin_jax import cli  # noqa: E402  # pylint: disable=wrong-import-position
+from ettin_jax import attention, cli  # noqa: E402  # pylint: disable=wrong-import-position
+from ettin_jax.kernels.flash_attention import (  # noqa: E402  # pylint: disable=wrong-import-position
+    KERNEL_DOTS, kernel_flops)
 from bench import aot_gpu, results  # noqa: E402  # pylint: disable=wrong-import-position
 
 # Memory bandwidth (bytes/s) by device kind; the FLOP/s peaks are ettin_jax.train_metrics'.
@@ -45,6 +50,7 @@ MEMORY_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "H800": 3.35e12, "A100": 2.
 ELEMENT_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
                  "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
                  "c64": 8, "c128": 16}
+_DTYPE_NAMES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 _ARRAY = re.compile(r"\b(pred|bf16|f8e4m3fn|f8e5m2|c64|c128|[suf]\d+)\[([\d,]*)\]")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 _COMPUTATION = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
@@ -143,12 +149,13 @@ class Module:
                     ins.attribute(r"branch_computations=\{%([\w.\-]+)")
                 self._walk(called, times, found)
                 continue
-            flops = self._flops(ins)
             target = ins.attribute(r'custom_call_target="([^"]+)"') or ""
-            kind = ("attention" if ins.opcode == "custom-call" and ("triton" in target or
-                                                                    "mosaic" in target)
-                    else "matmul" if flops else "other")
             op_name = ins.attribute(r'op_name="([^"]*)"') or ""
+            if ins.opcode == "custom-call" and ("triton" in target or "mosaic" in target):
+                kind, flops = "attention", self._attention_flops(ins, op_name)
+            else:
+                flops = self._flops(ins)
+                kind = "matmul" if flops else "other"
             found.append(Kernel(self.where(ins), "transpose(" in op_name, kind,
                                 times * self._bytes(ins), times * flops, times))
 
@@ -207,6 +214,20 @@ class Module:
                 else:
                     return full
         return min(total, full)
+
+    def _attention_flops(self, ins: Instruction, op_name: str) -> int:
+        """Dot FLOPs of one of our Triton attention kernels (`flash_attention.kernel_flops`: the
+        tiles it visits when every row is one document), its mask read from the op name's
+        `attention.mask_scope`; 0 for other kernels (Mosaic GPU), priced by their bytes."""
+        kernel = ins.attribute(r'\bname = "(ettin_flash_\w+)"')
+        mask = attention.mask_from_scope(op_name)
+        if kernel not in KERNEL_DOTS or mask is None:
+            return 0
+        dtype, dims = _ARRAY.findall(self.by_name[ins.operands[0]].type)[0]
+        batch, seq, heads, head_dim = (int(d) for d in dims.split(","))
+        causal, window_size = mask
+        return kernel_flops(batch, seq, heads, head_dim, _DTYPE_NAMES[dtype], causal,
+                            window_size)[kernel]
 
     def _flops(self, ins: Instruction) -> int:
         if ins.opcode == "dot":

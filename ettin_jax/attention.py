@@ -9,12 +9,37 @@ A query that sees no key returns zeros (never NaN).
 """
 from __future__ import annotations
 
+import re
 
 import jax
 import jax.numpy as jnp
 
 # "mosaic": Mosaic GPU kernels for global layers, the Triton "pallas" kernels for windowed ones.
 IMPLEMENTATIONS = ("xla", "pallas", "mosaic", "cudnn", "splash")
+_MASK_SCOPE = re.compile(r"\battention_(causal|global|(causal_)?window_(-?\d+)_(-?\d+))\b")
+
+
+def mask_scope(causal: bool, window_size) -> str:
+    """The name scope an attention call runs under, naming its mask: `attention_global`,
+    `attention_causal`, `attention_window_64_64`, `attention_causal_window_64_0`.
+
+    It reaches the compiled program's op names (forward and backward) and GPU profiler traces,
+    where every layer's kernel otherwise has the same name: bench/hlo_profile.py prices a
+    kernel's FLOPs by it, and a trace tells global from local layers by it."""
+    left, right = window_size
+    if (left, right) == (-1, -1):
+        return "attention_causal" if causal else "attention_global"
+    return f"attention_{'causal_' if causal else ''}window_{left}_{right}"
+
+
+def mask_from_scope(op_name: str):
+    """`(causal, window_size)` of the `mask_scope` in an op name, or None if it has none."""
+    match = _MASK_SCOPE.search(op_name)
+    if match is None:
+        return None
+    if match.group(1) in ("causal", "global"):
+        return match.group(1) == "causal", (-1, -1)
+    return match.group(2) is not None, (int(match.group(3)), int(match.group(4)))
 
 
 def attention_mask(q_len: int, k_len: int, *, segment_ids=None, causal: bool = False,
@@ -170,18 +195,20 @@ def attention(q, k, v, *, impl: str = "xla", segment_ids=None, causal: bool = Fa
     impl = resolve_implementation(impl)
     kwargs = dict(segment_ids=segment_ids, causal=causal, window_size=tuple(window_size),
                   sm_scale=sm_scale)
-    if impl == "xla":
-        if banded_blocks(q.shape[1], window_size) is not None:
-            return banded_attention(q, k, v, **kwargs)
-        return xla_attention(q, k, v, **kwargs)
-    if impl == "mosaic" and tuple(window_size) == (-1, -1):
-        from ettin_jax.kernels import mosaic_attention  # pylint: disable=import-outside-toplevel
-        return mosaic_attention(q, k, v, **kwargs)
-    if impl in ("pallas", "mosaic"):
-        from ettin_jax.kernels import flash_attention  # pylint: disable=import-outside-toplevel
-        return flash_attention(q, k, v, **kwargs)
-    if impl == "cudnn":
-        from ettin_jax.kernels import cudnn_attention  # pylint: disable=import-outside-toplevel
-        return cudnn_attention(q, k, v, **kwargs)
-    from ettin_jax.kernels.splash import splash_attention  # pylint: disable=import-outside-toplevel
-    return splash_attention(q, k, v, **kwargs)
+    # The mask's name reaches the compiled program's op names (see mask_scope).
+    with jax.named_scope(mask_scope(causal, window_size)):
+        if impl == "xla":
+            if banded_blocks(q.shape[1], window_size) is not None:
+                return banded_attention(q, k, v, **kwargs)
+            return xla_attention(q, k, v, **kwargs)
+        if impl == "mosaic" and tuple(window_size) == (-1, -1):
+            from ettin_jax.kernels import mosaic_attention  # pylint: disable=import-outside-toplevel
+            return mosaic_attention(q, k, v, **kwargs)
+        if impl in ("pallas", "mosaic"):
+            from ettin_jax.kernels import flash_attention  # pylint: disable=import-outside-toplevel
+            return flash_attention(q, k, v, **kwargs)
+        if impl == "cudnn":
+            from ettin_jax.kernels import cudnn_attention  # pylint: disable=import-outside-toplevel
+            return cudnn_attention(q, k, v, **kwargs)
+        from ettin_jax.kernels.splash import splash_attention  # pylint: disable=import-outside-toplevel
+        return splash_attention(q, k, v, **kwargs)

@@ -198,3 +198,33 @@ def test_train_step_profile_names_each_kernel_by_its_operation():
     # eval_jaxpr in 0.11.
     assert dots and all(re.fullmatch(r"jit\(_scanned\)/while/body/\w+/dot_general", names[name])
                         for name in dots), names
+
+
+# Our forward attention kernel as XLA compiles it for an H100 (bench/hlo_profile.py --hlo_out,
+# jax 0.10.2), shortened to one call (its Triton IR elided), plus the same kernel without a
+# mask scope in its op name.
+TRITON_ATTENTION_HLO = """HloModule jit_train_step, is_scheduled=true
+
+ENTRY %main.1 (q.1: bf16[2,256,3,64], ks.1: s32[2,256], ke.1: s32[2,256]) -> bf16[2,256,3,64] {
+  %q.1 = bf16[2,256,3,64]{3,2,1,0} parameter(0), metadata={op_name="q" scheduling_name="q.1"}
+  %ks.1 = s32[2,256]{1,0} parameter(1), metadata={op_name="ks" scheduling_name="ks.1"}
+  %ke.1 = s32[2,256]{1,0} parameter(2), metadata={op_name="ke" scheduling_name="ke.1"}
+  %pallas_call.1 = (bf16[2,256,3,64]{3,2,1,0}, f32[2,3,256]{2,1,0}) custom-call(%q.1, %q.1, %q.1, %ks.1, %ke.1), custom_call_target="__gpu$xla.gpu.triton", api_version=API_VERSION_TYPED_FFI, metadata={op_name="jit(train_step)/jvp(attention_causal_window_64_0)/ettin_flash_fwd/pallas_call" scheduling_name="pallas_call.1"}, backend_config={debug = false, grid_x = 2 : i32, grid_y = 2 : i32, grid_z = 3 : i32, ir = "", name = "ettin_flash_fwd", num_stages = 2 : i32, num_warps = 4 : i32}
+  %out.1 = bf16[2,256,3,64]{3,2,1,0} get-tuple-element(%pallas_call.1), index=0
+  %pallas_call.2 = (bf16[2,256,3,64]{3,2,1,0}, f32[2,3,256]{2,1,0}) custom-call(%out.1, %q.1, %q.1, %ks.1, %ke.1), custom_call_target="__gpu$xla.gpu.triton", api_version=API_VERSION_TYPED_FFI, metadata={op_name="jit(train_step)/jvp(ettin_flash_fwd)/pallas_call" scheduling_name="pallas_call.2"}, backend_config={debug = false, grid_x = 2 : i32, grid_y = 2 : i32, grid_z = 3 : i32, ir = "", name = "ettin_flash_fwd", num_stages = 2 : i32, num_warps = 4 : i32}
+  ROOT %out.2 = bf16[2,256,3,64]{3,2,1,0} get-tuple-element(%pallas_call.2), index=0
+}
+"""
+
+
+def test_attention_kernel_flops_from_its_mask_scope():
+    """A Triton attention kernel is priced by the dots of the tiles it visits, its mask read
+    from the op name's scope: the decoder's (64, 0) causal window at seq 256 visits 2 + 3 key
+    tiles of 64 for the two query tiles of 128. Without a scope it has bytes only."""
+    scoped, unscoped = hlo_profile.Module(TRITON_ATTENTION_HLO).kernels()
+    assert scoped.kind == unscoped.kind == "attention" and not scoped.backward
+    batch, heads, head_dim = 2, 3, 64
+    assert scoped.flops == 5 * 128 * 64 * head_dim * 2 * 2 * batch * heads
+    assert unscoped.flops == 0
+    q_bytes, lse_bytes = 2 * 256 * 3 * 64 * 2, 2 * 3 * 256 * 4
+    assert scoped.bytes == unscoped.bytes == 4 * q_bytes + 2 * 2 * 256 * 4 + lse_bytes

@@ -10,10 +10,12 @@ import pytest
 from flax import nnx
 
 from configs import ettin_tiny
-from ettin_jax.attention import attention, attention_mask, xla_attention
+from ettin_jax.attention import (attention, attention_mask, mask_from_scope, mask_scope,
+                                 xla_attention)
 from ettin_jax.kernels import BlockSizes, cudnn_attention, flash_attention
 from ettin_jax.kernels.cudnn import cudnn_mask_support
-from ettin_jax.kernels.flash_attention import flash_attention_from_intervals, tile_loop_ranges
+from ettin_jax.kernels.flash_attention import (KERNEL_DOTS, flash_attention_from_intervals,
+                                              kernel_flops, tile_loop_ranges)
 from ettin_jax.kernels.intervals import attention_intervals
 from ettin_jax.model import EttinModel
 
@@ -173,6 +175,65 @@ def test_tiles_outside_the_intervals_are_skipped():
     k_start, k_end, _, _ = (x[0] for x in attention_intervals(seq, seq, segment_ids=jnp.asarray(docs)))
     tiles, masked = visited((k_start, k_end), block_q, block_k)
     assert tiles == (seq // block_q) * (1024 // block_k) and masked == 0    # 1/8 of all tiles
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+def test_kernel_flops_count_the_tiles_holding_visible_pairs(mask):
+    """kernel_flops against the mask itself: on one-document rows every mask's visible keys
+    of a tile are one run of tiles, so the kernels visit exactly the tiles that hold a visible
+    pair (counted from attention_mask), each costing its dots over the whole tile."""
+    causal, window = MASKS[mask]
+    batch, seq, heads, head_dim = 2, 512, 3, 64
+    visible = np.asarray(attention_mask(seq, seq, causal=causal, window_size=window))[0]
+
+    def tiles(rows, cols, transpose=False):
+        grid = visible.T if transpose else visible
+        return int(grid.reshape(seq // rows, rows, seq // cols, cols).any(axis=(1, 3)).sum())
+
+    blocks = BlockSizes()    # bfloat16's default tiles at head_dim 64
+    visits = {"ettin_flash_fwd": tiles(blocks.block_q, blocks.block_k) * blocks.block_q * blocks.block_k,
+              "ettin_flash_dkv": tiles(blocks.block_k_dkv, blocks.block_q_dkv, transpose=True)
+              * blocks.block_k_dkv * blocks.block_q_dkv,
+              "ettin_flash_dq": tiles(blocks.block_q_dq, blocks.block_k_dq)
+              * blocks.block_q_dq * blocks.block_k_dq}
+    flops = kernel_flops(batch, seq, heads, head_dim, "bfloat16", causal, window)
+    assert flops == {name: KERNEL_DOTS[name] * 2 * visits[name] * head_dim * batch * heads
+                     for name in KERNEL_DOTS}
+    # Never less than the visible pairs' work; a full mask is exactly it.
+    assert flops["ettin_flash_fwd"] >= 4 * visible.sum() * head_dim * batch * heads
+    if mask == "bidir":
+        assert flops["ettin_flash_fwd"] == 4 * seq * seq * head_dim * batch * heads
+
+
+def test_kernel_flops_by_hand():
+    """seq 256, tiles (128, 64) forward and (64, 64) backward: a full mask is 2 x 4 forward
+    tiles; causal visits 2 + 4 of them, and key tile j of dk/dv is seen by query tiles j..3."""
+    full = kernel_flops(1, 256, 1, 64, "bfloat16", False, (-1, -1))
+    causal = kernel_flops(1, 256, 1, 64, "bfloat16", True, (-1, -1))
+    tile_fwd, tile_bwd = 128 * 64 * 64 * 2, 64 * 64 * 64 * 2
+    assert full == {"ettin_flash_fwd": 8 * 2 * tile_fwd, "ettin_flash_dkv": 16 * 4 * tile_bwd,
+                    "ettin_flash_dq": 16 * 3 * tile_bwd}
+    assert causal == {"ettin_flash_fwd": 6 * 2 * tile_fwd, "ettin_flash_dkv": 10 * 4 * tile_bwd,
+                      "ettin_flash_dq": 10 * 3 * tile_bwd}
+
+
+def test_mask_scope_names_the_mask_in_compiled_op_names():
+    """attention() runs under a scope naming its mask; it reaches the forward's and the
+    backward's op names (what bench/hlo_profile.py reads) and parses back to the mask."""
+    for causal, window in MASKS.values():
+        assert mask_from_scope(f"jit(f)/jvp({mask_scope(causal, window)})/dot") == (causal, window)
+    assert mask_from_scope("jit(train_step)/transpose(jvp())/add_any") is None
+
+    q = jnp.ones((1, 16, 2, 8), jnp.float32)
+
+    def loss(q):
+        return jnp.sum(attention(q, q, q, impl="xla", causal=True, window_size=(4, 0)))
+
+    text = jax.jit(jax.grad(loss)).lower(q).compile().as_text()
+    names = set(re.findall(r'op_name="([^"]*)"', text))
+    scoped = [n for n in names if mask_from_scope(n) == (True, (4, 0))]
+    assert any(n.startswith("jit(loss)/jvp(attention_causal_window_4_0)") for n in scoped)
+    assert any("transpose(jvp(attention_causal_window_4_0))" in n for n in scoped)
 
 
 @pytest.mark.parametrize("dtype,head_dim", [(jnp.bfloat16, 64), (jnp.float32, 128)])

@@ -128,6 +128,36 @@ def _dot(a, b):
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+# Dots each kernel runs per (query tile, key tile) it visits, each 2 x tile area x head_dim
+# FLOPs: forward q.k and p.v; dk/dv q.k again, p.do, do.v and ds.q; dq q.k, do.v and ds.k.
+KERNEL_DOTS = {"ettin_flash_fwd": 2, "ettin_flash_dkv": 4, "ettin_flash_dq": 3}
+
+
+@functools.lru_cache(maxsize=64)
+def kernel_flops(batch: int, seq: int, heads: int, head_dim: int, dtype_name: str,
+                 causal: bool, window_size: tuple) -> dict:
+    """Dot FLOPs of each kernel (keyed by its pallas_call name, KERNEL_DOTS) for `[batch, seq,
+    heads, head_dim]` arrays (seq and head_dim as padded for the kernels) in the default tiles
+    of `dtype_name`, when every row is one document: the tiles its loops visit, boundary tiles
+    whole. Packed rows visit fewer. bench/hlo_profile.py prices the kernels of a compiled step
+    with this, the mask read from the op names (`ettin_jax.attention.mask_scope`)."""
+    blocks = default_block_sizes(head_dim, jnp.dtype(dtype_name))
+    k_start, k_end, q_start, q_end = attention_intervals(seq, seq, causal=causal,
+                                                         window_size=tuple(window_size))
+
+    def visited(starts, ends, own_block, other_block):
+        """Tiles of the other side visited, summed over this side's tiles."""
+        lo, _, _, hi = jax.vmap(lambda s, e: tile_loop_ranges(s, e, other_block))(
+            starts.reshape(-1, own_block), ends.reshape(-1, own_block))
+        return int(jnp.sum(hi - lo)) * own_block * other_block
+
+    pairs = {"ettin_flash_fwd": visited(k_start, k_end, blocks.block_q, blocks.block_k),
+             "ettin_flash_dkv": visited(q_start, q_end, blocks.block_k_dkv, blocks.block_q_dkv),
+             "ettin_flash_dq": visited(k_start, k_end, blocks.block_q_dq, blocks.block_k_dq)}
+    return {name: KERNEL_DOTS[name] * 2 * pairs[name] * head_dim * batch * heads
+            for name in KERNEL_DOTS}
+
+
 # ----------------------------------------------------------------------------------- forward
 
 
