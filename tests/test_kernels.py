@@ -256,7 +256,8 @@ def test_every_variant_lowers_for_gpu(mask, dtype, head_dim):
     # no longer assumes one when there is no GPU, so name an H100 (a Hopper, as on our GPUs).
     h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
                                        platform="gpu")
-    target = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=h100)
+    target = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=h100,
+                                       axis_types=(jax.sharding.AxisType.Auto,))
     for fn, kernels in ((f, 1), (jax.grad(loss, argnums=(0, 1, 2)), 3)):
         with jax.sharding.use_abstract_mesh(target):
             text = jax.jit(fn).trace(q, q, q, seg).lower(lowering_platforms=("cuda",)).as_text()
@@ -348,8 +349,11 @@ def test_kernels_follow_the_platform_being_built_for():
 
     h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
                                        platform="gpu")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("data",),
-                                                                  abstract_device=h100)):
+    # Auto axes, as ettin_jax.sharding.make_mesh builds them (jax 0.11's default is Explicit,
+    # under which interpreted Pallas rejects its own block updates).
+    mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=h100,
+                                     axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.sharding.use_abstract_mesh(mesh):
         assert target_platform() == "cpu" and default_implementation() == "xla"
         assert triton_calls("pallas") == 0          # interpreted: plain XLA ops
         with building_for("gpu"):
