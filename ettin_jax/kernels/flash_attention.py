@@ -128,9 +128,11 @@ def _dot(a, b):
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+# The kernels' names (pallas_call's `name`, which compiled programs and GPU traces show).
+FORWARD, BACKWARD_DKV, BACKWARD_DQ = "ettin_flash_fwd", "ettin_flash_dkv", "ettin_flash_dq"
 # Dots each kernel runs per (query tile, key tile) it visits, each 2 x tile area x head_dim
 # FLOPs: forward q.k and p.v; dk/dv q.k again, p.do, do.v and ds.q; dq q.k, do.v and ds.k.
-KERNEL_DOTS = {"ettin_flash_fwd": 2, "ettin_flash_dkv": 4, "ettin_flash_dq": 3}
+KERNEL_DOTS = {FORWARD: 2, BACKWARD_DKV: 4, BACKWARD_DQ: 3}
 
 
 @functools.lru_cache(maxsize=64)
@@ -151,9 +153,9 @@ def kernel_flops(batch: int, seq: int, heads: int, head_dim: int, dtype_name: st
             starts.reshape(-1, own_block), ends.reshape(-1, own_block))
         return int(jnp.sum(hi - lo)) * own_block * other_block
 
-    pairs = {"ettin_flash_fwd": visited(k_start, k_end, blocks.block_q, blocks.block_k),
-             "ettin_flash_dkv": visited(q_start, q_end, blocks.block_k_dkv, blocks.block_q_dkv),
-             "ettin_flash_dq": visited(k_start, k_end, blocks.block_q_dq, blocks.block_k_dq)}
+    pairs = {FORWARD: visited(k_start, k_end, blocks.block_q, blocks.block_k),
+             BACKWARD_DKV: visited(q_start, q_end, blocks.block_k_dkv, blocks.block_q_dkv),
+             BACKWARD_DQ: visited(k_start, k_end, blocks.block_q_dq, blocks.block_k_dq)}
     return {name: KERNEL_DOTS[name] * 2 * pairs[name] * head_dim * batch * heads
             for name in KERNEL_DOTS}
 
@@ -233,7 +235,7 @@ def _forward(q, k, v, k_start, k_end, scale, blocks: BlockSizes, interpret):
                    jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32)],
         compiler_params=_compiler_params(blocks.num_warps, blocks.num_stages, head_dim),
         interpret=interpret,
-        name="ettin_flash_fwd",
+        name=FORWARD,
     )(q, k, v, k_start, k_end)
 
 
@@ -325,7 +327,7 @@ def backward(q, k, v, k_start, k_end, q_start, q_end, out, lse, d_out, scale,
                    jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=params,
         interpret=interpret,
-        name="ettin_flash_dkv",
+        name=BACKWARD_DKV,
     )(k, v, q_start, q_end, q, d_out, lse, delta, k_start, k_end)
 
     bq, bk = blocks.block_q_dq, blocks.block_k_dq
@@ -340,7 +342,7 @@ def backward(q, k, v, k_start, k_end, q_start, q_end, out, lse, d_out, scale,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=params,
         interpret=interpret,
-        name="ettin_flash_dq",
+        name=BACKWARD_DQ,
     )(q, d_out, lse, delta, k_start, k_end, k, v)
     return dq, dk, dv
 
