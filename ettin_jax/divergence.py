@@ -1,14 +1,19 @@
 """The divergence guard: a non-finite step changes nothing, and a run of them stops training.
 
-    update_is_finite(loss_sum, grad_norm, new_param_norm) -> bool array   # inside the jit
+    update_is_finite(*scalars) -> bool array                               # inside the jit
     keep_if(ok, new_tree, old_tree) -> tree                                # inside the jit
     params_finite(params) -> bool                                          # on the host
     DivergenceGuard(config, describe_last_checkpoint)                      # on the host
     DivergenceError
 
 Inside the jitted train step the new params and optimizer state are selected against the
-old ones, so a step whose loss, gradient norm or new params are not finite leaves the state
-bit-identical without a host sync; its `skipped_steps` metric is 1. The host reads that flag
+old ones without a host sync, and the step's `skipped_steps` metric is 1 when they are not
+taken: a step whose loss, gradient norm or learning rate is not finite leaves the whole state
+bit-identical; one whose inputs are finite but whose new params' norm is not (an absurd LR)
+keeps the old params while the optimizer moments take in its (finite) gradient. The moments
+are selected on the inputs alone so that XLA fuses that select into the optimizer's own pass
+(decided after the update it would read both states again: 9 GB more per 1b step,
+bench/RESULTS.md). The host reads that flag
 one step late (keeping the device queue full), counts consecutive skips and raises
 DivergenceError after config.train.max_nonfinite_steps of them. Logged losses above
 config.train.loss_spike_factor x the mean of the recent logged ones are warned about.
@@ -34,7 +39,7 @@ class DivergenceError(cli.UserError):
 
 
 def update_is_finite(*scalars) -> jax.Array:
-    """True where every scalar is finite (the step's loss, gradient norm, new params' norm)."""
+    """True where every scalar is finite (e.g. the step's loss, gradient norm and LR)."""
     return jnp.all(jnp.stack([jnp.isfinite(jnp.asarray(s, jnp.float32)) for s in scalars]))
 
 
@@ -83,15 +88,17 @@ class DivergenceGuard:
         self.total_skipped += 1
         if self.consecutive == 1:
             self.first_skipped = step
-        logging.warning("step %d: the loss, gradient norm or updated params are not finite; its "
-                        "update was skipped (%d in a row, config.train.max_nonfinite_steps=%d)", step,
+        logging.warning("step %d: the loss, gradient norm, learning rate or updated params are not "
+                        "finite; its update was skipped (%d in a row, "
+                        "config.train.max_nonfinite_steps=%d)", step,
                         self.consecutive, self.max_nonfinite_steps)
         if self.max_nonfinite_steps > 0 and self.consecutive >= self.max_nonfinite_steps:
             raise DivergenceError(
-                f"training diverged at step {self.first_skipped}: the loss, gradient norm or "
-                f"updated params were not finite at steps {self.first_skipped}-{step} ({self.consecutive} in a "
-                f"row, config.train.max_nonfinite_steps={self.max_nonfinite_steps}); the params "
-                f"were left at step {self.first_skipped - 1}. Last good checkpoint (finite params): "
+                f"training diverged at step {self.first_skipped}: the loss, gradient norm, "
+                f"learning rate or updated params were not finite at steps "
+                f"{self.first_skipped}-{step} ({self.consecutive} in a row, "
+                f"config.train.max_nonfinite_steps={self.max_nonfinite_steps}); the params were left"
+                f" at step {self.first_skipped - 1}. Last good checkpoint (finite params): "
                 f"{self.describe_last_checkpoint()}. Lower config.optimizer.peak_lr (a changed "
                 "setting needs --config.train.allow_config_change=True) or check the data of "
                 "these steps, and rerun: the run resumes from that checkpoint")

@@ -71,8 +71,9 @@ def train_step(state: dict, batch: dict, learning_rate, step, *, graphdef, rng_l
 
     batch: dict of `[num_micro, micro_rows, ...]` arrays; learning_rate, step: scalars;
     prng_impl: jax's PRNG implementation of the dropout keys (PRNG_IMPLS' values).
-    Returns (new state, TrainMetrics). A step whose loss, gradient norm or new params are not
-    finite returns `state` unchanged and counts in TrainMetrics.skipped_steps.
+    Returns (new state, TrainMetrics). A step whose loss, gradient norm or learning rate is
+    not finite returns `state` unchanged, one whose new params' norm is not keeps the params
+    (ettin_jax.divergence); either counts in TrainMetrics.skipped_steps.
     """
     params = state["params"]
     step_key = jax.random.fold_in(jax.random.key(seed, impl=prng_impl), step)
@@ -102,13 +103,17 @@ def train_step(state: dict, batch: dict, learning_rate, step, *, graphdef, rng_l
     # gradient of the summed loss -> gradient of the mean over the step's predictions
     count = jnp.maximum(stats["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], params, learning_rate=learning_rate)
-    new_params = optax.apply_updates(params, updates)
     grad_norm = optax.tree.norm(grads)
-    # Divergence guard: a non-finite step leaves params and optimizer state as they were.
+    # Divergence guard: a step with a non-finite loss, gradient or LR leaves params and
+    # optimizer state as they were. That is decided before the update, so XLA fuses the
+    # moments' select into the optimizer's own pass instead of re-reading both states.
+    inputs_ok = divergence.update_is_finite(stats["loss"], grad_norm, learning_rate)
+    updates, opt_state = tx.update(grads, state["opt_state"], params, learning_rate=learning_rate)
+    opt_state = divergence.keep_if(inputs_ok, opt_state, state["opt_state"])
+    new_params = optax.apply_updates(params, updates)
     new_param_norm = optax.tree.norm(new_params)
-    ok = divergence.update_is_finite(stats["loss"], grad_norm, new_param_norm)
-    new_state = divergence.keep_if(ok, {"params": new_params, "opt_state": opt_state}, state)
+    ok = inputs_ok & divergence.update_is_finite(new_param_norm)
+    new_state = {"params": divergence.keep_if(ok, new_params, params), "opt_state": opt_state}
     applied = ok.astype(jnp.float32)
     metrics = TrainMetrics.single_from_model_output(
         loss_sum=jnp.where(ok, stats["loss"], 0.0), predictions=stats["count"] * applied,

@@ -17,7 +17,7 @@ import pytest
 from absl import logging
 
 import train_testlib
-from test_train_resume import FLAGS, ROOT, finish, losses, read_log, start, wait_for_step
+from test_train_resume import FLAGS, losses, read_log, start, wait_for_step
 from data_pipeline import loader
 from ettin_jax import checkpoint, demo, divergence, sharding, train
 from ettin_jax import workdir as workdir_lib
@@ -82,9 +82,10 @@ def copy_run(good_run, tmp_path, name="run"):
 # --- 1. divergence -----------------------------------------------------------------------------
 
 def test_skipped_step_leaves_state_bit_identical(setup):
-    """A step whose loss is NaN (embeddings at 1e30: the norms overflow) or whose new params
-    are not finite (an infinite LR) returns the state it got, bit for bit, and counts one
-    skipped step; a normal step changes the params and counts none."""
+    """A step whose loss is NaN (embeddings at 1e30: the norms overflow) or whose LR is
+    infinite returns the state it got, bit for bit, and counts one skipped step; one whose
+    new params' norm overflows (LR 1e30) keeps the params while the moments move on; a
+    normal step changes the params and counts none."""
     config, s = setup
     host = next(loader.make_train_iterator(config))
     keys = train.losses.BATCH_KEYS[config.objective]
@@ -109,6 +110,14 @@ def test_skipped_step_leaves_state_bit_identical(setup):
         assert float(metrics.skipped_steps.compute()) == 1.0
         for got, want in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
             assert got.tobytes() == want.tobytes()
+
+    before, after, metrics = run_step(s.init_state(), 1e30)
+    assert float(metrics.skipped_steps.compute()) == 1.0
+    for got, want in zip(jax.tree.leaves(after["params"]), jax.tree.leaves(before["params"])):
+        assert got.tobytes() == want.tobytes()
+    moved = [not np.array_equal(got, want) for got, want in
+             zip(jax.tree.leaves(after["opt_state"]), jax.tree.leaves(before["opt_state"]))]
+    assert any(moved)
 
 
 def test_nan_run_exits_nonzero_naming_the_step(tmp_path, setup):
