@@ -177,18 +177,15 @@ def search(config, seq_len: int, remat: str, budget: float, max_rows: int,
                        if k != "compile_s"})
     if rows + 1 in figures:
         result["next_peak_gb"] = round(figures[rows + 1]["peak"] / GB, 3)
-    # What the run would take with train.max_micro_tokens = rows x seq_len (schedules),
+    # What the run would take with micro batches of at most the measured rows (schedules),
     # for full rows (no mean known: the most rows a step can have).
     proposal = config.copy_and_resolve_references()
     proposal.train.grad_accum_steps = schedules.AUTO
-    proposal.train.seq_len, proposal.train.max_micro_tokens = seq_len, max(rows, 1) * seq_len
-    # The rows were measured for this very config: schedules must not take its share for a
-    # scan without remat (its limits are the loop's).
-    proposal.model.scan_layers = False
+    proposal.train.seq_len = seq_len
     result["grad_accum_steps"] = {}
     for dp in data_parallel:
         try:
-            accum = schedules.grad_accum_steps(proposal, None, dp) if rows else None
+            accum = schedules.grad_accum_steps(proposal, None, dp, max_rows=rows) if rows else None
         except ValueError:    # the step's sequences do not split over dp devices
             accum = None
         result["grad_accum_steps"][str(dp)] = accum

@@ -86,18 +86,19 @@ def scan_halves_limit(config) -> bool:
 
 
 def grad_accum_steps(config, mean_sequence_length: float | None = None,
-                     data_parallel: int = 1) -> int:
+                     data_parallel: int = 1, max_rows: int | None = None) -> int:
     """Micro batches per full step: `train.grad_accum_steps`, or, when that is 0 (auto), a
     count that splits `train.global_batch_size` over the `data_parallel` groups and keeps each
-    group's share of a micro batch within `max_micro_rows(config)` rows (the largest micro
-    batch that fits one accelerator: the configs set `train.max_micro_tokens` per size and row
-    length from bench/memory.py's H100 table): the fewest such, or up to twice as many where that rounds the step's rows
-    nearer its sequences. The answer follows the run's mean sequence length and device count,
-    so the same config fills one GPU or eight."""
+    group's share of a micro batch within `max_rows` rows (default `max_micro_rows(config)`:
+    the largest micro batch that fits one accelerator; the configs set
+    `train.max_micro_tokens` per size and row length from bench/memory.py's H100 table): the
+    fewest such, or up to twice as many where that rounds the step's rows nearer its
+    sequences. The answer follows the run's mean sequence length and device count, so the
+    same config fills one GPU or eight. bench/memory.py passes `max_rows` it measured."""
     accum = int(config.train.grad_accum_steps)
     if accum != AUTO:
         return accum
-    limit = max_micro_rows(config)
+    limit = max_micro_rows(config) if max_rows is None else int(max_rows)
     if limit < 1:
         scanned = scan_halves_limit(config)
         factor = f"{1 / SCAN_WITHOUT_REMAT_SHARE:g} x " if scanned else ""
