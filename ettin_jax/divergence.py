@@ -97,8 +97,8 @@ class DivergenceGuard:
                 f"training diverged at step {self.first_skipped}: the loss, gradient norm, "
                 f"learning rate or updated params were not finite at steps "
                 f"{self.first_skipped}-{step} ({self.consecutive} in a row, "
-                f"config.train.max_nonfinite_steps={self.max_nonfinite_steps}); the params were left"
-                f" at step {self.first_skipped - 1}. Last good checkpoint (finite params): "
+                f"config.train.max_nonfinite_steps={self.max_nonfinite_steps}); the params were"
+                f" left at step {self.first_skipped - 1}. Last good checkpoint (finite params): "
                 f"{self.describe_last_checkpoint()}. Lower config.optimizer.peak_lr (a changed "
                 "setting needs --config.train.allow_config_change=True) or check the data of "
                 "these steps, and rerun: the run resumes from that checkpoint")
