@@ -316,9 +316,10 @@ def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: st
     c.train.prng_impl = "threefry"
     c.train.loss_vocab_chunk = 4096         # most vocabulary columns per chunk of the cross-entropy
     c.train.loss_row_chunk = 8192           # most predicted positions per chunk (equal chunks)
-    # Divergence guard (ettin_jax.divergence): a step whose loss, gradient norm or new params
-    # are not finite leaves params and optimizer state as they were (counted as skipped_steps);
-    # this many skips in a row stop the run with an error naming the last good checkpoint.
+    # Divergence guard (ettin_jax.divergence): a step whose loss, gradient norm or LR is not
+    # finite leaves params and optimizer state as they were, one whose new params' norm is not
+    # keeps the params (either counts in skipped_steps); this many skips in a row stop the run
+    # with an error naming the last good checkpoint.
     c.train.max_nonfinite_steps = 3
     # Warn when a logged loss exceeds this factor x the mean of the recent logged losses (0 = off).
     c.train.loss_spike_factor = 3.0
