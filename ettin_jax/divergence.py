@@ -13,9 +13,9 @@ bit-identical; one whose inputs are finite but whose new params' norm is not (an
 keeps the old params while the optimizer moments take in its (finite) gradient. The moments
 are selected on the inputs alone so that XLA fuses that select into the optimizer's own pass
 (decided after the update it would read both states again: 9 GB more per 1b step,
-bench/RESULTS.md). The host reads that flag
-one step late (keeping the device queue full), counts consecutive skips and raises
-DivergenceError after config.train.max_nonfinite_steps of them. Logged losses above
+bench/RESULTS.md). The host reads the skipped flag one step late (keeping the device queue
+full), counts consecutive skips and raises DivergenceError after
+config.train.max_nonfinite_steps of them. Logged losses above
 config.train.loss_spike_factor x the mean of the recent logged ones are warned about.
 """
 from __future__ import annotations
