@@ -14,6 +14,9 @@ import re
 import jax
 import jax.numpy as jnp
 
+# Imported here, before any trace, for jit's cache key (see ettin_jax/kernels/__init__.py).
+from ettin_jax import kernels
+
 # "mosaic": Mosaic GPU kernels for global layers, the Triton "pallas" kernels for windowed ones.
 IMPLEMENTATIONS = ("xla", "pallas", "mosaic", "cudnn", "splash")
 _MASK_SCOPE = re.compile(r"\battention_(causal|global|(causal_)?window_(-?\d+)_(-?\d+))\b")
@@ -172,8 +175,7 @@ def banded_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_
 def default_implementation() -> str:
     """The attention of the backend being built for (`kernels.target`): Triton kernels on a
     GPU, splash on a TPU, XLA elsewhere."""
-    from ettin_jax.kernels.target import target_platform  # pylint: disable=import-outside-toplevel
-    backend = target_platform()
+    backend = kernels.target.target_platform()
     if backend == "gpu":
         return "pallas"
     if backend == "tpu":
@@ -202,13 +204,9 @@ def attention(q, k, v, *, impl: str = "xla", segment_ids=None, causal: bool = Fa
                 return banded_attention(q, k, v, **kwargs)
             return xla_attention(q, k, v, **kwargs)
         if impl == "mosaic" and tuple(window_size) == (-1, -1):
-            from ettin_jax.kernels import mosaic_attention  # pylint: disable=import-outside-toplevel
-            return mosaic_attention(q, k, v, **kwargs)
+            return kernels.mosaic_attention(q, k, v, **kwargs)
         if impl in ("pallas", "mosaic"):
-            from ettin_jax.kernels import flash_attention  # pylint: disable=import-outside-toplevel
-            return flash_attention(q, k, v, **kwargs)
+            return kernels.flash_attention(q, k, v, **kwargs)
         if impl == "cudnn":
-            from ettin_jax.kernels import cudnn_attention  # pylint: disable=import-outside-toplevel
-            return cudnn_attention(q, k, v, **kwargs)
-        from ettin_jax.kernels.splash import splash_attention  # pylint: disable=import-outside-toplevel
-        return splash_attention(q, k, v, **kwargs)
+            return kernels.cudnn_attention(q, k, v, **kwargs)
+        return kernels.splash_attention(q, k, v, **kwargs)

@@ -49,3 +49,50 @@ def test_first_step_reuses_the_step_compiled_beside_the_restore(tmp_path, caplog
         train.train_and_evaluate(config, str(tmp_path / "run"))
     compilations = train_step_compilations(caplog.records)
     assert [r.threadName.startswith("precompile") for r in compilations] == [True]
+
+
+# A fresh interpreter: in the test process other tests have imported every kernel already.
+TWO_STEPS = """
+import json, sys
+import jax
+from bench.batches import make_batch
+from configs import ettin_tiny
+from ettin_jax import losses, sharding, train
+config = ettin_tiny.get_config("mlm")
+config.model.attention_impl = "pallas"
+config.train.xla_backend_optimization_level = 0
+mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+setup = train.make_setup(config, mesh)
+host = make_batch(config, 2, 64)
+batch = sharding.host_batch_to_global(
+    {k: host[k] for k in losses.BATCH_KEYS["mlm"]}, mesh, num_micro=1)
+state = setup.init_state()
+before = set(sys.modules)
+for step in range(2):
+    state, metrics = setup.train_step(state, batch, config.optimizer.peak_lr, step)
+jax.block_until_ready(metrics)
+print(json.dumps({"imported_while_tracing": sorted(
+                      m for m in set(sys.modules) - before if m.startswith("ettin_jax")),
+                  "executables": setup.train_step._cache_size()}))
+"""
+
+
+def test_second_step_reuses_the_first_steps_executable_with_pallas_kernels():
+    """Importing a kernel module inside the step's trace registers Pallas's configuration
+    options, which are part of jit's cache key on jax 0.11: the second call then traced and
+    compiled the step again (seen on jax 0.11.2). The kernels are imported with the model;
+    tracing the step imports none of ours, and two calls leave one executable. (jax's own
+    interpret-mode modules still load lazily on CPU; they register no such option.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+    from train_testlib import subprocess_env
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = subprocess_env(devices=1)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", TWO_STEPS], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"imported_while_tracing": [], "executables": 1}
