@@ -43,8 +43,9 @@ def train_step_table(records: list) -> list:
         row = rows.setdefault((r["config"], r["batch"], r["seq_len"]), {})
         row.update(r)
     lines = ["| config | rows x seq | ours ms/step | ours tokens/s | MFU | transformers ms/step | "
-             "transformers tokens/s | ours / transformers speed | attention | dtype |",
-             "| --- " * 10 + "|"]
+             "transformers tokens/s | ours / transformers speed | attention | dtype | "
+             "ours peak GB (process so far) |",
+             "| --- " * 11 + "|"]
     for (config, batch, seq), r in rows.items():
         ratio = (round(r["transformers_step_ms"] / r["step_ms"], 3)
                  if "step_ms" in r and "transformers_step_ms" in r else None)
@@ -52,7 +53,8 @@ def train_step_table(records: list) -> list:
                      f"{fmt(r.get('tokens_per_sec'), ',.0f')} | {fmt(r.get('mfu'), '.1%')} | "
                      f"{fmt(r.get('transformers_step_ms'))} | "
                      f"{fmt(r.get('transformers_tokens_per_sec'), ',.0f')} | {fmt(ratio)} | "
-                     f"{r.get('attention_impl', 'n/a')} | {r.get('dtype', 'n/a')} |")
+                     f"{r.get('attention_impl', 'n/a')} | {r.get('dtype', 'n/a')} | "
+                     f"{fmt(r.get('device_peak_gb'))} |")
     return lines
 
 

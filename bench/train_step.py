@@ -260,6 +260,11 @@ def time_shape(config, rows: int, seq_len: int, *, ours: bool, peer: bool,
                       tokens_per_sec=round(tokens / seconds, 1), loss=round(loss_fns[0](), 4))
         if first_seconds is not None:
             result["compile_s"] = round(first_seconds, 1)   # first step: compile + one step
+        # The allocator's peak over this process so far (every shape timed before this one
+        # in it too: jax cannot reset it); None on CPU.
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            result["device_peak_gb"] = round(stats["peak_bytes_in_use"] / 1e9, 2)
         peak = train_metrics.device_peak_flops(config)
         if peak:
             result["mfu"] = round(train_metrics.training_flops_per_row(config) * rows / seconds
@@ -268,6 +273,7 @@ def time_shape(config, rows: int, seq_len: int, *, ours: bool, peer: bool,
               f"(median), {result['tokens_per_sec']:,.0f} tokens/s"
               + (f", MFU {result['mfu']:.1%}" if "mfu" in result else "")
               + (f", first step {result['compile_s']} s" if "compile_s" in result else "")
+              + (f", peak {result['device_peak_gb']} GB" if "device_peak_gb" in result else "")
               + f" ({result['device']})", flush=True)
     if peer:
         hf_seconds, hf_cpu_seconds, _ = times[-1]
