@@ -4,6 +4,7 @@ groups scanned and unrolled.
     python bench/compile_time.py --config=configs/ettin_150m.py:mlm --batch=1 --seq_len=1024
     python bench/compile_time.py --config=configs/ettin_150m.py:mlm --step=train
     python bench/compile_time.py --config=configs/ettin_150m.py:mlm --step=train --target=h100
+    python bench/compile_time.py --config=configs/ettin_150m.py:mlm --step=init --target=h100
 
 Start-up of a run is dominated by XLA compiling the train step, and with
 `config.model.scan_layers=False` every layer is traced and compiled apart. For each setting
@@ -17,7 +18,9 @@ its cost grows with the parameter count, not with how the layers are traced. `--
 times the real jitted train step instead (`train.make_setup` on one device: micro-batch
 loss and gradients, StableAdamW update, metrics), what a run compiles before its first step;
 with --target=h100 XLA's GPU compiler does it for an H100 on this machine, without one
-(bench/aot_gpu.py: the GPU compile minus autotuning, on this machine's cores).
+(bench/aot_gpu.py: the GPU compile minus autotuning, on this machine's cores). `--step=init`
+times the run's params init program (`Setup.init_params`, no batch, --scan ignored) lowered
+under `model_loader.init_lowering()` (threefry as jax's GPU kernel), then plainly.
 
 With --results the figures are appended to bench/RESULTS.md (bench/results.py).
 """
@@ -39,11 +42,12 @@ def define_flags():
     flags.DEFINE_integer("batch", 1, "rows of the traced batch")
     flags.DEFINE_integer("seq_len", 1024, "tokens per row")
     flags.DEFINE_list("scan", ["false", "true"], "config.model.scan_layers settings to time, in order")
-    flags.DEFINE_enum("step", "loss_grad", ["loss_grad", "train"], "what is compiled: the "
-                      "model's loss + gradient, or the whole train step of train.make_setup")
+    flags.DEFINE_enum("step", "loss_grad", ["loss_grad", "train", "init"], "what is compiled: "
+                      "the model's loss + gradient, the whole train step of train.make_setup, "
+                      "or its params init program (under init_lowering, then plain)")
     flags.DEFINE_string("remat", None, "override config.model.remat (none, full, dots)")
     flags.DEFINE_string("dtype", None, "override config.model.dtype (compute dtype)")
-    flags.DEFINE_string("target", "", "with --step=train: compile for this GPU on a machine "
+    flags.DEFINE_string("target", "", "with --step=train/init: compile for this GPU on a machine "
                         "without one (bench/aot_gpu.py: h100; nothing autotuned)")
     results.define_flags()
     flags.mark_flag_as_required("config")
@@ -106,6 +110,34 @@ def _train_step(config):
     return setup.train_step, args
 
 
+def _time_init(config) -> list:
+    """The init program compiled under model_loader.init_lowering(), then plainly."""
+    import contextlib  # pylint: disable=import-outside-toplevel
+    import jax  # pylint: disable=import-outside-toplevel
+    from ettin_jax import model_loader, sharding, train  # pylint: disable=import-outside-toplevel
+    from ettin_jax.kernels.target import building_for  # pylint: disable=import-outside-toplevel
+    device = aot_gpu.device(FLAGS.target) if FLAGS.target else jax.devices()[0]
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
+    rows = []
+    # The process's first compile pays one-time set-up: it goes to the kernel variant.
+    for name, context in (("init_lowering", model_loader.init_lowering),
+                          ("plain", contextlib.nullcontext)):
+        init = train.make_setup(config, mesh).init_params
+        start = time.perf_counter()
+        with building_for("gpu") if FLAGS.target else contextlib.nullcontext(), context():
+            lowered = init.lower()
+            lowered_at = time.perf_counter()
+            compiled = lowered.compile()
+        compiled_at = time.perf_counter()
+        rows.append({"program": f"init ({name})", "lower_s": lowered_at - start,
+                     "compile_s": compiled_at - lowered_at,
+                     "stablehlo_chars": len(lowered.as_text()),
+                     "optimized_hlo_chars": len(compiled.as_text() or "")})
+        print(f"{rows[-1]['program']:22} lower {rows[-1]['lower_s']:6.1f} s  compile "
+              f"{rows[-1]['compile_s']:6.1f} s", flush=True)
+    return rows
+
+
 def _time(config, scan_layers: bool) -> dict:
     import contextlib  # pylint: disable=import-outside-toplevel
     from ettin_jax import model as model_lib  # pylint: disable=import-outside-toplevel
@@ -137,16 +169,17 @@ def _time(config, scan_layers: bool) -> dict:
 
 
 def _append_results(config, rows):
-    what = "the train step" if FLAGS.step == "train" else "loss + grad"
+    what = {"train": "the train step", "init": "the params init program"}.get(FLAGS.step,
+                                                                              "loss + grad")
     if FLAGS.target:
         what += f" for an {FLAGS.target} (compiled on this machine, without one)"
+    shape = "" if FLAGS.step == "init" else f", batch {FLAGS.batch} x {FLAGS.seq_len}"
+    first = ["program"] if FLAGS.step == "init" else ["scan_layers", "remat"]
     results.append(
-        f"Compile time of {what}, {config.size} {config.objective}, batch {FLAGS.batch} x "
-        f"{FLAGS.seq_len}, {results.utc_now()}",
-        ["scan_layers", "remat", "lower s", "compile s", "StableHLO chars",
-         "optimized HLO chars"],
-        [[r["scan_layers"], r["remat"], f"{r['lower_s']:.1f}", f"{r['compile_s']:.1f}",
-          f"{r['stablehlo_chars']:,}", f"{r['optimized_hlo_chars']:,}"] for r in rows],
+        f"Compile time of {what}, {config.size} {config.objective}{shape}, {results.utc_now()}",
+        first + ["lower s", "compile s", "StableHLO chars", "optimized HLO chars"],
+        [[r[key] for key in first] + [f"{r['lower_s']:.1f}", f"{r['compile_s']:.1f}", f"{r['stablehlo_chars']:,}",
+            f"{r['optimized_hlo_chars']:,}"] for r in rows],
         where=results.machine(), note=FLAGS.note)
 
 
@@ -157,9 +190,14 @@ def main(argv):
     config = FLAGS.config
     if FLAGS.target:
         aot_gpu.host_on_cpu()
-    if FLAGS.target and FLAGS.step != "train":
-        raise cli.UserError("--target goes with --step=train (the train step's arguments are "
-                            "placed on the target device)")
+    if FLAGS.target and FLAGS.step == "loss_grad":
+        raise cli.UserError("--target goes with --step=train or --step=init (their arguments "
+                            "are placed on the target device)")
+    if FLAGS.step == "init":
+        rows = _time_init(config)
+        if FLAGS.results:
+            _append_results(config, rows)
+        return 0
     rows = []
     for text in FLAGS.scan:
         if text.lower() not in ("true", "false"):

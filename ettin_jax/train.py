@@ -140,6 +140,8 @@ class Setup:
     mesh: jax.sharding.Mesh
     abstract_state: dict             # ShapeDtypeStructs with shardings, like the state
     init_state: Callable[..., dict]  # ([params]) -> {"params", "opt_state"}
+    init_params: Callable            # () -> fresh params: jitted, run by init_state under
+                                     # model_loader.init_lowering()
     train_step: Callable             # (state, batch, learning_rate, step) -> (state, TrainMetrics)
     eval_step: Callable              # (params, batch) -> EvalMetrics
 
@@ -168,7 +170,8 @@ def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
 
     def init_state(params=None):
         """Fresh state; with `params` (e.g. from another run), a fresh optimizer for them."""
-        params = init_params() if params is None else params
+        with model_loader.init_lowering():
+            params = init_params() if params is None else params
         return {"params": params, "opt_state": init_opt_state(params)}
 
     jit_train_step = jax.jit(
@@ -185,7 +188,7 @@ def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
         in_shardings=(params_sharding, sharding_lib.batch_sharding(mesh)),
         out_shardings=replicated, compiler_options=compiler_options)
     return Setup(mesh=mesh, abstract_state=abstract_state, init_state=init_state,
-                 train_step=jit_train_step, eval_step=jit_eval_step)
+                 init_params=init_params, train_step=jit_train_step, eval_step=jit_eval_step)
 
 
 def evaluate(setup: Setup, params, config) -> dict:

@@ -141,3 +141,26 @@ def test_train_graph_dropout_follows_reseed():
     first, again, other = hidden(jax.random.key(1)), hidden(jax.random.key(1)), hidden(jax.random.key(2))
     np.testing.assert_array_equal(first, again)
     assert np.abs(first - other).max() > 1e-3
+
+
+def test_init_lowering_draws_each_threefry_block_with_the_gpu_kernel():
+    """Under init_lowering() the init program's cuda lowering (made here, on the CPU) calls
+    jax's threefry kernel instead of unrolling the hash rounds (their shifts are gone): at
+    least one call site per weight shape (calls of one shape share a function), none without
+    it. Its CPU lowering is the same either way."""
+    import functools
+    config = ModelConfig.from_config(ettin_tiny.get_config("mlm").model)
+    init = jax.jit(functools.partial(model_loader.init_params, config))
+
+    def lowered(platform):
+        return init.trace().lower(lowering_platforms=(platform,)).as_text()
+
+    plain_cuda, plain_cpu = lowered("cuda"), lowered("cpu")
+    with model_loader.init_lowering():
+        kernel_cuda, kernel_cpu = lowered("cuda"), lowered("cpu")
+    matrices = [x for x in jax.tree.leaves(model_loader.model_parts(config).abstract_params)
+                if x.ndim >= 2]
+    assert "threefry2x32_ffi" not in plain_cuda and "stablehlo.shift_left" in plain_cuda
+    assert kernel_cuda.count("cu_threefry2x32_ffi") >= len({x.shape for x in matrices}) > 1
+    assert "stablehlo.shift_left" not in kernel_cuda
+    assert kernel_cpu == plain_cpu
