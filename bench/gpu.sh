@@ -1,47 +1,51 @@
 #!/usr/bin/env bash
-# The GPU bench table in one go (<= --budget_s, default 480 s, on one GPU):
-#   train step, ours (bench/train_step.py --attention_impl=pallas) and transformers' peer
-#     (bf16 autocast, fused AdamW, torch.compile; its own process): 150m mlm 64x1024 and
-#     8x8192, 1b mlm 32x1024, 150m clm 64x1024;
+# The GPU bench table in one go (<= --budget_s, default 480 s, on one GPU), in stages run in
+# the order --stages gives (default ours,attention,startup,peer,tune):
+#   ours: the train step (bench/train_step.py --attention_impl=pallas): 150m mlm 64x1024 and
+#     8x8192, 1b mlm 32x1024, 150m clm 64x1024, each config in one process; each record has
+#     the allocator's measured peak memory;
 #   attention (bench/attention.py): --check (kernels vs XLA), then pallas, cudnn, mosaic,
-#   mosaic-triton-bwd at 1024 and 8192, global and local
-#     layers;
-#   start-up (bench/startup.py): main.py to its first step, 150m 64x1024, cold then warm cache
+#     mosaic-triton-bwd at 1024 and 8192, global and local layers;
+#   startup (bench/startup.py): main.py to its first step, 150m 64x1024, cold then warm cache
 #     (full mode: then cold without XLA's autotuning);
-#   in that order of priority: each command has its own timeout, cut to the budget left, and
-#   what the budget does not reach is listed as skipped (attention was measured before);
-#   memory (bench/memory.py): largest micro batch per size at 1024 and 8192, remat
-#     none/full/dots, 80 GB; compile-only, so it runs in the background from the start until
-#     the start-up stage (whatever finished by then is reported).
-#   tuning, last, with the budget left (at least 120 s): one process timing the 150m mlm step
-#     at 64x1024, baseline (pallas, threefry, loss chunks 4096/8192, 64 rows) first and then
-#     profiled (top ops per XLA operation -> $LOG/profile_150m_mlm.txt), then each knob alone:
-#     prng_impl rbg / unsafe_rbg, attention_impl mosaic, loss_vocab_chunk 16384,
-#     loss_row_chunk 32768, micro batch 32 / 128 rows, scan_layers true (bench/variants.py;
-#     -> $LOG/tune.jsonl).
+#   peer: transformers' ModernBERT (bf16 autocast, fused AdamW, torch.compile; its own
+#     process), the shapes of `ours`;
+#   tune, with at least 120 s left: one process timing the 150m mlm step at 64x1024, baseline
+#     (pallas, threefry, loss chunks 4096/8192, 64 rows) first and then profiled (top ops per
+#     XLA operation -> $LOG/profile_150m_mlm.txt), then each knob alone: prng_impl rbg /
+#     unsafe_rbg, attention_impl mosaic, loss_vocab_chunk 16384, loss_row_chunk 32768, micro
+#     batch 32 / 128 rows, scan_layers true (bench/variants.py; -> $LOG/tune.jsonl);
+#   memory (not by default; where listed it starts in the background and stops at startup or
+#     the end): bench/memory.py's largest micro batch per size at 1024 and 8192, remat
+#     none/full/dots, 80 GB, compile-only.
+# Each command has its own timeout, cut to the budget left; what the budget does not reach is
+# listed as skipped. On an H200 (2026-11-30) one cold compile of a train step took about a
+# minute, so the whole default list needs about 15 minutes: pick stages to fit a lease.
 # The section (card, date, jax version, every command) is appended to bench/RESULTS.md and
 # written to $LOG/results_section.md (/tmp/gpubench); with $OUT set (the device machine), that
 # section and a .tar.gz of every log are copied to $OUT, which the device tool brings back.
 #
-#   bash bench/gpu.sh [--quick] [--skip_peer] [--budget_s=480]   # on the GPU machine
-#   bash bench/gpu.sh --tune [--budget_s=480]    # the tuning part alone (profile + variants)
+#   bash bench/gpu.sh [--quick] [--stages=ours,startup] [--skip_peer] [--budget_s=480]
+#   bash bench/gpu.sh --tune [--budget_s=480]    # = --stages=tune (profile + variants)
 #   bash bench/gpu.sh --dry_run      # print every command, run nothing
 #   bash bench/gpu.sh --cpu_smoke    # every command on CPU, tiny config and shapes
 #   bash bench/gpu.sh --fetch_wheels # on a networked machine: grain, ml-collections, clu,
 #                                    # array-record, portpicker, datasketch (the demo corpus's
 #                                    # dedup) for Python 3.12 into .whl/
-# --quick: 150m 64x1024 only (ours, peer), attention at 8192, memory at 1024 for 150m and 1b.
+# --quick: 150m 64x1024 only (ours, peer), attention at 8192, memory at 1024 for 150m and 1b;
+# its default stages leave out tune. --skip_peer: the stages without peer.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-QUICK=0 SKIP_PEER=0 DRY=0 SMOKE=0 TUNE=0 BUDGET=480
+QUICK=0 SKIP_PEER=0 DRY=0 SMOKE=0 BUDGET=480 STAGES=""
 for arg in "$@"; do
   case $arg in
     --quick) QUICK=1 ;;
     --skip_peer) SKIP_PEER=1 ;;
     --dry_run) DRY=1 ;;
     --cpu_smoke) SMOKE=1 ;;
-    --tune) TUNE=1 ;;
+    --tune) STAGES=tune ;;
+    --stages=*) STAGES=${arg#*=} ;;
     --budget_s=*) BUDGET=${arg#*=} ;;
     --fetch_wheels)
       exec pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -49,6 +53,18 @@ for arg in "$@"; do
         --platform manylinux2014_x86_64 --platform any -d .whl grain==0.2.18 \
         ml-collections==1.1.0 clu==0.0.12 array-record==0.8.6 portpicker datasketch==2.0.0 ;;
     *) echo "bench/gpu.sh: unknown argument $arg (see the comment at the top)" >&2; exit 2 ;;
+  esac
+done
+if [ -z "$STAGES" ]; then
+  STAGES=ours,attention,startup,peer,tune
+  [ "$QUICK" = 1 ] && STAGES=ours,attention,startup,peer
+fi
+[ "$SKIP_PEER" = 1 ] && STAGES=$(echo ",$STAGES," | sed 's/,peer,/,/g; s/^,//; s/,$//')
+for stage in ${STAGES//,/ }; do
+  case $stage in
+    ours|attention|startup|peer|tune|memory) ;;
+    *) echo "bench/gpu.sh: --stages=$STAGES: unknown stage '$stage' (expected ours, attention," \
+            "startup, peer, tune, memory)" >&2; exit 2 ;;
   esac
 done
 LOG=${GPUBENCH_LOG:-/tmp/gpubench}      # GPUBENCH_LOG: another log directory
@@ -156,9 +172,12 @@ if [ "$DRY" = 0 ] && [ "$SMOKE" = 0 ]; then
     > "$LOG/gpu.txt" 2>&1 || echo "nvidia-smi failed: $(cat "$LOG/gpu.txt")"
 fi
 
-# --- tuning: the profile, then the one-at-a-time variants in one process ---
-tune() {
+# --- the stages, each a function; --stages picks them and their order ---
+stage_tune() {
   if [ "$HAVE_DEPS" = 0 ]; then skip "tune: needs ml-collections and grain"; return; fi
+  if [ "$DRY" = 0 ] && [ "$(remaining)" -lt 120 ]; then
+    skip "tune: budget spent ($(remaining)s left, needs 120s)"; return
+  fi
   # One process: the baseline is timed, then profiled (its compiled step, no second compile),
   # then each variant. The sweep stops starting variants 40 s before its timeout (start-up,
   # the last steps), so what it measured is in tune.jsonl and the rest is listed as skipped.
@@ -169,11 +188,14 @@ tune() {
     --profile_out="$LOG/profile_150m_mlm.txt" --top=30
 }
 
-# --- memory: compile-only, in the background (no autotuning: nothing runs on the device) ---
+# Compile-only, in the background (no autotuning: nothing runs on the device), until the
+# start-up stage or the end. Off by default: the same plans come from any machine with
+# `bench/memory.py --target=h100`, and the six searches slowed every compile beside them on
+# an H200 (2026-11-30); the train step records the allocator's measured peak instead.
 MEM_PIDS=()
-if [ "$TUNE" = 1 ]; then
-  :   # --tune: the tuning part alone (below)
-elif [ "$HAVE_DEPS" = 1 ]; then
+stage_memory() {
+  if [ "$HAVE_DEPS" = 0 ]; then skip "memory: needs ml-collections"; return; fi
+  local size objective cmd
   for size in $SIZES; do
     for objective in mlm; do
       cmd=(python bench/memory.py --config=configs/ettin_$size.py:$objective --seq_lens=$MEM_SEQS
@@ -187,60 +209,59 @@ elif [ "$HAVE_DEPS" = 1 ]; then
       fi
     done
   done
-else
-  skip "memory: needs ml-collections"
-fi
-
-# --- train step: ours, then the peer, each config in one process ---
-OURS="python bench/train_step.py --attention_impl=pallas --transformers=no $STEPS --json_out=$LOG/train_step.jsonl"
-PEER="python bench/train_step.py --transformers=only --peer_autocast=yes $PEER_STEPS --json_out=$LOG/train_step.jsonl"
-if [ "$TUNE" = 1 ]; then
-  :
-elif [ "$HAVE_DEPS" = 1 ]; then
-  if [ "$QUICK" = 1 ]; then
-    run ours_150m_mlm 200 $OURS --config=$C150:mlm --shapes=$S64x1K
-  else
-    run ours_150m_mlm 200 $OURS --config=$C150:mlm --shapes=$S64x1K,$S8x8K
-    run ours_1b_mlm 150 $OURS --config=$C1B:mlm --shapes=$S32x1K
-    run ours_150m_clm 120 $OURS --config=$C150:clm --shapes=$S64x1K
-  fi
-  if [ "$SKIP_PEER" = 1 ]; then
-    skip "transformers peer: --skip_peer"
-  elif [ "$QUICK" = 1 ]; then
-    run peer_150m_mlm 150 $PEER --peer_compile=yes --config=$C150:mlm --shapes=$S64x1K
-  else
-    run peer_150m_mlm 220 $PEER --peer_compile=yes --config=$C150:mlm --shapes=$S64x1K,$S8x8K
-    run peer_1b_mlm 150 $PEER --peer_compile=$PEER_COMPILE_REST --config=$C1B:mlm --shapes=$S32x1K
-    run peer_150m_clm 150 $PEER --peer_compile=$PEER_COMPILE_REST --config=$C150:clm --shapes=$S64x1K
-  fi
-else
-  skip "train step (ours and peer): needs ml-collections and grain"
-fi
-
-# --- start-up: the background compiles would slow it, so they stop here (each finished search
-# is already in memory.jsonl) ---
-if [ "$DRY" = 0 ] && [ ${#MEM_PIDS[@]} -gt 0 ]; then
+}
+# Stops the background searches (each finished search is already in memory.jsonl).
+stop_memory() {
+  [ "$DRY" = 0 ] && [ ${#MEM_PIDS[@]} -gt 0 ] || return 0
+  local pid
   for pid in "${MEM_PIDS[@]}"; do
-    if kill -0 "$pid" 2>/dev/null; then kill "$pid"; SKIPPED+=("memory: stopped before start-up (pid $pid)"); fi
+    if kill -0 "$pid" 2>/dev/null; then kill "$pid"; SKIPPED+=("memory: stopped (pid $pid)"); fi
   done
   wait "${MEM_PIDS[@]}" 2>/dev/null
-fi
-if [ "$TUNE" = 1 ]; then
-  :
-elif [ "$HAVE_DEPS" = 1 ]; then
+  MEM_PIDS=()
+}
+
+# Train step, ours: each config in one process.
+OURS="python bench/train_step.py --attention_impl=pallas --transformers=no $STEPS --json_out=$LOG/train_step.jsonl"
+stage_ours() {
+  if [ "$HAVE_DEPS" = 0 ]; then skip "ours: needs ml-collections and grain"; return; fi
+  if [ "$QUICK" = 1 ]; then
+    run ours_150m_mlm 200 $OURS --config=$C150:mlm --shapes=$S64x1K
+    return
+  fi
+  run ours_150m_mlm 200 $OURS --config=$C150:mlm --shapes=$S64x1K,$S8x8K
+  run ours_1b_mlm 150 $OURS --config=$C1B:mlm --shapes=$S32x1K
+  run ours_150m_clm 120 $OURS --config=$C150:clm --shapes=$S64x1K
+}
+
+# Train step, transformers' peer: its own process (JAX would keep its memory).
+PEER="python bench/train_step.py --transformers=only --peer_autocast=yes $PEER_STEPS --json_out=$LOG/train_step.jsonl"
+stage_peer() {
+  if [ "$HAVE_DEPS" = 0 ]; then skip "peer: needs ml-collections and grain"; return; fi
+  if [ "$QUICK" = 1 ]; then
+    run peer_150m_mlm 150 $PEER --peer_compile=yes --config=$C150:mlm --shapes=$S64x1K
+    return
+  fi
+  run peer_150m_mlm 220 $PEER --peer_compile=yes --config=$C150:mlm --shapes=$S64x1K,$S8x8K
+  run peer_1b_mlm 150 $PEER --peer_compile=$PEER_COMPILE_REST --config=$C1B:mlm --shapes=$S32x1K
+  run peer_150m_clm 150 $PEER --peer_compile=$PEER_COMPILE_REST --config=$C150:clm --shapes=$S64x1K
+}
+
+# Start-up: background compiles would slow it, so the memory searches stop first.
+stage_startup() {
+  stop_memory
+  if [ "$HAVE_DEPS" = 0 ]; then skip "start-up: main.py needs grain, clu, ml-collections"; return; fi
   # Full mode adds a cold start without autotuning: XLA's GPU compile of the 150m step takes
   # ~22 s on 2 CPU cores for an H100 with nothing autotuned (bench/compile_time.py --target),
-  # against ~135 s of start-up measured on an H200.
-  if [ "$QUICK" = 1 ]; then START_RUNS=cold,warm START_LIMIT=300; else
-    START_RUNS=cold,warm,cold_no_autotune START_LIMIT=440; fi
-  run startup $START_LIMIT python bench/startup.py --config=$C150:mlm $START_SHAPE --timeout=140 \
-    --runs=$START_RUNS --run_logs="$LOG/startup" --json_out="$LOG/startup.jsonl"
-else
-  skip "start-up: main.py needs grain, clu, ml-collections"
-fi
+  # against 54 s inside a cold start measured on an H200.
+  local runs=cold,warm limit=300
+  [ "$QUICK" = 0 ] && runs=cold,warm,cold_no_autotune limit=440
+  run startup $limit python bench/startup.py --config=$C150:mlm $START_SHAPE --timeout=140 \
+    --runs=$runs --run_logs="$LOG/startup" --json_out="$LOG/startup.jsonl"
+}
 
-# --- attention kernels (an implementation this build of bench/attention.py lacks is left out) ---
-if [ "$TUNE" = 0 ]; then
+# Attention kernels (an implementation this build of bench/attention.py lacks is left out).
+stage_attention() {
   # Correctness first: the Mosaic kernels' GPU path (register operands, layouts) has never run.
   if [ "$SMOKE" = 1 ]; then
     skip "attention_check: interpreted kernels at seq 1000 take minutes on a CPU (tests/test_mosaic_attention.py checks them)"
@@ -250,18 +271,12 @@ if [ "$TUNE" = 0 ]; then
   run attention $ATT_LIMIT "${ATT_ENV[@]}" python bench/attention.py \
     --impls pallas,cudnn,mosaic,mosaic-triton-bwd --seqs $SEQS $ATT_BATCH --layers $ATT_LAYERS \
     --results --results_file "$LOG/attention.md" --note "bench/gpu.sh"
-fi
+}
 
-# --- tuning: --tune, or the full mode's leftover budget ---
-if [ "$TUNE" = 1 ]; then
-  tune
-elif [ "$QUICK" = 0 ]; then
-  if [ "$DRY" = 1 ] || [ "$(remaining)" -ge 120 ]; then
-    tune
-  else
-    skip "tune: budget spent ($(remaining)s left, needs 120s)"
-  fi
-fi
+for stage in ${STAGES//,/ }; do
+  "stage_$stage"
+done
+stop_memory
 
 # --- report ---
 for item in "${SKIPPED[@]+"${SKIPPED[@]}"}"; do echo "skipped or incomplete: $item"; done
@@ -269,7 +284,7 @@ printf '%s\n' "${SKIPPED[@]+"${SKIPPED[@]}"}" > "$LOG/skipped.txt"
 if [ "$DRY" = 1 ]; then echo "dry run: nothing ran"; exit 0; fi
 TARGET=bench/RESULTS.md
 [ "$SMOKE" = 1 ] && TARGET=$LOG/RESULTS.smoke.md
-python bench/gpu_report.py --bench_logs="$LOG" --mode="$([ "$SMOKE" = 1 ] && echo cpu_smoke || echo gpu)$([ "$QUICK" = 1 ] && echo ,quick)$([ "$TUNE" = 1 ] && echo ,tune)" \
+python bench/gpu_report.py --bench_logs="$LOG" --mode="$([ "$SMOKE" = 1 ] && echo cpu_smoke || echo gpu)$([ "$QUICK" = 1 ] && echo ,quick), stages $STAGES" \
   --append_to="$TARGET" && echo "appended to $TARGET and $LOG/results_section.md"
 # The device tool brings back at most 8 files from $OUT: the section and one archive of the logs.
 if [ -n "${OUT:-}" ]; then

@@ -22,12 +22,16 @@ def command_of(stdout, name):
     return shlex.split(line.split("] ", 1)[1])
 
 
+def names_in_order(stdout):
+    return [l.split(",")[0][3:] for l in stdout.splitlines() if l.startswith("+ [")]
+
+
 def test_gpu_sh_dry_run_prints_every_command(tmp_path):
     stdout = dry_run(tmp_path)
     for name in ("ours_150m_mlm", "ours_1b_mlm", "ours_150m_clm", "peer_150m_mlm", "peer_1b_mlm",
-                 "peer_150m_clm", "attention_check", "attention", "startup", "memory_1b",
-                 "tune_150m_mlm"):
+                 "peer_150m_clm", "attention_check", "attention", "startup", "tune_150m_mlm"):
         assert f"[{name}," in stdout, (name, stdout)
+    assert "memory_" not in stdout          # opt-in: --stages=...,memory
     assert "--check" in command_of(stdout, "attention_check")
     impls = command_of(stdout, "attention")[command_of(stdout, "attention").index("--impls") + 1]
     assert set(impls.split(",")) == {"pallas", "cudnn", "mosaic", "mosaic-triton-bwd"}
@@ -37,8 +41,7 @@ def test_gpu_sh_tune_runs_one_profiled_sweep_only(tmp_path):
     """--tune: the variants sweep (its baseline profiled), nothing else; the command reads
     back as one --variants argument that names every knob, with a budget under its timeout."""
     stdout = dry_run(tmp_path, "--tune")
-    names = [l.split(",")[0][3:] for l in stdout.splitlines() if l.startswith("+ [")]
-    assert names == ["tune_150m_mlm"], stdout
+    assert names_in_order(stdout) == ["tune_150m_mlm"], stdout
     args = dict(a.split("=", 1) for a in command_of(stdout, "tune_150m_mlm") if "=" in a)
     for knob in ("prng_impl=rbg,unsafe_rbg", "attention_impl=mosaic", "loss_vocab_chunk=",
                  "loss_row_chunk=", "batch=32,128", "scan_layers=true"):
@@ -53,3 +56,21 @@ def test_gpu_sh_full_mode_times_a_cold_start_without_autotuning(tmp_path):
         return next(a for a in command_of(stdout, "startup") if a.startswith("--runs="))
     assert runs(dry_run(tmp_path)) == "--runs=cold,warm,cold_no_autotune"
     assert runs(dry_run(tmp_path, "--quick")) == "--runs=cold,warm"
+
+
+def test_gpu_sh_stages_pick_the_commands_and_their_order(tmp_path):
+    stdout = dry_run(tmp_path, "--stages=startup,memory,ours", "--quick")
+    assert names_in_order(stdout) == ["startup", "memory_150m", "memory_1b", "ours_150m_mlm"]
+    default = names_in_order(dry_run(tmp_path, "--skip_peer"))
+    assert default[:3] == ["ours_150m_mlm", "ours_1b_mlm", "ours_150m_clm"]
+    assert not any(name.startswith("peer_") for name in default)
+    assert default[-1] == "tune_150m_mlm"
+    assert "tune_150m_mlm" not in names_in_order(dry_run(tmp_path, "--quick"))
+
+
+def test_gpu_sh_refuses_an_unknown_stage_before_running_anything(tmp_path):
+    out = subprocess.run(["bash", "bench/gpu.sh", "--dry_run", "--stages=ours,atention"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, GPUBENCH_LOG=str(tmp_path / "gpubench")))
+    assert out.returncode == 2
+    assert "unknown stage 'atention'" in out.stderr and out.stdout == ""
