@@ -104,9 +104,8 @@ def train_step(state: dict, batch: dict, learning_rate, step, *, graphdef, rng_l
     count = jnp.maximum(stats["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     grad_norm = optax.tree.norm(grads)
-    # Divergence guard: a step with a non-finite loss, gradient or LR leaves params and
-    # optimizer state as they were. That is decided before the update, so XLA fuses the
-    # moments' select into the optimizer's own pass instead of re-reading both states.
+    # Divergence guard: a non-finite loss, gradient or LR keeps params and optimizer state. Known
+    # before the update, so XLA fuses the moments' select into the optimizer's own pass.
     inputs_ok = divergence.update_is_finite(stats["loss"], grad_norm, learning_rate)
     updates, opt_state = tx.update(grads, state["opt_state"], params, learning_rate=learning_rate)
     opt_state = divergence.keep_if(inputs_ok, opt_state, state["opt_state"])
@@ -140,8 +139,7 @@ class Setup:
     mesh: jax.sharding.Mesh
     abstract_state: dict             # ShapeDtypeStructs with shardings, like the state
     init_state: Callable[..., dict]  # ([params]) -> {"params", "opt_state"}
-    init_params: Callable            # () -> fresh params: jitted, run by init_state under
-                                     # model_loader.init_lowering()
+    init_params: Callable            # () -> fresh params (jitted; see init_state)
     train_step: Callable             # (state, batch, learning_rate, step) -> (state, TrainMetrics)
     eval_step: Callable              # (params, batch) -> EvalMetrics
 
@@ -479,10 +477,9 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
                         _save(ckpt, step, state, tokens, config, train_iter, tokenizer, mean)
                 if stopping:
                     ckpt.wait()
-                    logging.warning("stopped by %s at step %d; last checkpoint %s, rerun the "
-                                    "same command to continue",
-                                    stopping if isinstance(stopping, str) else "request", step,
-                                    ckpt.describe_latest())
+                    by = stopping if isinstance(stopping, str) else "request"
+                    logging.warning("stopped by %s at step %d; last checkpoint %s, rerun the same "
+                                    "command to continue", by, step, ckpt.describe_latest())
                     break
     finally:
         ckpt.wait()
