@@ -22,6 +22,10 @@ with --target=h100 XLA's GPU compiler does it for an H100 on this machine, witho
 times the run's params init program (`Setup.init_params`, no batch, --scan ignored) lowered
 under `model_loader.init_lowering()` (threefry as jax's GPU kernel), then plainly.
 
+`--passes=N` compiles each program under `jax.profiler.trace` and prints XLA's N costliest
+compile stages by total time over its threads (its trace events: passes such as `priority-fusion`,
+`CompileSingleModule` per kernel, `PTX->CUBIN`), to find what a cold start spends its time on.
+
 With --results the figures are appended to bench/RESULTS.md (bench/results.py).
 """
 import os
@@ -49,11 +53,30 @@ def define_flags():
     flags.DEFINE_string("dtype", None, "override config.model.dtype (compute dtype)")
     flags.DEFINE_string("target", "", "with --step=train/init: compile for this GPU on a machine "
                         "without one (bench/aot_gpu.py: h100; nothing autotuned)")
+    flags.DEFINE_integer("passes", 0, "also print XLA's N costliest compile stages per program")
     results.define_flags()
     flags.mark_flag_as_required("config")
 
 
 FLAGS = flags.FLAGS
+
+
+def _compile(lowered):
+    """lowered.compile(); with --passes, under the profiler, printing the costliest stages."""
+    if not FLAGS.passes:
+        return lowered.compile()
+    import tempfile  # pylint: disable=import-outside-toplevel
+    import jax  # pylint: disable=import-outside-toplevel
+    from bench.train_step import thunk_durations  # pylint: disable=import-outside-toplevel
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            compiled = lowered.compile()
+        totals = thunk_durations(trace_dir)
+    # Python frames ("$file:line name") and the enclosing compile calls are not stages.
+    stages = [(name, us) for name, us in totals.most_common() if not name.startswith("$")]
+    for name, us in stages[:FLAGS.passes]:
+        print(f"  {us / 1e6:7.2f} s  {name[:100]}", flush=True)
+    return compiled
 
 
 def _loss_and_grad(model_config):
@@ -127,7 +150,7 @@ def _time_init(config) -> list:
         with building_for("gpu") if FLAGS.target else contextlib.nullcontext(), context():
             lowered = init.lower()
             lowered_at = time.perf_counter()
-            compiled = lowered.compile()
+            compiled = _compile(lowered)
         compiled_at = time.perf_counter()
         rows.append({"program": f"init ({name})", "lower_s": lowered_at - start,
                      "compile_s": compiled_at - lowered_at,
@@ -160,7 +183,7 @@ def _time(config, scan_layers: bool) -> dict:
     with building_for("gpu") if FLAGS.target else contextlib.nullcontext():
         lowered = step.lower(*args)
     lowered_at = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = _compile(lowered)
     compiled_at = time.perf_counter()
     return {"scan_layers": scan_layers, "remat": model_config.remat,
             "lower_s": lowered_at - start, "compile_s": compiled_at - lowered_at,
@@ -178,8 +201,9 @@ def _append_results(config, rows):
     results.append(
         f"Compile time of {what}, {config.size} {config.objective}{shape}, {results.utc_now()}",
         first + ["lower s", "compile s", "StableHLO chars", "optimized HLO chars"],
-        [[r[key] for key in first] + [f"{r['lower_s']:.1f}", f"{r['compile_s']:.1f}", f"{r['stablehlo_chars']:,}",
-            f"{r['optimized_hlo_chars']:,}"] for r in rows],
+        [[r[key] for key in first] + [f"{r['lower_s']:.1f}", f"{r['compile_s']:.1f}",
+                                      f"{r['stablehlo_chars']:,}", f"{r['optimized_hlo_chars']:,}"]
+         for r in rows],
         where=results.machine(), note=FLAGS.note)
 
 

@@ -1,0 +1,25 @@
+"""bench/compile_time.py --passes: XLA's costliest compile stages, from its profiler trace."""
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_passes_lists_the_costliest_stages_within_the_compile_time():
+    out = subprocess.run(
+        [sys.executable, "bench/compile_time.py", "--config=configs/ettin_tiny.py:mlm",
+         "--step=init", "--passes=4"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    for program in ("init (init_lowering)", "init (plain)"):
+        at = next(i for i, line in enumerate(lines) if line.startswith(program))
+        stages = dict(reversed(re.match(r"\s+([0-9.]+) s  (.+)", line).groups())
+                      for line in lines[at - 4:at])
+        compile_s = float(re.search(r"compile\s+([0-9.]+) s", lines[at]).group(1))
+        seconds = [float(v) for v in stages.values()]
+        assert seconds == sorted(seconds, reverse=True), stages     # costliest first
+        # Totals add up over threads; the compile call itself runs on one.
+        assert 0 < float(stages["backend_compile_and_load"]) <= compile_s + 0.05, stages
