@@ -71,3 +71,20 @@ def test_run_all_records_failures_and_budget_skips_and_goes_on():
     table = gpu_report.variants_table(records)
     assert "| batch=8 |" in table[4] and "+100.0%" in table[4]
     assert "ValueError" in table[3] and "budget" in table[5]
+
+
+def test_train_step_table_joins_ours_and_the_peer_per_shape():
+    """bench/gpu_report.py: ours and the peer (separate processes, separate records) share a
+    row per shape; the speed ratio is the peer's ms over ours, and ours' measured peak shows."""
+    ours = {"config": "150m:mlm", "batch": 64, "seq_len": 1024, "step_ms": 200.0,
+            "tokens_per_sec": 327680.0, "mfu": 0.25, "attention_impl": "pallas",
+            "dtype": "bfloat16", "device_peak_gb": 37.95}
+    peer = {"config": "150m:mlm", "batch": 64, "seq_len": 1024, "transformers_step_ms": 300.0,
+            "transformers_tokens_per_sec": 218453.3}
+    other = dict(ours, batch=8, seq_len=8192, device_peak_gb=None)
+    table = gpu_report.train_step_table([ours, other, peer])
+    assert len(table) == 4                                  # header, rule, two shapes
+    cells = [c.strip() for c in table[2].split("|")[1:-1]]
+    assert cells == ["150m:mlm", "64 x 1024", "200.0", "327,680", "25.0%", "300.0", "218,453",
+                     "1.5", "pallas", "bfloat16", "37.95"]
+    assert table[3].split("|")[-2].strip() == "n/a" and "8 x 8192" in table[3]
