@@ -39,6 +39,17 @@ def _truncated_normal(rngs: nnx.Rngs, shape, std: float, cutoff: float):
     return std * jax.random.truncated_normal(rngs.params(), -cutoff, cutoff, shape, jnp.float32)
 
 
+def fold_in_each(keys, data):
+    """`[fold_in(key, d) for key, d in zip(keys, data)]` as one key array; `keys` `[n]` or one
+    key for all. Threefry keys fold in one vectorised hash, which a GPU compile unrolls once
+    instead of once per key (twenty rounds each); other PRNGs go key by key, since
+    unsafe_rbg's fold_in gives other keys under vmap."""
+    keys = keys if keys.ndim else jnp.broadcast_to(keys, data.shape)
+    if str(jax.random.key_impl(keys)) == "threefry2x32":
+        return jax.vmap(jax.random.fold_in)(keys, data)
+    return jnp.stack([jax.random.fold_in(key, d) for key, d in zip(keys, data)])
+
+
 def _param(value, axes):
     """A float32 parameter annotated with logical axis names. It is placed by those names
     at creation only when a mesh is active (`jax.set_mesh` + `nnx.logical_axis_rules`);
@@ -112,19 +123,16 @@ class Block(nnx.Module):
         self.mlp_out = _param(_truncated_normal(rngs, (I, H), std_out, c), ("mlp", "embed"))
         self.mlp_dropout = nnx.Dropout(config.mlp_dropout, rngs=rngs)
 
-    def dropout_keys(self):
-        """The keys this layer's two dropouts draw from their streams in one call (None for
-        one that is off: eval mode or rate 0), advancing the streams as that call would."""
-        return tuple(None if dropout.deterministic or dropout.rate in (0.0, 1.0)
-                     else dropout.rngs()
-                     for dropout in (self.attn_out_dropout, self.mlp_dropout))
+    def dropouts(self):
+        """The layer's two dropouts, in the order of `__call__`'s `dropout_keys`."""
+        return self.attn_out_dropout, self.mlp_dropout
 
     def __call__(self, x, positions, segment_ids, *, dtype, attention_impl: str, cache=None,
                  dropout_keys=(None, None)):
         """x: `[batch, seq, hidden]` float32 residual stream -> same.
 
-        `dropout_keys` (from `dropout_keys()`) replace the dropouts' own streams, which a
-        scanned layer group cannot advance. With `cache=(k, v, index)` (decoding; k, v
+        `dropout_keys` (from `EttinModel.layer_dropout_keys()`) replace the dropouts' own
+        streams, which a scanned layer group cannot advance. With `cache=(k, v, index)` (decoding; k, v
         `[batch, max_len, heads, head_dim]`) the new keys and values are written at
         `index..` and the queries attend to the whole cache; returns `(x, (k, v))` then.
         """
@@ -205,19 +213,37 @@ class EttinModel(nnx.Module):
         x = jnp.take(self.tok_embeddings[...], input_ids, axis=0)
         x = self.embed_dropout(layer_norm(x, self.embed_norm, config.norm_eps))
         run = dict(positions=positions, segment_ids=segment_ids, dtype=dtype, attention_impl=impl)
+        keys = self.layer_dropout_keys()
         if not config.scan_layers:     # the reference: every layer traced and compiled apart
-            for block in self.layers:
-                x = block(x, **run)
+            for block, dropout_keys in zip(self.layers, keys):
+                x = block(x, dropout_keys=dropout_keys, **run)
             return layer_norm(x, self.final_norm, config.norm_eps)
         n, groups = config.global_attn_every_n_layers, config.num_layer_groups
-        x = self.layers[0](x, **run)
+        x = self.layers[0](x, dropout_keys=keys[0], **run)
         if groups:
-            x = self._scan_groups(x, range(1, 1 + n * groups), run)
-        for block in self.layers[1 + n * groups:]:   # a last group that is not whole
-            x = block(x, **run)
+            x = self._scan_groups(x, range(1, 1 + n * groups), run, keys)
+        for i in range(1 + n * groups, len(self.layers)):   # a last group that is not whole
+            x = self.layers[i](x, dropout_keys=keys[i], **run)
         return layer_norm(x, self.final_norm, config.norm_eps)
 
-    def _scan_groups(self, x, layers, run):
+    def layer_dropout_keys(self) -> list:
+        """Per layer, the keys its two dropouts draw (None for one that is off: eval mode or
+        rate 0), advancing their streams as `dropout.rngs()` would: fold_in(stream key, count),
+        count + 1. The keys of all layers are folded in one call (`fold_in_each`)."""
+        active = [(i, j, dropout.rngs) for i, block in enumerate(self.layers)
+                  for j, dropout in enumerate(block.dropouts())
+                  if not (dropout.deterministic or dropout.rate in (0.0, 1.0))]
+        keys = [[None, None] for _ in self.layers]
+        if active:
+            folded = fold_in_each(
+                jnp.stack([stream.key[...] for _, _, stream in active]),
+                jnp.stack([stream.count[...] for _, _, stream in active]))
+            for index, (i, j, stream) in enumerate(active):
+                keys[i][j] = folded[index]
+                stream.count[...] += 1
+        return [tuple(layer_keys) for layer_keys in keys]
+
+    def _scan_groups(self, x, layers, run, keys):
         """Layers `layers` (whole groups of global_attn_every_n_layers) as one `lax.scan` over
         the groups, so XLA compiles one group body instead of every layer.
 
@@ -225,26 +251,26 @@ class EttinModel(nnx.Module):
         tree): they are stacked here per position in the group, `[groups, *shape]`, and the
         gradient of the stack flows back to them. The body rebuilds the group's layers from
         the first group's graph (same shapes, window and RoPE theta at each position) and the
-        scanned slice. Dropout keys are drawn from each layer's own stream before the scan,
-        so the masks equal the unrolled model's.
+        scanned slice. Dropout keys (`keys`, from `layer_dropout_keys()`) come from each
+        layer's own stream before the scan, so the masks equal the unrolled model's.
         """
         def stack(trees):
             return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
         n = self.config.global_attn_every_n_layers
         layers = list(layers)
-        graphs, rests, stacked, keys = [], [], [], []
+        graphs, rests, stacked, group_keys = [], [], [], []
         for position in range(n):
             members = [self.layers[i] for i in layers[position::n]]
             graph, _, rest = nnx.split(members[0], nnx.Param, ...)
             graphs.append(graph)
             rests.append(rest)
             stacked.append(stack([nnx.state(block, nnx.Param) for block in members]))
-            keys.append(stack([block.dropout_keys() for block in members]))
+            group_keys.append(stack([keys[i] for i in layers[position::n]]))
 
         def group(x, scanned):
-            group_params, group_keys = scanned
-            for graph, rest, params, dropout_keys in zip(graphs, rests, group_params, group_keys):
+            group_params, scanned_keys = scanned
+            for graph, rest, params, dropout_keys in zip(graphs, rests, group_params, scanned_keys):
                 block = nnx.merge(graph, params, rest)
                 x = block(x, dropout_keys=dropout_keys, **run)
             return x, None
@@ -252,7 +278,7 @@ class EttinModel(nnx.Module):
         if self.config.remat != "none":
             group = jax.checkpoint(group, policy=REMAT_POLICIES[self.config.remat],
                                    prevent_cse=False)   # scan already keeps CSE out
-        x, _ = jax.lax.scan(group, x, (stacked, keys))
+        x, _ = jax.lax.scan(group, x, (stacked, group_keys))
         return x
 
     def head_features(self, hidden):

@@ -92,6 +92,21 @@ def init_lowering():
     return option(True) if option is not None else contextlib.nullcontext()
 
 
+def reseed_dropout(model: nnx.Module, key: jax.Array) -> None:
+    """`nnx.reseed(model, dropout=key)` with every stream's key drawn in one call
+    (`model.fold_in_each`): dropout stream i (in graph order) gets fold_in(key, i) and count 0,
+    as nnx.reseed gives it, with one threefry hash in the train step instead of one per
+    stream (with `EttinModel.layer_dropout_keys`, bench/RESULTS.md)."""
+    streams = [stream for _, stream in nnx.iter_graph(model)
+               if isinstance(stream, nnx.RngStream) and stream.key.tag == "dropout"]
+    if not streams:
+        return
+    keys = model_lib.fold_in_each(key, jnp.arange(len(streams), dtype=jnp.uint32))
+    for stream, stream_key in zip(streams, keys):
+        stream.key.set_value(stream_key)
+        stream.count.set_value(jnp.zeros(stream_key.shape, dtype=jnp.uint32))
+
+
 def fresh_rng_state(rng_layout: nnx.State, seed: int = 0) -> nnx.State:
     """Concrete dropout RNG state for `rng_layout` (ModelParts.rng_layout): stream i (in the
     order of the state paths) gets key fold_in(key(seed), i), every counter 0. Pure, so it

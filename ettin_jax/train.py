@@ -81,7 +81,7 @@ def train_step(state: dict, batch: dict, learning_rate, step, *, graphdef, rng_l
 
     def micro_loss(params, micro_batch, key):
         model = nnx.merge(graphdef, params, model_loader.fresh_rng_state(rng_layout))
-        nnx.reseed(model, dropout=key)
+        model_loader.reseed_dropout(model, key)
         return loss_fn(model, micro_batch)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)

@@ -217,3 +217,17 @@ def test_kv_cache_decoding_equals_full_forward():
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=2e-5)
     with pytest.raises(ValueError, match="needs a decoder"):
         _model("mlm").decode(ids, cache, 0)
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg", "unsafe_rbg"])
+def test_fold_in_each_equals_fold_in_key_by_key(impl):
+    """model.fold_in_each against jax.random.fold_in called per key, for one key and for a
+    key array, under each PRNG the train step offers (unsafe_rbg's differs under vmap)."""
+    from ettin_jax.model import fold_in_each
+    key = jax.random.key(5, impl=impl)
+    data = jnp.array([0, 3, 1, 7], dtype=jnp.uint32)
+    keys = jnp.stack([jax.random.fold_in(key, 100 + i) for i in range(4)])
+    for given, each in ((key, [key] * 4), (keys, list(keys))):
+        expected = [jax.random.key_data(jax.random.fold_in(k, d)) for k, d in zip(each, data)]
+        got = jax.random.key_data(jax.jit(fold_in_each)(given, data))
+        np.testing.assert_array_equal(got, np.stack(expected))

@@ -164,3 +164,34 @@ def test_init_lowering_draws_each_threefry_block_with_the_gpu_kernel():
     assert kernel_cuda.count("cu_threefry2x32_ffi") >= len({x.shape for x in matrices}) > 1
     assert "stablehlo.shift_left" not in kernel_cuda
     assert kernel_cpu == plain_cpu
+
+
+@pytest.mark.parametrize("jitted", [False, True])
+def test_reseed_dropout_gives_every_stream_the_key_nnx_reseed_gives(jitted):
+    """model_loader.reseed_dropout against flax's own nnx.reseed: the same key and count in
+    every dropout stream, so the same masks (a train-mode forward with dropout on agrees)."""
+    config = _tiny_config()
+    assert config.attn_out_dropout > 0
+    key = jax.random.key(7)
+    ids = jnp.arange(2 * 16, dtype=jnp.int32).reshape(2, 16) % 100
+
+    def streams_and_logits(reseed):
+        def run(params, rest, key):
+            model = nnx.merge(graphdef, params, rest)
+            reseed(model, key)
+            streams = [(jax.random.key_data(s.key.get_value()), s.count.get_value())
+                       for _, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)]
+            return streams, model(ids)
+        return (jax.jit(run) if jitted else run)(params, rest, key)
+
+    graphdef, params, rest = nnx.split(model_loader.new_model(config), nnx.Param, ...)
+    ours, ours_logits = streams_and_logits(model_loader.reseed_dropout)
+    flax_streams, flax_logits = streams_and_logits(lambda m, k: nnx.reseed(m, dropout=k))
+    assert len(ours) == len(flax_streams) == 1 + 2 * config.num_layers
+    for (key_a, count_a), (key_b, count_b) in zip(ours, flax_streams):
+        np.testing.assert_array_equal(key_a, key_b)
+        assert int(count_a) == int(count_b) == 0
+    np.testing.assert_array_equal(ours_logits, flax_logits)
+    # Not the unseeded masks: reseeding changed what the dropouts draw.
+    unseeded = nnx.merge(graphdef, params, rest)(ids)
+    assert not np.array_equal(ours_logits, unseeded)

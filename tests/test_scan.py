@@ -105,9 +105,35 @@ def test_layers_draw_distinct_dropout_keys():
     model = _model("mlm", 8, scan_layers=True, dropout=0.1)
     model.train()
     nnx.reseed(model, dropout=jax.random.key(3))
-    keys = [jax.random.key_data(key) for block in model.layers for key in block.dropout_keys()]
+    keys = [jax.random.key_data(key) for pair in model.layer_dropout_keys() for key in pair]
     assert len(keys) == 2 * 8
     assert len({tuple(np.asarray(k).ravel()) for k in keys}) == len(keys)
+
+
+@pytest.mark.parametrize("jitted", [False, True])
+def test_layer_dropout_keys_are_what_each_dropout_would_draw(jitted):
+    """The vectorised draw against each dropout's own stream (`dropout.rngs()`, flax's):
+    the same keys, None where a dropout is off, and the streams advanced alike (a second
+    draw agrees too)."""
+    model = _model("mlm", 5, scan_layers=False, dropout=0.1)
+    model.train()
+    model.layers[2].mlp_dropout.rate = 0.0                   # one off: no key, no draw
+    nnx.reseed(model, dropout=jax.random.key(11))
+
+    def both(model):
+        reference = nnx.clone(model)
+        ours = [model.layer_dropout_keys() for _ in range(2)]
+        theirs = [[tuple(None if d.rate == 0.0 else d.rngs() for d in block.dropouts())
+                   for block in reference.layers] for _ in range(2)]
+        as_data = lambda draws: jax.tree.map(jax.random.key_data, draws)
+        return as_data(ours), as_data(theirs)
+
+    ours, theirs = nnx.jit(both)(model) if jitted else both(model)
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    assert ours[0][2][1] is None and ours[0][2][0] is not None
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(ours[0][0][0], ours[1][0][0])   # the second draw moved on
 
 
 @pytest.mark.parametrize("num_layers, length", [(4, 1), (5, 1), (8, 2), (22, 7)])
