@@ -132,9 +132,10 @@ class Block(nnx.Module):
         """x: `[batch, seq, hidden]` float32 residual stream -> same.
 
         `dropout_keys` (from `EttinModel.layer_dropout_keys()`) replace the dropouts' own
-        streams, which a scanned layer group cannot advance. With `cache=(k, v, index)` (decoding; k, v
-        `[batch, max_len, heads, head_dim]`) the new keys and values are written at
-        `index..` and the queries attend to the whole cache; returns `(x, (k, v))` then.
+        streams, which a scanned layer group cannot advance. With `cache=(k, v, index)`
+        (decoding; k, v `[batch, max_len, heads, head_dim]`) the new keys and values are
+        written at `index..` and the queries attend to the whole cache; returns `(x, (k, v))`
+        then.
         """
         # The norms that feed a matmul have their scale folded into its weight rows,
         # (norm(x) * s) @ W = norm(x) @ (s[:, None] * W) up to rounding: the scale's gradient
