@@ -58,6 +58,17 @@ def test_gpu_sh_full_mode_times_a_cold_start_without_autotuning(tmp_path):
     assert runs(dry_run(tmp_path, "--quick")) == "--runs=cold,warm"
 
 
+def test_gpu_sh_full_mode_times_the_start_up_at_1024_and_8192(tmp_path):
+    def shape(stdout, name):
+        words = command_of(stdout, name)
+        return [w for w in words if w.startswith(("--rows=", "--seq_len="))]
+    full = dry_run(tmp_path, "--stages=startup")
+    assert names_in_order(full) == ["startup", "startup_long"]
+    assert shape(full, "startup") == ["--rows=64", "--seq_len=1024"]
+    assert shape(full, "startup_long") == ["--rows=8", "--seq_len=8192"]
+    assert names_in_order(dry_run(tmp_path, "--stages=startup", "--quick")) == ["startup"]
+
+
 def test_gpu_sh_stages_pick_the_commands_and_their_order(tmp_path):
     stdout = dry_run(tmp_path, "--stages=startup,memory,ours", "--quick")
     assert names_in_order(stdout) == ["startup", "memory_150m", "memory_1b", "ours_150m_mlm"]
