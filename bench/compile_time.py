@@ -61,6 +61,22 @@ def define_flags():
 FLAGS = flags.FLAGS
 
 
+def _lower_and_compile(jitted, args=(), context=None) -> dict:
+    """Seconds to lower `jitted(*args)` and to compile it (under `context()` and, with
+    --target, building for the GPU), and the sizes of both programs' text."""
+    import contextlib  # pylint: disable=import-outside-toplevel
+    from ettin_jax.kernels.target import building_for  # pylint: disable=import-outside-toplevel
+    start = time.perf_counter()
+    with (building_for("gpu") if FLAGS.target else contextlib.nullcontext(),
+          (context or contextlib.nullcontext)()):
+        lowered = jitted.lower(*args)
+        lowered_at = time.perf_counter()
+        compiled = _compile(lowered)
+    return {"lower_s": lowered_at - start, "compile_s": time.perf_counter() - lowered_at,
+            "stablehlo_chars": len(lowered.as_text()),
+            "optimized_hlo_chars": len(compiled.as_text() or "")}
+
+
 def _compile(lowered):
     """lowered.compile(); with --passes, under the profiler, printing the costliest stages."""
     if not FLAGS.passes:
@@ -138,7 +154,6 @@ def _time_init(config) -> list:
     import contextlib  # pylint: disable=import-outside-toplevel
     import jax  # pylint: disable=import-outside-toplevel
     from ettin_jax import model_loader, sharding, train  # pylint: disable=import-outside-toplevel
-    from ettin_jax.kernels.target import building_for  # pylint: disable=import-outside-toplevel
     device = aot_gpu.device(FLAGS.target) if FLAGS.target else jax.devices()[0]
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
     rows = []
@@ -146,25 +161,14 @@ def _time_init(config) -> list:
     for name, context in (("init_lowering", model_loader.init_lowering),
                           ("plain", contextlib.nullcontext)):
         init = train.make_setup(config, mesh).init_params
-        start = time.perf_counter()
-        with building_for("gpu") if FLAGS.target else contextlib.nullcontext(), context():
-            lowered = init.lower()
-            lowered_at = time.perf_counter()
-            compiled = _compile(lowered)
-        compiled_at = time.perf_counter()
-        rows.append({"program": f"init ({name})", "lower_s": lowered_at - start,
-                     "compile_s": compiled_at - lowered_at,
-                     "stablehlo_chars": len(lowered.as_text()),
-                     "optimized_hlo_chars": len(compiled.as_text() or "")})
+        rows.append(dict(program=f"init ({name})", **_lower_and_compile(init, context=context)))
         print(f"{rows[-1]['program']:22} lower {rows[-1]['lower_s']:6.1f} s  compile "
               f"{rows[-1]['compile_s']:6.1f} s", flush=True)
     return rows
 
 
 def _time(config, scan_layers: bool) -> dict:
-    import contextlib  # pylint: disable=import-outside-toplevel
     from ettin_jax import model as model_lib  # pylint: disable=import-outside-toplevel
-    from ettin_jax.kernels.target import building_for  # pylint: disable=import-outside-toplevel
     model = dict(config.model.to_dict(), scan_layers=scan_layers)
     if FLAGS.remat is not None:
         model["remat"] = FLAGS.remat
@@ -179,16 +183,8 @@ def _time(config, scan_layers: bool) -> dict:
         step, args = _train_step(run_config)
     else:
         step, args = _loss_and_grad(model_config)
-    start = time.perf_counter()
-    with building_for("gpu") if FLAGS.target else contextlib.nullcontext():
-        lowered = step.lower(*args)
-    lowered_at = time.perf_counter()
-    compiled = _compile(lowered)
-    compiled_at = time.perf_counter()
     return {"scan_layers": scan_layers, "remat": model_config.remat,
-            "lower_s": lowered_at - start, "compile_s": compiled_at - lowered_at,
-            "stablehlo_chars": len(lowered.as_text()),
-            "optimized_hlo_chars": len(compiled.as_text() or "")}
+            **_lower_and_compile(step, args)}
 
 
 def _append_results(config, rows):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 # Imported here, before any trace, for jit's cache key (see ettin_jax/kernels/__init__.py).
 from ettin_jax import kernels
+from ettin_jax.kernels.target import target_platform
 
 # "mosaic": Mosaic GPU kernels for global layers, the Triton "pallas" kernels for windowed ones.
 IMPLEMENTATIONS = ("xla", "pallas", "mosaic", "cudnn", "splash")
@@ -175,7 +176,7 @@ def banded_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_
 def default_implementation() -> str:
     """The attention of the backend being built for (`kernels.target`): Triton kernels on a
     GPU, splash on a TPU, XLA elsewhere."""
-    backend = kernels.target.target_platform()
+    backend = target_platform()
     if backend == "gpu":
         return "pallas"
     if backend == "tpu":
