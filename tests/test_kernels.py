@@ -305,6 +305,7 @@ def test_missing_triton_backend_is_a_clear_error(monkeypatch):
     # The package's `flash_attention` attribute is the function; the module is reached by name.
     monkeypatch.setattr(importlib.import_module("ettin_jax.kernels.flash_attention"),
                         "pl_triton", None)
+    jax.clear_caches()   # the kernels are jitted: a trace cached by another test would not ask
     q = jax.ShapeDtypeStruct((1, 64, 2, 64), jnp.bfloat16)
     with pytest.raises(RuntimeError, match="attention_impl='cudnn' or 'xla'"):
         jax.jit(lambda q: flash_attention(q, q, q, interpret=False)).trace(q)
@@ -332,6 +333,46 @@ def test_model_logits_pallas_equal_xla(arg):
     reference, out = logits["xla"], logits["pallas"]
     real = segment_ids[0] != 0
     np.testing.assert_allclose(out[0, real], reference[0, real], atol=1e-4)
+
+
+def test_layers_share_one_kernel_lowering_and_keep_their_op_names():
+    """Every layer calls the same jitted kernels: the tiny model's gradient, lowered for a GPU,
+    holds each Triton kernel (forward, dk/dv, dq) once, called from each of its 4 layers, not
+    a copy per layer (each a Triton lowering). The compiled program still names each call
+    site's ops after its own layer's mask (what bench/hlo_profile.py prices kernels by)."""
+    from ettin_jax.kernels.target import building_for
+    model = EttinModel(ettin_tiny.get_config("mlm").model, rngs=nnx.Rngs(0))
+    model.attention_impl = "pallas"
+    model.eval()   # no dropout: its key count is state the loss would update
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ids = jax.ShapeDtypeStruct((2, 64), jnp.int32)
+
+    def loss(params, ids, segment_ids):
+        logits = nnx.merge(graphdef, params, rest)(ids, segment_ids, ids)
+        return jnp.sum(logits.astype(jnp.float32))
+
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                                       platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=h100,
+                                     axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.sharding.use_abstract_mesh(mesh), building_for("gpu"):
+        text = jax.jit(jax.grad(loss)).trace(params, ids, ids).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 3
+    calls = re.findall(r"call @(_forward|backward)\w*\(", text)
+    assert sorted(calls) == ["_forward"] * 4 + ["backward"] * 4
+
+    # Interpreted on this CPU, compiled: two masks, each kernel's ops named after both.
+    def stack(x):
+        for window in ((-1, -1), (4, 4), (-1, -1), (4, 4)):
+            x = attention(x, x, x, impl="pallas", window_size=window)
+        return jnp.sum(x)
+
+    compiled = jax.jit(jax.grad(stack)).lower(jnp.ones((1, 32, 1, 16))).compile().as_text()
+    names = set(re.findall(r'op_name="([^"]*)"', compiled))
+    for kernel in ("ettin_flash_fwd", "ettin_flash_dkv", "ettin_flash_dq"):
+        masks = {mask_from_scope(name) for name in names if kernel in name} - {None}
+        assert masks == {(False, (-1, -1)), (False, (4, 4))}, kernel
 
 
 def test_kernels_follow_the_platform_being_built_for():

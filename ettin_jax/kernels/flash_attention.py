@@ -217,7 +217,16 @@ def _compiler_params(num_warps, num_stages, head_dim):
     return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _forward(q, k, v, k_start, k_end, scale, blocks: BlockSizes, interpret):
+# The kernels run under jax.jit: every layer of one shape calls one traced function, whose
+# MLIR lowering jax emits once and calls from each layer (the mask is data, its intervals).
+# Unjitted, each call traced and lowered its Triton kernels anew (66 in the 150m train step:
+# 2.3 s of its 3.1 s lowering on 2 CPU cores, paid again on every warm start). The compiled
+# program still names each call site's ops after it, mask scope included (XLA's inliner).
+JIT_STATIC = ("scale", "blocks", "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=JIT_STATIC)
+def _forward(q, k, v, k_start, k_end, *, scale, blocks: BlockSizes, interpret):
     """Returns `(out [b, s, h, d], lse [b, h, s] float32, log2 units)`."""
     batch, seq, heads, head_dim = q.shape
     bq = blocks.block_q
@@ -304,8 +313,10 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, ks_ref, ke_ref, k_ref, v_ref, 
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def backward(q, k, v, k_start, k_end, q_start, q_end, out, lse, d_out, scale,
+@functools.partial(jax.jit, static_argnames=JIT_STATIC)
+def backward(q, k, v, k_start, k_end, q_start, q_end, out, lse, d_out, *, scale,
              blocks: BlockSizes, interpret):
+    """`(dq, dk, dv)`, each `[batch, seq, heads, head_dim]`, of the padded attention."""
     batch, seq, heads, head_dim = q.shape
     # delta_i = sum_d o_id * do_id = sum_j p_ij dp_ij: the softmax-Jacobian term, [b, h, s].
     delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), d_out.astype(jnp.float32))
@@ -352,18 +363,19 @@ def backward(q, k, v, k_start, k_end, q_start, q_end, out, lse, d_out, scale,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _flash(q, k, v, k_start, k_end, q_start, q_end, scale, blocks, interpret):
-    return _forward(q, k, v, k_start, k_end, scale, blocks, interpret)[0]
+    return _forward(q, k, v, k_start, k_end, scale=scale, blocks=blocks, interpret=interpret)[0]
 
 
 def _flash_fwd(q, k, v, k_start, k_end, q_start, q_end, scale, blocks, interpret):
-    out, lse = _forward(q, k, v, k_start, k_end, scale, blocks, interpret)
+    out, lse = _forward(q, k, v, k_start, k_end, scale=scale, blocks=blocks,
+                        interpret=interpret)
     return out, (q, k, v, k_start, k_end, q_start, q_end, out, lse)
 
 
 def _flash_bwd(scale, blocks, interpret, residuals, d_out):
     q, k, v, k_start, k_end, q_start, q_end, out, lse = residuals
-    dq, dk, dv = backward(q, k, v, k_start, k_end, q_start, q_end, out, lse, d_out, scale,
-                          blocks, interpret)
+    dq, dk, dv = backward(q, k, v, k_start, k_end, q_start, q_end, out, lse, d_out,
+                          scale=scale, blocks=blocks, interpret=interpret)
     return dq, dk, dv, None, None, None, None
 
 

@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from ettin_jax.kernels.flash_attention import (JIT_STATIC, default_block_sizes, round_up,
+                                              tile_loop_ranges)
 from ettin_jax.kernels.flash_attention import backward as triton_backward
-from ettin_jax.kernels.flash_attention import default_block_sizes, round_up, tile_loop_ranges
 from ettin_jax.kernels.intervals import attention_intervals
 from ettin_jax.kernels.mosaic_common import COMPUTE_WARPGROUPS, MosaicBlocks
 from ettin_jax.kernels.mosaic_backward import backward
@@ -58,17 +59,22 @@ def _interpret_params(interpret):
     return InterpretGPUParams() if interpret else False
 
 
-def _forward(q, k, v, intervals, scale, blocks, interpret):
+# Jitted as flash_attention's kernels are (see its JIT_STATIC): the global layers of one shape
+# share one trace and lowering.
+@functools.partial(jax.jit, static_argnames=JIT_STATIC)
+def _forward(q, k, v, intervals, *, scale, blocks, interpret):
     k_start, k_end = intervals[:2]
     ranges = tile_ranges(k_start, k_end, COMPUTE_WARPGROUPS * blocks.block_q, blocks.block_kv)
     return forward(q, k, v, k_start, k_end, ranges, scale=scale, blocks=blocks,
                    interpret=_interpret_params(interpret))
 
 
-def _backward(q, k, v, intervals, out, lse, d_out, scale, blocks, interpret):
+@functools.partial(jax.jit, static_argnames=JIT_STATIC)
+def _backward(q, k, v, intervals, out, lse, d_out, *, scale, blocks, interpret):
     if blocks.backward == "triton":
-        return triton_backward(q, k, v, *intervals, out, lse, d_out, scale,
-                               default_block_sizes(q.shape[-1], q.dtype), bool(interpret))
+        return triton_backward(q, k, v, *intervals, out, lse, d_out, scale=scale,
+                               blocks=default_block_sizes(q.shape[-1], q.dtype),
+                               interpret=bool(interpret))
     k_start, k_end, q_start, q_end = intervals
     rows_q = COMPUTE_WARPGROUPS * blocks.block_q_bwd
     rows_kv = COMPUTE_WARPGROUPS * blocks.block_kv_bwd
@@ -80,17 +86,18 @@ def _backward(q, k, v, intervals, out, lse, d_out, scale, blocks, interpret):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _mosaic(q, k, v, intervals, scale, blocks, interpret):
-    return _forward(q, k, v, intervals, scale, blocks, interpret)[0]
+    return _forward(q, k, v, intervals, scale=scale, blocks=blocks, interpret=interpret)[0]
 
 
 def _mosaic_fwd(q, k, v, intervals, scale, blocks, interpret):
-    out, lse = _forward(q, k, v, intervals, scale, blocks, interpret)
+    out, lse = _forward(q, k, v, intervals, scale=scale, blocks=blocks, interpret=interpret)
     return out, (q, k, v, intervals, out, lse)
 
 
 def _mosaic_bwd(scale, blocks, interpret, residuals, d_out):
     q, k, v, intervals, out, lse = residuals
-    dq, dk, dv = _backward(q, k, v, intervals, out, lse, d_out, scale, blocks, interpret)
+    dq, dk, dv = _backward(q, k, v, intervals, out, lse, d_out, scale=scale, blocks=blocks,
+                           interpret=interpret)
     return dq, dk, dv, (None,) * 4
 
 
