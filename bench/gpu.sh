@@ -12,9 +12,10 @@
 #     process), the shapes of `ours`;
 #   tune, with at least 120 s left: one process timing the 150m mlm step at 64x1024, baseline
 #     (pallas, threefry, loss chunks 4096/8192, 64 rows) first and then profiled (top ops per
-#     XLA operation -> $LOG/profile_150m_mlm.txt), then each knob alone: prng_impl rbg /
-#     unsafe_rbg, attention_impl mosaic, loss_vocab_chunk 16384, loss_row_chunk 32768, micro
-#     batch 32 / 128 rows, scan_layers true (bench/variants.py; -> $LOG/tune.jsonl);
+#     XLA operation -> $LOG/profile_150m_mlm.txt), then each knob alone: XLA's autotuning off,
+#     prng_impl rbg / unsafe_rbg, attention_impl mosaic, loss_vocab_chunk 16384,
+#     loss_row_chunk 32768, micro batch 32 / 128 rows, scan_layers true, Triton GEMMs off
+#     (bench/variants.py; -> $LOG/tune.jsonl);
 #   memory (not by default; where listed it starts in the background and stops at startup or
 #     the end): bench/memory.py's largest micro batch per size at 1024 and 8192, remat
 #     none/full/dots, 80 GB, compile-only.
@@ -92,8 +93,9 @@ if [ "$SMOKE" = 1 ]; then
   # torch.compile takes minutes per model on a small CPU: the first peer command compiles.
   PEER_COMPILE_REST=no
   # The tiny vocabulary (512) and 4-row batch: chunks and rows that still split the loss.
-  TUNE_VARIANTS="prng_impl=rbg,unsafe_rbg;attention_impl=mosaic;loss_vocab_chunk=96"
-  TUNE_VARIANTS+=";loss_row_chunk=64;batch=2,8;scan_layers=true"
+  TUNE_VARIANTS="xla_options=xla_gpu_autotune_level=0;prng_impl=rbg,unsafe_rbg"
+  TUNE_VARIANTS+=";attention_impl=mosaic;loss_vocab_chunk=96;loss_row_chunk=64;batch=2,8"
+  TUNE_VARIANTS+=";scan_layers=true;xla_options=xla_gpu_enable_triton_gemm=false"
 else
   C150=configs/ettin_150m.py C1B=configs/ettin_1b.py SIZES="17m 32m 68m 150m 400m 1b"
   S64x1K=64x1024 S8x8K=8x8192 S32x1K=32x1024 SEQS=1024,8192 ATT_BATCH="" ATT_ENV=()
@@ -103,8 +105,11 @@ else
   STEPS="--steps=10 --warmup=2" PEER_STEPS="--steps=10 --warmup=3" PEER_COMPILE_REST=yes
   # In order of priority (a variant the budget does not reach is recorded as skipped). At
   # 64x1024 MLM the loss runs on 64 x 312 = 19,968 slots: row chunk 8192 pads them to 24,576.
-  TUNE_VARIANTS="prng_impl=rbg,unsafe_rbg;attention_impl=mosaic;loss_vocab_chunk=16384"
-  TUNE_VARIANTS+=";loss_row_chunk=32768;batch=32,128;scan_layers=true"
+  # Autotuning off first: its compile_s against the baseline's is autotuning's share of a
+  # cold compile, its step time what autotuning buys (ettin_jax/xla_options.py).
+  TUNE_VARIANTS="xla_options=xla_gpu_autotune_level=0;prng_impl=rbg,unsafe_rbg"
+  TUNE_VARIANTS+=";attention_impl=mosaic;loss_vocab_chunk=16384;loss_row_chunk=32768"
+  TUNE_VARIANTS+=";batch=32,128;scan_layers=true;xla_options=xla_gpu_enable_triton_gemm=false"
 fi
 if [ "$QUICK" = 1 ]; then
   SEQS=${SEQS#*,} MEM_SEQS=${MEM_SEQS%,*}

@@ -59,7 +59,7 @@ def compiled_step_fn(config, seq_len: int, target: str = ""):
     if jax.default_backend() == "cpu" and not target:
         # LLVM's optimisations run after buffer assignment: the memory plan is the same and
         # CPU compiles are ~3x faster without them.
-        config.train.xla_backend_optimization_level = 0
+        config.train.xla_options = "xla_backend_optimization_level=0"
     device = aot_gpu.device(target) if target else jax.devices()[0]
     def building():   # every trace of this step happens inside: kernels built for the GPU
         return building_for("gpu") if target else contextlib.nullcontext()

@@ -21,7 +21,8 @@ from ettin_jax import cli
 # Short names of the knobs a tuning sweep flips most.
 ALIASES = {"prng_impl": "train.prng_impl", "loss_vocab_chunk": "train.loss_vocab_chunk",
            "loss_row_chunk": "train.loss_row_chunk", "attention_impl": "model.attention_impl",
-           "remat": "model.remat", "scan_layers": "model.scan_layers", "dtype": "model.dtype"}
+           "remat": "model.remat", "scan_layers": "model.scan_layers", "dtype": "model.dtype",
+           "xla_options": "train.xla_options"}
 SHAPE_KEYS = ("batch", "seq_len")
 BASELINE = "baseline"
 

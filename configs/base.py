@@ -307,8 +307,8 @@ def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: st
     c.train.init_optimizer_state = phase in ("ext", "decay")   # cross-objective: params only
     c.train.eval_every_steps = 1000
     c.train.eval_batches = 8                # held-out batches per eval; 0 = no eval
-    # -1 = XLA's default. 0 skips LLVM's optimisations: CPU tests compile ~3x faster.
-    c.train.xla_backend_optimization_level = -1
+    # XLA options for the run's programs, "NAME=VALUE,...": ettin_jax/xla_options.py.
+    c.train.xla_options = ""
     # Speed knobs (bench/train_step.py --variants measures them; bench/RESULTS.md "tuning knobs").
     # PRNG of the dropout keys: threefry | rbg | unsafe_rbg. Another PRNG draws other masks, so
     # it is a recorded setting (ettin_jax.workdir), unlike the loss chunks, which only trade

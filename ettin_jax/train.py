@@ -46,6 +46,7 @@ from ettin_jax import step_tokens
 from ettin_jax import stop_signals
 from ettin_jax import train_metrics
 from ettin_jax import workdir as workdir_lib
+from ettin_jax import xla_options
 from ettin_jax.train_metrics import EvalMetrics, TrainMetrics, device_peak_flops
 
 
@@ -159,8 +160,7 @@ def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
                                                   state_shardings["opt_state"])}
     replicated = sharding_lib.replicated(mesh)
     loss_fn = losses.loss_fn_for(config)
-    level = config.train.xla_backend_optimization_level
-    compiler_options = {"xla_backend_optimization_level": level} if level >= 0 else None
+    compiler_options = xla_options.compiler_options(config.train.xla_options)
 
     init_params = jax.jit(functools.partial(model_loader.init_params, config.model, seed=config.seed),
                           out_shardings=params_sharding, compiler_options=compiler_options)

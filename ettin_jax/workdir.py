@@ -40,7 +40,7 @@ PHASES_WITH_A_SOURCE = ("ext", "decay", "cross")
 RUNTIME_SECTIONS = ("mesh", "demo")
 RUNTIME_KEYS = frozenset({
     "model.attention_impl", "model.dtype", "model.scan_layers", "model.remat",
-    "train.xla_backend_optimization_level", "train.allow_config_change",
+    "train.xla_options", "train.allow_config_change",
     "train.compilation_cache_dir", "train.loss_vocab_chunk", "train.loss_row_chunk",
     "train.max_micro_tokens",
     "data.num_workers", "data.worker_group_rows", "data.worker_buffer_groups",

@@ -30,7 +30,7 @@ OVERRIDES = {
     "demo.train.eval_every_steps": 1000,
     "demo.checkpoint.every_steps": 2,
     "demo.train.eval_batches": 1,
-    "train.xla_backend_optimization_level": 0,
+    "train.xla_options": "xla_backend_optimization_level=0",
 }
 PAIR_FLAGS = ["--config=configs/ettin_tiny.py:mlm+clm",
               *(f"--config.{key}={value}" for key, value in OVERRIDES.items())]

@@ -103,7 +103,7 @@ def tiny_data_config(mixture, tok, *, steps, rows=8):
     config.data.num_workers, config.data.eval_documents = 0, 0
     config.train.seq_len, config.train.global_batch_size = 64, 16
     config.train.eval_batches = 0
-    config.train.xla_backend_optimization_level = 0
+    config.train.xla_options = "xla_backend_optimization_level=0"
     config.schedule.total_tokens = steps * rows * 64
     config.log.every_steps, config.checkpoint.every_steps = 1, 2
     return config

@@ -60,7 +60,7 @@ from configs import ettin_tiny
 from ettin_jax import losses, sharding, train
 config = ettin_tiny.get_config("mlm")
 config.model.attention_impl = "pallas"
-config.train.xla_backend_optimization_level = 0
+config.train.xla_options = "xla_backend_optimization_level=0"
 mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
 setup = train.make_setup(config, mesh)
 host = make_batch(config, 2, 64)

@@ -18,7 +18,7 @@ from ettin_jax import checkpoint, demo, sharding, train
 def setup():
     config = demo.apply_demo(ettin_tiny.get_config("mlm"))
     config.data.num_workers = 0
-    config.train.xla_backend_optimization_level = 0
+    config.train.xla_options = "xla_backend_optimization_level=0"
     return config, train.make_setup(config, sharding.make_mesh(config.mesh))
 
 

@@ -12,7 +12,7 @@ from flax import nnx
 
 from bench.batches import make_batch
 from configs import ettin_tiny
-from ettin_jax import losses, model_loader, sharding, train
+from ettin_jax import losses, model_loader, sharding, train, xla_options
 from ettin_jax import workdir as workdir_lib
 
 ROWS, SEQ_LEN = 4, 64
@@ -21,7 +21,7 @@ ROWS, SEQ_LEN = 4, 64
 def tiny_config(**train_keys):
     config = ettin_tiny.get_config("mlm")
     config.train.global_batch_size, config.train.seq_len = ROWS, SEQ_LEN
-    config.train.xla_backend_optimization_level = 0
+    config.train.xla_options = "xla_backend_optimization_level=0"
     for key, value in train_keys.items():
         config.train[key] = value
     return config
@@ -124,3 +124,41 @@ def test_a_run_recorded_before_the_prng_key_resumes_as_threefry(tmp_path):
     workdir_lib.check_identity(tiny_config(), str(tmp_path))
     with pytest.raises(workdir_lib.RunIdentityError, match="train.prng_impl: 'threefry' -> 'rbg'"):
         workdir_lib.check_identity(tiny_config(prng_impl="rbg"), str(tmp_path))
+
+
+def test_xla_options_parse_to_typed_values_and_bad_entries_fail_naming_the_key():
+    assert xla_options.parse("") == {}
+    assert xla_options.parse(" xla_a=0, xla_b=false ,xla_c=1.5,xla_d=/tmp/x=y") == {
+        "xla_a": 0, "xla_b": False, "xla_c": 1.5, "xla_d": "/tmp/x=y"}
+    for text in ("xla_a", "gpu_autotune_level=0", "xla_a=", "=1"):
+        with pytest.raises(ValueError, match=r"config\.train\.xla_options="):
+            xla_options.parse(text)
+    assert xla_options.compiler_options("") is None
+    with pytest.raises(ValueError, match=r"xla_options=.*XLA refused it.*xla_gpu_autotune_levl"):
+        xla_options.compiler_options("xla_gpu_autotune_levl=0")
+    with pytest.raises(ValueError, match="xla_gpu_autotune_levl"):   # at set-up, not compile
+        train.make_setup(tiny_config(xla_options="xla_gpu_autotune_levl=0"), one_device_mesh())
+
+
+def test_xla_options_reach_the_runs_programs(tmp_path):
+    """An option given in the config changes how XLA compiles the run's own programs: with
+    xla_dump_to, the train step, the eval step and the params init each leave their modules
+    in that directory; a workdir resumes under other options (how the run executes)."""
+    dump = tmp_path / "dump"
+    config = tiny_config(xla_options=f"xla_backend_optimization_level=0,xla_dump_to={dump}")
+    setup = train.make_setup(config, one_device_mesh())
+    state = setup.init_state()
+    host = make_batch(config, ROWS, SEQ_LEN)
+    keys = losses.BATCH_KEYS["mlm"]
+    setup.eval_step(state["params"], sharding.host_batch_to_global(
+        {k: host[k] for k in keys}, setup.mesh))
+    setup.train_step(state, sharding.host_batch_to_global({k: host[k] for k in keys},
+                                                          setup.mesh, num_micro=1),
+                     config.optimizer.peak_lr, 0)
+    names = " ".join(path.name for path in dump.iterdir())
+    for program in ("jit_train_step", "jit_eval_step", "jit_init_params"):
+        assert program in names, program
+    run = tmp_path / "run"
+    run.mkdir()
+    workdir_lib.check_identity(tiny_config(), str(run))
+    workdir_lib.check_identity(tiny_config(xla_options="xla_gpu_autotune_level=0"), str(run))

@@ -35,7 +35,7 @@ def tiny_config(arg, *, init_from=""):
     config.demo.train.eval_every_steps = 1000           # eval once, at the last step
     config.demo.checkpoint.every_steps = 2
     config.demo.train.eval_batches = 0                  # eval has its own test
-    config.train.xla_backend_optimization_level = 0     # compile fast, run a bit slower
+    config.train.xla_options = "xla_backend_optimization_level=0"  # compile fast
     config.train.init_from = init_from
     return config
 

@@ -26,7 +26,7 @@ FLAGS = [
     "--config.demo.train.eval_every_steps=1000",
     "--config.demo.checkpoint.every_steps=2",
     "--config.demo.train.eval_batches=1",
-    "--config.train.xla_backend_optimization_level=0",
+    "--config.train.xla_options=xla_backend_optimization_level=0",
 ]
 
 

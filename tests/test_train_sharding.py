@@ -26,7 +26,7 @@ OVERRIDES = {  # as --config.KEY=VALUE flags for main.py, and applied in-process
     "demo.train.grad_accum_steps": ACCUM, "demo.schedule.total_tokens": STEPS * ROWS * SEQ,
     "demo.optimizer.lr_warmup_tokens": ROWS * SEQ, "demo.log.every_steps": 1,
     "demo.checkpoint.every_steps": 1000, "demo.train.eval_batches": 0,
-    "train.xla_backend_optimization_level": 0,
+    "train.xla_options": "xla_backend_optimization_level=0",
 }
 
 
