@@ -32,9 +32,10 @@ from absl import flags  # noqa: E402  # pylint: disable=wrong-import-position
 
 from ettin_jax import cli  # noqa: E402  # pylint: disable=wrong-import-position
 FIRST_STEP = re.compile(r"\bstep 1/\d+")
-# --runs entries: XLA flags each adds. A cold start compiles with autotuning (every GEMM
-# fusion timed on the device); on CPU the flag is accepted and changes nothing.
-RUNS = {"cold": "", "warm": "", "cold_no_autotune": "--xla_gpu_autotune_level=0"}
+# --runs entries: main.py flags each adds. A cold start compiles with autotuning (every GEMM
+# fusion timed on the device); on CPU the option is accepted and changes nothing.
+RUNS = {"cold": [], "warm": [],
+        "cold_no_autotune": ["--config.train.xla_options=xla_gpu_autotune_level=0"]}
 # Where the time to the first step goes, from main.py's own log lines (seconds since process
 # start at which each first appears): imports and backend start, state restored or
 # initialized (the train step compiles on a thread meanwhile), the step's compilation done.
@@ -106,7 +107,8 @@ def define_flags():
     flags.DEFINE_integer("seq_len", 1024, "tokens per row")
     flags.DEFINE_string("runs", "cold,warm", "runs in order: cold empties the cache dir first, "
                         "warm reuses it, cold_no_autotune is cold with XLA's GPU autotuning "
-                        "off (--xla_gpu_autotune_level=0: how much of a cold start it is)")
+                        "off (train.xla_options=xla_gpu_autotune_level=0: how much of a cold "
+                        "start it is)")
     flags.DEFINE_string("cache_dir", "", "compilation cache dir (default: a fresh temporary one)")
     flags.DEFINE_multi_string("override", [], "extra main.py flag, e.g. "
                               "--override=--config.model.remat=full (repeatable)")
@@ -129,17 +131,16 @@ def main(argv):
     for run in args.runs.split(","):
         if run not in RUNS:
             raise cli.UserError(f"--runs entry {run!r}: expected one of {', '.join(RUNS)}")
-        # Other XLA flags make other cache keys: such a run gets its own dir, and does not
+        # Other XLA options make other cache keys: such a run gets its own dir, and does not
         # empty the one a later warm run reads.
         run_cache = cache_dir + (f"-{run}" if RUNS[run] else "")
         if run.startswith("cold"):
             shutil.rmtree(run_cache, ignore_errors=True)
         os.makedirs(run_cache, exist_ok=True)
-        run_env = dict(env, JAX_COMPILATION_CACHE_DIR=run_cache,
-                       XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} {RUNS[run]}".strip())
+        run_env = dict(env, JAX_COMPILATION_CACHE_DIR=run_cache)
         workdir = tempfile.mkdtemp(prefix=f"ettin-startup-{run}-")
         command = [sys.executable, "main.py", f"--config={args.config}", f"--workdir={workdir}",
-                   *demo_flags(args.rows, args.seq_len), *args.override]
+                   *demo_flags(args.rows, args.seq_len), *RUNS[run], *args.override]
         result = {"run": run, "config": args.config, "rows": args.rows, "seq_len": args.seq_len,
                   **time_run(command, run_env, args.timeout, os.path.join(log_dir, f"{run}.log")),
                   "cache_mb": round(dir_bytes(run_cache) / 1e6, 1),
