@@ -34,6 +34,17 @@ SMALL = BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, block
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
+def h100_mesh() -> jax.sharding.AbstractMesh:
+    """A one-device abstract mesh of an H100, to lower for a GPU on this CPU-only machine: the
+    Triton lowering reads the target's compute capability off a device, which jax >= 0.11 no
+    longer assumes without a GPU. Auto axes, as ettin_jax.sharding.make_mesh builds them (jax
+    0.11's default is Explicit, under which interpreted Pallas rejects its own block updates)."""
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                                       platform="gpu")
+    return jax.sharding.AbstractMesh((1,), ("data",), abstract_device=h100,
+                                     axis_types=(jax.sharding.AxisType.Auto,))
+
+
 def _packed(batch, seq, rng):
     """`[batch, seq]` contiguous documents of random lengths, then padding (0) at the end."""
     ids = np.zeros((batch, seq), np.int32)
@@ -252,14 +263,8 @@ def test_every_variant_lowers_for_gpu(mask, dtype, head_dim):
     def loss(q, k, v, seg):
         return jnp.sum(f(q, k, v, seg).astype(jnp.float32))
 
-    # The Triton lowering reads the target's compute capability off a device; jax >= 0.11
-    # no longer assumes one when there is no GPU, so name an H100 (a Hopper, as on our GPUs).
-    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
-                                       platform="gpu")
-    target = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=h100,
-                                       axis_types=(jax.sharding.AxisType.Auto,))
     for fn, kernels in ((f, 1), (jax.grad(loss, argnums=(0, 1, 2)), 3)):
-        with jax.sharding.use_abstract_mesh(target):
+        with jax.sharding.use_abstract_mesh(h100_mesh()):
             text = jax.jit(fn).trace(q, q, q, seg).lower(lowering_platforms=("cuda",)).as_text()
         assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == kernels
 
@@ -351,11 +356,7 @@ def test_layers_share_one_kernel_lowering_and_keep_their_op_names():
         logits = nnx.merge(graphdef, params, rest)(ids, segment_ids, ids)
         return jnp.sum(logits.astype(jnp.float32))
 
-    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
-                                       platform="gpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=h100,
-                                     axis_types=(jax.sharding.AxisType.Auto,))
-    with jax.sharding.use_abstract_mesh(mesh), building_for("gpu"):
+    with jax.sharding.use_abstract_mesh(h100_mesh()), building_for("gpu"):
         text = jax.jit(jax.grad(loss)).trace(params, ids, ids).lower(
             lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 3
@@ -388,13 +389,7 @@ def test_kernels_follow_the_platform_being_built_for():
         text = jax.jit(fn).trace(q).lower(lowering_platforms=("cuda",)).as_text()
         return len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text))
 
-    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
-                                       platform="gpu")
-    # Auto axes, as ettin_jax.sharding.make_mesh builds them (jax 0.11's default is Explicit,
-    # under which interpreted Pallas rejects its own block updates).
-    mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=h100,
-                                     axis_types=(jax.sharding.AxisType.Auto,))
-    with jax.sharding.use_abstract_mesh(mesh):
+    with jax.sharding.use_abstract_mesh(h100_mesh()):
         assert target_platform() == "cpu" and default_implementation() == "xla"
         assert triton_calls("pallas") == 0          # interpreted: plain XLA ops
         with building_for("gpu"):
