@@ -24,6 +24,7 @@ stream, norms, RoPE and softmax stay in float32, as under PyTorch autocast.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -104,7 +105,6 @@ class Block(nnx.Module):
         std_in = config.initializer_range
         std_out = config.initializer_range / math.sqrt(2.0 * config.num_layers)
         c = config.initializer_cutoff_factor
-        self.layer = layer
         self.window_size = config.window_size(layer)
         self.rope_theta = config.rope_theta(layer)
         self.causal = config.causal
@@ -175,6 +175,19 @@ class Block(nnx.Module):
         return x if cache is None else (x, (k, v))
 
 
+@functools.partial(jax.jit, static_argnames=("graph", "dtype", "attention_impl"))
+def _block_call(x, graph, params, rest, dropout_keys, *, positions, segment_ids, dtype,
+                attention_impl):
+    """`Block.__call__` as a jitted function of the block's graph (static), params and rest:
+    layers of one kind (same window, RoPE theta and shapes) have equal graphs, so jax traces
+    and lowers one of each kind and every layer calls it (XLA inlines the calls: the compiled
+    program is the same). The dropout streams in `rest` are not advanced: `dropout_keys`
+    replace them, so the block changes no state."""
+    return nnx.merge(graph, params, rest)(x, positions, segment_ids, dtype=dtype,
+                                          attention_impl=attention_impl,
+                                          dropout_keys=dropout_keys)
+
+
 class EttinModel(nnx.Module):
     """Ettin encoder (`config.causal=False`) or decoder (`True`).
 
@@ -217,7 +230,8 @@ class EttinModel(nnx.Module):
         keys = self.layer_dropout_keys()
         if not config.scan_layers:     # the reference: every layer traced and compiled apart
             for block, dropout_keys in zip(self.layers, keys):
-                x = block(x, dropout_keys=dropout_keys, **run)
+                graph, params, rest = nnx.split(block, nnx.Param, ...)
+                x = _block_call(x, graph, params, rest, dropout_keys, **run)
             return layer_norm(x, self.final_norm, config.norm_eps)
         n, groups = config.global_attn_every_n_layers, config.num_layer_groups
         x = self.layers[0](x, dropout_keys=keys[0], **run)

@@ -342,9 +342,9 @@ def test_model_logits_pallas_equal_xla(arg):
 
 def test_layers_share_one_kernel_lowering_and_keep_their_op_names():
     """Every layer calls the same jitted kernels: the tiny model's gradient, lowered for a GPU,
-    holds each Triton kernel (forward, dk/dv, dq) once, called from each of its 4 layers, not
-    a copy per layer (each a Triton lowering). The compiled program still names each call
-    site's ops after its own layer's mask (what bench/hlo_profile.py prices kernels by)."""
+    holds each Triton kernel (forward, dk/dv, dq) once, not a copy per layer (12, each a
+    Triton lowering). The compiled program still names each call site's ops after its own
+    layer's mask (what bench/hlo_profile.py prices kernels by)."""
     from ettin_jax.kernels.target import building_for
     model = EttinModel(ettin_tiny.get_config("mlm").model, rngs=nnx.Rngs(0))
     model.attention_impl = "pallas"
@@ -360,8 +360,6 @@ def test_layers_share_one_kernel_lowering_and_keep_their_op_names():
         text = jax.jit(jax.grad(loss)).trace(params, ids, ids).lower(
             lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 3
-    calls = re.findall(r"call @(_forward|backward)\w*\(", text)
-    assert sorted(calls) == ["_forward"] * 4 + ["backward"] * 4
 
     # Interpreted on this CPU, compiled: two masks, each kernel's ops named after both.
     def stack(x):

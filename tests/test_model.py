@@ -1,5 +1,6 @@
 """The model on its own: packing, parameter counts, initialisation, masks, dropout, dtypes."""
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from flax import nnx
 
 from configs import ettin_17m, ettin_32m, ettin_68m, ettin_150m, ettin_400m, ettin_1b, ettin_tiny
 from ettin_jax import attention
-from ettin_jax.model import EttinModel, count_params
+from ettin_jax.model import EttinModel, count_params, layer_norm
 
 
 # One compiled program per shape instead of hundreds of eagerly dispatched ops.
@@ -231,3 +232,32 @@ def test_fold_in_each_equals_fold_in_key_by_key(impl):
         expected = [jax.random.key_data(jax.random.fold_in(k, d)) for k, d in zip(each, data)]
         got = jax.random.key_data(jax.jit(fold_in_each)(given, data))
         np.testing.assert_array_equal(got, np.stack(expected))
+
+
+def test_layers_of_one_kind_share_one_traced_block():
+    """The unrolled layers run through one jitted block function per kind of layer: 7 layers
+    (the first, local ones, global ones after it) lower to 3 block functions called from 7
+    places, in the forward and in the backward; XLA inlines the calls. The logits are those of
+    the same layers called one by one."""
+    model = _model(num_layers=7)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 500, (1, 32)))
+
+    def loss(params):
+        return nnx.merge(graphdef, params, rest)(ids).sum()
+
+    text = jax.jit(jax.value_and_grad(loss)).lower(params).as_text()
+    calls = re.findall(r"call @(_block_call\w*)\(", text)
+    assert len(calls) == 14 and len(set(calls)) == 6
+
+    def layer_by_layer(model, ids):
+        run = dict(positions=jnp.arange(32)[None], segment_ids=None,
+                   dtype=model.config.compute_dtype, attention_impl="xla")
+        x = model.embed_dropout(layer_norm(jnp.take(model.tok_embeddings[...], ids, axis=0),
+                                           model.embed_norm, model.config.norm_eps))
+        for block in model.layers:
+            x = block(x, **run)
+        return model.head_logits(layer_norm(x, model.final_norm, model.config.norm_eps))
+
+    np.testing.assert_allclose(forward(model, ids), nnx.jit(layer_by_layer)(model, ids),
+                               atol=1e-5)
