@@ -94,12 +94,13 @@ def memory_table(records: list) -> list:
 
 def startup_table(records: list) -> list:
     lines = ["| run | config | rows x seq | JAX started s | state ready s | step compiled s "
-             "(its compile s) | first step s | exit s | rc | cache MB |",
+             "(its compile s; of it trace + lower s) | first step s | exit s | rc | cache MB |",
              "| --- " * 10 + "|"]
     for r in records:
         lines.append(f"| {r['run']} | {r['config']} | {r['rows']} x {r['seq_len']} | "
                      f"{fmt(r.get('jax_started_s'))} | {fmt(r.get('state_ready_s'))} | "
-                     f"{fmt(r.get('step_compiled_s'))} ({fmt(r.get('step_compile_s'))}) | "
+                     f"{fmt(r.get('step_compiled_s'))} ({fmt(r.get('step_compile_s'))}; "
+                     f"{fmt(r.get('step_lower_s'))}) | "
                      f"{fmt(r['first_step_s'])} | {r['exit_s']} | {r['rc']} | {r['cache_mb']} |")
     return lines
 

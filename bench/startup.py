@@ -13,7 +13,7 @@ cold and warm differ only in the cache: `JAX_COMPILATION_CACHE_DIR` (every compi
 cached, however short). Prints one JSON object per run; --json_out appends them to a file.
 Each record also says when main.py logged that JAX started (imports done), that the state was
 restored or initialized, and that the train step (compiled on a thread meanwhile) was ready,
-with that compilation's own seconds.
+with that compilation's own seconds and the trace + lower part of them.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ STAGES = {"jax_started_s": re.compile(r"JAX process \d+ of \d+"),
           "state_ready_s": re.compile(r"parameters, \d+ steps of"),
           "step_compiled_s": re.compile(r"train step compiled in")}
 COMPILE_SECONDS = re.compile(r"train step compiled in ([0-9.]+) s")
+LOWER_SECONDS = re.compile(r"train step compiled in .*traced and lowered in ([0-9.]+) s")
 
 
 def demo_flags(rows: int, seq_len: int) -> list[str]:
@@ -71,7 +72,7 @@ def time_run(command: list[str], env: dict, timeout: float, log_path: str) -> di
     start = time.perf_counter()
     first_step = None
     stages = {name: None for name in STAGES}
-    compile_s = None
+    compile_s = lower_s = None
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -85,6 +86,8 @@ def time_run(command: list[str], env: dict, timeout: float, log_path: str) -> di
                         stages[name] = round(time.perf_counter() - start, 1)
                 if compile_s is None and (match := COMPILE_SECONDS.search(line)):
                     compile_s = float(match.group(1))
+                if lower_s is None and (match := LOWER_SECONDS.search(line)):
+                    lower_s = float(match.group(1))
                 if time.perf_counter() - start > timeout:
                     raise subprocess.TimeoutExpired(command, timeout)
             rc = process.wait(timeout=max(1.0, timeout - (time.perf_counter() - start)))
@@ -94,7 +97,7 @@ def time_run(command: list[str], env: dict, timeout: float, log_path: str) -> di
             rc = "timeout"
     return {"first_step_s": None if first_step is None else round(first_step, 1),
             "exit_s": round(time.perf_counter() - start, 1), "rc": rc, **stages,
-            "step_compile_s": compile_s}
+            "step_compile_s": compile_s, "step_lower_s": lower_s}
 
 
 def dir_bytes(path: str) -> int:
