@@ -228,7 +228,7 @@ class EttinModel(nnx.Module):
         x = self.embed_dropout(layer_norm(x, self.embed_norm, config.norm_eps))
         run = dict(positions=positions, segment_ids=segment_ids, dtype=dtype, attention_impl=impl)
         keys = self.layer_dropout_keys()
-        if not config.scan_layers:     # the reference: every layer traced and compiled apart
+        if not config.scan_layers:     # every layer compiled apart, traced once per kind
             for block, dropout_keys in zip(self.layers, keys):
                 graph, params, rest = nnx.split(block, nnx.Param, ...)
                 x = _block_call(x, graph, params, rest, dropout_keys, **run)
