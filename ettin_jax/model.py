@@ -228,17 +228,20 @@ class EttinModel(nnx.Module):
         x = self.embed_dropout(layer_norm(x, self.embed_norm, config.norm_eps))
         run = dict(positions=positions, segment_ids=segment_ids, dtype=dtype, attention_impl=impl)
         keys = self.layer_dropout_keys()
-        if not config.scan_layers:     # every layer compiled apart, traced once per kind
-            for block, dropout_keys in zip(self.layers, keys):
-                graph, params, rest = nnx.split(block, nnx.Param, ...)
-                x = _block_call(x, graph, params, rest, dropout_keys, **run)
+
+        def unrolled(x, i):   # compiled apart, traced once per kind of layer (_block_call)
+            return _block_call(x, *nnx.split(self.layers[i], nnx.Param, ...), keys[i], **run)
+
+        if not config.scan_layers:
+            for i in range(len(self.layers)):
+                x = unrolled(x, i)
             return layer_norm(x, self.final_norm, config.norm_eps)
         n, groups = config.global_attn_every_n_layers, config.num_layer_groups
-        x = self.layers[0](x, dropout_keys=keys[0], **run)
+        x = unrolled(x, 0)
         if groups:
             x = self._scan_groups(x, range(1, 1 + n * groups), run, keys)
         for i in range(1 + n * groups, len(self.layers)):   # a last group that is not whole
-            x = self.layers[i](x, dropout_keys=keys[i], **run)
+            x = unrolled(x, i)
         return layer_norm(x, self.final_norm, config.norm_eps)
 
     def layer_dropout_keys(self) -> list:
@@ -285,6 +288,8 @@ class EttinModel(nnx.Module):
 
         def group(x, scanned):
             group_params, scanned_keys = scanned
+            # Merged, not _block_call: a jitted block inside the scan body made XLA's plan
+            # of the scanned step move 2.3 GB more (bench/hlo_profile.py, 150m 32 x 1024).
             for graph, rest, params, dropout_keys in zip(graphs, rests, group_params, scanned_keys):
                 block = nnx.merge(graph, params, rest)
                 x = block(x, dropout_keys=dropout_keys, **run)
