@@ -1,7 +1,8 @@
 """Start-up time of a training run: process start to the end of its first step, `main.py` on
 the demo corpus, with a persistent compilation cache that starts empty (cold) and is then
-reused (warm); `cold_no_autotune` is a cold start without XLA's GPU autotuning. Not part
-of the test suite.
+reused (warm); `cold_no_autotune` is a cold start without XLA's GPU autotuning;
+`cold_scanned` / `warm_scanned` are both with the layer groups scanned. Not part of the test
+suite.
 
     python bench/startup.py --config=configs/ettin_150m.py:mlm --rows=64 --seq_len=1024
 
@@ -33,9 +34,21 @@ from absl import flags  # noqa: E402  # pylint: disable=wrong-import-position
 from ettin_jax import cli  # noqa: E402  # pylint: disable=wrong-import-position
 FIRST_STEP = re.compile(r"\bstep 1/\d+")
 # --runs entries: main.py flags each adds. A cold start compiles with autotuning (every GEMM
-# fusion timed on the device); on CPU the option is accepted and changes nothing.
+# fusion timed on the device); on CPU the option is accepted and changes nothing. The scanned
+# pair asks whether compiling one layer group instead of every layer (config.model.scan_layers)
+# shortens a start on a GPU: XLA's compile grows with depth (bench/RESULTS.md), and a GPU cache
+# hit rebuilds the executable's thunks from the whole optimized module.
+SCANNED = ["--config.model.scan_layers=true"]
 RUNS = {"cold": [], "warm": [],
-        "cold_no_autotune": ["--config.train.xla_options=xla_gpu_autotune_level=0"]}
+        "cold_no_autotune": ["--config.train.xla_options=xla_gpu_autotune_level=0"],
+        "cold_scanned": SCANNED, "warm_scanned": SCANNED}
+
+
+def cache_suffix(run: str) -> str:
+    """The cache dir suffix of a --runs entry: runs with other main.py flags make other cache
+    keys, so each variant (the part after cold_/warm_) has its own dir, shared by its cold and
+    warm runs; a variant's cold run never empties the plain runs' dir."""
+    return "-" + run.split("_", 1)[1] if "_" in run else ""
 # Where the time to the first step goes, from main.py's own log lines (seconds since process
 # start at which each first appears): imports and backend start, state restored or
 # initialized (the train step compiles on a thread meanwhile), the step's compilation done.
@@ -111,7 +124,8 @@ def define_flags():
     flags.DEFINE_string("runs", "cold,warm", "runs in order: cold empties the cache dir first, "
                         "warm reuses it, cold_no_autotune is cold with XLA's GPU autotuning "
                         "off (train.xla_options=xla_gpu_autotune_level=0: how much of a cold "
-                        "start it is)")
+                        "start it is), cold_scanned / warm_scanned are cold and warm with the "
+                        "layer groups scanned (model.scan_layers=true; their own cache dir)")
     flags.DEFINE_string("cache_dir", "", "compilation cache dir (default: a fresh temporary one)")
     flags.DEFINE_multi_string("override", [], "extra main.py flag, e.g. "
                               "--override=--config.model.remat=full (repeatable)")
@@ -134,9 +148,7 @@ def main(argv):
     for run in args.runs.split(","):
         if run not in RUNS:
             raise cli.UserError(f"--runs entry {run!r}: expected one of {', '.join(RUNS)}")
-        # Other XLA options make other cache keys: such a run gets its own dir, and does not
-        # empty the one a later warm run reads.
-        run_cache = cache_dir + (f"-{run}" if RUNS[run] else "")
+        run_cache = cache_dir + cache_suffix(run)
         if run.startswith("cold"):
             shutil.rmtree(run_cache, ignore_errors=True)
         os.makedirs(run_cache, exist_ok=True)

@@ -63,9 +63,11 @@ def test_gpu_sh_full_mode_times_the_start_up_at_1024_and_8192(tmp_path):
         words = command_of(stdout, name)
         return [w for w in words if w.startswith(("--rows=", "--seq_len="))]
     full = dry_run(tmp_path, "--stages=startup")
-    assert names_in_order(full) == ["startup", "startup_long"]
+    assert names_in_order(full) == ["startup", "startup_long", "startup_scanned"]
     assert shape(full, "startup") == ["--rows=64", "--seq_len=1024"]
     assert shape(full, "startup_long") == ["--rows=8", "--seq_len=8192"]
+    assert shape(full, "startup_scanned") == ["--rows=64", "--seq_len=1024"]
+    assert "--runs=cold_scanned,warm_scanned" in command_of(full, "startup_scanned")
     assert names_in_order(dry_run(tmp_path, "--stages=startup", "--quick")) == ["startup"]
 
 
@@ -85,3 +87,15 @@ def test_gpu_sh_refuses_an_unknown_stage_before_running_anything(tmp_path):
                          env=dict(os.environ, GPUBENCH_LOG=str(tmp_path / "gpubench")))
     assert out.returncode == 2
     assert "unknown stage 'atention'" in out.stderr and out.stdout == ""
+
+
+def test_startup_runs_share_a_cache_dir_per_variant():
+    from bench import startup  # pylint: disable=import-outside-toplevel
+    suffix = {run: startup.cache_suffix(run) for run in startup.RUNS}
+    assert suffix["cold"] == suffix["warm"] == ""
+    assert suffix["cold_scanned"] == suffix["warm_scanned"] != ""
+    assert startup.RUNS["cold_scanned"] == startup.RUNS["warm_scanned"]
+    # A run with main.py flags of its own never reads or empties the plain runs' cache.
+    for run, extra_flags in startup.RUNS.items():
+        assert (suffix[run] == "") == (not extra_flags), run
+    assert len({suffix["cold"], suffix["cold_no_autotune"], suffix["cold_scanned"]}) == 3
