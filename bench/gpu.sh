@@ -207,12 +207,12 @@ stage_memory() {
   for size in $SIZES; do
     for objective in mlm; do
       cmd=(python bench/memory.py --config=configs/ettin_$size.py:$objective --seq_lens=$MEM_SEQS
-           --remat=none,full,dots $MEM_EXTRA --json_out="$LOG/memory.jsonl")
-      echo "+ [memory_$size, background] XLA_FLAGS=--xla_gpu_autotune_level=0 ${cmd[*]}"
+           --remat=none,full,dots --config.train.xla_options=xla_gpu_autotune_level=0
+           $MEM_EXTRA --json_out="$LOG/memory.jsonl")
+      echo "+ [memory_$size, background] ${cmd[*]}"
       printf '%s\t%s\t%s\t%s\n' "memory_$size" bg - "${cmd[*]}" >> "$LOG/commands.tsv"
       if [ "$DRY" = 0 ]; then
-        XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
-          timeout --kill-after=10 $(( BUDGET - 30 )) "${cmd[@]}" > "$LOG/memory_$size.log" 2>&1 &
+        timeout --kill-after=10 $(( BUDGET - 30 )) "${cmd[@]}" > "$LOG/memory_$size.log" 2>&1 &
         MEM_PIDS+=($!)
       fi
     done
