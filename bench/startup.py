@@ -37,7 +37,7 @@ FIRST_STEP = re.compile(r"\bstep 1/\d+")
 # fusion timed on the device); on CPU the option is accepted and changes nothing. The scanned
 # pair asks whether compiling one layer group instead of every layer (config.model.scan_layers)
 # shortens a start on a GPU: XLA's compile grows with depth (bench/RESULTS.md), and a GPU cache
-# hit rebuilds the executable's thunks from the whole optimized module.
+# hit may too (XLA rebuilds the executable's thunks from the whole optimized module).
 SCANNED = ["--config.model.scan_layers=true"]
 RUNS = {"cold": [], "warm": [],
         "cold_no_autotune": ["--config.train.xla_options=xla_gpu_autotune_level=0"],
@@ -49,6 +49,8 @@ def cache_suffix(run: str) -> str:
     keys, so each variant (the part after cold_/warm_) has its own dir, shared by its cold and
     warm runs; a variant's cold run never empties the plain runs' dir."""
     return "-" + run.split("_", 1)[1] if "_" in run else ""
+
+
 # Where the time to the first step goes, from main.py's own log lines (seconds since process
 # start at which each first appears): imports and backend start, state restored or
 # initialized (the train step compiles on a thread meanwhile), the step's compilation done.
