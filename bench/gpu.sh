@@ -4,8 +4,8 @@
 #   ours: the train step (bench/train_step.py --attention_impl=pallas): 150m mlm 64x1024 and
 #     8x8192, 1b mlm 32x1024, 150m clm 64x1024, each config in one process; each record has
 #     the allocator's measured peak memory;
-#   attention (bench/attention.py): --check (kernels vs XLA), then pallas, cudnn, mosaic,
-#     mosaic-triton-bwd at 1024 and 8192, global and local layers;
+#   attention (bench/attention.py): --check (kernels vs XLA), then pallas and cudnn, then (its
+#     own process) mosaic and mosaic-triton-bwd, at 1024 and 8192, global and local layers;
 #   startup (bench/startup.py): main.py to its first step, 150m 64x1024, cold then warm cache
 #     (full mode: then cold without XLA's autotuning, 8x8192 cold then warm, and 64x1024 cold
 #     then warm with the layer groups scanned);
@@ -14,8 +14,8 @@
 #   tune, with at least 120 s left: one process timing the 150m mlm step at 64x1024, baseline
 #     (pallas, threefry, loss chunks 4096/8192, 64 rows) first and then profiled (top ops per
 #     XLA operation -> $LOG/profile_150m_mlm.txt), then each knob alone: XLA's autotuning off,
-#     prng_impl rbg / unsafe_rbg, attention_impl mosaic, loss_vocab_chunk 16384,
-#     loss_row_chunk 32768, micro batch 32 / 128 rows, scan_layers true, Triton GEMMs off
+#     prng_impl rbg / unsafe_rbg, loss_vocab_chunk 16384, loss_row_chunk 32768, micro batch
+#     32 / 128 rows, scan_layers true, Triton GEMMs off, attention_impl mosaic
 #     (bench/variants.py; -> $LOG/tune.jsonl);
 #   memory (not by default; where listed it starts in the background and stops at startup or
 #     the end): bench/memory.py's largest micro batch per size at 1024 and 8192, remat
@@ -95,8 +95,9 @@ if [ "$SMOKE" = 1 ]; then
   PEER_COMPILE_REST=no
   # The tiny vocabulary (512) and 4-row batch: chunks and rows that still split the loss.
   TUNE_VARIANTS="xla_options=xla_gpu_autotune_level=0;prng_impl=rbg,unsafe_rbg"
-  TUNE_VARIANTS+=";attention_impl=mosaic;loss_vocab_chunk=96;loss_row_chunk=64;batch=2,8"
+  TUNE_VARIANTS+=";loss_vocab_chunk=96;loss_row_chunk=64;batch=2,8"
   TUNE_VARIANTS+=";scan_layers=true;xla_options=xla_gpu_enable_triton_gemm=false"
+  TUNE_VARIANTS+=";attention_impl=mosaic"
 else
   C150=configs/ettin_150m.py C1B=configs/ettin_1b.py SIZES="17m 32m 68m 150m 400m 1b"
   S64x1K=64x1024 S8x8K=8x8192 S32x1K=32x1024 SEQS=1024,8192 ATT_BATCH="" ATT_ENV=()
@@ -107,10 +108,12 @@ else
   # In order of priority (a variant the budget does not reach is recorded as skipped). At
   # 64x1024 MLM the loss runs on 64 x 312 = 19,968 slots: row chunk 8192 pads them to 24,576.
   # Autotuning off first: its compile_s against the baseline's is autotuning's share of a
-  # cold compile, its step time what autotuning buys (ettin_jax/xla_options.py).
+  # cold compile, its step time what autotuning buys (ettin_jax/xla_options.py). The Mosaic
+  # kernels last: every variant runs in one process, and they have never run on a GPU.
   TUNE_VARIANTS="xla_options=xla_gpu_autotune_level=0;prng_impl=rbg,unsafe_rbg"
-  TUNE_VARIANTS+=";attention_impl=mosaic;loss_vocab_chunk=16384;loss_row_chunk=32768"
+  TUNE_VARIANTS+=";loss_vocab_chunk=16384;loss_row_chunk=32768"
   TUNE_VARIANTS+=";batch=32,128;scan_layers=true;xla_options=xla_gpu_enable_triton_gemm=false"
+  TUNE_VARIANTS+=";attention_impl=mosaic"
 fi
 if [ "$QUICK" = 1 ]; then
   SEQS=${SEQS#*,} MEM_SEQS=${MEM_SEQS%,*}
@@ -287,9 +290,14 @@ stage_attention() {
   else
     run attention_check 120 python bench/attention.py --check --check_dtypes bfloat16 --check_head_dims 64
   fi
+  # The Mosaic kernels in a process of their own, after: a fault of theirs on the GPU (never
+  # run there yet) cannot take the Triton and cuDNN figures down with it.
   run attention $ATT_LIMIT "${ATT_ENV[@]}" python bench/attention.py \
-    --impls pallas,cudnn,mosaic,mosaic-triton-bwd --seqs $SEQS $ATT_BATCH --layers $ATT_LAYERS \
+    --impls pallas,cudnn --seqs $SEQS $ATT_BATCH --layers $ATT_LAYERS \
     --results --results_file "$LOG/attention.md" --note "bench/gpu.sh"
+  run attention_mosaic $ATT_LIMIT "${ATT_ENV[@]}" python bench/attention.py \
+    --impls mosaic,mosaic-triton-bwd --seqs $SEQS $ATT_BATCH --layers $ATT_LAYERS \
+    --results --results_file "$LOG/attention.md" --note "bench/gpu.sh, Mosaic GPU kernels"
 }
 
 for stage in ${STAGES//,/ }; do
