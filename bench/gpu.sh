@@ -29,6 +29,7 @@
 #
 #   bash bench/gpu.sh [--quick] [--stages=ours,startup] [--skip_peer] [--budget_s=480]
 #   bash bench/gpu.sh --tune [--budget_s=480]    # = --stages=tune (profile + variants)
+#   bash bench/gpu.sh --stages=tune,ours --tune_s=200   # the profile first, capped, then ours
 #   bash bench/gpu.sh --dry_run      # print every command, run nothing
 #   bash bench/gpu.sh --cpu_smoke    # every command on CPU, tiny config and shapes
 #   bash bench/gpu.sh --fetch_wheels # on a networked machine: grain, ml-collections, clu,
@@ -39,7 +40,7 @@
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-QUICK=0 SKIP_PEER=0 DRY=0 SMOKE=0 BUDGET=480 STAGES=""
+QUICK=0 SKIP_PEER=0 DRY=0 SMOKE=0 BUDGET=480 STAGES="" TUNE_S=600
 for arg in "$@"; do
   case $arg in
     --quick) QUICK=1 ;;
@@ -49,6 +50,7 @@ for arg in "$@"; do
     --tune) STAGES=tune ;;
     --stages=*) STAGES=${arg#*=} ;;
     --budget_s=*) BUDGET=${arg#*=} ;;
+    --tune_s=*) TUNE_S=${arg#*=} ;;   # the tune stage's own limit (default 600; 120 at least)
     --fetch_wheels)
       exec pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --abi cp312 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
@@ -62,6 +64,10 @@ if [ -z "$STAGES" ]; then
   [ "$QUICK" = 1 ] && STAGES=ours,attention,startup,peer
 fi
 [ "$SKIP_PEER" = 1 ] && STAGES=$(echo ",$STAGES," | sed 's/,peer,/,/g; s/^,//; s/,$//')
+case $TUNE_S in
+  ''|*[!0-9]*) echo "bench/gpu.sh: --tune_s=$TUNE_S: expected whole seconds" >&2; exit 2 ;;
+esac
+[ "$TUNE_S" -lt 120 ] && { echo "bench/gpu.sh: --tune_s=$TUNE_S: the tune stage needs 120 s at least (a compile, steps, the profile)" >&2; exit 2; }
 for stage in ${STAGES//,/ }; do
   case $stage in
     ours|attention|startup|peer|tune|memory) ;;
@@ -192,7 +198,7 @@ stage_tune() {
   # One process: the baseline is timed, then profiled (its compiled step, no second compile),
   # then each variant. The sweep stops starting variants 40 s before its timeout (start-up,
   # the last steps), so what it measured is in tune.jsonl and the rest is listed as skipped.
-  local limit; limit=$(budget_cut 600)
+  local limit; limit=$(budget_cut "$TUNE_S")
   run tune_150m_mlm "$limit" python bench/train_step.py --attention_impl=pallas --transformers=no \
     $STEPS --config=$C150:mlm --shapes=$S64x1K --variants="$TUNE_VARIANTS" \
     --variants_budget_s=$(( limit > 60 ? limit - 40 : 20 )) --json_out="$LOG/tune.jsonl" \

@@ -100,6 +100,19 @@ def test_gpu_sh_refuses_an_unknown_stage_before_running_anything(tmp_path):
     assert "unknown stage 'atention'" in out.stderr and out.stdout == ""
 
 
+def test_gpu_sh_tune_s_caps_the_tune_stage_so_later_stages_run(tmp_path):
+    stdout = dry_run(tmp_path, "--stages=tune,ours", "--tune_s=200", "--budget_s=540")
+    assert names_in_order(stdout)[:2] == ["tune_150m_mlm", "ours_150m_mlm"]
+    assert "[tune_150m_mlm, timeout 200s]" in stdout
+    args = dict(a.split("=", 1) for a in command_of(stdout, "tune_150m_mlm") if "=" in a)
+    assert 0 < int(args["--variants_budget_s"]) < 200
+    for bad, message in (("--tune_s=60", "needs 120 s at least"), ("--tune_s=2m", "whole seconds")):
+        out = subprocess.run(["bash", "bench/gpu.sh", "--dry_run", bad], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, GPUBENCH_LOG=str(tmp_path / "gpubench")))
+        assert out.returncode == 2 and message in out.stderr and out.stdout == "", bad
+
+
 def test_startup_runs_share_a_cache_dir_per_variant():
     from bench import startup  # pylint: disable=import-outside-toplevel
     suffix = {run: startup.cache_suffix(run) for run in startup.RUNS}
