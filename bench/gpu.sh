@@ -22,7 +22,7 @@
 #     none/full/dots, 80 GB, compile-only.
 # Each command has its own timeout, cut to the budget left; what the budget does not reach is
 # listed as skipped. On an H200 (2026-11-30) one cold compile of a train step took about a
-# minute, so the whole default list needs about 15 minutes: pick stages to fit a lease.
+# minute, so the whole default list needs more than 15 minutes: pick stages to fit a lease.
 # The section (card, date, jax version, every command) is appended to bench/RESULTS.md and
 # written to $LOG/results_section.md (/tmp/gpubench); with $OUT set (the device machine), that
 # section and a .tar.gz of every log are copied to $OUT, which the device tool brings back.
