@@ -88,3 +88,60 @@ def test_train_step_table_joins_ours_and_the_peer_per_shape():
     assert cells == ["150m:mlm", "64 x 1024", "200.0", "327,680", "25.0%", "300.0", "218,453",
                      "1.5", "pallas", "bfloat16", "37.95"]
     assert table[3].split("|")[-2].strip() == "n/a" and "8 x 8192" in table[3]
+
+
+def test_goals_table_checks_each_goal_of_the_gpu_issue_against_the_run():
+    """bench/gpu_report.py's summary: each goal met, missed or not measured, from the records
+    gpu.sh's stages write (figures shaped like the H200 run in bench/RESULTS.md)."""
+    train = [{"config": "150m:mlm", "batch": 8, "seq_len": 8192, "tokens_per_sec": 330_000.0,
+              "mfu": 0.45},
+             {"config": "1b:mlm", "batch": 32, "seq_len": 1024, "tokens_per_sec": 74_548.0,
+              "mfu": 0.457},
+             {"config": "150m:clm", "batch": 64, "seq_len": 1024, "tokens_per_sec": 340_000.0,
+              "mfu": 0.32}]
+    # 150m mlm 64 x 1024 only in the tune sweep: its baseline stands in, a variant does not.
+    tune = [{"config": "150m:mlm", "batch": 64, "seq_len": 1024, "variant": "baseline",
+             "tokens_per_sec": 372_056.0, "mfu": 0.31},
+            {"config": "150m:mlm", "batch": 64, "seq_len": 1024, "variant": "batch=128",
+             "tokens_per_sec": 999_999.0, "mfu": 0.9}]
+    startup = [{"run": "cold", "config": "configs/ettin_150m.py:mlm", "rows": 64,
+                "seq_len": 1024, "first_step_s": 121.2, "rc": 0},
+               {"run": "warm", "config": "configs/ettin_150m.py:mlm", "rows": 64,
+                "seq_len": 1024, "first_step_s": 9.5, "rc": 0},
+               {"run": "cold", "config": "configs/ettin_150m.py:mlm", "rows": 8,
+                "seq_len": 8192, "first_step_s": None, "rc": "timeout"}]
+    attention = ["| seq | batch | layer | impl | ms (fwd+bwd) | TFLOP/s (visible pairs) |",
+                 "| --- | --- | --- | --- | --- | --- |",
+                 "| 8192 | 2 | enc-global | pallas | 5.195 | 400.0 |",
+                 "| 8192 | 2 | enc-global | cudnn | 3.423 | 600.0 |",
+                 "| 8192 | 2 | enc-global | mosaic | n/a | some error |",
+                 "| 8192 | 2 | dec-local | pallas | 0.258 | 100.0 |",
+                 "| 8192 | 2 | dec-local | cudnn | 0.345 | 80.0 |",
+                 "| 8192 | 2 | dec-global | mosaic | 1.800 | 300.0 |",
+                 "| 8192 | 2 | dec-global | pallas | 2.840 | 200.0 |",
+                 "| 8192 | 2 | dec-global | cudnn | 1.920 | 280.0 |"]
+    table = gpu_report.goals_table(train, tune, startup, attention)
+    rows = {cells[0]: cells[1:] for cells in
+            ([c.strip() for c in line.split("|")[1:-1]] for line in table[2:])}
+    assert rows["150m:mlm 64 x 1024 >= 450,000 tokens/s"] == [
+        "372,056 tokens/s, 31.0% MFU", "no"]
+    assert rows["150m:mlm 8 x 8192 >= 320,000 tokens/s"][1] == "yes"
+    assert rows["1b:mlm 32 x 1024 >= 55% MFU"] == ["74,548 tokens/s, 45.7% MFU", "no"]
+    # 340,000 / 372,056 = 0.914: within 10%.
+    assert rows["150m:clm 64 x 1024 within 10% of MLM's tokens/s"] == [
+        "340,000 vs 372,056 (0.914x)", "yes"]
+    assert rows["150m start-up 64 x 1024, cold cache, <= 30 s to the first step"] == [
+        "121.2 s", "no"]
+    assert rows["150m start-up 64 x 1024, warm cache, <= 10 s to the first step"][1] == "yes"
+    assert rows["150m start-up 8 x 8192, cold cache, <= 30 s to the first step"] == [
+        "no first step (rc timeout)", "no"]
+    assert rows["150m start-up 8 x 8192, warm cache, <= 10 s to the first step"] == [
+        "", "not measured"]
+    # 3.423 / 5.195 = 0.66; the failed mosaic row is not a time; the fastest of ours counts.
+    assert rows["attention enc-global 8192: ours fwd+bwd <= cuDNN's"] == [
+        "pallas 5.195 ms vs cuDNN 3.423 ms (0.66x)", "no"]
+    assert rows["attention dec-global 8192: ours fwd+bwd <= cuDNN's"] == [
+        "mosaic 1.800 ms vs cuDNN 1.920 ms (1.07x)", "yes"]
+    assert rows["attention dec-local 8192: ours fwd+bwd <= cuDNN's"][1] == "yes"
+    assert rows["attention enc-global 1024: ours fwd+bwd <= cuDNN's"][1] == "not measured"
+    assert len(rows) == 3 + 1 + 4 + 8
