@@ -135,11 +135,11 @@ def attention_rows(lines: list) -> dict:
 def goals_table(train: list, tune: list, startup: list, attention: list) -> list:
     """One row per goal of the GPU issue: what this run measured against it, and whether it is
     met ("not measured" where the run has no figure for it)."""
+    baselines = [r for r in tune if r.get("variant") == "baseline"]
+
     def measured(config, rows, seq):
-        found = [r for r in train if (r.get("config"), r.get("batch"), r.get("seq_len"))
-                 == (config, rows, seq) and "tokens_per_sec" in r]
-        found += [r for r in tune if r.get("variant") == "baseline" and "tokens_per_sec" in r
-                  and (r.get("config"), r.get("batch"), r.get("seq_len")) == (config, rows, seq)]
+        found = [r for r in train + baselines if "tokens_per_sec" in r
+                 and (r.get("config"), r.get("batch"), r.get("seq_len")) == (config, rows, seq)]
         return found[0] if found else None
 
     lines = ["| goal | measured | met |", "| --- | --- | --- |"]
