@@ -10,7 +10,9 @@ With several hosts, start one process per host (or per GPU) with `--distributed`
 The config, the workdir and config.train.init_from are checked before JAX starts: a mistake
 there ends in one `error:` line (exit 1). Compiled programs are cached on disk in
 config.train.compilation_cache_dir (default ~/.cache/ettin-jax/xla; "" turns the cache off;
-a JAX_COMPILATION_CACHE_DIR environment variable wins), so a restart skips most compilation.
+a JAX_COMPILATION_CACHE_DIR environment variable wins), so a restart skips most compilation;
+with config.train.compilation_cache_xla_caches (default "all") XLA also keeps its GPU kernels
+and GEMM autotuning results there, which a changed program reuses.
 """
 import importlib.util
 import os
@@ -93,6 +95,25 @@ def validate(config, workdir: str, *, dry_run: bool = False):
                                 "ettin_jax.hf import` output)")
     if config.data.mixture:   # the demo variant's schedule is checked once it is applied
         schedules.validate(config)
+    xla_caches_setting(config)
+
+
+# XLA's caches that jax keeps beside the executables (jax_persistent_cache_enable_xla_caches).
+XLA_CACHES = ("xla_gpu_kernel_cache_file", "xla_gpu_per_fusion_autotune_cache_dir")
+
+
+def xla_caches_setting(config) -> str | None:
+    """jax_persistent_cache_enable_xla_caches from config.train.compilation_cache_xla_caches
+    ("all", "" or a comma list of XLA_CACHES), or None when the environment sets it."""
+    if "JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES" in os.environ:
+        return None
+    value = config.train.compilation_cache_xla_caches.strip()
+    unknown = [name for name in value.split(",") if name.strip() not in ("", *XLA_CACHES)]
+    if value != "all" and unknown:
+        raise cli.UserError(f"config.train.compilation_cache_xla_caches={value!r}: unknown "
+                            f"{unknown[0].strip()!r}; expected \"all\", \"\" or a comma list "
+                            f"of {', '.join(XLA_CACHES)}")
+    return value
 
 
 def compilation_cache_settings(config) -> tuple[str, float] | None:
@@ -118,14 +139,18 @@ def start_jax(config):
         jax.config.update("jax_compilation_cache_dir", directory)
         if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
+    xla_caches = xla_caches_setting(config)
+    if xla_caches is not None:
+        jax.config.update("jax_persistent_cache_enable_xla_caches", xla_caches)
     if FLAGS.distributed:
         if FLAGS.cpu_collectives:
             jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                    num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    logging.info("JAX process %d of %d, local devices %s; compilation cache %s",
-                 jax.process_index(), jax.process_count(), jax.local_devices(),
-                 jax.config.jax_compilation_cache_dir or "off")
+    logging.info("JAX process %d of %d, local devices %s; compilation cache %s (XLA caches: "
+                 "%s)", jax.process_index(), jax.process_count(), jax.local_devices(),
+                 jax.config.jax_compilation_cache_dir or "off",
+                 jax.config.jax_persistent_cache_enable_xla_caches or "none")
     return jax
 
 

@@ -333,6 +333,12 @@ def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: st
     # set JAX_COMPILATION_CACHE_DIR (and JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS) wins.
     c.train.compilation_cache_dir = "~/.cache/ettin-jax/xla"
     c.train.compilation_cache_min_compile_secs = 1.0   # programs compiling faster are not cached
+    # XLA's own caches, kept in the same dir (jax_persistent_cache_enable_xla_caches): "all" =
+    # GEMM autotuning results per fusion and the compiled GPU kernels, so a program that
+    # changed (a config edit, the other objective, the next phase) reuses the kernels and
+    # autotuning it shares with one compiled before; "" = jax's default (autotuning only).
+    # JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES wins when set.
+    c.train.compilation_cache_xla_caches = "all"
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "warmup_stable_decay" if phase in ("pretrain", "cross") else "one_minus_sqrt"

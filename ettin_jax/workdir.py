@@ -41,7 +41,8 @@ RUNTIME_SECTIONS = ("mesh", "demo")
 RUNTIME_KEYS = frozenset({
     "model.attention_impl", "model.dtype", "model.scan_layers", "model.remat",
     "train.xla_options", "train.allow_config_change",
-    "train.compilation_cache_dir", "train.loss_vocab_chunk", "train.loss_row_chunk",
+    "train.compilation_cache_dir", "train.compilation_cache_min_compile_secs",
+    "train.compilation_cache_xla_caches", "train.loss_vocab_chunk", "train.loss_row_chunk",
     "train.max_micro_tokens",
     "data.num_workers", "data.worker_group_rows", "data.worker_buffer_groups",
     "data.mds_cache_dir", "checkpoint.async_save",

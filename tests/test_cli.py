@@ -51,6 +51,9 @@ def assert_one_error_line(result, *fragments):
                                                     "init_from=scratch"]),
     (["--config=configs/ettin_tiny.py:mlm", "--workdir=gs://bucket/runs/x"],
      ["--workdir=gs://bucket/runs/x", "local or mounted path"]),
+    (["--config=configs/ettin_tiny.py:mlm",
+      "--config.train.compilation_cache_xla_caches=xla_gpu_kernel_cache"],
+     ["config.train.compilation_cache_xla_caches", "unknown 'xla_gpu_kernel_cache'"]),
 ])
 def test_main_user_errors_are_one_line_before_jax_starts(tmp_path, args, fragments):
     result = run("main.py", f"--workdir={tmp_path / 'w'}", *args)
@@ -240,3 +243,44 @@ def test_second_start_reads_compiled_programs_from_the_cache(tmp_path):
     print(f"seconds from JAX start to the first step: {times}, step compiles: {compiles}")
     assert times[1] < times[0], times
     assert compiles[1] < compiles[0], compiles
+
+
+# What jax hands XLA once main.py has set the cache up: read back from jax's compile options.
+_COMPILE_OPTIONS = """
+import sys
+from absl import flags
+import main
+main.define_flags()
+flags.FLAGS(["main.py", "--config=configs/ettin_tiny.py:mlm", "--workdir=unused", *sys.argv[1:]])
+main.start_jax(flags.FLAGS.config)
+from jax._src import compiler
+compile_options = compiler.get_compile_options(1, 1)   # kept: debug_options points into it
+options = compile_options.executable_build_options.debug_options
+print("kernels=" + options.xla_gpu_kernel_cache_file)
+print("autotune=" + options.xla_gpu_per_fusion_autotune_cache_dir)
+"""
+
+
+@pytest.mark.parametrize("setting,env_setting,kernels,autotune", [
+    (None, None, True, True),                                      # the default: "all"
+    ("", None, False, False),
+    ("xla_gpu_per_fusion_autotune_cache_dir", None, False, True),   # jax's own default
+    ("", "xla_gpu_kernel_cache_file", True, False),                  # the environment wins
+])
+def test_xla_caches_go_to_the_compilation_cache_dir(tmp_path, setting, env_setting, kernels,
+                                                    autotune):
+    env = train_testlib.subprocess_env()
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env.pop("JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES", None)
+    if env_setting is not None:
+        env["JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES"] = env_setting
+    cache = tmp_path / "xla"
+    args = [f"--config.train.compilation_cache_dir={cache}"]
+    if setting is not None:
+        args.append(f"--config.train.compilation_cache_xla_caches={setting}")
+    result = run("-c", _COMPILE_OPTIONS, *args, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    paths = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    assert paths["kernels"] == (str(cache / "xla_gpu_kernel_cache_file") if kernels else "")
+    assert paths["autotune"] == (str(cache / "xla_gpu_per_fusion_autotune_cache_dir")
+                                 if autotune else "")
