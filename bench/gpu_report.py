@@ -2,7 +2,8 @@
 
     python bench/gpu_report.py --bench_logs=$OUT/gpubench --mode=gpu --append_to=bench/RESULTS.md
 
-Reads commands.tsv (name, exit code, seconds, command), gpu.txt (nvidia-smi), the JSON lines
+Reads commands.tsv (name, exit code, seconds, command), gpu.txt (nvidia-smi), cache.txt (the
+compilation cache the stages shared), the JSON lines
 of train_step.jsonl, tune.jsonl (the one-at-a-time variants of bench/variants.py), memory.jsonl
 and startup.jsonl, attention.md, profile_150m_mlm.txt and skipped.txt; writes the section to
 LOG_DIR/results_section.md and appends it to --append_to. The section opens with the GPU
@@ -20,6 +21,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ettin_jax import cli  # noqa: E402  # pylint: disable=wrong-import-position
+from bench import startup as startup_runs  # noqa: E402  # pylint: disable=wrong-import-position
 
 
 def read_lines(path: str) -> list:
@@ -94,15 +96,32 @@ def memory_table(records: list) -> list:
 
 
 def startup_table(records: list) -> list:
+    """The start-up runs, then whether the runs of each shape and cache dir (bench/startup.py's
+    variants: cold, warm and new_program share one) logged one loss at step 1: the same program
+    on the same data, so a cached program, kernel or autotuning choice that computes something
+    else differs there."""
     lines = ["| run | config | rows x seq | JAX started s | state ready s | step compiled s "
-             "(its compile s; of it trace + lower s) | first step s | exit s | rc | cache MB |",
-             "| --- " * 10 + "|"]
+             "(its compile s; of it trace + lower s) | first step s | loss at step 1 | exit s | "
+             "rc | cache MB |",
+             "| --- " * 11 + "|"]
+    losses = {}
     for r in records:
         lines.append(f"| {r['run']} | {r['config']} | {r['rows']} x {r['seq_len']} | "
                      f"{fmt(r.get('jax_started_s'))} | {fmt(r.get('state_ready_s'))} | "
                      f"{fmt(r.get('step_compiled_s'))} ({fmt(r.get('step_compile_s'))}; "
                      f"{fmt(r.get('step_lower_s'))}) | "
-                     f"{fmt(r['first_step_s'])} | {r['exit_s']} | {r['rc']} | {r['cache_mb']} |")
+                     f"{fmt(r['first_step_s'])} | {fmt(r.get('first_loss'))} | {r['exit_s']} | "
+                     f"{r['rc']} | {r['cache_mb']} |")
+        if r.get("first_loss") is not None:
+            key = (r["config"], r["rows"], r["seq_len"], startup_runs.cache_suffix(r["run"]))
+            losses.setdefault(key, {})[r["run"]] = r["first_loss"]
+    for (config, rows, seq_len, _), by_run in losses.items():
+        if len(by_run) > 1:
+            agree = len(set(by_run.values())) == 1
+            lines += ["", f"Loss at step 1, {config} {rows} x {seq_len}, "
+                      f"{' / '.join(by_run)}: "
+                      + ("the same in every run" if agree else "DIFFERS: " + ", ".join(
+                          f"{run} {loss}" for run, loss in by_run.items()))]
     return lines
 
 
@@ -198,6 +217,11 @@ def section(log_dir: str, mode: str) -> str:
         out.append(f"- {name} (rc {rc}, {secs} s): `{command}`")
     skipped = read_lines(os.path.join(log_dir, "skipped.txt"))
     out.append("\nSkipped or incomplete: " + ("; ".join(skipped) if skipped else "nothing") + "\n")
+    cache = read_lines(os.path.join(log_dir, "cache.txt"))
+    if cache and not cache[0].endswith(": off"):
+        out.append(cache[0][0].upper() + cache[0][1:] + ". First-step seconds after the "
+                   "run's first compile reuse its cached programs, kernels and autotuning, so "
+                   "they are not cold compiles (the start-up runs keep caches of their own).\n")
     train = read_json_lines(os.path.join(log_dir, "train_step.jsonl"))
     tune = read_json_lines(os.path.join(log_dir, "tune.jsonl"))
     startup = read_json_lines(os.path.join(log_dir, "startup.jsonl"))

@@ -1,8 +1,11 @@
 """Start-up time of a training run: process start to the end of its first step, `main.py` on
 the demo corpus, with a persistent compilation cache that starts empty (cold) and is then
-reused (warm); `cold_no_autotune` is a cold start without XLA's GPU autotuning;
-`cold_scanned` / `warm_scanned` are both with the layer groups scanned. Not part of the test
-suite.
+reused (warm); `new_program` is a start on that cache with its compiled programs removed but
+XLA's kernel and autotuning caches kept (main.py's config.train.compilation_cache_xla_caches):
+what a changed program pays when its kernels were compiled before (a config edit, the other
+objective, the next phase), at most; `cold_no_autotune` is a cold start without XLA's GPU
+autotuning; `cold_scanned` / `warm_scanned` are both with the layer groups scanned. Not part
+of the test suite.
 
     python bench/startup.py --config=configs/ettin_150m.py:mlm --rows=64 --seq_len=1024
 
@@ -14,7 +17,9 @@ cold and warm differ only in the cache: `JAX_COMPILATION_CACHE_DIR` (every compi
 cached, however short). Prints one JSON object per run; --json_out appends them to a file.
 Each record also says when main.py logged that JAX started (imports done), that the state was
 restored or initialized, and that the train step (compiled on a thread meanwhile) was ready,
-with that compilation's own seconds and the trace + lower part of them.
+with that compilation's own seconds and the trace + lower part of them, and the loss of the
+first step: runs of one shape compute the same step from the same data and initialisation, so
+a cached executable, kernel or autotuning choice that computed something else shows there.
 """
 from __future__ import annotations
 
@@ -33,13 +38,14 @@ from absl import flags  # noqa: E402  # pylint: disable=wrong-import-position
 
 from ettin_jax import cli  # noqa: E402  # pylint: disable=wrong-import-position
 FIRST_STEP = re.compile(r"\bstep 1/\d+")
+FIRST_LOSS = re.compile(r"\bstep 1/\d+ \([^)]*\): loss ([-+.\w]+)")
 # --runs entries: main.py flags each adds. A cold start compiles with autotuning (every GEMM
 # fusion timed on the device); on CPU the option is accepted and changes nothing. The scanned
 # pair asks whether compiling one layer group instead of every layer (config.model.scan_layers)
 # shortens a start on a GPU: XLA's compile grows with depth (bench/RESULTS.md), and a GPU cache
 # hit may too (XLA rebuilds the executable's thunks from the whole optimized module).
 SCANNED = ["--config.model.scan_layers=true"]
-RUNS = {"cold": [], "warm": [],
+RUNS = {"cold": [], "warm": [], "new_program": [],
         "cold_no_autotune": ["--config.train.xla_options=xla_gpu_autotune_level=0"],
         "cold_scanned": SCANNED, "warm_scanned": SCANNED}
 
@@ -47,8 +53,22 @@ RUNS = {"cold": [], "warm": [],
 def cache_suffix(run: str) -> str:
     """The cache dir suffix of a --runs entry: runs with other main.py flags make other cache
     keys, so each variant (the part after cold_/warm_) has its own dir, shared by its cold and
-    warm runs; a variant's cold run never empties the plain runs' dir."""
-    return "-" + run.split("_", 1)[1] if "_" in run else ""
+    warm runs; a variant's cold run never empties the plain runs' dir. new_program uses the
+    plain runs' dir."""
+    return "-" + run.split("_", 1)[1] if run.startswith(("cold_", "warm_")) else ""
+
+
+def drop_executables(cache_dir: str) -> list[str]:
+    """Removes jax's compiled programs from a compilation cache dir, keeping XLA's own caches
+    (jax names them after their XLA options, `xla_gpu_*`); returns the names removed."""
+    removed = []
+    for name in sorted(os.listdir(cache_dir)):
+        if name.startswith("xla_gpu_"):
+            continue
+        path = os.path.join(cache_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        removed.append(name)
+    return removed
 
 
 # Where the time to the first step goes, from main.py's own log lines (seconds since process
@@ -87,7 +107,7 @@ def time_run(command: list[str], env: dict, timeout: float, log_path: str) -> di
     start = time.perf_counter()
     first_step = None
     stages = {name: None for name in STAGES}
-    compile_s = lower_s = None
+    compile_s = lower_s = first_loss = None
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -103,6 +123,8 @@ def time_run(command: list[str], env: dict, timeout: float, log_path: str) -> di
                     compile_s = float(match.group(1))
                 if lower_s is None and (match := LOWER_SECONDS.search(line)):
                     lower_s = float(match.group(1))
+                if first_loss is None and (match := FIRST_LOSS.search(line)):
+                    first_loss = float(match.group(1))
                 if time.perf_counter() - start > timeout:
                     raise subprocess.TimeoutExpired(command, timeout)
             rc = process.wait(timeout=max(1.0, timeout - (time.perf_counter() - start)))
@@ -112,7 +134,7 @@ def time_run(command: list[str], env: dict, timeout: float, log_path: str) -> di
             rc = "timeout"
     return {"first_step_s": None if first_step is None else round(first_step, 1),
             "exit_s": round(time.perf_counter() - start, 1), "rc": rc, **stages,
-            "step_compile_s": compile_s, "step_lower_s": lower_s}
+            "step_compile_s": compile_s, "step_lower_s": lower_s, "first_loss": first_loss}
 
 
 def dir_bytes(path: str) -> int:
@@ -124,7 +146,9 @@ def define_flags():
     flags.DEFINE_integer("rows", 64, "rows of the one step")
     flags.DEFINE_integer("seq_len", 1024, "tokens per row")
     flags.DEFINE_string("runs", "cold,warm", "runs in order: cold empties the cache dir first, "
-                        "warm reuses it, cold_no_autotune is cold with XLA's GPU autotuning "
+                        "warm reuses it, new_program reuses it without its compiled "
+                        "programs (XLA's kernel and autotuning caches kept), "
+                        "cold_no_autotune is cold with XLA's GPU autotuning "
                         "off (train.xla_options=xla_gpu_autotune_level=0: how much of a cold "
                         "start it is), cold_scanned / warm_scanned are cold and warm with the "
                         "layer groups scanned (model.scan_layers=true; their own cache dir)")
@@ -154,6 +178,9 @@ def main(argv):
         if run.startswith("cold"):
             shutil.rmtree(run_cache, ignore_errors=True)
         os.makedirs(run_cache, exist_ok=True)
+        if run == "new_program":
+            print(f"new_program: removed {len(drop_executables(run_cache))} compiled programs "
+                  f"from {run_cache}, kept {os.listdir(run_cache)}", flush=True)
         run_env = dict(env, JAX_COMPILATION_CACHE_DIR=run_cache)
         workdir = tempfile.mkdtemp(prefix=f"ettin-startup-{run}-")
         command = [sys.executable, "main.py", f"--config={args.config}", f"--workdir={workdir}",

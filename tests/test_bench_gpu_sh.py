@@ -65,7 +65,7 @@ def test_gpu_sh_tune_runs_one_profiled_sweep_only(tmp_path):
 def test_gpu_sh_full_mode_times_a_cold_start_without_autotuning(tmp_path):
     def runs(stdout):
         return next(a for a in command_of(stdout, "startup") if a.startswith("--runs="))
-    assert runs(dry_run(tmp_path)) == "--runs=cold,warm,cold_no_autotune"
+    assert runs(dry_run(tmp_path)) == "--runs=cold,warm,new_program,cold_no_autotune"
     assert runs(dry_run(tmp_path, "--quick")) == "--runs=cold,warm"
 
 
@@ -123,3 +123,52 @@ def test_startup_runs_share_a_cache_dir_per_variant():
     for run, extra_flags in startup.RUNS.items():
         assert (suffix[run] == "") == (not extra_flags), run
     assert len({suffix["cold"], suffix["cold_no_autotune"], suffix["cold_scanned"]}) == 3
+
+
+def test_startup_new_program_drops_compiled_programs_and_keeps_xla_caches(tmp_path):
+    """bench/startup.py end to end on the tiny model (CPU): a cold run fills the cache dir,
+    new_program removes jax's programs (not XLA's caches, named xla_gpu_*) and starts again;
+    both log one loss at step 1, the same step on the same data."""
+    import json  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    cache = tmp_path / "cache"
+    kept = cache / "xla_gpu_per_fusion_autotune_cache_dir"
+    kept.mkdir(parents=True)
+    (kept / "fusion.textproto").write_text("kept\n")
+    shared = tmp_path / "shared"          # bench/gpu.sh's cache for the other stages
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(shared))
+    out = subprocess.run(
+        [sys.executable, "bench/startup.py", "--config=configs/ettin_tiny.py:mlm", "--rows=4",
+         "--seq_len=64", "--runs=warm,new_program", f"--cache_dir={cache}", "--timeout=200",
+         f"--run_logs={tmp_path / 'logs'}", f"--json_out={tmp_path / 'startup.jsonl'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "startup.jsonl").read_text().splitlines()]
+    assert [r["run"] for r in records] == ["warm", "new_program"]
+    removed = int(out.stdout.split("new_program: removed ")[1].split()[0])
+    assert removed >= 2                   # the train step and the params init, at least
+    assert (kept / "fusion.textproto").read_text() == "kept\n"
+    losses = [r["first_loss"] for r in records]
+    assert losses[0] is not None and losses[0] == losses[1], losses
+    # The run compiled its train step again (a miss writes the program back to the dir).
+    assert any(name.startswith("jit_train_step-") for name in os.listdir(cache))
+    assert all(r["rc"] == 0 for r in records), records
+    assert not shared.exists()            # the runs used their own dir, not the stages' one
+
+
+def test_gpu_sh_stages_share_one_compilation_cache_and_start_up_keeps_its_own(tmp_path):
+    out = subprocess.run(["bash", "bench/gpu.sh", "--dry_run", "--stages=startup"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, GPUBENCH_LOG=str(tmp_path / "gpubench")))
+    assert out.returncode == 0, out.stderr
+    cache = tmp_path / "gpubench" / "xla_cache"
+    assert (f"compilation cache shared by the stages: {cache} (XLA caches: all)"
+            in out.stdout.splitlines())
+    # The start-up runs get caches of their own: bench/startup.py sets the dir of each run
+    # (test_startup_new_program_drops_compiled_programs_and_keeps_xla_caches checks it).
+    assert "--cache_dir" not in " ".join(command_of(out.stdout, "startup"))
+    off = subprocess.run(["bash", "bench/gpu.sh", "--dry_run", "--stages=startup"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, GPUBENCH_LOG=str(tmp_path / "gpubench"),
+                                  GPUBENCH_CACHE=""))
+    assert "compilation cache shared by the stages: off" in off.stdout.splitlines()

@@ -145,3 +145,21 @@ def test_goals_table_checks_each_goal_of_the_gpu_issue_against_the_run():
     assert rows["attention dec-local 8192: ours fwd+bwd <= cuDNN's"][1] == "yes"
     assert rows["attention enc-global 1024: ours fwd+bwd <= cuDNN's"][1] == "not measured"
     assert len(rows) == 3 + 1 + 4 + 8
+
+
+def test_startup_table_compares_the_step_1_loss_of_runs_sharing_a_cache_dir():
+    def record(run, loss, rows=64):
+        return {"run": run, "config": "configs/ettin_150m.py:mlm", "rows": rows, "seq_len": 1024,
+                "first_step_s": 10.0, "first_loss": loss, "exit_s": 12.0, "rc": 0,
+                "cache_mb": 5.7}
+    agree = gpu_report.startup_table([record("cold", 10.9512), record("warm", 10.9512),
+                                      record("new_program", 10.9512),
+                                      # Its own program (scanned layers): compared apart.
+                                      record("cold_scanned", 10.9513),
+                                      record("cold", 10.8, rows=8)])
+    assert len([line for line in agree if line.startswith("| ")]) == 2 + 5
+    notes = [line for line in agree if line.startswith("Loss at step 1")]
+    assert notes == ["Loss at step 1, configs/ettin_150m.py:mlm 64 x 1024, cold / warm / "
+                     "new_program: the same in every run"]
+    differ = gpu_report.startup_table([record("cold", 10.9512), record("new_program", 7.1)])
+    assert differ[-1].endswith("cold / new_program: DIFFERS: cold 10.9512, new_program 7.1")
