@@ -175,6 +175,26 @@ class Block(nnx.Module):
         return x if cache is None else (x, (k, v))
 
 
+@jax.custom_vjp
+def _stack_apart(*leaves):
+    """jnp.stack(leaves): `[len(leaves), *shape]`, whose gradient hands each leaf its slice as
+    a buffer of its own (behind an optimization barrier). As plain slices of one stacked
+    gradient, XLA fused the optimizer updates of every layer of a kind into one kernel whose
+    code grew with depth (bench/RESULTS.md); apart, equal updates share one kernel."""
+    return jnp.stack(leaves)
+
+
+def _stack_apart_fwd(*leaves):
+    return jnp.stack(leaves), None
+
+
+def _stack_apart_bwd(_, cotangent):
+    return tuple(jax.lax.optimization_barrier([cotangent[i] for i in range(cotangent.shape[0])]))
+
+
+_stack_apart.defvjp(_stack_apart_fwd, _stack_apart_bwd)
+
+
 @functools.partial(jax.jit, static_argnames=("graph", "dtype", "attention_impl"))
 def _block_call(x, graph, params, rest, dropout_keys, *, positions, segment_ids, dtype,
                 attention_impl):
@@ -267,13 +287,14 @@ class EttinModel(nnx.Module):
 
         Each layer keeps its own parameters (checkpoints, sharding and HF keys see the same
         tree): they are stacked here per position in the group, `[groups, *shape]`, and the
-        gradient of the stack flows back to them. The body rebuilds the group's layers from
-        the first group's graph (same shapes, window and RoPE theta at each position) and the
-        scanned slice. Dropout keys (`keys`, from `layer_dropout_keys()`) come from each
-        layer's own stream before the scan, so the masks equal the unrolled model's.
+        gradient of the stack flows back to them, one buffer per layer (`_stack_apart`). The
+        body rebuilds the group's layers from the first group's graph (same shapes, window and
+        RoPE theta at each position) and the scanned slice. Dropout keys (`keys`, from
+        `layer_dropout_keys()`) come from each layer's own stream before the scan, so the
+        masks equal the unrolled model's.
         """
         def stack(trees):
-            return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+            return jax.tree.map(_stack_apart, *trees)
 
         n = self.config.global_attn_every_n_layers
         layers = list(layers)

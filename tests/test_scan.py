@@ -172,3 +172,29 @@ def test_remat_names_are_checked():
         _model("mlm", 4, scan_layers=True, remat="some")
     with pytest.raises(ValueError, match="config.model.scan_layers=True"):
         _model("mlm", 4, scan_layers=False, remat="full")
+
+
+def _gradient_producers(num_layers, **overrides):
+    """{parameter path: the primitive that produces its gradient} in the gradient program."""
+    ids = jnp.zeros((1, 16), jnp.int32)
+    model = nnx.eval_shape(lambda: _model("mlm", num_layers, **overrides))
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
+    loss = lambda params: jnp.sum(nnx.merge(graph, params, rest).hidden_states(ids))
+    closed = jax.make_jaxpr(jax.grad(loss))(params)
+    producer = {var: eqn.primitive.name for eqn in closed.jaxpr.eqns for var in eqn.outvars}
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    return dict(zip(paths, (producer.get(var) for var in closed.jaxpr.outvars)))
+
+
+def test_scanned_layers_gradients_leave_the_scan_as_buffers_of_their_own():
+    """Each scanned layer's gradient comes out of an optimization barrier, not as a slice of
+    the stacked gradient: otherwise XLA fuses the optimizer updates that slice one buffer into
+    one kernel per parameter kind whose code grows with depth (bench/RESULTS.md, "Why the
+    scanned step's code generation grows with depth")."""
+    scanned = _gradient_producers(7, scan_layers=True)
+    layer_grads = {path: p for path, p in scanned.items() if path.startswith("['layers']")}
+    in_scan = {path: p for path, p in layer_grads.items() if not path.startswith("['layers'][0]")}
+    assert len(in_scan) == 6 * 6                  # layers 1-6, six parameters each
+    assert set(in_scan.values()) == {"optimization_barrier"}
+    unrolled = _gradient_producers(7, scan_layers=False)
+    assert "optimization_barrier" not in unrolled.values()
