@@ -147,10 +147,12 @@ def start_jax(config):
             jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                    num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    logging.info("JAX process %d of %d, local devices %s; compilation cache %s (XLA caches: "
-                 "%s)", jax.process_index(), jax.process_count(), jax.local_devices(),
-                 jax.config.jax_compilation_cache_dir or "off",
-                 jax.config.jax_persistent_cache_enable_xla_caches or "none")
+    cache_dir = jax.config.jax_compilation_cache_dir
+    logging.info("JAX process %d of %d, local devices %s; compilation cache %s",
+                 jax.process_index(), jax.process_count(), jax.local_devices(),
+                 f"{cache_dir} (XLA caches: "
+                 f"{jax.config.jax_persistent_cache_enable_xla_caches or 'none'})"
+                 if cache_dir else "off")
     return jax
 
 

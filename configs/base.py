@@ -336,8 +336,9 @@ def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: st
     # XLA's own caches, kept in the same dir (jax_persistent_cache_enable_xla_caches): "all" =
     # GEMM autotuning results per fusion and the compiled GPU kernels, so a program that
     # changed (a config edit, the other objective, the next phase) reuses the kernels and
-    # autotuning it shares with one compiled before; "" = jax's default (autotuning only).
-    # JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES wins when set.
+    # autotuning it shares with one compiled before; "xla_gpu_per_fusion_autotune_cache_dir"
+    # = jax's default (autotuning only); "" = neither. JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES
+    # wins when set.
     c.train.compilation_cache_xla_caches = "all"
 
     c.schedule = ml_collections.ConfigDict()
