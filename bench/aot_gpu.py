@@ -3,7 +3,7 @@
     aot_gpu.host_on_cpu()                 # first, before jax starts its backends
     device = aot_gpu.device("h100")       # a jax Device that compiles for an H100 80GB
     mesh = sharding.make_mesh({...}, devices=[device])
-    with building_for("gpu"):         # ettin_jax.kernels.target
+    with aot_gpu.building_on(mesh):       # our kernels built for that card
         compiled = jitted.lower(*args_sharded_on_mesh).compile()
     compiled.memory_analysis()            # the H100's allocation plan of the program
 
@@ -17,6 +17,8 @@ without a GPU or driver (about 180 MB):
     pip install jax-cuda12-plugin==$JAX_VERSION jax-cuda12-pjrt==$JAX_VERSION
 """
 from __future__ import annotations
+
+import contextlib
 
 import jax
 
@@ -81,3 +83,19 @@ def device(target: str) -> jax.Device:
             f"jax-cuda12-pjrt=={jax.__version__}, and jax on the CPU backend "
             f"(JAX_PLATFORMS=cpu, or bench/aot_gpu.host_on_cpu() before jax starts)") from None
     return topology.devices[0]
+
+
+@contextlib.contextmanager
+def building_on(mesh):
+    """Traces and lowers inside the block for the compile-only GPU of `mesh` (devices from
+    `device()`): our kernels built for a GPU (ettin_jax.kernels.target), and from jax 0.11
+    with that card's abstract mesh in context. Pallas' Triton lowering there reads the card
+    (its compute capability) from the context's abstract device and, without one, from the
+    default device, a CPU here ("No supported GPU devices found"). jax 0.10 assumes a
+    Hopper card and is left as it was: the context renames and reorders its lowered code."""
+    from ettin_jax.kernels.target import building_for  # pylint: disable=import-outside-toplevel
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(building_for("gpu"))
+        if jax.__version_info__ >= (0, 11):
+            stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+        yield

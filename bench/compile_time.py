@@ -61,13 +61,12 @@ def define_flags():
 FLAGS = flags.FLAGS
 
 
-def _lower_and_compile(jitted, args=(), context=None) -> dict:
+def _lower_and_compile(jitted, args=(), context=None, mesh=None) -> dict:
     """Seconds to lower `jitted(*args)` and to compile it (under `context()` and, with
-    --target, building for the GPU), and the sizes of both programs' text."""
+    --target, building for the GPU of `mesh`), and the sizes of both programs' text."""
     import contextlib  # pylint: disable=import-outside-toplevel
-    from ettin_jax.kernels.target import building_for  # pylint: disable=import-outside-toplevel
     start = time.perf_counter()
-    with (building_for("gpu") if FLAGS.target else contextlib.nullcontext(),
+    with (aot_gpu.building_on(mesh) if FLAGS.target else contextlib.nullcontext(),
           (context or contextlib.nullcontext)()):
         lowered = jitted.lower(*args)
         lowered_at = time.perf_counter()
@@ -128,8 +127,8 @@ def _loss_and_grad(model_config):
 
 
 def _train_step(config):
-    """The run's jitted train step (one device) and abstract arguments: state, one micro batch
-    of --batch x --seq_len in the loader's format, learning rate, step."""
+    """The run's jitted train step (one device), abstract arguments (state, one micro batch
+    of --batch x --seq_len in the loader's format, learning rate, step) and its mesh."""
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
@@ -146,7 +145,7 @@ def _train_step(config):
                       for k in losses.BATCH_KEYS[config.objective]}
     args = (setup.abstract_state, abstract_batch, jax.ShapeDtypeStruct((), jnp.float32),
             jax.ShapeDtypeStruct((), jnp.int32))
-    return setup.train_step, args
+    return setup.train_step, args, mesh
 
 
 def _time_init(config) -> list:
@@ -161,7 +160,8 @@ def _time_init(config) -> list:
     for name, context in (("init_lowering", model_loader.init_lowering),
                           ("plain", contextlib.nullcontext)):
         init = train.make_setup(config, mesh).init_params
-        rows.append(dict(program=f"init ({name})", **_lower_and_compile(init, context=context)))
+        rows.append(dict(program=f"init ({name})",
+                         **_lower_and_compile(init, context=context, mesh=mesh)))
         print(f"{rows[-1]['program']:22} lower {rows[-1]['lower_s']:6.1f} s  compile "
               f"{rows[-1]['compile_s']:6.1f} s", flush=True)
     return rows
@@ -180,11 +180,11 @@ def _time(config, scan_layers: bool) -> dict:
     if FLAGS.step == "train":
         run_config = config.copy_and_resolve_references()
         run_config.model.update(model)
-        step, args = _train_step(run_config)
+        step, args, mesh = _train_step(run_config)
     else:
-        step, args = _loss_and_grad(model_config)
+        (step, args), mesh = _loss_and_grad(model_config), None
     return {"scan_layers": scan_layers, "remat": model_config.remat,
-            **_lower_and_compile(step, args)}
+            **_lower_and_compile(step, args, mesh=mesh)}
 
 
 def _append_results(config, rows):

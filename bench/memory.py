@@ -51,7 +51,6 @@ def compiled_step_fn(config, seq_len: int, target: str = ""):
     import jax  # pylint: disable=import-outside-toplevel
     from bench.batches import make_batch  # pylint: disable=import-outside-toplevel
     from ettin_jax import losses, sharding, train  # pylint: disable=import-outside-toplevel
-    from ettin_jax.kernels.target import building_for  # pylint: disable=import-outside-toplevel
 
     config = config.copy_and_resolve_references()
     config.train.seq_len = seq_len
@@ -61,10 +60,11 @@ def compiled_step_fn(config, seq_len: int, target: str = ""):
         # CPU compiles are ~3x faster without them.
         config.train.xla_options = "xla_backend_optimization_level=0"
     device = aot_gpu.device(target) if target else jax.devices()[0]
-    def building():   # every trace of this step happens inside: kernels built for the GPU
-        return building_for("gpu") if target else contextlib.nullcontext()
-
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[device])
+
+    def building():   # every trace of this step happens inside: kernels built for the GPU
+        return aot_gpu.building_on(mesh) if target else contextlib.nullcontext()
+
     setup = train.make_setup(config, mesh)
     batch_sharding = sharding.batch_sharding(mesh, leading_axes=1)
     one_row = make_batch(config, 1, seq_len)
