@@ -42,7 +42,8 @@ rows = make_batch(config, 2, 64)
 batch = {k: jax.ShapeDtypeStruct((1, *np.shape(rows[k])), jnp.int32, sharding=batch_sharding)
          for k in losses.BATCH_KEYS["mlm"]}
 with aot_gpu.building_on(mesh):
-    text = setup.train_step.lower(setup.abstract_state, batch, jax.ShapeDtypeStruct((), jnp.float32),
+    text = setup.train_step.lower(setup.abstract_state, batch,
+                                  jax.ShapeDtypeStruct((), jnp.float32),
                                   jax.ShapeDtypeStruct((), jnp.int32)).as_text()
 print("triton kernel calls:", text.count("__gpu$xla.gpu.triton"))
 """
