@@ -7,15 +7,15 @@
 #   attention (bench/attention.py): --check (kernels vs XLA), then pallas and cudnn, then (its
 #     own process) mosaic and mosaic-triton-bwd, at 1024 and 8192, global and local layers;
 #   startup (bench/startup.py): main.py to its first step, 150m 64x1024, cold then warm cache
-#     (full mode: then new_program, the warm cache without its compiled programs, and cold
-#     without XLA's autotuning; 8x8192 cold then warm; 64x1024 cold then warm with the layer
-#     groups scanned);
+#     (full mode: then new_program, the warm cache without its compiled programs, cold
+#     without XLA's autotuning and cold without its fusion autotuner; 8x8192 cold then warm;
+#     64x1024 cold then warm with the layer groups scanned);
 #   peer: transformers' ModernBERT (bf16 autocast, fused AdamW, torch.compile; its own
 #     process), the shapes of `ours`;
 #   tune, with at least 120 s left: one process timing the 150m mlm step at 64x1024, baseline
 #     (pallas, threefry, loss chunks 4096/8192, 64 rows) first and then profiled (top ops per
 #     XLA operation -> $LOG/profile_150m_mlm.txt), then each knob alone: XLA's autotuning off,
-#     prng_impl rbg / unsafe_rbg, loss_vocab_chunk 16384, loss_row_chunk 32768, micro batch
+#     its fusion autotuner off, prng_impl rbg / unsafe_rbg, loss_vocab_chunk 16384, loss_row_chunk 32768, micro batch
 #     32 / 128 rows, scan_layers true, Triton GEMMs off, attention_impl mosaic
 #     (bench/variants.py; -> $LOG/tune.jsonl);
 #   memory (not by default; where listed it starts in the background and stops at startup or
@@ -115,8 +115,9 @@ if [ "$SMOKE" = 1 ]; then
   # torch.compile takes minutes per model on a small CPU: the first peer command compiles.
   PEER_COMPILE_REST=no
   # The tiny vocabulary (512) and 4-row batch: chunks and rows that still split the loss.
-  TUNE_VARIANTS="xla_options=xla_gpu_autotune_level=0;prng_impl=rbg,unsafe_rbg"
-  TUNE_VARIANTS+=";loss_vocab_chunk=96;loss_row_chunk=64;batch=2,8"
+  TUNE_VARIANTS="xla_options=xla_gpu_autotune_level=0"
+  TUNE_VARIANTS+=";xla_options=xla_gpu_experimental_enable_fusion_autotuner=false"
+  TUNE_VARIANTS+=";prng_impl=rbg,unsafe_rbg;loss_vocab_chunk=96;loss_row_chunk=64;batch=2,8"
   TUNE_VARIANTS+=";scan_layers=true;xla_options=xla_gpu_enable_triton_gemm=false"
   TUNE_VARIANTS+=";attention_impl=mosaic"
 else
@@ -129,10 +130,13 @@ else
   # In order of priority (a variant the budget does not reach is recorded as skipped). At
   # 64x1024 MLM the loss runs on 64 x 312 = 19,968 slots: row chunk 8192 pads them to 24,576.
   # Autotuning off first: its step time is what autotuning buys (ettin_jax/xla_options.py);
-  # autotuning's share of a cold compile is the start-up stage's cold_no_autotune. The Mosaic
+  # autotuning's share of a cold compile is the start-up stage's cold_no_autotune. Then
+  # XLA's fusion autotuner alone off (it tunes every non-GEMM fusion; on jax 0.11 it costs
+  # 6 s of a 27 s compile even without a GPU, bench/RESULTS.md). The Mosaic
   # kernels last: every variant runs in one process, and they have never run on a GPU.
-  TUNE_VARIANTS="xla_options=xla_gpu_autotune_level=0;prng_impl=rbg,unsafe_rbg"
-  TUNE_VARIANTS+=";loss_vocab_chunk=16384;loss_row_chunk=32768"
+  TUNE_VARIANTS="xla_options=xla_gpu_autotune_level=0"
+  TUNE_VARIANTS+=";xla_options=xla_gpu_experimental_enable_fusion_autotuner=false"
+  TUNE_VARIANTS+=";prng_impl=rbg,unsafe_rbg;loss_vocab_chunk=16384;loss_row_chunk=32768"
   TUNE_VARIANTS+=";batch=32,128;scan_layers=true;xla_options=xla_gpu_enable_triton_gemm=false"
   TUNE_VARIANTS+=";attention_impl=mosaic"
 fi
@@ -290,7 +294,8 @@ stage_startup() {
   # XLA's kernel and autotuning caches warm, and whether those cached pieces compute the same
   # loss at step 1 as the cold run (bench/gpu_report.py's start-up table compares them).
   local runs=cold,warm limit=300
-  [ "$QUICK" = 0 ] && runs=cold,warm,new_program,cold_no_autotune limit=560
+  [ "$QUICK" = 0 ] && runs=cold,warm,new_program,cold_no_autotune,cold_no_fusion_autotuner \
+    && limit=680
   run startup $limit python bench/startup.py --config=$C150:mlm $START_SHAPE --timeout=140 \
     --runs=$runs --run_logs="$LOG/startup" --json_out="$LOG/startup.jsonl"
   # Full mode: the long rows too (the issue's start-up goal is for 1024 and 8192), then, last

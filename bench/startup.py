@@ -4,7 +4,9 @@ reused (warm); `new_program` is a start on that cache with its compiled programs
 XLA's kernel and autotuning caches kept (main.py's config.train.compilation_cache_xla_caches):
 what a changed program pays when its kernels were compiled before (a config edit, the other
 objective, the next phase), at most; `cold_no_autotune` is a cold start without XLA's GPU
-autotuning; `cold_scanned` / `warm_scanned` are both with the layer groups scanned. Not part
+autotuning, `cold_no_fusion_autotuner` one without its autotuning of every fusion (on by
+default: on jax 0.11 it costs 6 s of a 27 s compile here even with nothing to time,
+bench/RESULTS.md), GEMMs still autotuned; `cold_scanned` / `warm_scanned` are both with the layer groups scanned. Not part
 of the test suite.
 
     python bench/startup.py --config=configs/ettin_150m.py:mlm --rows=64 --seq_len=1024
@@ -47,6 +49,8 @@ FIRST_LOSS = re.compile(r"\bstep 1/\d+ \([^)]*\): loss ([-+.\w]+)")
 SCANNED = ["--config.model.scan_layers=true"]
 RUNS = {"cold": [], "warm": [], "new_program": [],
         "cold_no_autotune": ["--config.train.xla_options=xla_gpu_autotune_level=0"],
+        "cold_no_fusion_autotuner": [
+            "--config.train.xla_options=xla_gpu_experimental_enable_fusion_autotuner=false"],
         "cold_scanned": SCANNED, "warm_scanned": SCANNED}
 
 
@@ -150,7 +154,9 @@ def define_flags():
                         "programs (XLA's kernel and autotuning caches kept), "
                         "cold_no_autotune is cold with XLA's GPU autotuning "
                         "off (train.xla_options=xla_gpu_autotune_level=0: how much of a cold "
-                        "start it is), cold_scanned / warm_scanned are cold and warm with the "
+                        "start it is), cold_no_fusion_autotuner is cold without its "
+                        "autotuning of non-GEMM fusions (xla_gpu_experimental_enable_fusion_"
+                        "autotuner=false), cold_scanned / warm_scanned are cold and warm with the "
                         "layer groups scanned (model.scan_layers=true; their own cache dir)")
     flags.DEFINE_string("cache_dir", "", "compilation cache dir (default: a fresh temporary one)")
     flags.DEFINE_multi_string("override", [], "extra main.py flag, e.g. "

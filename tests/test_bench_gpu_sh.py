@@ -52,7 +52,9 @@ def test_gpu_sh_tune_runs_one_profiled_sweep_only(tmp_path):
     assert names_in_order(stdout) == ["tune_150m_mlm"], stdout
     args = dict(a.split("=", 1) for a in command_of(stdout, "tune_150m_mlm") if "=" in a)
     for knob in ("prng_impl=rbg,unsafe_rbg", "attention_impl=mosaic", "loss_vocab_chunk=",
-                 "loss_row_chunk=", "batch=32,128", "scan_layers=true"):
+                 "loss_row_chunk=", "batch=32,128", "scan_layers=true",
+                 "xla_options=xla_gpu_autotune_level=0",
+                 "xla_options=xla_gpu_experimental_enable_fusion_autotuner=false"):
         assert knob in args["--variants"], args
     # One process times every variant: the Mosaic kernels go last, so a fault of theirs on
     # the GPU loses no other variant.
@@ -65,7 +67,8 @@ def test_gpu_sh_tune_runs_one_profiled_sweep_only(tmp_path):
 def test_gpu_sh_full_mode_times_a_cold_start_without_autotuning(tmp_path):
     def runs(stdout):
         return next(a for a in command_of(stdout, "startup") if a.startswith("--runs="))
-    assert runs(dry_run(tmp_path)) == "--runs=cold,warm,new_program,cold_no_autotune"
+    assert runs(dry_run(tmp_path)) == \
+        "--runs=cold,warm,new_program,cold_no_autotune,cold_no_fusion_autotuner"
     assert runs(dry_run(tmp_path, "--quick")) == "--runs=cold,warm"
 
 
@@ -122,7 +125,8 @@ def test_startup_runs_share_a_cache_dir_per_variant():
     # A run with main.py flags of its own never reads or empties the plain runs' cache.
     for run, extra_flags in startup.RUNS.items():
         assert (suffix[run] == "") == (not extra_flags), run
-    assert len({suffix["cold"], suffix["cold_no_autotune"], suffix["cold_scanned"]}) == 3
+    assert len({suffix["cold"], suffix["cold_no_autotune"], suffix["cold_no_fusion_autotuner"],
+                suffix["cold_scanned"]}) == 4
 
 
 def test_startup_new_program_drops_compiled_programs_and_keeps_xla_caches(tmp_path):
