@@ -15,8 +15,9 @@
 #   tune, with at least 120 s left: one process timing the 150m mlm step at 64x1024, baseline
 #     (pallas, threefry, loss chunks 4096/8192, 64 rows) first and then profiled (top ops per
 #     XLA operation -> $LOG/profile_150m_mlm.txt), then each knob alone: XLA's autotuning off,
-#     its fusion autotuner off, prng_impl rbg / unsafe_rbg, loss_vocab_chunk 16384, loss_row_chunk 32768, micro batch
-#     32 / 128 rows, scan_layers true, Triton GEMMs off, attention_impl mosaic
+#     its fusion autotuner off, prng_impl rbg / unsafe_rbg, loss_vocab_chunk 16384,
+#     loss_row_chunk 32768, micro batch 32 / 128 rows, scan_layers true, Triton GEMMs off,
+#     attention_impl mosaic
 #     (bench/variants.py; -> $LOG/tune.jsonl);
 #   memory (not by default; where listed it starts in the background and stops at startup or
 #     the end): bench/memory.py's largest micro batch per size at 1024 and 8192, remat
@@ -132,7 +133,7 @@ else
   # Autotuning off first: its step time is what autotuning buys (ettin_jax/xla_options.py);
   # autotuning's share of a cold compile is the start-up stage's cold_no_autotune. Then
   # XLA's fusion autotuner alone off (it tunes every non-GEMM fusion; on jax 0.11 it costs
-  # 6 s of a 27 s compile even without a GPU, bench/RESULTS.md). The Mosaic
+  # 6 s of a 25 s compile even without a GPU, bench/RESULTS.md). The Mosaic
   # kernels last: every variant runs in one process, and they have never run on a GPU.
   TUNE_VARIANTS="xla_options=xla_gpu_autotune_level=0"
   TUNE_VARIANTS+=";xla_options=xla_gpu_experimental_enable_fusion_autotuner=false"

@@ -5,9 +5,9 @@ XLA's kernel and autotuning caches kept (main.py's config.train.compilation_cach
 what a changed program pays when its kernels were compiled before (a config edit, the other
 objective, the next phase), at most; `cold_no_autotune` is a cold start without XLA's GPU
 autotuning, `cold_no_fusion_autotuner` one without its autotuning of every fusion (on by
-default: on jax 0.11 it costs 6 s of a 27 s compile here even with nothing to time,
-bench/RESULTS.md), GEMMs still autotuned; `cold_scanned` / `warm_scanned` are both with the layer groups scanned. Not part
-of the test suite.
+default: on jax 0.11 it costs 6 s of a 25 s compile here even with nothing to time,
+bench/RESULTS.md), GEMMs still autotuned; `cold_scanned` / `warm_scanned` are both with the
+layer groups scanned. Not part of the test suite.
 
     python bench/startup.py --config=configs/ettin_150m.py:mlm --rows=64 --seq_len=1024
 
