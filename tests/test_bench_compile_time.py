@@ -25,40 +25,27 @@ def test_passes_lists_the_costliest_stages_within_the_compile_time():
         assert 0 < float(stages["backend_compile_and_load"]) <= compile_s + 0.05, stages
 
 
-_LOWER_FOR_H100 = """
-from bench import aot_gpu
-aot_gpu.host_on_cpu()
-import jax, jax.numpy as jnp, numpy as np
-from bench.batches import make_batch
+_COMPILE_FOR_H100 = """
+from bench import memory
 from configs import ettin_tiny
-from ettin_jax import losses, sharding, train
 config = ettin_tiny.get_config("mlm")
 config.model.attention_impl = "pallas"
-config.train.grad_accum_steps = 1
-mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[aot_gpu.device("h100")])
-setup = train.make_setup(config, mesh)
-batch_sharding = sharding.batch_sharding(mesh, leading_axes=1)
-rows = make_batch(config, 2, 64)
-batch = {k: jax.ShapeDtypeStruct((1, *np.shape(rows[k])), jnp.int32, sharding=batch_sharding)
-         for k in losses.BATCH_KEYS["mlm"]}
-with aot_gpu.building_on(mesh):
-    text = setup.train_step.lower(setup.abstract_state, batch,
-                                  jax.ShapeDtypeStruct((), jnp.float32),
-                                  jax.ShapeDtypeStruct((), jnp.int32)).as_text()
+text = memory.compiled_step_fn(config, 64, "h100")(2).as_text()   # builds under building_on
 print("triton kernel calls:", text.count("__gpu$xla.gpu.triton"))
 """
 
 
 def test_building_on_a_compile_only_gpu_lowers_our_triton_kernels():
-    """bench/aot_gpu.building_on: the train step with Pallas attention lowers for an H100 on a
-    machine without one (jax 0.11 needs the card's abstract mesh for that). Needs jax's CUDA
-    plugin, which CI does not install: skipped there."""
+    """bench/aot_gpu.building_on, through bench/memory.py's compiled step: the train step with
+    Pallas attention compiles for an H100 on a machine without one, its Triton kernels in it
+    (jax 0.11 needs the card's abstract mesh for that). Needs jax's CUDA plugin, which CI does
+    not install: skipped there."""
     import importlib.util
     import pytest
     if importlib.util.find_spec("jax_plugins") is None or \
             importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
         pytest.skip("jax's CUDA plugin is not installed (bench/aot_gpu.py says how)")
-    out = subprocess.run([sys.executable, "-c", _LOWER_FOR_H100], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split("triton kernel calls:")[1]) > 0
