@@ -2,11 +2,11 @@
 
 For each Ettin layer kind (encoder global/local, decoder global/local, and a packed-documents
 variant) at seq 1024 and 8192, times forward+backward of every available implementation:
-`pallas` (ettin_jax.kernels.flash_attention), `mosaic` (attention(impl="mosaic"): the Mosaic GPU
-kernels of ettin_jax.kernels.mosaic_attention on global layers, the Triton kernels on local
-ones), `mosaic-triton-bwd` (Mosaic forward + Triton backward, global layers only), `cudnn`
-(jax.nn, masks it supports), `xla`
-(ettin_jax.attention.xla_attention, dense), and jax's own Pallas ops where they apply
+`pallas` (ettin_jax.kernels.flash_attention), `mosaic` (the Mosaic GPU kernels of
+ettin_jax.kernels.mosaic_attention, on every layer: attention(impl="mosaic") runs them on global
+layers and the `pallas` kernels on local ones), `mosaic-triton-bwd` (Mosaic forward + Triton
+backward), `cudnn` (jax.nn, masks it supports), `xla` (ettin_jax.attention.xla_attention,
+dense), and jax's own Pallas ops where they apply
 (`jax-triton-mha`: causal/bidirectional, no window; `jax-mgpu`: bidirectional only).
 TFLOP/s count only visible (unmasked) query-key pairs: 4*D flops per pair forward, 2.5x that
 backward (FlashAttention's convention, the dq recomputation not counted).
@@ -31,7 +31,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ettin_jax import cli  # noqa: E402
 from bench import results  # noqa: E402
-from ettin_jax.attention import attention, xla_attention  # noqa: E402
+from ettin_jax.attention import xla_attention  # noqa: E402
 from ettin_jax.kernels import (BlockSizes, cudnn_attention, flash_attention,  # noqa: E402
                                mosaic_attention)
 from ettin_jax.kernels.mosaic_common import MosaicBlocks  # noqa: E402
@@ -71,7 +71,7 @@ def visible_pairs(batch, seq, segment_ids, causal, window):
 def implementations():
     impls = {
         "pallas": lambda q, k, v, **kw: flash_attention(q, k, v, **kw),
-        "mosaic": lambda q, k, v, **kw: attention(q, k, v, impl="mosaic", **kw),
+        "mosaic": lambda q, k, v, **kw: mosaic_attention(q, k, v, **kw),
         "mosaic-triton-bwd": lambda q, k, v, **kw: mosaic_attention(
             q, k, v, block_sizes=MosaicBlocks(backward="triton"), **kw),
         "cudnn": lambda q, k, v, **kw: cudnn_attention(q, k, v, **kw),
@@ -190,9 +190,8 @@ def check(dtypes, head_dims):
                           window_size=window)
                 start = time.perf_counter()
                 results = []
-                # The Mosaic kernels cover 16-bit global layers with head_dim % 64 == 0.
-                mosaic = (window == (-1, -1) and head_dim % 64 == 0
-                          and jnp.dtype(dtype) != jnp.float32)
+                # The Mosaic kernels cover 16-bit q, k, v with head_dim % 64 == 0.
+                mosaic = head_dim % 64 == 0 and jnp.dtype(dtype) != jnp.float32
                 impls = [("pallas", flash_attention)] + ([("mosaic", mosaic_attention)]
                                                          if mosaic else [])
                 with jax.default_matmul_precision("float32"):  # no TF32 in the reference
@@ -245,7 +244,7 @@ MOSAIC_SWEEP = [
 
 def sweep(seqs, layers, dtype):
     """Forward-only and forward+backward times of each BlockSizes in SWEEP, each MosaicBlocks
-    in MOSAIC_SWEEP (global layers) and of jax's mha."""
+    in MOSAIC_SWEEP and of jax's mha (global layers)."""
     for seq in seqs:
         batch = BATCH[seq]
         keys = jax.random.split(jax.random.key(1), 4)
@@ -262,8 +261,7 @@ def sweep(seqs, layers, dtype):
                       f"fwd+bwd {time_fn(both, (q, k, v, do))*1e3:7.3f} ms jax-triton-mha",
                       flush=True)
             kernels = [(flash_attention, blocks) for blocks in SWEEP]
-            if window == (-1, -1):
-                kernels += [(mosaic_attention, blocks) for blocks in MOSAIC_SWEEP]
+            kernels += [(mosaic_attention, blocks) for blocks in MOSAIC_SWEEP]
             for kernel, blocks in kernels:
                 kw = dict(causal=causal, window_size=window, block_sizes=blocks)
                 fwd = jax.jit(lambda q, k, v, kernel=kernel, kw=kw: kernel(q, k, v, **kw))

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from ettin_jax import kernels
 from ettin_jax.kernels.target import target_platform
 
-# "mosaic": Mosaic GPU kernels for global layers, the Triton "pallas" kernels for windowed ones.
+# "mosaic": Mosaic GPU kernels for global layers, the Triton "pallas" kernels for windowed ones
+# (the Mosaic kernels take windows too; which is faster there is not measured yet).
 IMPLEMENTATIONS = ("xla", "pallas", "mosaic", "cudnn", "splash")
 _MASK_SCOPE = re.compile(r"\battention_(causal|global|(causal_)?window_(-?\d+)_(-?\d+))\b")
 

@@ -1,8 +1,11 @@
-"""Attention for global (windowless) layers with Mosaic GPU kernels (Hopper, FA3-style).
+"""Attention with Mosaic GPU kernels (Hopper, FA3-style).
 
-`mosaic_attention` has `flash_attention`'s arguments and mask rule (`ettin_jax.attention`) for
-`window_size=(-1, -1)`: bidirectional or causal, packed documents (`segment_ids`, 0 = padding).
-`attention(impl="mosaic")` sends windowed (local) layers to the Triton `flash_attention`.
+`mosaic_attention` has `flash_attention`'s arguments and mask rule (`ettin_jax.attention`):
+bidirectional or causal, a window or none, packed documents (`segment_ids`, 0 = padding).
+`attention(impl="mosaic")` runs it on global layers and sends windowed (local) layers to the
+Triton `flash_attention`, the kernel timed on local layers so far (bench/RESULTS.md: the only
+fused one for the encoder's bidirectional window); `bench/attention.py` times the Mosaic
+kernels on local layers beside it, so that the routing can follow the GPU's figures.
 
 Forward: `mosaic_forward.py` (warp-specialized, TMA ring, wgmma, online softmax).
 Backward: `mosaic_backward.py` (dK/dV and dQ kernels) by default; `MosaicBlocks(backward=
@@ -109,10 +112,6 @@ def check_arguments(q, k, v, segment_ids, window_size):
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"mosaic_attention: q, k, v must be [batch, seq, heads, head_dim] of "
                          f"equal shapes; got q {q.shape}, k {k.shape}, v {v.shape}")
-    if tuple(window_size) != (-1, -1):
-        raise ValueError(f"mosaic_attention covers global layers only (window_size=(-1, -1)); "
-                         f"got window_size={tuple(window_size)}: use flash_attention, or "
-                         f"attention(impl='mosaic'), which routes windowed layers to it")
     if q.shape[-1] % 64:
         raise ValueError(f"mosaic_attention needs head_dim a multiple of 64 (wgmma tiles); got "
                          f"{q.shape[-1]}: use model.attention_impl='pallas'")
@@ -138,7 +137,7 @@ def mosaic_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_
       q, k, v: `[batch, seq, heads, head_dim]` bfloat16/float16, head_dim a multiple of 64.
       segment_ids: `[batch, seq]` int, contiguous runs (packed documents); 0 = padding.
       causal: key j visible to query i only if j <= i.
-      window_size: must be (-1, -1); windowed layers raise ValueError.
+      window_size: `(left, right)` keys visible on either side of a query, -1 = unbounded.
       sm_scale: logit scale, default `head_dim ** -0.5`.
       block_sizes: `MosaicBlocks`; default `MosaicBlocks()`.
       interpret: run in Mosaic GPU's interpreter (an `InterpretGPUParams` sets its options,
@@ -152,12 +151,14 @@ def mosaic_attention(q, k, v, *, segment_ids=None, causal: bool = False, window_
     """
     check_arguments(q, k, v, segment_ids, window_size)
     return run_per_shard(
-        functools.partial(_mosaic_attention_local, causal=causal, sm_scale=sm_scale,
+        functools.partial(_mosaic_attention_local, causal=causal,
+                          window_size=tuple(window_size), sm_scale=sm_scale,
                           block_sizes=block_sizes, interpret=interpret),
         q, k, v, segment_ids)
 
 
-def _mosaic_attention_local(q, k, v, segment_ids, *, causal, sm_scale, block_sizes, interpret):
+def _mosaic_attention_local(q, k, v, segment_ids, *, causal, window_size, sm_scale, block_sizes,
+                            interpret):
     """mosaic_attention on one device's arrays (see there)."""
     batch, length, _, head_dim = q.shape
     blocks = block_sizes or MosaicBlocks()
@@ -166,7 +167,8 @@ def _mosaic_attention_local(q, k, v, segment_ids, *, causal, sm_scale, block_siz
     if segment_ids is not None:
         segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, seq - length)))
     intervals = [jnp.broadcast_to(x, (batch, seq)) for x in
-                 attention_intervals(seq, length, segment_ids=segment_ids, causal=causal)]
+                 attention_intervals(seq, length, segment_ids=segment_ids, causal=causal,
+                                     window_size=window_size)]
     if interpret is None:
         interpret = target_platform() != "gpu"
     scale = float(head_dim ** -0.5 if sm_scale is None else sm_scale)
