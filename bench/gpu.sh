@@ -33,6 +33,7 @@
 #   bash bench/gpu.sh --tune [--budget_s=480]    # = --stages=tune (profile + variants)
 #   bash bench/gpu.sh --stages=tune,ours --tune_s=200   # the profile first, capped, then ours
 #   bash bench/gpu.sh --dry_run      # print every command, run nothing
+#   bash bench/gpu.sh --help         # this text
 #   bash bench/gpu.sh --cpu_smoke    # every command on CPU, tiny config and shapes
 #   bash bench/gpu.sh --fetch_wheels # on a networked machine: grain, ml-collections, clu,
 #                                    # array-record, portpicker, datasketch (the demo corpus's
@@ -47,6 +48,7 @@ for arg in "$@"; do
   case $arg in
     --quick) QUICK=1 ;;
     --skip_peer) SKIP_PEER=1 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     --dry_run) DRY=1 ;;
     --cpu_smoke) SMOKE=1 ;;
     --tune) STAGES=tune ;;
@@ -58,7 +60,7 @@ for arg in "$@"; do
         --abi cp312 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 --platform any -d .whl grain==0.2.18 \
         ml-collections==1.1.0 clu==0.0.12 array-record==0.8.6 portpicker datasketch==2.0.0 ;;
-    *) echo "bench/gpu.sh: unknown argument $arg (see the comment at the top)" >&2; exit 2 ;;
+    *) echo "bench/gpu.sh: unknown argument $arg (bench/gpu.sh --help lists them)" >&2; exit 2 ;;
   esac
 done
 if [ -z "$STAGES" ]; then

@@ -1,5 +1,6 @@
 """bench/gpu.sh --dry_run: the script parses and prints every command it would run."""
 import os
+import re
 import shlex
 import subprocess
 
@@ -101,6 +102,26 @@ def test_gpu_sh_refuses_an_unknown_stage_before_running_anything(tmp_path):
                          env=dict(os.environ, GPUBENCH_LOG=str(tmp_path / "gpubench")))
     assert out.returncode == 2
     assert "unknown stage 'atention'" in out.stderr and out.stdout == ""
+
+
+def test_gpu_sh_help_names_every_option_and_runs_nothing(tmp_path):
+    """--help prints the header, which names every option the argument loop accepts, and
+    exits 0 before touching the log directory; an unknown option points to it."""
+    env = dict(os.environ, GPUBENCH_LOG=str(tmp_path / "gpubench"))
+    out = subprocess.run(["bash", "bench/gpu.sh", "--stages=ours", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0 and out.stderr == ""
+    assert out.stdout.startswith("The GPU bench table in one go")
+    with open(os.path.join(ROOT, "bench", "gpu.sh")) as script:
+        loop = script.read().split('for arg in "$@"; do', 1)[1].split("done", 1)[0]
+    options = set(re.findall(r"^\s*(?:-h\|)?(--[a-z_]+)(?:=\*)?\)", loop, re.M))
+    assert {"--help", "--dry_run", "--cpu_smoke", "--stages", "--tune_s"} <= options
+    for option in options:
+        assert option in out.stdout, option
+    assert not (tmp_path / "gpubench").exists()
+    bad = subprocess.run(["bash", "bench/gpu.sh", "--budget=60"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and "--budget=60" in bad.stderr and "--help" in bad.stderr
 
 
 def test_gpu_sh_tune_s_caps_the_tune_stage_so_later_stages_run(tmp_path):
