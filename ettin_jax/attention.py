@@ -19,7 +19,8 @@ from ettin_jax import kernels
 from ettin_jax.kernels.target import target_platform
 
 # "mosaic": Mosaic GPU kernels for global layers, the Triton "pallas" kernels for windowed ones
-# (the Mosaic kernels take windows too; which is faster there is not measured yet).
+# (the Mosaic kernels take windows too; which is faster there is not measured yet). jax 0.11
+# deprecates Pallas' Triton backend (a DeprecationWarning when the "pallas" kernels lower).
 IMPLEMENTATIONS = ("xla", "pallas", "mosaic", "cudnn", "splash")
 _MASK_SCOPE = re.compile(r"\battention_(causal|global|(causal_)?window_(-?\d+)_(-?\d+))\b")
 
