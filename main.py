@@ -108,11 +108,16 @@ def xla_caches_setting(config) -> str | None:
     if "JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES" in os.environ:
         return None
     value = config.train.compilation_cache_xla_caches.strip()
-    unknown = [name for name in value.split(",") if name.strip() not in ("", *XLA_CACHES)]
-    if value != "all" and unknown:
-        raise cli.UserError(f"config.train.compilation_cache_xla_caches={value!r}: unknown "
-                            f"{unknown[0].strip()!r}; expected \"all\", \"\" or a comma list "
-                            f"of {', '.join(XLA_CACHES)}")
+    if value == "all":
+        return value
+    names = [name.strip() for name in value.split(",")]
+    unknown = [name for name in names if name not in ("", *XLA_CACHES)]
+    if unknown:
+        # "all" inside a list is a mix-up of the two forms, not an unknown cache name
+        what = ("\"all\" cannot be combined with other names" if "all" in unknown
+                else f"unknown {unknown[0]!r}")
+        raise cli.UserError(f"config.train.compilation_cache_xla_caches={value!r}: {what}; "
+                            f"expected \"all\", \"\" or a comma list of {', '.join(XLA_CACHES)}")
     return value
 
 

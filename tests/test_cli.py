@@ -54,6 +54,10 @@ def assert_one_error_line(result, *fragments):
     (["--config=configs/ettin_tiny.py:mlm",
       "--config.train.compilation_cache_xla_caches=xla_gpu_kernel_cache"],
      ["config.train.compilation_cache_xla_caches", "unknown 'xla_gpu_kernel_cache'"]),
+    (["--config=configs/ettin_tiny.py:mlm",
+      "--config.train.compilation_cache_xla_caches=all,xla_gpu_kernel_cache_file"],
+     ["compilation_cache_xla_caches='all,xla_gpu_kernel_cache_file'",
+      "\"all\" cannot be combined"]),
 ])
 def test_main_user_errors_are_one_line_before_jax_starts(tmp_path, args, fragments):
     result = run("main.py", f"--workdir={tmp_path / 'w'}", *args)
