@@ -488,13 +488,11 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
 
     # Finish.
     if step == num_steps and jax.process_index() == 0:
-        logging.info(
-            "done: %d steps, %s tokens in %s; last logged loss %.4f, accuracy %.3f%s%s. "
-            "Checkpoints: %s; TensorBoard: tensorboard --logdir %s; metrics: %s; export: "
-            "python -m ettin_jax.hf export --checkpoint=%s --out=%s/hf", step, f"{tokens:,}",
-            train_metrics.format_duration(time.time() - run_start), last.get("loss", float("nan")),
-            last.get("accuracy", float("nan")),
-            f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "",
-            f"; {guard.total_skipped} non-finite steps skipped" if guard.total_skipped else "",
-            ckpt.directory, workdir, os.path.join(workdir, "metrics.jsonl"), workdir, workdir)
+        logging.info("%s. Checkpoints: %s; TensorBoard: tensorboard --logdir %s; metrics: %s; "
+                     "export: python -m ettin_jax.hf export --checkpoint=%s --out=%s/hf",
+                     train_metrics.run_summary(last, step=step, num_steps=num_steps, tokens=tokens,
+                                               seconds=time.time() - run_start,
+                                               skipped=guard.total_skipped),
+                     ckpt.directory, workdir, os.path.join(workdir, "metrics.jsonl"), workdir,
+                     workdir)
     return last

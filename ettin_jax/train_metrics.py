@@ -6,6 +6,7 @@
     training_flops_per_row(config)     forward + backward FLOPs of one row, for MFU
     device_peak_flops(config)          bf16 dense peak FLOP/s of one device (0 = unknown)
     Window, train_scalars(...)         the steps since the last log line and their scalars
+    run_summary(last, ...)             the first half of the run's closing log line
 """
 # No `from __future__ import annotations`: clu reads the metric classes from __annotations__.
 
@@ -149,3 +150,16 @@ def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
         f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run_summary(last: dict, *, step: int, num_steps: int, tokens: int, seconds: float,
+                skipped: int) -> str:
+    """What the run's closing line says of its training. `last`: this process's last logged
+    scalars, empty when it trained no step (a re-run of a finished run has no loss of its own)."""
+    if "loss" not in last:
+        return f"nothing to train: the run already reached step {step} of {num_steps} " \
+               f"({tokens:,} tokens)"
+    return (f"done: {step} steps, {tokens:,} tokens in {format_duration(seconds)}; last logged "
+            f"loss {last['loss']:.4f}, accuracy {last.get('accuracy', float('nan')):.3f}"
+            + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
+            + (f"; {skipped} non-finite steps skipped" if skipped else ""))

@@ -131,3 +131,19 @@ def test_sigkill_at_a_random_step_then_sigterm_then_finish(tmp_path, env, refere
     finish(workdir, env)
     assert f"resumed from {workdir / 'checkpoints'}/{stopped}" in read_log(workdir)
     assert_same_losses(workdir, ref)
+
+
+def test_rerun_of_a_finished_run_trains_nothing_and_says_so(tmp_path, env, reference):
+    """The same command on a finished workdir exits 0, logs no step, and says the run is done
+    instead of reporting a loss it does not have."""
+    finished, _ = reference
+    workdir = tmp_path / "finished"
+    shutil.copytree(finished, workdir)
+    with open(workdir / "metrics.jsonl", "rb") as f:
+        before = f.read()
+    finish(workdir, env)
+    with open(workdir / "metrics.jsonl", "rb") as f:
+        assert f.read() == before
+    log = read_log(workdir)
+    assert f"nothing to train: the run already reached step {STEPS} of {STEPS}" in log
+    assert " nan" not in log
