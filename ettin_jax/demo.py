@@ -35,8 +35,10 @@ def demo_variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
                 raise ValueError(f"config.demo.{section}.{key} replaces config.{section}.{key}, "
                                  "which this config does not have (configs/base.py)")
             config[section][key] = value
-    if demo.cpu_model_dtype and jax.default_backend() == "cpu":
-        config.model.dtype = demo.cpu_model_dtype
+    if jax.default_backend() == "cpu":
+        if demo.cpu_model_dtype:
+            config.model.dtype = demo.cpu_model_dtype
+        config.model.scan_layers = demo.cpu_scan_layers
     return config
 
 

@@ -139,3 +139,21 @@ def test_seeds_and_checkpoint_interval(size, run):
     assert c.data.seed == 21                                  # shuffle_seed: 21 in every yaml
     every = ({"1b": 3_333_333_333}.get(size, 10_000_000_000) if cross else 8_500_000_000)
     assert c.checkpoint.every_tokens == pytest.approx(every, rel=1e-9)
+
+
+def test_the_demo_on_a_cpu_scans_the_layers_in_float32_and_a_real_run_keeps_its_model():
+    """configs/base.py's demo.cpu_* keys replace the model's dtype and layer loop on a CPU
+    backend (the suite runs on one); a run with a data mixture keeps the model section."""
+    import jax  # pylint: disable=import-outside-toplevel
+    from ettin_jax import demo  # pylint: disable=import-outside-toplevel
+    assert jax.default_backend() == "cpu"
+    config = importlib.import_module("configs.ettin_17m").get_config("mlm")
+    assert (config.model.scan_layers, config.model.dtype) == (False, "bfloat16")
+    on_cpu = demo.demo_variant(config)
+    assert (on_cpu.model.scan_layers, on_cpu.model.dtype) == (True, "float32")
+    config.demo.cpu_scan_layers, config.demo.cpu_model_dtype = False, ""
+    assert (demo.demo_variant(config).model.scan_layers,
+            demo.demo_variant(config).model.dtype) == (False, "bfloat16")
+    config.demo.cpu_scan_layers, config.data.mixture = True, "data/web"
+    assert (demo.demo_variant(config).model.scan_layers,
+            demo.demo_variant(config).model.dtype) == (False, "bfloat16")
