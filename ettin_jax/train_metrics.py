@@ -160,6 +160,6 @@ def run_summary(last: dict, *, step: int, num_steps: int, tokens: int, seconds: 
         return f"nothing to train: the run already reached step {step} of {num_steps} " \
                f"({tokens:,} tokens)"
     return (f"done: {step} steps, {tokens:,} tokens in {format_duration(seconds)}; last logged "
-            f"loss {last['loss']:.4f}, accuracy {last.get('accuracy', float('nan')):.3f}"
+            f"loss {last['loss']:.4f}, accuracy {last['accuracy']:.3f}"
             + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
             + (f"; {skipped} non-finite steps skipped" if skipped else ""))
