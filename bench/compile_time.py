@@ -85,8 +85,16 @@ def _compile(lowered):
     from bench.train_step import thunk_durations  # pylint: disable=import-outside-toplevel
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
+            wall, monotonic = time.time(), time.perf_counter()
             compiled = lowered.compile()
+            clock_step = (time.time() - wall) - (time.perf_counter() - monotonic)
         totals = thunk_durations(trace_dir)
+    # The profiler stamps events with the system clock (CLOCK_REALTIME). A VM that is paused and
+    # resumed has that clock set forward while the monotonic one is not: every stage running
+    # across the step then looks that much longer than the compile took.
+    if abs(clock_step) > 0.5:
+        print(f"  the system clock stepped {clock_step:+.2f} s during this compile: stages "
+              "running across it include the step", flush=True)
     # Python frames ("$file:line name") and the enclosing compile calls are not stages.
     stages = [(name, us) for name, us in totals.most_common() if not name.startswith("$")]
     for name, us in stages[:FLAGS.passes]:

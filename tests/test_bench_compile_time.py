@@ -21,8 +21,14 @@ def test_passes_lists_the_costliest_stages_within_the_compile_time():
         compile_s = float(re.search(r"compile\s+([0-9.]+) s", lines[at]).group(1))
         seconds = [float(v) for v in stages.values()]
         assert seconds == sorted(seconds, reverse=True), stages     # costliest first
+        # A step of the system clock (a paused VM) stretches the profiler's stages; the tool
+        # measures and names it (seen once: 24.8 s of stages in a 5.0 s compile).
+        step = re.match(r"\s+the system clock stepped ([-+0-9.]+) s",
+                        lines[at - 5] if at >= 5 else "")
+        clock_step = max(0.0, float(step.group(1))) if step else 0.0
         # Totals add up over threads; the compile call itself runs on one.
-        assert 0 < float(stages["backend_compile_and_load"]) <= compile_s + 0.05, stages
+        assert 0 < float(stages["backend_compile_and_load"]) <= compile_s + clock_step + 0.05, \
+            stages
 
 
 _COMPILE_FOR_H100 = """
