@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import types
 
 import jax
@@ -229,9 +230,13 @@ def test_second_start_reads_compiled_programs_from_the_cache(tmp_path):
               "--config.demo.train.eval_batches=0",
               f"--config.train.compilation_cache_dir={cache}",
               "--config.train.compilation_cache_min_compile_secs=0"]
-    times, compiles = [], []
+    times, compiles, clock_steps = [], [], []
     for name in ("first", "second"):
+        wall, monotonic = time.time(), time.perf_counter()
         result = run("main.py", f"--workdir={tmp_path / name}", *flags, env=env, timeout=600)
+        # The log's timestamps are wall-clock; a paused and resumed VM sets that clock forward
+        # (seen in bench/compile_time.py's profiles), the monotonic one not.
+        clock_steps.append((time.time() - wall) - (time.perf_counter() - monotonic))
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"compilation cache {cache}" in result.stderr
         times.append(_seconds_to_first_step(result.stderr))
@@ -244,8 +249,9 @@ def test_second_start_reads_compiled_programs_from_the_cache(tmp_path):
         if name == "first":
             entries = len(os.listdir(cache))
             assert entries > 0
-    print(f"seconds from JAX start to the first step: {times}, step compiles: {compiles}")
-    assert times[1] < times[0], times
+    print(f"seconds from JAX start to the first step: {times}, step compiles: {compiles}, "
+          f"system clock steps: {clock_steps}")
+    assert times[1] - max(0.0, clock_steps[1]) < times[0], (times, clock_steps)
     assert compiles[1] < compiles[0], compiles
 
 
