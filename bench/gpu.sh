@@ -21,7 +21,7 @@
 #     (bench/variants.py; -> $LOG/tune.jsonl);
 #   memory (not by default; where listed it starts in the background and stops at startup or
 #     the end): bench/memory.py's largest micro batch per size at 1024 and 8192, remat
-#     none/full/dots, 80 GB, compile-only.
+#     none/full/dots/dots_attention, 80 GB, compile-only.
 # Each command has its own timeout, cut to the budget left; what the budget does not reach is
 # listed as skipped. On an H200 (2026-11-30) one cold compile of a train step took about a
 # minute, so the whole default list needs more than 15 minutes: pick stages to fit a lease.
@@ -238,7 +238,8 @@ stage_memory() {
   for size in $SIZES; do
     for objective in mlm; do
       cmd=(python bench/memory.py --config=configs/ettin_$size.py:$objective --seq_lens=$MEM_SEQS
-           --remat=none,full,dots --config.train.xla_options=xla_gpu_autotune_level=0
+           --remat=none,full,dots,dots_attention
+           --config.train.xla_options=xla_gpu_autotune_level=0
            $MEM_EXTRA --json_out="$LOG/memory.jsonl")
       echo "+ [memory_$size, background] ${cmd[*]}"
       printf '%s\t%s\t%s\t%s\n' "memory_$size" bg - "${cmd[*]}" >> "$LOG/commands.tsv"

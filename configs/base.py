@@ -149,7 +149,8 @@ def model_config(*, num_layers: int, hidden_size: int, intermediate_size: int,
     m.scan_layers = False
     # Rematerialise the scanned group in the backward pass to save activation memory (needs
     # scan_layers): none | full (keep only each group's input) | dots (also keep the weight
-    # matmuls' outputs).
+    # matmuls' outputs) | dots_attention (also keep the attention kernels' outputs and the
+    # dropout masks, so the backward runs no forward attention kernel and draws no mask).
     m.remat = "none"
     m.pad_token_id = PAD_ID
     m.cls_token_id = CLS_ID

@@ -30,9 +30,10 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ettin_jax import attention as attention_lib
-from ettin_jax.model_config import REMAT_POLICIES, ModelConfig
+from ettin_jax.model_config import DROPOUT_MASK, REMAT_POLICIES, ModelConfig
 
 
 def _truncated_normal(rngs: nnx.Rngs, shape, std: float, cutoff: float):
@@ -95,6 +96,18 @@ def apply_rope(x, cos, sin):
     bench/RESULTS.md)."""
     halves = x.astype(jnp.float32).reshape(*x.shape[:-1], 2, x.shape[-1] // 2)
     return (halves * cos + jnp.flip(halves, axis=-2) * sin).reshape(x.shape).astype(x.dtype)
+
+
+def dropout(module: nnx.Dropout, x, key):
+    """`module(x, rngs=key)` with the mask named DROPOUT_MASK, so a remat policy can keep it
+    rather than draw it again in the backward (`model_config.REMAT_POLICIES`). Same mask and
+    result as nnx.Dropout's; a None key (an inactive dropout) goes to the module itself."""
+    if key is None or module.deterministic or module.rate in (0.0, 1.0):
+        return module(x, rngs=key)
+    keep_prob = 1.0 - module.rate
+    keep = jax.random.bernoulli(key, p=keep_prob, shape=x.shape,
+                                out_sharding=jax.typeof(x).sharding)
+    return jax.lax.select(checkpoint_name(keep, DROPOUT_MASK), x / keep_prob, jnp.zeros_like(x))
 
 
 class Block(nnx.Module):
@@ -163,13 +176,13 @@ class Block(nnx.Module):
                                                window_size=self.window_size, q_offset=index)
         out = jnp.einsum("bsnd,ndh->bsh", attn, self.attn_out[...].astype(dtype))
         attn_key, mlp_key = dropout_keys
-        x = x + self.attn_out_dropout(out, rngs=attn_key).astype(jnp.float32)
+        x = x + dropout(self.attn_out_dropout, out, attn_key).astype(jnp.float32)
 
         h = normalize(x, self.eps).astype(dtype)
         mlp_in_weight = self.mlp_norm[...][:, None, None] * self.mlp_in[...]
         gate_in = jnp.einsum("bsh,hci->bsci", h, mlp_in_weight.astype(dtype))
         inner = gelu(gate_in[:, :, 0]) * gate_in[:, :, 1]
-        out = jnp.einsum("bsi,ih->bsh", self.mlp_dropout(inner, rngs=mlp_key),
+        out = jnp.einsum("bsi,ih->bsh", dropout(self.mlp_dropout, inner, mlp_key),
                          self.mlp_out[...].astype(dtype))
         x = x + out.astype(jnp.float32)
         return x if cache is None else (x, (k, v))

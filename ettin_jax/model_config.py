@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ettin_jax import attention as attention_lib
+from ettin_jax.kernels.flash_attention import RESIDUAL_NAMES as ATTENTION_RESIDUALS
 
 ENCODER_ARCH = "ModernBertForMaskedLM"
 DECODER_ARCH = "ModernBertDecoderForCausalLM"
@@ -30,14 +31,23 @@ CLASSIFIER_POOLINGS = ("cls", "mean")
 # save_hf writes float32 weights; config.json names this dtype.
 STORED_DTYPE = "float32"
 
+# The name (`jax.ad_checkpoint.checkpoint_name`) of a layer's dropout masks (model.dropout).
+DROPOUT_MASK = "dropout_mask"
 # Rematerialisation of the scanned layer group (config.model.remat): what its backward pass
 # keeps from the forward. "full" keeps only the group's input; "dots" also keeps the outputs
 # of the weight matmuls (dot_generals without batch dimensions: the projections, not the
-# attention scores), recomputing norms, activations and attention.
+# attention scores), recomputing norms, activations, dropout masks and attention (the forward
+# kernel runs again); "dots_attention" keeps those and what the attention kernels' backward
+# reads (their output and log-sum-exp: Pallas kernels only) and the dropout masks, so only
+# norms, activations and RoPE are recomputed (bench/RESULTS.md compares the three).
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(
+            *ATTENTION_RESIDUALS, DROPOUT_MASK)),
 }
 
 

@@ -13,7 +13,7 @@ from flax import nnx
 
 from configs import ettin_17m, ettin_32m, ettin_68m, ettin_150m, ettin_400m, ettin_1b, ettin_tiny
 from ettin_jax import attention
-from ettin_jax.model import EttinModel, count_params, layer_norm
+from ettin_jax.model import EttinModel, count_params, dropout, layer_norm
 
 
 # One compiled program per shape instead of hundreds of eagerly dispatched ops.
@@ -166,6 +166,24 @@ def test_dropout_only_in_training():
     assert np.abs(first - second).max() > 1e-4          # fresh masks each call
     model.eval()
     np.testing.assert_array_equal(np.asarray(forward(model, ids)), np.asarray(forward(model, ids)))
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 1.0])
+def test_named_dropout_equals_flax_dropout(rate):
+    """model.dropout (its mask named for remat) draws the mask nnx.Dropout draws from the same
+    key, in training and (identity) in evaluation."""
+    x = jax.random.normal(jax.random.key(1), (2, 7, 16), jnp.bfloat16)
+    module = nnx.Dropout(rate, rngs=nnx.Rngs(0))
+    for deterministic in (False, True):
+        module.deterministic = deterministic
+        key = jax.random.key(3)
+        np.testing.assert_array_equal(np.asarray(dropout(module, x, key), np.float32),
+                                      np.asarray(module(x, rngs=key), np.float32))
+    module.deterministic = False
+    kept = np.asarray(dropout(module, jnp.ones((64, 64)), jax.random.key(3)))
+    assert abs((kept != 0).mean() - (1 - rate)) < 0.05           # the rate, 4096 draws
+    if rate < 1:
+        np.testing.assert_allclose(kept[kept != 0], 1 / (1 - rate), rtol=1e-6)  # rescaled
 
 
 def test_bfloat16_compute_tracks_float32():

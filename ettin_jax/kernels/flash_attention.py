@@ -24,6 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
 from ettin_jax.kernels.intervals import attention_intervals
@@ -223,6 +224,16 @@ def _compiler_params(num_warps, num_stages, head_dim):
 # 2.3 s of its 3.1 s lowering on 2 CPU cores, paid again on every warm start). The compiled
 # program still names each call site's ops after it, mask scope included (XLA's inliner).
 JIT_STATIC = ("scale", "blocks", "interpret")
+# Names of the forward kernel's outputs that its backward reads (`jax.ad_checkpoint`), so a
+# remat policy can keep them (model_config.REMAT_POLICIES "dots_attention") instead of running
+# the forward kernel again in the backward. They are named inside the jitted forward: named
+# outside it, a rematerialised layer in a `lax.scan` still recomputed the kernel (jax 0.10).
+RESIDUAL_NAMES = ("attention_out", "attention_lse")
+
+
+def name_residuals(out, lse):
+    """`(out, lse)` under RESIDUAL_NAMES."""
+    return tuple(checkpoint_name(x, name) for x, name in zip((out, lse), RESIDUAL_NAMES))
 
 
 @functools.partial(jax.jit, static_argnames=JIT_STATIC)
@@ -234,7 +245,7 @@ def _forward(q, k, v, k_start, k_end, *, scale, blocks: BlockSizes, interpret):
     q_tile = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
     kv_full = pl.BlockSpec((None, seq, None, head_dim), lambda i, b, h: (b, 0, h, 0))
     row_tile = pl.BlockSpec((None, bq), lambda i, b, h: (b, i))
-    return pl.pallas_call(
+    out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, scale=scale, block_k=blocks.block_k,
                           split=blocks.split_loops),
         grid=grid,
@@ -246,6 +257,7 @@ def _forward(q, k, v, k_start, k_end, *, scale, blocks: BlockSizes, interpret):
         interpret=interpret,
         name=FORWARD,
     )(q, k, v, k_start, k_end)
+    return name_residuals(out, lse)
 
 
 # ---------------------------------------------------------------------------------- backward

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ettin_jax.kernels.flash_attention import (JIT_STATIC, default_block_sizes, round_up,
-                                              tile_loop_ranges)
+from ettin_jax.kernels.flash_attention import (JIT_STATIC, default_block_sizes, name_residuals,
+                                              round_up, tile_loop_ranges)
 from ettin_jax.kernels.flash_attention import backward as triton_backward
 from ettin_jax.kernels.intervals import attention_intervals
 from ettin_jax.kernels.mosaic_common import COMPUTE_WARPGROUPS, MosaicBlocks
@@ -68,8 +68,8 @@ def _interpret_params(interpret):
 def _forward(q, k, v, intervals, *, scale, blocks, interpret):
     k_start, k_end = intervals[:2]
     ranges = tile_ranges(k_start, k_end, COMPUTE_WARPGROUPS * blocks.block_q, blocks.block_kv)
-    return forward(q, k, v, k_start, k_end, ranges, scale=scale, blocks=blocks,
-                   interpret=_interpret_params(interpret))
+    return name_residuals(*forward(q, k, v, k_start, k_end, ranges, scale=scale, blocks=blocks,
+                                   interpret=_interpret_params(interpret)))
 
 
 @functools.partial(jax.jit, static_argnames=JIT_STATIC)
