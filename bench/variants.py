@@ -4,10 +4,11 @@
 
 means the baseline (the config and shape the other flags give), then each listed value of each
 key changed alone, the rest as in the baseline (one at a time, not a product); a value equal
-to the baseline's is not run again. Keys: the short names in ALIASES, `batch` / `seq_len`
-(the shape), or any dotted config key (`model.remat`, `train.loss_row_chunk`); values are
-converted to the type the config holds. Every variant is built before the first one runs, so
-a typo fails at once, not after minutes of compiling.
+to the baseline's is not run again. A remat other than none also scans the layers (it needs
+them scanned), and its name says so: `remat=dots+scan_layers=true`. Keys: the short names in
+ALIASES, `batch` / `seq_len` (the shape), or any dotted config key (`model.remat`,
+`train.loss_row_chunk`); values are converted to the type the config holds. Every variant is
+built before the first one runs, so a typo fails at once, not after minutes of compiling.
 """
 from __future__ import annotations
 
@@ -97,6 +98,11 @@ def one_at_a_time(config, rows: int, seq_len: int, parsed) -> list[Variant]:
                 if value == section[leaf]:
                     continue
                 section[leaf] = value
+                model = variant.config.model
+                if ALIASES.get(key, key) == "model.remat" and value != "none" \
+                        and not model.scan_layers:
+                    model.scan_layers = True        # remat applies to scanned layer groups
+                    variant.name += "+scan_layers=true"
             out.append(variant)
     return out
 

@@ -14,7 +14,8 @@ def test_one_at_a_time_changes_one_key_per_variant_and_skips_the_baseline_value(
                             "scan_layers=true;model.remat=full")
     built = variants.one_at_a_time(config, 4, 64, parsed)
     assert [v.name for v in built] == ["baseline", "prng_impl=rbg", "loss_vocab_chunk=96",
-                                       "batch=2", "scan_layers=true", "model.remat=full"]
+                                       "batch=2", "scan_layers=true",
+                                       "model.remat=full+scan_layers=true"]
     baseline = built[0]
 
     def value(config, dotted):
@@ -28,7 +29,8 @@ def test_one_at_a_time_changes_one_key_per_variant_and_skips_the_baseline_value(
 
     assert [differences(v) for v in built] == [set(), {"train.prng_impl"},
                                                {"train.loss_vocab_chunk"}, {"shape"},
-                                               {"model.scan_layers"}, {"model.remat"}]
+                                               {"model.scan_layers"},
+                                               {"model.remat", "model.scan_layers"}]
     assert built[2].config.train.loss_vocab_chunk == 96            # an int, as the config holds
     assert built[4].config.model.scan_layers is True
     assert config.train.prng_impl == "threefry" and not config.model.scan_layers   # not modified
