@@ -17,7 +17,8 @@
 #     XLA operation -> $LOG/profile_150m_mlm.txt), then each knob alone: XLA's autotuning off,
 #     its fusion autotuner off, prng_impl rbg / unsafe_rbg, loss_vocab_chunk 16384,
 #     loss_row_chunk 32768, micro batch 32 / 128 rows, scan_layers true, Triton GEMMs off,
-#     the scanned layers with remat dots and dots_attention, attention_impl mosaic
+#     q/k and v as two matmuls (qkv_projection qk_v), the scanned layers with remat dots and
+#     dots_attention, attention_impl mosaic
 #     (bench/variants.py; -> $LOG/tune.jsonl);
 #   memory (not by default; where listed it starts in the background and stops at startup or
 #     the end): bench/memory.py's largest micro batch per size at 1024 and 8192, remat
@@ -122,7 +123,7 @@ if [ "$SMOKE" = 1 ]; then
   TUNE_VARIANTS+=";xla_options=xla_gpu_experimental_enable_fusion_autotuner=false"
   TUNE_VARIANTS+=";prng_impl=rbg,unsafe_rbg;loss_vocab_chunk=96;loss_row_chunk=64;batch=2,8"
   TUNE_VARIANTS+=";scan_layers=true;xla_options=xla_gpu_enable_triton_gemm=false"
-  TUNE_VARIANTS+=";remat=dots_attention;attention_impl=mosaic"
+  TUNE_VARIANTS+=";qkv_projection=qk_v;remat=dots_attention;attention_impl=mosaic"
 else
   C150=configs/ettin_150m.py C1B=configs/ettin_1b.py SIZES="17m 32m 68m 150m 400m 1b"
   S64x1K=64x1024 S8x8K=8x8192 S32x1K=32x1024 SEQS=1024,8192 ATT_BATCH="" ATT_ENV=()
@@ -141,7 +142,7 @@ else
   TUNE_VARIANTS+=";xla_options=xla_gpu_experimental_enable_fusion_autotuner=false"
   TUNE_VARIANTS+=";prng_impl=rbg,unsafe_rbg;loss_vocab_chunk=16384;loss_row_chunk=32768"
   TUNE_VARIANTS+=";batch=32,128;scan_layers=true;xla_options=xla_gpu_enable_triton_gemm=false"
-  TUNE_VARIANTS+=";remat=dots,dots_attention;attention_impl=mosaic"
+  TUNE_VARIANTS+=";qkv_projection=qk_v;remat=dots,dots_attention;attention_impl=mosaic"
 fi
 if [ "$QUICK" = 1 ]; then
   SEQS=${SEQS#*,} MEM_SEQS=${MEM_SEQS%,*}

@@ -23,6 +23,7 @@ from ettin_jax import cli
 ALIASES = {"prng_impl": "train.prng_impl", "loss_vocab_chunk": "train.loss_vocab_chunk",
            "loss_row_chunk": "train.loss_row_chunk", "attention_impl": "model.attention_impl",
            "remat": "model.remat", "scan_layers": "model.scan_layers", "dtype": "model.dtype",
+           "qkv_projection": "model.qkv_projection",
            "xla_options": "train.xla_options"}
 SHAPE_KEYS = ("batch", "seq_len")
 BASELINE = "baseline"

@@ -152,6 +152,12 @@ def model_config(*, num_layers: int, hidden_size: int, intermediate_size: int,
     # matmuls' outputs) | dots_attention (also keep the attention kernels' outputs and the
     # dropout masks, so the backward runs no forward attention kernel and draws no mask).
     m.remat = "none"
+    # q, k, v from the layer's one qkv weight: fused (one matmul, a [batch, seq, 3, heads,
+    # head_dim] output the attention kernels read strided) | qk_v (q and k in one matmul, v
+    # in its own, written contiguously). Same parameters and results; the H100 roofline of
+    # the 150m step is 1.7% lower with qk_v (bench/RESULTS.md), but two narrower GEMMs may
+    # run slower, which only a GPU tells (`bash bench/gpu.sh --stages=tune` times it).
+    m.qkv_projection = "fused"
     m.pad_token_id = PAD_ID
     m.cls_token_id = CLS_ID
     m.sep_token_id = SEP_ID

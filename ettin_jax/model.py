@@ -122,6 +122,7 @@ class Block(nnx.Module):
         self.rope_theta = config.rope_theta(layer)
         self.causal = config.causal
         self.eps = config.norm_eps
+        self.qkv_projection = config.qkv_projection
         # Layer 0's attention input is the (already normalised) embedding output.
         self.attn_norm = _param(jnp.ones((H,)), ("norm",)) if layer > 0 else None
         # [hidden, 3 (q,k,v), heads, head_dim]: the layout of HF's fused Wqkv output columns.
@@ -160,8 +161,14 @@ class Block(nnx.Module):
         else:
             h = normalize(x, self.eps)
             qkv_weight = self.attn_norm[...][:, None, None, None] * self.qkv[...]
-        qkv = jnp.einsum("bsh,hcnd->bscnd", h.astype(dtype), qkv_weight.astype(dtype))
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        h, qkv_weight = h.astype(dtype), qkv_weight.astype(dtype)
+        if self.qkv_projection == "fused":
+            qkv = jnp.einsum("bsh,hcnd->bscnd", h, qkv_weight)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:   # "qk_v": v written on its own, contiguous for the attention kernel
+            qk = jnp.einsum("bsh,hcnd->bscnd", h, qkv_weight[:, :2])
+            q, k = qk[:, :, 0], qk[:, :, 1]
+            v = jnp.einsum("bsh,hnd->bsnd", h, qkv_weight[:, 2])
         cos, sin = rope_cos_sin(positions, q.shape[-1], self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:

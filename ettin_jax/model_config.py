@@ -40,6 +40,9 @@ DROPOUT_MASK = "dropout_mask"
 # kernel runs again); "dots_attention" keeps those and what the attention kernels' backward
 # reads (their output and log-sum-exp: Pallas kernels only) and the dropout masks, so only
 # norms, activations and RoPE are recomputed (bench/RESULTS.md compares the three).
+# How a layer computes q, k and v from its one [hidden, 3, heads, head_dim] weight
+# (config.model.qkv_projection): one matmul, or q and k in one and v in another.
+QKV_PROJECTIONS = ("fused", "qk_v")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -76,6 +79,7 @@ class ModelConfig:
     attention_impl: str = "auto"
     scan_layers: bool = False         # configs/base.py says why (memory traffic of the scan)
     remat: str = "none"
+    qkv_projection: str = "fused"     # configs/base.py says what each does
     pad_token_id: int = 50283
     cls_token_id: int = 50281
     sep_token_id: int = 50282
@@ -116,6 +120,9 @@ class ModelConfig:
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"config.model.remat={self.remat!r}: expected one of "
                              f"{sorted(REMAT_POLICIES)}")
+        if self.qkv_projection not in QKV_PROJECTIONS:
+            raise ValueError(f"config.model.qkv_projection={self.qkv_projection!r}: expected one "
+                             f"of {QKV_PROJECTIONS}")
         if self.remat != "none" and not self.scan_layers:
             raise ValueError(f"config.model.remat={self.remat!r} rematerialises the scanned layer "
                              "groups: set config.model.scan_layers=True, or remat='none'")

@@ -40,6 +40,7 @@ PHASES_WITH_A_SOURCE = ("ext", "decay", "cross")
 RUNTIME_SECTIONS = ("mesh", "demo")
 RUNTIME_KEYS = frozenset({
     "model.attention_impl", "model.dtype", "model.scan_layers", "model.remat",
+    "model.qkv_projection",
     "train.xla_options", "train.allow_config_change",
     "train.compilation_cache_dir", "train.compilation_cache_min_compile_secs",
     "train.compilation_cache_xla_caches", "train.loss_vocab_chunk", "train.loss_row_chunk",

@@ -54,7 +54,7 @@ def test_gpu_sh_tune_runs_one_profiled_sweep_only(tmp_path):
     args = dict(a.split("=", 1) for a in command_of(stdout, "tune_150m_mlm") if "=" in a)
     for knob in ("prng_impl=rbg,unsafe_rbg", "attention_impl=mosaic", "loss_vocab_chunk=",
                  "loss_row_chunk=", "batch=32,128", "scan_layers=true",
-                 "remat=dots,dots_attention",
+                 "remat=dots,dots_attention", "qkv_projection=qk_v",
                  "xla_options=xla_gpu_autotune_level=0",
                  "xla_options=xla_gpu_experimental_enable_fusion_autotuner=false"):
         assert knob in args["--variants"], args

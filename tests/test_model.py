@@ -196,6 +196,39 @@ def test_bfloat16_compute_tracks_float32():
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+@pytest.mark.parametrize("arg", ["mlm", "clm"])
+def test_qk_v_projection_equals_the_fused_one(arg):
+    """config.model.qkv_projection="qk_v" (two matmuls) on the fused qkv weight: the same
+    parameters, logits and parameter gradients as one matmul."""
+    ids = jnp.asarray(np.random.RandomState(1).randint(0, 500, (2, 40)))
+    weights = jnp.asarray(np.random.RandomState(2).normal(size=(2, 40, ettin_tiny.VOCAB_SIZE)),
+                          jnp.float32)
+
+    @nnx.jit
+    def logits_and_grads(model):
+        def loss(model):
+            logits = model(ids)
+            return jnp.sum(logits * weights), logits
+        return nnx.grad(loss, has_aux=True)(model)
+
+    results = {}
+    for projection in ("fused", "qk_v"):
+        model = _model(arg, dtype="float32", qkv_projection=projection)
+        grads, logits = logits_and_grads(model)
+        results[projection] = (nnx.state(model, nnx.Param), logits, grads)
+    (params, logits, grads), (params2, logits2, grads2) = results["fused"], results["qk_v"]
+    jax.tree.map(np.testing.assert_array_equal, params, params2)
+    np.testing.assert_allclose(logits2, logits, rtol=1e-5, atol=1e-5)
+    for (path, grad), grad2 in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                   jax.tree.leaves(grads2)):
+        scale = float(jnp.abs(grad).max())
+        assert scale > 0, path
+        np.testing.assert_allclose(grad2, grad, rtol=1e-4, atol=1e-5 * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+    with pytest.raises(ValueError, match=r"config.model.qkv_projection='qkv'"):
+        _model(arg, qkv_projection="qkv")
+
+
 def test_sparse_head_equals_dense_logits():
     model = _model()
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 500, (2, 30)))
