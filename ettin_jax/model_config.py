@@ -33,6 +33,9 @@ STORED_DTYPE = "float32"
 
 # The name (`jax.ad_checkpoint.checkpoint_name`) of a layer's dropout masks (model.dropout).
 DROPOUT_MASK = "dropout_mask"
+# How a layer computes q, k and v from its one [hidden, 3, heads, head_dim] weight
+# (config.model.qkv_projection): one matmul, or q and k in one and v in another.
+QKV_PROJECTIONS = ("fused", "qk_v")
 # Rematerialisation of the scanned layer group (config.model.remat): what its backward pass
 # keeps from the forward. "full" keeps only the group's input; "dots" also keeps the outputs
 # of the weight matmuls (dot_generals without batch dimensions: the projections, not the
@@ -40,9 +43,6 @@ DROPOUT_MASK = "dropout_mask"
 # kernel runs again); "dots_attention" keeps those and what the attention kernels' backward
 # reads (their output and log-sum-exp: Pallas kernels only) and the dropout masks, so only
 # norms, activations and RoPE are recomputed (bench/RESULTS.md compares the three).
-# How a layer computes q, k and v from its one [hidden, 3, heads, head_dim] weight
-# (config.model.qkv_projection): one matmul, or q and k in one and v in another.
-QKV_PROJECTIONS = ("fused", "qk_v")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
