@@ -118,12 +118,9 @@ if [ "$SMOKE" = 1 ]; then
   STEPS="--steps=2 --warmup=1" PEER_STEPS="--steps=2 --warmup=1"
   # torch.compile takes minutes per model on a small CPU: the first peer command compiles.
   PEER_COMPILE_REST=no
-  # The tiny vocabulary (512) and 4-row batch: chunks and rows that still split the loss.
-  TUNE_VARIANTS="xla_options=xla_gpu_autotune_level=0"
-  TUNE_VARIANTS+=";xla_options=xla_gpu_experimental_enable_fusion_autotuner=false"
-  TUNE_VARIANTS+=";prng_impl=rbg,unsafe_rbg;loss_vocab_chunk=96;loss_row_chunk=64;batch=2,8"
-  TUNE_VARIANTS+=";scan_layers=true;xla_options=xla_gpu_enable_triton_gemm=false"
-  TUNE_VARIANTS+=";qkv_projection=qk_v;remat=dots_attention;attention_impl=mosaic"
+  # The tiny vocabulary (512) and 4-row batch: chunks and rows that still split the loss;
+  # one remat of the two (each is a compile of the scanned model).
+  TUNE_VOCAB_CHUNK=96 TUNE_ROW_CHUNK=64 TUNE_BATCHES=2,8 TUNE_REMATS=dots_attention
 else
   C150=configs/ettin_150m.py C1B=configs/ettin_1b.py SIZES="17m 32m 68m 150m 400m 1b"
   S64x1K=64x1024 S8x8K=8x8192 S32x1K=32x1024 SEQS=1024,8192 ATT_BATCH="" ATT_ENV=()
@@ -131,19 +128,22 @@ else
   MEM_SEQS=1024,8192 MEM_EXTRA="" START_SHAPE="--rows=64 --seq_len=1024"
   START_LONG="--rows=8 --seq_len=8192"
   STEPS="--steps=10 --warmup=2" PEER_STEPS="--steps=10 --warmup=3" PEER_COMPILE_REST=yes
-  # In order of priority (a variant the budget does not reach is recorded as skipped). At
-  # 64x1024 MLM the loss runs on 64 x 312 = 19,968 slots: row chunk 8192 pads them to 24,576.
-  # Autotuning off first: its step time is what autotuning buys (ettin_jax/xla_options.py);
-  # autotuning's share of a cold compile is the start-up stage's cold_no_autotune. Then
-  # XLA's fusion autotuner alone off (it tunes every non-GEMM fusion; on jax 0.11 it costs
-  # 6 s of a 25 s compile even without a GPU, bench/RESULTS.md). The Mosaic
-  # kernels last: every variant runs in one process, and they have never run on a GPU.
-  TUNE_VARIANTS="xla_options=xla_gpu_autotune_level=0"
-  TUNE_VARIANTS+=";xla_options=xla_gpu_experimental_enable_fusion_autotuner=false"
-  TUNE_VARIANTS+=";prng_impl=rbg,unsafe_rbg;loss_vocab_chunk=16384;loss_row_chunk=32768"
-  TUNE_VARIANTS+=";batch=32,128;scan_layers=true;xla_options=xla_gpu_enable_triton_gemm=false"
-  TUNE_VARIANTS+=";qkv_projection=qk_v;remat=dots,dots_attention;attention_impl=mosaic"
+  # At 64x1024 MLM the loss runs on 64 x 312 = 19,968 slots: row chunk 8192 pads them to
+  # 24,576, 32768 does not.
+  TUNE_VOCAB_CHUNK=16384 TUNE_ROW_CHUNK=32768 TUNE_BATCHES=32,128 TUNE_REMATS=dots,dots_attention
 fi
+# The tune stage's knobs, in order of priority (a variant the budget does not reach is
+# recorded as skipped). Autotuning off first: its step time is what autotuning buys
+# (ettin_jax/xla_options.py); autotuning's share of a cold compile is the start-up stage's
+# cold_no_autotune. Then XLA's fusion autotuner alone off (it tunes every non-GEMM fusion; on
+# jax 0.11 it costs 6 s of a 25 s compile even without a GPU, bench/RESULTS.md). The Mosaic
+# kernels last: every variant runs in one process, and they have never run on a GPU.
+TUNE_VARIANTS="xla_options=xla_gpu_autotune_level=0"
+TUNE_VARIANTS+=";xla_options=xla_gpu_experimental_enable_fusion_autotuner=false"
+TUNE_VARIANTS+=";prng_impl=rbg,unsafe_rbg;loss_vocab_chunk=$TUNE_VOCAB_CHUNK"
+TUNE_VARIANTS+=";loss_row_chunk=$TUNE_ROW_CHUNK;batch=$TUNE_BATCHES;scan_layers=true"
+TUNE_VARIANTS+=";xla_options=xla_gpu_enable_triton_gemm=false;qkv_projection=qk_v"
+TUNE_VARIANTS+=";remat=$TUNE_REMATS;attention_impl=mosaic"
 if [ "$QUICK" = 1 ]; then
   SEQS=${SEQS#*,} MEM_SEQS=${MEM_SEQS%,*}
   [ "$SMOKE" = 1 ] || SIZES="150m 1b"
