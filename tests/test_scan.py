@@ -17,6 +17,8 @@ from configs import ettin_tiny
 from ettin_jax.kernels.flash_attention import FORWARD
 from ettin_jax.model import EttinModel
 
+from gradient_testlib import assert_gradients_close, named_leaves
+
 SEQ = 48
 
 
@@ -54,19 +56,13 @@ def _run(model, key=None):
     if key is not None:
         nnx.reseed(model, dropout=key)
     logits, grads = _logits_and_grads(model, *_packed_batch())
-    return np.asarray(logits), {jax.tree_util.keystr(path): np.asarray(leaf)
-                                for path, leaf in jax.tree_util.tree_leaves_with_path(grads)}
+    return np.asarray(logits), named_leaves(grads)
 
 
 def _assert_same(actual, expected):
     (logits, grads), (ref_logits, ref_grads) = actual, expected
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == ref_grads.keys()
-    for name, grad in grads.items():
-        ref = ref_grads[name]
-        scale = np.abs(ref).max()
-        assert scale > 0, f"{name}: zero reference gradient, the test would not see an error"
-        np.testing.assert_allclose(grad, ref, rtol=1e-5, atol=1e-6 * scale, err_msg=name)
+    assert_gradients_close(grads, ref_grads, rtol=1e-5, atol_of_largest=1e-6)
 
 
 @functools.lru_cache(maxsize=None)
