@@ -40,6 +40,7 @@ from absl import logging
 from ettin_jax import checkpoint as checkpoint_lib
 from ettin_jax import stop_signals
 from ettin_jax import train
+from ettin_jax import workdir as workdir_lib
 
 # Config keys the two sides must share: they decide the packed rows of every step
 # (data_pipeline.loader), the step count and the steps that are saved.
@@ -81,7 +82,7 @@ def side_configs(make_config: Callable[[str], object], runs: Sequence[str],
     if sorted(objectives) != ["clm", "mlm"]:
         raise PairError(f"a pair is one mlm and one clm run, got {objectives} (configs/base.py)")
     for config, other in zip(configs, reversed(configs)):
-        if config.train.init_from:
+        if workdir_lib.init_source(config):           # not "" or "scratch" (random weights)
             source = other.objective if config.phase == "cross" else config.objective
             config.train.init_from = _side_of(config.train.init_from, source)
     return configs

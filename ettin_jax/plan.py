@@ -37,6 +37,7 @@ from ettin_jax import model_loader
 from ettin_jax import schedules
 from ettin_jax import sharding as sharding_lib
 from ettin_jax import step_tokens
+from ettin_jax import workdir as workdir_lib
 from ettin_jax.model_config import ModelConfig
 
 
@@ -46,7 +47,7 @@ def _restore(config, workdir: str) -> dict:
     if own:
         return {"from": "workdir", "path": checkpoint_lib.checkpoint_dir(workdir),
                 "step": own[-1]}
-    init_from = config.train.init_from
+    init_from = workdir_lib.init_source(config)      # "" for none or "scratch"
     if init_from:
         steps = checkpoint_lib.saved_steps(init_from)
         return {"from": "init_from", "path": os.path.abspath(init_from),
@@ -157,11 +158,13 @@ def _restore_line(plan: dict) -> str:
                  else "NO checkpoint there yet: a real run would fail to start")
         what = "params and optimizer state" if r["optimizer_state"] else "params only"
         return f"train.init_from={r['path']} ({found}), restoring {what}"
-    line = "fresh initialisation (train.init_from is not set)"
-    if plan["phase"] != "pretrain":
-        line += (f"; phase {plan['phase']} usually continues another run: "
-                 "--config.train.init_from=WORKDIR")
-    return line
+    if plan["init_from"] == workdir_lib.SCRATCH:
+        return f"fresh initialisation (train.init_from={workdir_lib.SCRATCH}: on purpose)"
+    if plan["phase"] in workdir_lib.PHASES_WITH_A_SOURCE:   # train.py checks it at start
+        return (f"NONE: phase {plan['phase']} continues another run, so a real run refuses "
+                "to start; set --config.train.init_from=WORKDIR (the previous run) or "
+                f"--config.train.init_from={workdir_lib.SCRATCH}")
+    return "fresh initialisation (train.init_from is not set)"
 
 
 def format_plan(plan: dict) -> str:

@@ -175,6 +175,9 @@ def test_init_from_names_the_previous_pair(tmp_path):
     cross = pairs.side_configs(ettin_tiny.get_config, base.split_pair("mlm_from_clm+clm_from_mlm"),
                                {"train.init_from": str(previous)})
     assert [c.train.init_from for c in cross] == [str(previous / "clm"), str(previous / "mlm")]
+    scratch = pairs.side_configs(ettin_tiny.get_config, base.split_pair("mlm_ext+clm_ext"),
+                                 {"train.init_from": "scratch"})   # random weights on purpose
+    assert [c.train.init_from for c in scratch] == ["scratch", "scratch"]
     with pytest.raises(pairs.PairError, match="single run's workdir"):
         pairs.side_configs(ettin_tiny.get_config, ["mlm_ext", "clm_ext"],
                            {"train.init_from": str(previous / "mlm")})

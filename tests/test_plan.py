@@ -186,3 +186,20 @@ def test_auto_grad_accum_splits_a_real_run_as_its_plan_says(tmp_path):
     records = logged(workdir)
     assert sorted(records) == [1, 2, 3, 4]
     assert {(r["batch_size"], r["micro_batches"]) for r in (records[3], records[4])} == {(8, 1)}
+
+
+@pytest.mark.parametrize("init_from,restore_line", [
+    ("scratch", "fresh initialisation (train.init_from=scratch: on purpose)"),
+    ("", "NONE: phase ext continues another run, so a real run refuses to start"),
+])
+def test_plan_of_a_later_phase_says_what_it_starts_from(tmp_path, init_from, restore_line):
+    """"scratch" is a word, not a workdir: the plan starts fresh, as train.py does; with no
+    init_from the plan says that train.py refuses the run."""
+    config = ettin_tiny.get_config("mlm_ext")
+    config.train.init_from = init_from
+    plan = plan_lib.make_plan(config, str(tmp_path / "run"), num_devices=1)
+    assert plan["restore"] == {"from": "fresh"} and plan["init_from"] == init_from
+    lines = plan_lib.format_plan(plan).splitlines()
+    assert any(line.startswith("start") and restore_line in line for line in lines), lines
+    assert not any("scratch (NO checkpoint" in line for line in lines)
+    assert not (tmp_path / "scratch").exists() and not (tmp_path / "run").exists()
