@@ -2,7 +2,8 @@
 
     python -m ettin_jax.compare RUN [RUN ...] [--out=report] [--glue=RUN=GLUE_WORKDIR ...]
 
-RUN is a training workdir (`main.py --workdir`). From each it reads:
+RUN is a training workdir (`main.py --workdir`), or a pair's workdir (an `A+B` config,
+ettin_jax.pairs), which stands for its two sides `RUN/mlm` and `RUN/clm`. From each it reads:
   config.json     "size", "objective" ("mlm"/"clm") and "phase" ("pretrain", "ext", "decay",
                   "cross") of the run
   metrics.jsonl   one JSON object per logged step. Used fields (all optional but "step"):
@@ -41,6 +42,7 @@ import sys
 FINGERPRINT_KEY = "data_fingerprint"
 FINGERPRINTS_KEY = "data_fingerprints"
 CONFIG_KEYS = ("size", "objective", "phase")
+PAIR_SIDES = ("mlm", "clm")          # a pair workdir's run directories, one per objective
 
 
 class CompareError(ValueError):
@@ -146,6 +148,20 @@ def load_run(run_dir: str, name: str) -> Run:
                fingerprints=fingerprints)
 
 
+def expand_pairs(paths: list[str]) -> list[str]:
+    """`paths` with each pair workdir (no config.json of its own, a run in each of mlm/ and
+    clm/, as ettin_jax.pairs writes it) replaced by its two sides."""
+    expanded = []
+    for path in paths:
+        sides = [os.path.join(path, objective) for objective in PAIR_SIDES]
+        if (not os.path.isfile(os.path.join(path, "config.json"))
+                and all(os.path.isfile(os.path.join(s, "config.json")) for s in sides)):
+            expanded.extend(sides)
+        else:
+            expanded.append(path)
+    return expanded
+
+
 def run_names(paths: list[str]) -> list[str]:
     """Directory base names, or the paths as given when two base names collide."""
     names = [os.path.basename(os.path.normpath(p)) for p in paths]
@@ -241,6 +257,7 @@ def compare(run_dirs: list[str], out_dir: str, glue_specs: list[str] = ()) -> in
     if not run_dirs:
         print("error: give at least one RUN directory", file=sys.stderr)
         return 1
+    run_dirs = expand_pairs(run_dirs)
     runs, errors = [], []
     for run_dir, name in zip(run_dirs, run_names(run_dirs)):
         try:

@@ -121,6 +121,23 @@ def test_identical_runs_give_charts_of_the_logged_series(tmp_path, capsys):
     assert "identical data: 6 steps matched" in page
 
 
+def test_a_pair_workdir_stands_for_its_two_sides(tmp_path, capsys):
+    pair = tmp_path / "pair"                    # as ettin_jax.pairs lays it out
+    write_run(pair / "mlm", "mlm", make_records("mlm", 4))
+    write_run(pair / "clm", "clm", make_records("clm", 4, data=lambda step: "ab"[step > 2]))
+    assert run_main([str(pair), f"--out={tmp_path / 'r'}"]) == 1
+    printed = capsys.readouterr().out
+    assert "phase pretrain: mlm vs clm: data differs at step 3" in printed, printed
+    write_run(pair / "clm", "clm", make_records("clm", 4))
+    assert run_main([str(pair), f"--out={tmp_path / 'r'}"]) == 0
+    assert "mlm vs clm: identical data: 4 steps matched" in capsys.readouterr().out
+    (tmp_path / "half").mkdir()                 # one side only: not a pair, not a run
+    write_run(tmp_path / "half" / "mlm", "mlm", make_records("mlm", 4))
+    assert run_main([str(tmp_path / "half"), f"--out={tmp_path / 'r'}"]) == 1
+    (line,) = errors_of(capsys)
+    assert "half: no config.json" in line
+
+
 def test_data_differing_from_step_3_is_named_and_exits_1(tmp_path):
     enc = write_run(tmp_path / "enc", "mlm", make_records("mlm", 6))
     other = make_records("clm", 6, every=2, list_form=True,
