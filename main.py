@@ -49,13 +49,6 @@ def define_flags():
     flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietOrbaxInfo(logging.logging.Filter):
-    """Drops Orbax's INFO chatter (dozens of lines per save); its warnings and errors stay."""
-
-    def filter(self, record):
-        return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
-
-
 def _is_remote(path: str) -> bool:
     return "://" in path   # gs://, s3://: not checkable with os.path
 
@@ -187,7 +180,6 @@ def main(argv):
         for side_config, side_workdir in sides:
             print(plan.format_plan(plan.make_plan(side_config, side_workdir)))
         return 0
-    logging.get_absl_handler().addFilter(_QuietOrbaxInfo())
     start_jax(config)
     if config.pair:
         from ettin_jax import pairs  # pylint: disable=import-outside-toplevel

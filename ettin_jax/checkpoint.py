@@ -240,14 +240,18 @@ def check_tree_matches(saved_tree, target_tree, *, what: str, where: str):
         raise ValueError(f"{where}: the {what} do not match this run's config: {listed}")
 
 
-def read_only_manager(workdir: str, *, with_data: bool = False) -> ocp.CheckpointManager:
-    """A manager that reads (never writes or cleans up) a run's `checkpoints/`."""
+def read_only_manager(workdir: str) -> ocp.CheckpointManager:
+    """A manager that reads (never writes or cleans up) a run's `checkpoints/`.
+
+    Every item's handler is registered, the data iterator's too (never restored here):
+    without it Orbax warns of an unrestorable "data" item whenever it lists the items."""
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir}: no checkpoints/ directory; expected a training run's "
                                 "workdir (config.train.init_from, --checkpoint)")
-    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                 item_handlers=_handlers(with_data))
+    # Saving and creating stated off as read_only needs them: Orbax warns when it turns them off.
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    return ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
 
 
 def saved_steps(workdir: str) -> list[int]:

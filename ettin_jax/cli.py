@@ -14,6 +14,7 @@ bad or missing flags, a missing config file, an unknown config key, and any `Use
 `ValueError` (the project's own error classes, e.g. HFFormatError, GlueDataError, ShardError,
 TokenizerError, derive from it), `OSError` or `app.UsageError` raised by `main`. Any other
 exception is a bug and keeps its traceback; `--verbose` shows the traceback of user errors too.
+Orbax's INFO lines are dropped (`QuietOrbaxInfo`), its warnings kept.
 `--help` prints the usage (the module docstring) and the tool's flags and exits 0
 (`--helpfull`: every flag). Ctrl-C outside training exits 130 with one line.
 
@@ -34,6 +35,7 @@ from typing import Callable, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 MODEL_SOURCE_FLAGS = ("checkpoint", "hf", "tokenizer", "dtype")
@@ -49,6 +51,14 @@ class UserError(Exception):
 # The project's own user-error classes (HFFormatError, GlueDataError, CompareError, ShardError,
 # TokenizerError, InputError, MDSError, ...) all derive from ValueError.
 USER_ERRORS = (UserError, ValueError, OSError, app.UsageError, flags.Error)
+
+
+class QuietOrbaxInfo(logging.logging.Filter):
+    """Drops Orbax's INFO chatter (dozens of lines per save or restore); its warnings and
+    errors stay."""
+
+    def filter(self, record):
+        return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
 
 
 def define_model_source_flags(checkpoint_use: str = "its newest checkpoint"):
@@ -192,6 +202,7 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
     caught = USER_ERRORS + tuple(user_errors)
 
     def guarded_main(args):
+        logging.get_absl_handler().addFilter(QuietOrbaxInfo())
         try:
             if positional is not True and len(args) > 1:
                 hint = f"; {positional}" if positional else ""

@@ -2,6 +2,7 @@
 tool's usage, a user error is ONE `error:` line and exit 1 (before JAX starts, for main.py),
 a bug keeps its traceback; the hf import/export refusals; main.py's compilation cache."""
 import datetime
+import logging
 import os
 import re
 import subprocess
@@ -11,6 +12,7 @@ import types
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -188,6 +190,37 @@ def test_hf_import_refuses_a_run_with_checkpoints_and_export_overwrite_rules(tmp
         hf_cli._export(_export_flags(checkpoint=run_dir, out=str(out)))
     hf_cli._export(_export_flags(checkpoint=run_dir, out=str(out), overwrite=True))
     assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").exists()
+
+
+def test_hf_export_prints_its_result_without_orbax_chatter(tmp_path):
+    """Every entry point drops Orbax's INFO lines (cli.QuietOrbaxInfo, installed by cli.run):
+    an export printed ~40 of them. Orbax's warnings stay; of those, a read-only restore now
+    leaves only its unconditional notice."""
+    _tiny_hf_dir(tmp_path / "hf")
+    run_dir = str(tmp_path / "run")
+    hf_cli._import(_export_flags(hf=str(tmp_path / "hf"), out=run_dir))
+    result = run("-m", "ettin_jax.hf", "export", f"--checkpoint={run_dir}",
+                 f"--out={tmp_path / 'export'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"to {tmp_path / 'export'}" in result.stdout + result.stderr
+    logged = [line for line in result.stderr.splitlines() if re.match(r"[IWE]\d{4} ", line)]
+    # absl writes the file's base name: Orbax's, less those our own modules share (checkpoint.py).
+    ours = {name for _, _, names in os.walk(os.path.join(ROOT, "ettin_jax")) for name in names}
+    orbax_files = {name for _, _, names in os.walk(os.path.dirname(ocp.__file__))
+                   for name in names if name.endswith(".py")} - ours
+    orbax = [line for line in logged if line.split("] ")[0].split()[-1].split(":")[0]
+             in orbax_files]
+    assert all(line.startswith("W") and "Given directory is read only" in line
+               for line in orbax), orbax
+
+
+def test_quiet_orbax_info_keeps_warnings_and_other_libraries_info():
+    quiet = cli.QuietOrbaxInfo()
+    orbax_file = ocp.checkpoint_manager.__file__
+    record = lambda path, level: logging.LogRecord("absl", level, path, 1, "message", None, None)
+    assert not quiet.filter(record(orbax_file, logging.INFO))
+    assert quiet.filter(record(orbax_file, logging.WARNING))
+    assert quiet.filter(record(hf.__file__, logging.INFO))
 
 
 def test_hf_export_refuses_non_finite_weights_naming_the_tensor(tmp_path):

@@ -19,7 +19,7 @@ from absl import logging
 import train_testlib
 from test_train_resume import FLAGS, losses, read_log, start, wait_for_step
 from data_pipeline import loader
-from ettin_jax import checkpoint, demo, divergence, sharding, train
+from ettin_jax import checkpoint, demo, divergence, model_loader, sharding, train
 from ettin_jax import workdir as workdir_lib
 
 STEPS = 8
@@ -167,6 +167,18 @@ def test_loss_spike_is_warned_naming_the_step(caplog):
     assert spikes == []
     guard.check_loss(8, 3.0 * float(np.mean(guard.recent_losses)) + 0.01)
     assert "loss spike at step 8" in caplog.records[-1].getMessage()
+
+
+def test_reading_a_run_for_inference_leaves_no_orbax_warning_of_ours(good_run, caplog):
+    """A training checkpoint also holds the data iterator's state. Readers (hf export,
+    generate, GLUE) had not registered its handler, so Orbax warned that "data" could not be
+    restored each time it listed the items, and warned of the read-only options it set itself.
+    What stays is its one notice of a read-only manager."""
+    with caplog.at_level(logging.logging.WARNING):
+        loaded = model_loader.from_run(str(good_run[0]))
+    assert loaded.meta["step"] == 8
+    orbax = [r.getMessage() for r in caplog.records if f"{os.sep}orbax{os.sep}" in r.pathname]
+    assert orbax and all(m.startswith("Given directory is read only") for m in orbax), orbax
 
 
 # --- 2. workdir identity -----------------------------------------------------------------------
