@@ -49,6 +49,20 @@ def define_flags():
     flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _pair_hint(config, init_from: str) -> str:
+    """For an init_from that is a pair's workdir (its runs in mlm/ and clm/): the side this
+    single run continues (the other objective's for a cross-objective run)."""
+    sides = [o for o in config_base.OBJECTIVES
+             if os.path.isdir(os.path.join(init_from, o, "checkpoints"))]
+    if not sides:
+        return ""
+    objective = config.objective
+    if config.phase == "cross":
+        objective = next(o for o in config_base.OBJECTIVES if o != objective)
+    return (f"; it is a pair's workdir (runs in {'/, '.join(sides)}/): this run continues one "
+            f"side, --config.train.init_from={os.path.join(init_from, objective)}")
+
+
 def _is_remote(path: str) -> bool:
     return "://" in path   # gs://, s3://: not checkable with os.path
 
@@ -84,8 +98,8 @@ def validate(config, workdir: str, *, dry_run: bool = False):
         # The layout of checkpoint.checkpoint_dir, checked here without importing jax.
         if not os.path.isdir(os.path.join(init_from, "checkpoints")):
             raise cli.UserError(f"config.train.init_from={init_from}: no checkpoints/ directory "
-                                "in it; expected a training run's workdir (or an `python -m "
-                                "ettin_jax.hf import` output)")
+                                "in it; expected a training run's workdir (or a `python -m "
+                                f"ettin_jax.hf import` output){_pair_hint(config, init_from)}")
     if config.data.mixture:   # the demo variant's schedule is checked once it is applied
         schedules.validate(config)
     xla_caches_setting(config)

@@ -69,6 +69,17 @@ def test_main_user_errors_are_one_line_before_jax_starts(tmp_path, args, fragmen
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("arg,side", [("mlm_ext", "mlm"), ("clm_decay", "clm"),
+                                      ("mlm_from_clm", "clm")])
+def test_main_init_from_a_pair_workdir_names_the_side_to_continue(tmp_path, arg, side):
+    for objective in ("mlm", "clm"):
+        os.makedirs(tmp_path / "pair" / objective / "checkpoints")
+    result = run("main.py", f"--config=configs/ettin_tiny.py:{arg}",
+                 f"--workdir={tmp_path / 'run'}", f"--config.train.init_from={tmp_path / 'pair'}")
+    assert_one_error_line(result, "no checkpoints/ directory", "it is a pair's workdir",
+                          f"--config.train.init_from={tmp_path / 'pair' / side}")
+
+
 def test_main_init_from_without_checkpoints_is_refused(tmp_path):
     (tmp_path / "previous").mkdir()
     result = run("main.py", f"--workdir={tmp_path / 'w'}", "--config=configs/ettin_tiny.py:mlm_ext",
