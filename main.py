@@ -59,6 +59,8 @@ def _pair_hint(config, init_from: str) -> str:
     objective = config.objective
     if config.phase == "cross":
         objective = next(o for o in config_base.OBJECTIVES if o != objective)
+    if objective not in sides:
+        return f"; it holds runs in {'/, '.join(sides)}/, none for the {objective} side"
     return (f"; it is a pair's workdir (runs in {'/, '.join(sides)}/): this run continues one "
             f"side, --config.train.init_from={os.path.join(init_from, objective)}")
 

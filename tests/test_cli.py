@@ -78,6 +78,10 @@ def test_main_init_from_a_pair_workdir_names_the_side_to_continue(tmp_path, arg,
                  f"--workdir={tmp_path / 'run'}", f"--config.train.init_from={tmp_path / 'pair'}")
     assert_one_error_line(result, "no checkpoints/ directory", "it is a pair's workdir",
                           f"--config.train.init_from={tmp_path / 'pair' / side}")
+    os.rmdir(tmp_path / "pair" / side / "checkpoints")
+    result = run("main.py", f"--config=configs/ettin_tiny.py:{arg}",
+                 f"--workdir={tmp_path / 'run'}", f"--config.train.init_from={tmp_path / 'pair'}")
+    assert_one_error_line(result, "no checkpoints/ directory", f"none for the {side} side")
 
 
 def test_main_init_from_without_checkpoints_is_refused(tmp_path):
