@@ -247,8 +247,13 @@ def read_only_manager(workdir: str) -> ocp.CheckpointManager:
     without it Orbax warns of an unrestorable "data" item whenever it lists the items."""
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
+        # A pair's workdir (ettin_jax.pairs) holds its two runs one level down.
+        runs = sorted(name for name in (os.listdir(workdir) if os.path.isdir(workdir) else [])
+                      if os.path.isdir(checkpoint_dir(os.path.join(workdir, name))))
+        hint = (f"; the runs in it: {', '.join(os.path.join(workdir, r) for r in runs)}"
+                if runs else "")
         raise FileNotFoundError(f"{workdir}: no checkpoints/ directory; expected a training run's "
-                                "workdir (config.train.init_from, --checkpoint)")
+                                f"workdir (config.train.init_from, --checkpoint){hint}")
     # Saving and creating stated off as read_only needs them: Orbax warns when it turns them off.
     options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
     return ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())

@@ -65,8 +65,12 @@ def test_from_run_refuses_another_architecture_naming_the_parameter(tmp_path):
     with pytest.raises(ValueError, match=r"\(step 0\).*layers/0/mlp_in: \(64, 2, 104\) in the "
                                          r"checkpoint, \(64, 2, 96\) in this run"):
         model_loader.from_run(other)
-    with pytest.raises(FileNotFoundError, match="no checkpoints/ directory"):
+    with pytest.raises(FileNotFoundError, match="no checkpoints/ directory") as missing:
         model_loader.from_run(str(tmp_path / "missing"))
+    assert "runs in it" not in str(missing.value)
+    # The parent of runs (a pair's workdir holds its two): the error lists them.
+    with pytest.raises(FileNotFoundError, match=f"the runs in it: {tmp_path / 'other'}$"):
+        model_loader.from_run(str(tmp_path))
 
 
 def test_sharded_fresh_init_equals_unsharded():
