@@ -254,7 +254,7 @@ def read_only_manager(workdir: str) -> ocp.CheckpointManager:
                 if runs else "")
         raise FileNotFoundError(f"{workdir}: no checkpoints/ directory; expected a training run's "
                                 f"workdir (config.train.init_from, --checkpoint){hint}")
-    # Saving and creating stated off as read_only needs them: Orbax warns when it turns them off.
+    # read_only turns saving and directory creation off, warning of each unless already off.
     options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
     return ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
 
