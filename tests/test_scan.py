@@ -137,9 +137,7 @@ def test_dropout_masks_equal_unrolled_and_follow_the_key(arg):
     again = _run(scanned, key)
     np.testing.assert_array_equal(first[0], again[0])
     other = _run(scanned, other_key)
-    assert np.abs(other[0] - first[0]).max() > 1e-3
-    scanned.eval()
-    assert np.abs(_run(scanned)[0] - first[0]).max() > 1e-3     # dropout was on
+    assert np.abs(other[0] - first[0]).max() > 1e-3        # so dropout was on, too
 
 
 def test_layers_draw_distinct_dropout_keys():
