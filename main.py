@@ -56,9 +56,8 @@ def _pair_hint(config, init_from: str) -> str:
              if os.path.isdir(os.path.join(init_from, o, "checkpoints"))]
     if not sides:
         return ""
-    objective = config.objective
-    if config.phase == "cross":
-        objective = next(o for o in config_base.OBJECTIVES if o != objective)
+    from ettin_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    objective = workdir_lib.source_objective(config)
     if objective not in sides:
         return f"; it holds runs in {'/, '.join(sides)}/, none for the {objective} side"
     return (f"; it is a pair's workdir (runs in {'/, '.join(sides)}/): this run continues one "

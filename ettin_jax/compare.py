@@ -39,10 +39,11 @@ import json
 import os
 import sys
 
+from data_pipeline import fingerprint
+
 FINGERPRINT_KEY = "data_fingerprint"
 FINGERPRINTS_KEY = "data_fingerprints"
 CONFIG_KEYS = ("size", "objective", "phase")
-PAIR_SIDES = ("mlm", "clm")          # a pair workdir's run directories, one per objective
 
 
 class CompareError(ValueError):
@@ -153,7 +154,7 @@ def expand_pairs(paths: list[str]) -> list[str]:
     clm/, as ettin_jax.pairs writes it) replaced by its two sides."""
     expanded = []
     for path in paths:
-        sides = [os.path.join(path, objective) for objective in PAIR_SIDES]
+        sides = [os.path.join(path, objective) for objective in fingerprint.OBJECTIVES]
         if (not os.path.isfile(os.path.join(path, "config.json"))
                 and all(os.path.isfile(os.path.join(s, "config.json")) for s in sides)):
             expanded.extend(sides)

@@ -81,10 +81,10 @@ def side_configs(make_config: Callable[[str], object], runs: Sequence[str],
     objectives = [c.objective for c in configs]
     if sorted(objectives) != ["clm", "mlm"]:
         raise PairError(f"a pair is one mlm and one clm run, got {objectives} (configs/base.py)")
-    for config, other in zip(configs, reversed(configs)):
+    for config in configs:
         if workdir_lib.init_source(config):           # not "" or "scratch" (random weights)
-            source = other.objective if config.phase == "cross" else config.objective
-            config.train.init_from = _side_of(config.train.init_from, source)
+            config.train.init_from = _side_of(config.train.init_from,
+                                              workdir_lib.source_objective(config))
     return configs
 
 

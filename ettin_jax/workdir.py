@@ -28,6 +28,7 @@ import jax
 from absl import logging
 
 from data_pipeline import shards
+from data_pipeline.fingerprint import OBJECTIVES
 from ettin_jax import checkpoint as checkpoint_lib
 from ettin_jax import cli
 
@@ -234,6 +235,14 @@ def check_init_from(config):
             f"a {config.objective} {config.phase} run continues another run: set "
             "--config.train.init_from=<workdir of the previous run>, or "
             f"--config.train.init_from={SCRATCH} to start it from a random initialisation")
+
+
+def source_objective(config) -> str:
+    """The objective of the run that config.train.init_from continues: its own, or the other
+    one for a cross-objective run (the side of a pair's workdir it reads)."""
+    if config.phase != "cross":
+        return config.objective
+    return next(o for o in OBJECTIVES if o != config.objective)
 
 
 def init_source(config) -> str:
