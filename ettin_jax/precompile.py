@@ -51,3 +51,10 @@ def start(train_step, abstract_state: dict, abstract_batch: dict, learning_rate:
     future = executor.submit(compile_step)
     executor.shutdown(wait=False)
     return future
+
+
+def done() -> concurrent.futures.Future:
+    """A finished `start`, for a run with no step left to train."""
+    future = concurrent.futures.Future()
+    future.set_result(None)
+    return future

@@ -391,7 +391,8 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     saved = [s for s in checkpoint_lib.saved_steps(workdir)
              if resume_at_most is None or s <= resume_at_most]
     first_step = saved[-1] if saved else 0
-    compiled = precompile.start(
+    # A finished run compiles nothing (if its restore falls back, the first step compiles).
+    compiled = precompile.done() if first_step >= num_steps else precompile.start(
         setup.train_step, setup.abstract_state,
         precompile.batch_spec(config, mesh, rows_for_step(first_step), micro_rows),
         schedules.learning_rate(config, 0.0), first_step)

@@ -147,3 +147,4 @@ def test_rerun_of_a_finished_run_trains_nothing_and_says_so(tmp_path, env, refer
     log = read_log(workdir)
     assert f"nothing to train: the run already reached step {STEPS} of {STEPS}" in log
     assert " nan" not in log
+    assert "train step compiled" not in log     # no step to run, so none compiled
