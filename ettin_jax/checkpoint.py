@@ -316,13 +316,6 @@ def restore_from_run(workdir: str, *, abstract_params, abstract_opt_state=None):
     raise FileNotFoundError(f"{workdir}: no readable checkpoint ({'; '.join(errors)})")
 
 
-def read_config(workdir: str, step: int | None = None) -> tuple[dict, int]:
-    """The JSON config saved with a run's checkpoint (newest by default), and its step."""
-    manager = read_only_manager(workdir)
-    step = readable_steps(manager, workdir)[0] if step is None else step
-    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"], step
-
-
 def save_imported(model, model_config, workdir: str):
     """Writes `model`'s params as step 0 of a run at `workdir`, for config.train.init_from."""
     params = nnx.state(model, nnx.Param)

@@ -18,7 +18,6 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from ettin_jax import checkpoint as checkpoint_lib
 from ettin_jax import model as model_lib
 from ettin_jax import model_loader
 
@@ -157,17 +156,17 @@ def load_decoder(checkpoint: str | None, hf_dir: str | None, tokenizer_path: str
     """(decoder in eval mode, tokenizer) from a training run or a transformers directory;
     arguments as model_loader.load_for_inference's. Raises ValueError naming the source for
     an encoder."""
-    if checkpoint and not hf_dir:   # refuse an encoder run before restoring its weights
-        config, step = checkpoint_lib.read_config(checkpoint)
-        check_decoder(bool(config.get("model", {}).get("causal", False)), f"{checkpoint} (step {step})")
-    model, tokenizer = model_loader.load_for_inference(checkpoint, hf_dir, tokenizer_path, dtype)
+    def check_run_config(config: dict, where: str):   # an encoder run: before its weights load
+        check_decoder(bool(config.get("model", {}).get("causal", False)), where)
+
+    model, tokenizer = model_loader.load_for_inference(checkpoint, hf_dir, tokenizer_path, dtype,
+                                                       check_config=check_run_config)
     check_decoder(model, checkpoint or hf_dir)
     return model, tokenizer
 
 
 def main(argv):
     from absl import flags  # pylint: disable=import-outside-toplevel
-    from ettin_jax import cli  # pylint: disable=import-outside-toplevel
     f = flags.FLAGS
     model, tokenizer = load_decoder(f.checkpoint, f.hf, f.tokenizer, f.dtype)
     prompt = encode_prompt(tokenizer, f.prompt, model.config)

@@ -173,14 +173,15 @@ def _with_dtype(config: ModelConfig, dtype: str | None) -> ModelConfig:
     return config
 
 
-def from_run(workdir: str, *, step: int | None = None, mesh=None,
-             dtype: str | None = None) -> Loaded:
+def from_run(workdir: str, *, step: int | None = None, mesh=None, dtype: str | None = None,
+             check_config: Callable[[dict, str], None] | None = None) -> Loaded:
     """The model (eval mode) of a training run's checkpoint `step` (default: the newest).
 
     Params are placed on `mesh` by their logical axes when given, else on one device.
-    dtype: compute dtype to use instead of the saved config's. Raises FileNotFoundError for a
-    directory without checkpoints and ValueError naming every parameter whose shape differs
-    from the saved config's model.
+    dtype: compute dtype to use instead of the saved config's. check_config(config, where):
+    called with the saved config before any weight is read, to refuse a run early. Raises
+    FileNotFoundError for a directory without checkpoints and ValueError naming every
+    parameter whose shape differs from the saved config's model.
     """
     manager = checkpoint_lib.read_only_manager(workdir)
     try:
@@ -189,6 +190,8 @@ def from_run(workdir: str, *, step: int | None = None, mesh=None,
         saved = manager.restore(step, args=ocp.args.Composite(
             config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         config, meta = saved["config"], saved["meta"] or {}
+        if check_config is not None:
+            check_config(config, f"{workdir} (step {step})")
         model_config = _with_dtype(ModelConfig.from_config(config["model"]), dtype)
         parts = model_parts(model_config)
         target = _params_target(parts.abstract_params, mesh)
@@ -231,19 +234,22 @@ def from_hf(path: str, *, dtype: str | None = None, mesh=None) -> Loaded:
 
 
 def load_for_inference(checkpoint: str | None, hf_dir: str | None, tokenizer_path: str | None,
-                       dtype: str = ""):
+                       dtype: str = "", check_config: Callable[[dict, str], None] | None = None):
     """(model in eval mode, tokenizer) from a training run's newest checkpoint or a
     transformers directory (the --checkpoint / --hf / --tokenizer / --dtype flags of cli.py).
 
     tokenizer_path: None = the tokenizer saved with the run or the directory.
     dtype: compute dtype ("float32", "bfloat16"); "" keeps the run config's, or for a
     transformers directory its stored dtype (as transformers' from_pretrained).
+    check_config: as from_run's, for a training run (a transformers directory has no run
+    config: check the model instead).
     """
     from data_pipeline import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
 
     if bool(checkpoint) == bool(hf_dir):
         raise ValueError("give exactly one of --checkpoint=RUN_DIR or --hf=HF_DIR")
-    loaded = from_run(checkpoint, dtype=dtype) if checkpoint else from_hf(hf_dir, dtype=dtype)
+    loaded = (from_run(checkpoint, dtype=dtype, check_config=check_config) if checkpoint
+              else from_hf(hf_dir, dtype=dtype))
     tokenizer_path = tokenizer_path or loaded.tokenizer
     if not tokenizer_path:
         raise ValueError(f"{checkpoint or hf_dir}: no tokenizer saved with the model; pass --tokenizer")

@@ -123,6 +123,8 @@ def test_cli_generates_from_a_training_run_and_refuses_encoders(decoder_dir, tmp
     checkpoint.save_imported(model, dataclasses.asdict(model.config), run)
     result = _cli(f"--checkpoint={run}", f"--tokenizer={path}", "--prompt=the cat", "--max_new_tokens=12")
     assert result.returncode == 0, result.stderr[-2000:]
+    # The run is opened once: its config (decoder or not) and weights from one reader.
+    assert result.stderr.count("Given directory is read only") == 1, result.stderr[-2000:]
     tokenizer = tokenizer_lib.load(path)
     prompt = generate_lib.encode_prompt(tokenizer, "the cat", model.config)
     new = generate_lib.generate(model, [prompt], max_new_tokens=12)[0]
