@@ -121,9 +121,10 @@ def agreed(config, workdir: str, *, demo: bool) -> float | None:
         if not record["stored"]:
             store(workdir, record)
         mean = record["mean_sequence_length"]
-        logging.info("mean sequence length %s (%s %s)", mean,
-                     "stored in" if record["stored"] else "measured on the data, stored in",
-                     path(workdir))
+        logging.info("mean sequence length %s (%s %s)",
+                     "none: the demo packs one sequence per row" if mean is None else mean,
+                     "stored in" if record["stored"] or mean is None
+                     else "measured on the data, stored in", path(workdir))
     if jax.process_count() > 1:   # float64 travels as its 8 bytes: no float32 rounding
         raw = np.frombuffer(np.float64(np.nan if mean is None else mean).tobytes(), np.uint8)
         raw = multihost_utils.broadcast_one_to_all(raw.astype(np.int32))

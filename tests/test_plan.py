@@ -203,3 +203,24 @@ def test_plan_of_a_later_phase_says_what_it_starts_from(tmp_path, init_from, res
     assert any(line.startswith("start") and restore_line in line for line in lines), lines
     assert not any("scratch (NO checkpoint" in line for line in lines)
     assert not (tmp_path / "scratch").exists() and not (tmp_path / "run").exists()
+
+
+def test_agreed_says_where_the_figure_comes_from(tmp_path, caplog):
+    """The demo measures nothing (one sequence per row) and says so; a real run says it measured
+    the data the first time and read the stored figure after."""
+    caplog.set_level("INFO", logger="absl")
+    demo_config = ettin_tiny.get_config("mlm")
+    for name in ("demo", "run"):       # as train_steps makes them
+        os.makedirs(tmp_path / name)
+    assert step_tokens.agreed(demo_config, str(tmp_path / "demo"), demo=True) is None
+    assert "mean sequence length none: the demo packs one sequence per row (stored in" \
+        in caplog.text and "measured" not in caplog.text
+
+    rng = np.random.default_rng(1)
+    tok = make_tokenizer(tmp_path / "tok", vocab_size=512, unk_id=500)
+    write_mds(tmp_path / "data", [rng.integers(0, 500, n) for n in rng.integers(20, 41, 50)])
+    config = tiny_data_config(tmp_path / "data", tok, steps=4)
+    for expected in ("measured on the data, stored in", "stored in"):
+        caplog.clear()
+        mean = step_tokens.agreed(config, str(tmp_path / "run"), demo=False)
+        assert f"mean sequence length {mean} ({expected} " in caplog.text
