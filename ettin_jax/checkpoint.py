@@ -260,14 +260,12 @@ def read_only_manager(workdir: str) -> ocp.CheckpointManager:
 
 
 def saved_steps(workdir: str) -> list[int]:
-    """The steps of a run's finished checkpoints, ascending ([] when it has no checkpoints/)."""
+    """The steps of a run's finished checkpoints, ascending ([] when it has no checkpoints/).
+    Listed as a CheckpointManager lists them, without one: a run asks this of its own workdir,
+    where a read-only manager's warning would alarm for nothing."""
     if not os.path.isdir(checkpoint_dir(workdir)):
         return []
-    manager = read_only_manager(workdir)
-    try:
-        return sorted(manager.all_steps())
-    finally:
-        manager.close()
+    return sorted(ocp.utils.checkpoint_steps(checkpoint_dir(workdir)))
 
 
 def readable_steps(manager, workdir: str) -> list[int]:

@@ -148,3 +148,4 @@ def test_rerun_of_a_finished_run_trains_nothing_and_says_so(tmp_path, env, refer
     assert f"nothing to train: the run already reached step {STEPS} of {STEPS}" in log
     assert " nan" not in log
     assert "train step compiled" not in log     # no step to run, so none compiled
+    assert "read only" not in log               # Orbax's notice is for tools reading a run
