@@ -180,6 +180,10 @@ def train_pair(configs: Sequence, workdir: str) -> dict[str, dict]:
         for _ in range(MAX_START_ATTEMPTS):
             result = _train_from(configs, workdirs, resume_at, stop)
             if isinstance(result, dict):
+                if not stop.requested() and jax.process_index() == 0:   # both sides finished
+                    logging.info("pair done; compare its sides (identical data, losses, "
+                                 "charts): python -m ettin_jax.compare %s --out=%s", workdir,
+                                 os.path.join(workdir, "report"))
                 return result
             logging.warning("pair: the sides restored different steps; restarting both at "
                             "step %d", result)

@@ -124,6 +124,8 @@ def test_sigkilled_pair_resumes_both_sides_at_their_common_step(reference, tmp_p
         log = f.read()
     for step in ahead:
         assert f"deleting {workdir / 'mlm' / 'checkpoints'}/{step}: newer than step {common}" in log
+    assert log.count(f"pair done; compare its sides (identical data, losses, charts): python -m "
+                     f"ettin_jax.compare {workdir} --out={workdir / 'report'}") == 1   # not killed
     for side in ("mlm", "clm"):
         if common:
             assert f"resumed from {workdir / side / 'checkpoints'}/{common}" in log
