@@ -42,7 +42,8 @@ def test_a_one_off_table_says_where_and_how_it_was_measured(tmp_path):
     results.append("t", ["a", "b"], [[1, 2]], where="H200, jax 0.11.2", note="cold cache",
                    path=path)
     results.append("t", ["a", "b"], [[3, 4]], where="H200, jax 0.11.2", path=path)
-    text = open(path, encoding="utf-8").read()
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
     assert text.count("## t\n") == 2                 # without continue_table: a new section each
     assert f"H200, jax 0.11.2. Command: `{results.command()}`. cold cache\n" in text
     assert "| a | b |\n| --- | --- |\n| 1 | 2 |\n" in text

@@ -57,7 +57,8 @@ def test_inspect_fails_cleanly_on_a_truncated_shard(corpus, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     for name in os.listdir(os.path.join(root, "c")):
-        data = open(os.path.join(root, "c", name), "rb").read()
+        with open(os.path.join(root, "c", name), "rb") as f:
+            data = f.read()
         (bad / name).write_bytes(data[:1000] if name.endswith(".arrayrecord") else data)
     result = inspect(f"--config.data.mixture={bad}", f"--config.data.tokenizer={tok_dir}")
     assert result.returncode == 1

@@ -59,7 +59,8 @@ def dir_digest(path):
     for dirpath, _, files in os.walk(path):
         for f in files:
             p = os.path.join(dirpath, f)
-            h[os.path.relpath(p, path)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+            with open(p, "rb") as fh:
+                h[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
     return h
 
 
@@ -102,7 +103,8 @@ def test_prepare_counts_stages_dedups_planted_near_duplicates_and_matches_tokeni
                      f"--tokenizer={tiny_tok}", "--languages=en", "--workers=2",
                      "--docs_per_shard=16")
     assert result.returncode == 0, result.stderr
-    stats = json.load(open(out / "stats.json"))
+    with open(out / "stats.json") as f:
+        stats = json.load(f)
     assert stats["documents_in"] == len(texts)
     assert stats["removed"]["near_duplicate"] == 6
     assert stats["removed"]["exact_duplicate"] == 1
@@ -123,7 +125,8 @@ def test_prepare_counts_stages_dedups_planted_near_duplicates_and_matches_tokeni
     assert stats["removed_tokens"]["near_duplicate"] == sum(n_tokens[40:46])
     assert stats["tokens_kept"] == sum(n_tokens[:40])
     assert stats["tokens_out"] == stats["tokens_kept"] + 2 * 40
-    assert "removed near_duplicate" in open(out / "summary.txt").read()
+    with open(out / "summary.txt") as f:
+        assert "removed near_duplicate" in f.read()
 
 
 def test_quality_rules_each_catch_their_case():
@@ -237,10 +240,12 @@ def test_parquet_and_txt_inputs_with_normalization_counted(tmp_path, tiny_tok):
     manifest = prepare.run(prepare.Options(
         inputs=[str(tmp_path / "a.parquet"), str(tmp_path / "b.txt")], output=str(out),
         tokenizer=tiny_tok, text_field="content", filters=()))
-    stats = json.load(open(out / "stats.json"))
+    with open(out / "stats.json") as f:
+        stats = json.load(f)
     assert stats["documents_in"] == manifest["documents"] == 3
     assert stats["normalized_changed"] == 1
-    kept = [json.loads(line)["text"] for line in open(out / ".work" / "kept.jsonl")]
+    with open(out / ".work" / "kept.jsonl") as f:
+        kept = [json.loads(line)["text"] for line in f]
     assert kept[1].startswith("Caf\u00e9 ") and kept[1].endswith(".\n\nend")
     assert "\r" not in kept[1] and "\n\n\n" not in kept[1]
 

@@ -314,7 +314,8 @@ def test_cli_finetunes_an_encoder_beyond_chance_and_resumes(tmp_path):
     assert [e["step"] for e in run["evaluations"]] == [16, 32, 48][:len(run["evaluations"])]
     assert not os.path.exists(os.path.join(run_dir, "checkpoint"))
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(run_dir, "tensorboard")))
-    assert "| sst2 | dev/accuracy |" in open(os.path.join(workdir, "results.md")).read()
+    with open(os.path.join(workdir, "results.md")) as f:
+        assert "| sst2 | dev/accuracy |" in f.read()
 
     # A bad input through the CLI fails before the model loads, naming the file and column.
     _write_tsv(os.path.join(data_dir, "SST-2", "dev.tsv"), ["text", "label"], [["good", "1"]])

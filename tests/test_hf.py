@@ -104,7 +104,8 @@ def test_ours_to_transformers(tmp_path, causal, window):
                                              attn_implementation="eager")
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert type(torch_model).__name__ == (hf.DECODER_ARCH if causal else hf.ENCODER_ARCH)
-    saved = json.load(open(tmp_path / "config.json"))
+    with open(tmp_path / "config.json") as f:
+        saved = json.load(f)
     assert saved["rope_parameters"]["sliding_attention"]["rope_theta"] == 2000.0
     assert saved["pad_token_id"] == ettin_tiny.PAD_ID and saved["bos_token_id"] == ettin_tiny.CLS_ID
     ids = np.random.RandomState(2).randint(0, 500, size=(2, 70))   # window is 8+8 keys
@@ -130,22 +131,26 @@ def test_training_window_sees_one_key_more():
 def test_bad_files_name_the_key(tmp_path):
     _, torch_model = _hf_model(SHAPES[0], causal=False)
     torch_model.save_pretrained(tmp_path)
-    config = json.load(open(tmp_path / "config.json"))
+    with open(tmp_path / "config.json") as f:
+        config = json.load(f)
 
     config["intermediate_size"] = 41
-    json.dump(config, open(tmp_path / "config.json", "w"))
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config, f)
     with pytest.raises(hf.HFFormatError, match=r"model.layers.0.mlp.Wi.weight.*\(80, 48\).*\(82, 48\)"):
         model_loader.load_hf(str(tmp_path))
 
     config["intermediate_size"] = 40
     config["architectures"] = ["BertForMaskedLM"]
     config["model_type"] = "bert"
-    json.dump(config, open(tmp_path / "config.json", "w"))
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config, f)
     with pytest.raises(hf.HFFormatError, match="BertForMaskedLM"):
         model_loader.load_hf(str(tmp_path))
 
     config["architectures"] = [hf.DECODER_ARCH]   # an encoder's file read as a decoder
-    json.dump(config, open(tmp_path / "config.json", "w"))
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config, f)
     with pytest.raises(hf.HFFormatError, match=r"missing weights.*'lm_head.dense.weight'.*'model.layers.0.attn.q_proj.weight'"):
         model_loader.load_hf(str(tmp_path))
 

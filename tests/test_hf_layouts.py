@@ -172,9 +172,11 @@ def test_pytorch_model_bin_and_its_dtype(tmp_path):
 
     # bfloat16 weights and a config.json naming no dtype: transformers computes in the
     # weights' dtype, and so do we.
-    config_json = json.load(open(tmp_path / "config.json"))
+    with open(tmp_path / "config.json") as f:
+        config_json = json.load(f)
     config_json.pop("dtype", None), config_json.pop("torch_dtype", None)
-    json.dump(config_json, open(tmp_path / "config.json", "w"))
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config_json, f)
     torch.save(torch_model.to(torch.bfloat16).state_dict(), tmp_path / "pytorch_model.bin")
     reference = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path))
     assert reference.dtype == torch.bfloat16
@@ -224,7 +226,8 @@ def test_export_import_export_is_lossless(tmp_path, objective, window):
     assert sorted(os.listdir(first)) == sorted(os.listdir(second))
     for name in os.listdir(first):
         if name.endswith(".json"):
-            assert json.load(open(first / name)) == json.load(open(second / name)), name
+            with open(first / name) as f, open(second / name) as g:
+                assert json.load(f) == json.load(g), name
     a, b = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:

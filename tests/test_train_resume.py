@@ -36,9 +36,9 @@ def env():
 
 
 def start(workdir, env, *extra):
-    log = open(os.path.join(str(workdir) + ".log"), "a")  # pylint: disable=consider-using-with
-    return subprocess.Popen([sys.executable, "main.py", f"--workdir={workdir}", *FLAGS, *extra],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(os.path.join(str(workdir) + ".log"), "a") as log:   # the child keeps its own fd
+        return subprocess.Popen([sys.executable, "main.py", f"--workdir={workdir}", *FLAGS, *extra],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def finish(workdir, env, *extra):

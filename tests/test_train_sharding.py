@@ -114,12 +114,13 @@ def test_two_processes_with_jax_distributed_match_one_device(tmp_path, reference
     flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     processes = []
     for process_id in range(2):
-        log = open(tmp_path / f"process{process_id}.log", "w")  # pylint: disable=consider-using-with
-        processes.append(subprocess.Popen(
-            [sys.executable, "main.py", "--config=configs/ettin_tiny.py:mlm", f"--workdir={workdir}",
-             *flags, "--distributed", f"--coordinator_address=127.0.0.1:{port}",
-             "--num_processes=2", f"--process_id={process_id}", "--cpu_collectives=gloo"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+        with open(tmp_path / f"process{process_id}.log", "w") as log:   # the child keeps its own fd
+            processes.append(subprocess.Popen(
+                [sys.executable, "main.py", "--config=configs/ettin_tiny.py:mlm",
+                 f"--workdir={workdir}", *flags, "--distributed",
+                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                 f"--process_id={process_id}", "--cpu_collectives=gloo"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
     codes = [p.wait(timeout=600) for p in processes]
     logs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
     assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
