@@ -49,21 +49,6 @@ def define_flags():
     flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _pair_hint(config, init_from: str) -> str:
-    """For an init_from that is a pair's workdir (its runs in mlm/ and clm/): the side this
-    single run continues (the other objective's for a cross-objective run)."""
-    sides = [o for o in config_base.OBJECTIVES
-             if os.path.isdir(os.path.join(init_from, o, "checkpoints"))]
-    if not sides:
-        return ""
-    from ettin_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-    objective = workdir_lib.source_objective(config)
-    if objective not in sides:
-        return f"; it holds runs in {'/, '.join(sides)}/, none for the {objective} side"
-    return (f"; it is a pair's workdir (runs in {'/, '.join(sides)}/): this run continues one "
-            f"side, --config.train.init_from={os.path.join(init_from, objective)}")
-
-
 def _is_remote(path: str) -> bool:
     return "://" in path   # gs://, s3://: not checkable with os.path
 
@@ -87,20 +72,9 @@ def validate(config, workdir: str, *, dry_run: bool = False):
                             f"{config_base.OBJECTIVES}")
     if config.phase not in config_base.PHASES:
         raise cli.UserError(f"config.phase={config.phase!r}: expected one of {config_base.PHASES}")
-    init_from = config.train.init_from
-    if not dry_run:   # a later phase names its start (ettin_jax.workdir imports no backend)
+    if not dry_run:   # a dry run's plan says what a real run would find at init_from
         from ettin_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
         workdir_lib.check_init_from(config)
-    # "scratch": the explicit choice of a later phase to start from random weights.
-    if init_from and init_from != "scratch" and not _is_remote(init_from) and not dry_run:
-        if not os.path.isdir(init_from):
-            raise cli.UserError(f"config.train.init_from={init_from}: no such directory "
-                                "(expected the workdir of the previous run)")
-        # The layout of checkpoint.checkpoint_dir, checked here without importing jax.
-        if not os.path.isdir(os.path.join(init_from, "checkpoints")):
-            raise cli.UserError(f"config.train.init_from={init_from}: no checkpoints/ directory "
-                                "in it; expected a training run's workdir (or a `python -m "
-                                f"ettin_jax.hf import` output){_pair_hint(config, init_from)}")
     if config.data.mixture:   # the demo variant's schedule is checked once it is applied
         schedules.validate(config)
     xla_caches_setting(config)

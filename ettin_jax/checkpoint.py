@@ -240,6 +240,13 @@ def check_tree_matches(saved_tree, target_tree, *, what: str, where: str):
         raise ValueError(f"{where}: the {what} do not match this run's config: {listed}")
 
 
+def runs_inside(directory: str) -> list[str]:
+    """Names of the subdirectories of `directory` that hold a run's checkpoints/, sorted: a
+    pair's workdir (ettin_jax.pairs) holds its two runs one level down."""
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    return sorted(n for n in names if os.path.isdir(checkpoint_dir(os.path.join(directory, n))))
+
+
 def read_only_manager(workdir: str) -> ocp.CheckpointManager:
     """A manager that reads (never writes or cleans up) a run's `checkpoints/`.
 
@@ -247,9 +254,7 @@ def read_only_manager(workdir: str) -> ocp.CheckpointManager:
     without it Orbax warns of an unrestorable "data" item whenever it lists the items."""
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
-        # A pair's workdir (ettin_jax.pairs) holds its two runs one level down.
-        runs = sorted(name for name in (os.listdir(workdir) if os.path.isdir(workdir) else [])
-                      if os.path.isdir(checkpoint_dir(os.path.join(workdir, name))))
+        runs = runs_inside(workdir)
         hint = (f"; the runs in it: {', '.join(os.path.join(workdir, r) for r in runs)}"
                 if runs else "")
         raise FileNotFoundError(f"{workdir}: no checkpoints/ directory; expected a training run's "

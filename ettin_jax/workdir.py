@@ -2,7 +2,7 @@
 
     WorkdirLock(workdir)               context manager: `<workdir>/LOCK` while a run writes there
     check_identity(config, workdir)    `<workdir>/run_identity.json`: refuses a different run
-    check_init_from(config)            phases 2-3 and cross-objective runs name their start
+    check_init_from(config)            phases 2-3 and cross-objective runs name their start, a run
 
 The lock is a JSON file {host, pid, since, command} created with O_EXCL by the process that
 writes (process 0), before anything else is written; a second process fails at once naming
@@ -229,12 +229,37 @@ def check_identity(config, workdir: str):
 
 
 def check_init_from(config):
-    """A later phase or cross-objective run must start from another run, or say "scratch"."""
+    """A later phase or cross-objective run must start from another run, or say "scratch"; a
+    local init_from must hold a run's checkpoints (given a pair's workdir, the error names the
+    side to continue). Raises RunIdentityError. Imports no backend: main.py calls it first."""
     if config.phase in PHASES_WITH_A_SOURCE and not config.train.init_from:
         raise RunIdentityError(
             f"a {config.objective} {config.phase} run continues another run: set "
             "--config.train.init_from=<workdir of the previous run>, or "
             f"--config.train.init_from={SCRATCH} to start it from a random initialisation")
+    source = init_source(config)
+    if not source or "://" in source:      # a bucket: Orbax reads it, os.path cannot check it
+        return
+    if not os.path.isdir(source):
+        raise RunIdentityError(f"config.train.init_from={source}: no such directory (expected "
+                               "the workdir of the previous run)")
+    if not os.path.isdir(checkpoint_lib.checkpoint_dir(source)):
+        raise RunIdentityError(f"config.train.init_from={source}: no checkpoints/ directory in "
+                               "it; expected a training run's workdir (or a `python -m "
+                               f"ettin_jax.hf import` output){_pair_hint(config, source)}")
+
+
+def _pair_hint(config, source: str) -> str:
+    """For an init_from holding runs one level down (a pair's workdir, ettin_jax.pairs): the
+    side this single run continues (the other objective's for a cross-objective run)."""
+    runs = checkpoint_lib.runs_inside(source)
+    if not runs:
+        return ""
+    objective = source_objective(config)
+    if objective not in runs:
+        return f"; it holds runs in {'/, '.join(runs)}/, none for the {objective} side"
+    return (f"; it is a pair's workdir (runs in {'/, '.join(runs)}/): this run continues one "
+            f"side, --config.train.init_from={os.path.join(source, objective)}")
 
 
 def source_objective(config) -> str:

@@ -151,3 +151,19 @@ def test_restore_names_mismatched_parameters(runs):
     with pytest.raises(ValueError, match=r"layers/0/qkv: \(64, 3, 4, 16\) in the checkpoint, "
                                          r"\(32, 3, 4, 8\) in this run"):
         checkpoint.restore_from_run(str(runs["root"] / "mlm"), abstract_params=abstract)
+
+
+def test_a_run_refuses_an_init_from_that_holds_no_run(runs, tmp_path):
+    """train_and_evaluate, not only main.py, checks init_from before compiling: a missing
+    directory, and a pair's workdir, where the error names the side to continue."""
+    with pytest.raises(ValueError, match="init_from=.*/missing: no such directory"):
+        train.train_and_evaluate(tiny_config("mlm_ext", init_from=str(tmp_path / "missing")),
+                                 str(tmp_path / "a"))
+    pair = tmp_path / "pair"
+    os.makedirs(pair)
+    os.symlink(runs["root"] / "clm", pair / "clm")
+    with pytest.raises(ValueError, match=f"this run continues one side, --config.train.init_from="
+                                         f"{pair / 'clm'}"):
+        train.train_and_evaluate(tiny_config("mlm_from_clm", init_from=str(pair)),
+                                 str(tmp_path / "b"))
+    assert not os.path.exists(tmp_path / "a" / "checkpoints")
