@@ -1,6 +1,7 @@
 """Test-wide setup, done before jax is imported (subprocesses inherit the environment):
 four host CPU devices for the sharding tests, a compilation cache shared by every test and
-subprocess of this run, and the repository root on sys.path so `configs.*` imports work."""
+subprocess of this run, and the repository root on sys.path so `configs.*` imports work;
+at the end, a quick exit for xdist workers (pytest_sessionfinish)."""
 import os
 import sys
 import tempfile
@@ -12,3 +13,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="ettin-jax-test-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pytest_sessionfinish(session):
+    """Frees the session's compiled programs and settles garbage collection before an xdist
+    worker reports that it has finished. Afterwards pytest runs five full collections (to find
+    unraisable exceptions) while execnet gives the worker 5 s before it sends the worker a
+    SIGINT; with the jit caches of a whole worker alive (over a million objects) each took
+    about a second, and the SIGINT then surfaced as a KeyboardInterrupt inside jax's GC
+    callback after the last test. Freezing the survivors leaves those collections little to
+    scan; what is garbage now is collected here, while pytest still reports it."""
+    import gc  # pylint: disable=import-outside-toplevel
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        jax.clear_caches()
+    gc.collect()
+    gc.freeze()
