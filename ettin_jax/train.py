@@ -248,13 +248,14 @@ def _restore_or_init(config, setup: Setup, ckpt, train_iter,
     return setup.init_state(), 0, 0
 
 
-def _make_writers(config, workdir: str, num_steps: int):
-    """(all metric writers, clu's ReportProgress, per-step hooks); only process 0 writes files."""
+def _make_writers(config, workdir: str, step: int, num_steps: int):
+    """(all metric writers, clu's ReportProgress, per-step hooks) of a run starting at `step`;
+    only process 0 writes files, and none on a finished run (config.json stays its own)."""
     # writers before clu.periodic_actions: its TensorBoard backend then needs no TensorFlow.
     from ettin_jax import writers as writers_lib  # pylint: disable=import-outside-toplevel
     from clu import periodic_actions  # pylint: disable=import-outside-toplevel
     metric_writers = writers_lib.metric_writers
-    is_writer = jax.process_index() == 0
+    is_writer = jax.process_index() == 0 and step < num_steps
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_writer)
     writers = [writer]
     if is_writer:
@@ -414,7 +415,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
                  config.train.seq_len, f"{config.schedule.total_tokens:,.0f}", step)
 
     # Writers.
-    writers, report_progress, hooks = _make_writers(config, workdir, num_steps)
+    writers, report_progress, hooks = _make_writers(config, workdir, step, num_steps)
     guard = divergence.DivergenceGuard(config, ckpt.describe_latest)
     pending = None    # (step, metrics) whose skipped flag the host reads one step late
     peak_flops = device_peak_flops(config) * jax.device_count()
