@@ -78,8 +78,11 @@ def test_sharded_fresh_init_equals_unsharded():
     plain, sharded = model_loader.from_config(config, seed=3), model_loader.from_config(
         config, seed=3, mesh=_mesh())
     expected = _params(plain)
+    # The same draws: eager ops and one jitted program may round the truncated normal's
+    # arithmetic apart (by up to 3e-7 relative with the suite's XLA flags, tests/conftest.py);
+    # another key or layout would differ everywhere.
     for key, value in _params(sharded).items():
-        np.testing.assert_array_equal(value, expected[key], err_msg=str(key))
+        np.testing.assert_allclose(value, expected[key], rtol=1e-6, atol=1e-9, err_msg=str(key))
     assert sharded.tok_embeddings.get_value().sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
 
 
