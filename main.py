@@ -49,16 +49,12 @@ def define_flags():
     flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path   # gs://, s3://: not checkable with os.path
-
-
 def validate(config, workdir: str, *, dry_run: bool = False):
     """What can be checked without JAX, with messages naming the flag or config key. A dry run
     plans with a missing init_from too (the plan says a real run would find no checkpoint)."""
     if not workdir.strip():
         raise cli.UserError("--workdir is empty")
-    if _is_remote(workdir):
+    if cli.is_remote(workdir):
         # The lock, run_identity.json, metrics.jsonl and TensorBoard files are written with
         # local file operations; without this check the run trains until its first save.
         raise cli.UserError(f"--workdir={workdir}: a workdir must be a local or mounted path "
@@ -112,7 +108,7 @@ def compilation_cache_settings(config) -> tuple[str, float] | None:
     directory = config.train.compilation_cache_dir
     if not directory:
         return None
-    return (os.path.expanduser(directory) if not _is_remote(directory) else directory,
+    return (os.path.expanduser(directory) if not cli.is_remote(directory) else directory,
             float(config.train.compilation_cache_min_compile_secs))
 
 

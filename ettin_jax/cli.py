@@ -61,6 +61,11 @@ class QuietOrbaxInfo(logging.logging.Filter):
         return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
 
 
+def is_remote(path: str) -> bool:
+    """A bucket path (gs://, s3://): Orbax reads it; os.path can neither check nor create it."""
+    return "://" in path
+
+
 def define_model_source_flags(checkpoint_use: str = "its newest checkpoint"):
     """Defines --checkpoint / --hf / --tokenizer / --dtype; `checkpoint_use` says in --help
     what the tool does with a run's checkpoint."""

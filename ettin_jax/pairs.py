@@ -38,6 +38,7 @@ import jax
 from absl import logging
 
 from ettin_jax import checkpoint as checkpoint_lib
+from ettin_jax import cli
 from ettin_jax import stop_signals
 from ettin_jax import train
 from ettin_jax import workdir as workdir_lib
@@ -99,10 +100,9 @@ def _has_key(config, dotted: str) -> bool:
 
 def _side_of(pair_workdir: str, objective: str) -> str:
     side = os.path.join(pair_workdir, objective)
-    local = "://" not in pair_workdir
-    if local and not os.path.isdir(side):
+    if not cli.is_remote(pair_workdir) and not os.path.isdir(side):
         hint = (" (it is a single run's workdir: a pair continues a pair)"
-                if os.path.isdir(os.path.join(pair_workdir, "checkpoints")) else "")
+                if os.path.isdir(checkpoint_lib.checkpoint_dir(pair_workdir)) else "")
         raise PairError(f"config.train.init_from={pair_workdir}: a pair continues the pair "
                         f"workdir of its previous phase, which holds {objective}/; no {side}{hint}")
     return side

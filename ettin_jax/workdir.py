@@ -2,7 +2,8 @@
 
     WorkdirLock(workdir)               context manager: `<workdir>/LOCK` while a run writes there
     check_identity(config, workdir)    `<workdir>/run_identity.json`: refuses a different run
-    check_init_from(config)            phases 2-3 and cross-objective runs name their start, a run
+    check_init_from(config)            phases 2-3 and cross-objective runs name their start,
+                                       a local init_from holds a run's checkpoints/
 
 The lock is a JSON file {host, pid, since, command} created with O_EXCL by the process that
 writes (process 0), before anything else is written; a second process fails at once naming
@@ -238,7 +239,7 @@ def check_init_from(config):
             "--config.train.init_from=<workdir of the previous run>, or "
             f"--config.train.init_from={SCRATCH} to start it from a random initialisation")
     source = init_source(config)
-    if not source or "://" in source:      # a bucket: Orbax reads it, os.path cannot check it
+    if not source or cli.is_remote(source):
         return
     if not os.path.isdir(source):
         raise RunIdentityError(f"config.train.init_from={source}: no such directory (expected "
