@@ -13,6 +13,7 @@ import time
 import pytest
 
 import train_testlib
+from test_data_prepare import dir_digest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
@@ -133,25 +134,15 @@ def test_sigkill_at_a_random_step_then_sigterm_then_finish(tmp_path, env, refere
     assert_same_losses(workdir, ref)
 
 
-def _files(directory):
-    """{path: contents} of every file under `directory`."""
-    out = {}
-    for parent, _, names in os.walk(directory):
-        for name in names:
-            with open(os.path.join(parent, name), "rb") as f:
-                out[os.path.relpath(os.path.join(parent, name), directory)] = f.read()
-    return out
-
-
 def test_rerun_of_a_finished_run_trains_nothing_and_says_so(tmp_path, env, reference):
     """The same command on a finished workdir exits 0, logs no step, and says the run is done
     instead of reporting a loss it does not have."""
     finished, _ = reference
     workdir = tmp_path / "finished"
     shutil.copytree(finished, workdir)
-    before = _files(workdir)
+    before = dir_digest(workdir)
     finish(workdir, env)
-    after = _files(workdir)
+    after = dir_digest(workdir)
     assert sorted(after) == sorted(before)       # e.g. no new (empty) TensorBoard events file
     assert after == before
     log = read_log(workdir)
