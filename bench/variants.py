@@ -109,30 +109,31 @@ def one_at_a_time(config, rows: int, seq_len: int, parsed) -> list[Variant]:
 
 
 def run_all(variants: list[Variant], time_variant: Callable[[Variant], dict], *,
-            budget_s: float = 0.0, emit: Callable[[dict], None]) -> list[dict]:
+            budget_s: float = 0.0, emit: Callable[[dict], None],
+            clock: Callable[[], float] = time.monotonic) -> list[dict]:
     """Times each variant with `time_variant` and passes every record to `emit` as soon as it
     exists (a sweep cut short keeps what it measured). A variant that fails (out of memory, an
     implementation this build lacks) is a record with "error", and the sweep goes on. With
     budget_s > 0 a variant is not started once less than the longest one so far is left; it
-    is a record with "skipped"."""
-    start, longest, records = time.monotonic(), 0.0, []
+    is a record with "skipped". `clock` gives seconds (tests pass their own)."""
+    start, longest, records = clock(), 0.0, []
     for variant in variants:
         head = {"config": f"{variant.config.size}:{variant.config.objective}",
                 "batch": variant.rows, "seq_len": variant.seq_len, "variant": variant.name}
-        left = budget_s - (time.monotonic() - start)
+        left = budget_s - (clock() - start)
         if budget_s > 0 and left < longest:
             record = dict(head, skipped=f"budget: {left:.0f} s left, a variant took "
                                         f"{longest:.0f} s")
             print(f"variant {variant.name}: skipped ({record['skipped']})", flush=True)
         else:
             print(f"-- variant {variant.name} ({variant.rows}x{variant.seq_len})", flush=True)
-            began = time.monotonic()
+            began = clock()
             try:
                 record = dict(time_variant(variant), variant=variant.name)
             except Exception as e:  # pylint: disable=broad-except  # recorded, the sweep goes on
                 record = dict(head, error=f"{type(e).__name__}: {e}"[:400])
                 print(f"variant {variant.name} FAILED: {record['error']}", flush=True)
-            longest = max(longest, time.monotonic() - began)
+            longest = max(longest, clock() - began)
             gc.collect()   # the variant's state and step buffers go before the next one's
         emit(record)
         records.append(record)

@@ -49,28 +49,32 @@ def test_run_all_records_failures_and_budget_skips_and_goes_on():
     """A failing variant is an error record and the next still runs; once the budget left is
     under the longest variant so far, the rest are skipped records. The report's table shows
     each with its speed against the baseline."""
-    import time
     config = ettin_tiny.get_config("mlm")
     built = variants.one_at_a_time(config, 4, 64, variants.parse(
         "attention_impl=mosaic;batch=8;prng_impl=rbg"))
+    # A clock only the variants move: the budget decisions cannot depend on the machine's speed
+    # or on the collections between variants (a loaded CI worker once spent the whole budget
+    # there, and batch=8 was skipped).
+    now = [0.0]
 
     def time_variant(v):
         if v.config.model.attention_impl == "mosaic":
+            now[0] += 0.5
             raise ValueError("model.attention_impl='mosaic': unknown")
-        time.sleep(3.0 if v.rows == 8 else 0.0)
+        now[0] += 3.0 if v.rows == 8 else 1.0
         return {"config": "tiny:mlm", "batch": v.rows, "seq_len": v.seq_len,
                 "tokens_per_sec": 100.0 * v.rows, "step_ms": 1.0}
 
     emitted = []
-    # The budget is batch=8's sleep: whatever the first two (and the collections after them)
-    # take, as long as it is under 3 s batch=8 runs, and after it less than its 3 s is left, so
-    # prng_impl=rbg is skipped. (With a 1.5 s budget a stalled machine once skipped batch=8.)
-    records = variants.run_all(built, time_variant, budget_s=3.0, emit=emitted.append)
+    # baseline 1 s and mosaic 0.5 s leave 3.5 of 5 s, more than the longest (1 s): batch=8 runs
+    # and takes 3 s; then 0.5 s is left, under its 3 s, so prng_impl=rbg is skipped.
+    records = variants.run_all(built, time_variant, budget_s=5.0, emit=emitted.append,
+                               clock=lambda: now[0])
     assert emitted == records
     assert [r["variant"] for r in records] == ["baseline", "attention_impl=mosaic", "batch=8",
                                                "prng_impl=rbg"]
     assert "mosaic" in records[1]["error"] and "tokens_per_sec" in records[2]
-    assert "budget" in records[3]["skipped"]
+    assert records[3]["skipped"] == "budget: 0 s left, a variant took 3 s"
     table = gpu_report.variants_table(records)
     assert "| batch=8 |" in table[4] and "+100.0%" in table[4]
     assert "ValueError" in table[3] and "budget" in table[5]
