@@ -1,10 +1,13 @@
 """Test-wide setup, done before jax is imported (subprocesses inherit the environment):
 four host CPU devices for the sharding tests, a compilation cache shared by every test and
 subprocess of this run, and the repository root on sys.path so `configs.*` imports work;
-at the end, a quick exit for xdist workers (pytest_sessionfinish)."""
+at the end, a quick exit for xdist workers (pytest_sessionfinish). Fixtures used by several
+test files live here."""
 import os
 import sys
 import tempfile
+
+import pytest
 
 # XLA:CPU's backend (LLVM) optimisation off: the suite is compile-bound and its programs run
 # for milliseconds; test_scan.py + test_model.py take 173 s instead of 240 s.
@@ -32,3 +35,13 @@ def pytest_sessionfinish(session):
         jax.clear_caches()
     gc.collect()
     gc.freeze()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """(tokenizer_dir, shards_dir) of data_pipeline.demo_corpus built for the tiny config's layout
+    (vocab 512, [UNK] 500), once per test file that asks for it."""
+    from data_pipeline import demo_corpus  # pylint: disable=import-outside-toplevel
+    # the directory name the loader derives for that layout
+    out = os.path.join(str(tmp_path_factory.mktemp("demo")), "v512-unk500")
+    return demo_corpus.build(out, vocab_size=512, unk_id=500, max_bytes=300_000)

@@ -121,13 +121,6 @@ def test_data_order_parquet_reads_rows_in_order(tmp_path):
         data_order.ParquetDocs(str(tmp_path / "bad"), vocab_size=512)[1]
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    # the directory name the loader derives for the tiny config's layout (vocab 512, [UNK] 500)
-    out = os.path.join(str(tmp_path_factory.mktemp("demo")), "v512-unk500")
-    return demo_corpus.build(out, vocab_size=512, unk_id=500, max_bytes=300_000)
-
-
 def test_loader_mixes_mds_and_parquet_by_token_share(tmp_path, demo):
     tok_dir, _ = demo
     rng = np.random.default_rng(5)

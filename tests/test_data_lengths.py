@@ -9,7 +9,7 @@ import pytest
 from configs import ettin_tiny
 from data_pipeline import lengths, loader, mds, shards
 from ettin_jax import schedules
-from test_data_formats import demo, write_mds, write_order  # noqa: F401  (demo: a fixture)
+from test_data_formats import write_mds, write_order
 
 CLS, SEP = 501, 502
 
