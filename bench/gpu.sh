@@ -109,8 +109,8 @@ if [ "$SMOKE" = 1 ]; then
   export JAX_PLATFORMS=cpu
   C150=configs/ettin_tiny.py C1B=configs/ettin_tiny.py SIZES="tiny"
   S64x1K=4x128 S8x8K=2x256 S32x1K=2x128 SEQS=128 ATT_BATCH="--batch 1 --allow_cpu"
-  # Mosaic GPU's interpreter hangs with one CPU device on a 2-core machine, and takes 40-70 s
-  # per fwd+bwd call at seq 128 (kernels/mosaic_attention.py; 71 s on a slow day, when 240 s
+  # Mosaic GPU's interpreter hangs with one CPU device on a 2-core machine, and takes 40-75 s
+  # per fwd+bwd call at seq 128 (kernels/mosaic_attention.py; 71-75 s on a slow day, when 240 s
   # ran out before the local layer): one global and one local layer.
   ATT_ENV=(env XLA_FLAGS=--xla_force_host_platform_device_count=4)
   ATT_LAYERS=enc-global,dec-local ATT_LIMIT=480
