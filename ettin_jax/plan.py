@@ -15,7 +15,8 @@ JSON keys: size, objective, phase, seq_len, rows_per_step, tokens_per_step,
 mean_sequence_length (null for the demo), sequences_per_step, total_tokens, total_steps,
 schedule, lr_start, lr_end, peak_lr (the highest LR of this phase: optimizer.peak_lr x
 schedule.lr_fraction), lr_warmup_tokens, batch_warmup_tokens, batch_warmup_steps,
-first_step_rows, grad_accum_steps (micro batches per full step), micro_rows_per_device,
+first_step_rows, warmup_micro_rows_per_device (the first step's micro batches:
+schedules.warmup_split), grad_accum_steps (micro batches per full step), micro_rows_per_device,
 max_micro_rows (its limit when grad_accum_steps is auto, from train.max_micro_tokens; else
 null), global_rope_theta, local_rope_theta, mask_ratio (MLM runs),
 decoder_window_keys (CLM runs), data_seed, model_seed, sources (path, token_share, measured
@@ -108,6 +109,8 @@ def make_plan(config, workdir: str, *, num_devices: int | None = None) -> dict:
         "lr_warmup_tokens": float(config.optimizer.lr_warmup_tokens),
         "batch_warmup_tokens": float(config.optimizer.batch_warmup_tokens),
         "batch_warmup_steps": warmup_steps, "first_step_rows": rows_for_step(0),
+        "warmup_micro_rows_per_device": (schedules.micro_rows_schedule(
+            config, mean, data_parallel)(rows_for_step(0)) // data_parallel),
         "grad_accum_steps": accum, "micro_rows_per_device": rows // accum // data_parallel,
         "max_micro_rows": (None if config.train.grad_accum_steps != schedules.AUTO
                            else schedules.max_micro_rows(config)),
@@ -199,6 +202,8 @@ def format_plan(plan: dict) -> str:
         f"{p['lr_end']:.3g} at the end; warmup {_amount(p['lr_warmup_tokens'])} tokens",
         f"batch      warmup {_amount(p['batch_warmup_tokens'])} tokens: "
         + (f"{p['batch_warmup_steps']:,} steps from {p['first_step_rows']} rows"
+           + ("" if p["warmup_micro_rows_per_device"] == p["micro_rows_per_device"] else
+              f", in micro batches of {p['warmup_micro_rows_per_device']} rows per device")
            if p["batch_warmup_steps"] else "none (full steps from the start)"),
         f"data       seed {p['data_seed']}; "
         + ("the stdlib demo corpus (built by the first run)" if p["demo"] else

@@ -177,18 +177,49 @@ def warmup_micro_batches(config, tokens: float, full: int) -> int:
 
     Batch-size warmup (recipe §4.4) counts sequences: a step carries
     `optimizer.batch_warmup_start_fraction` (f) of `train.global_batch_size` at first, in whole
-    micro batches (ceil(full x f), at least one), and grows linearly to all of it over
+    micro batches (ceil(full x f), at least one), and grows linearly to all of them over
     `optimizer.batch_warmup_tokens` in steps of that many micro batches: about 1 / f distinct
     step sizes whatever the split, as each size compiles the train step once more. Rows
     convert sequences as rows_per_step does, so the count does not depend on the mean.
+    `full` is the warmup's split of a step (warmup_split), not always grad_accum_steps.
     """
     warmup = config.optimizer.batch_warmup_tokens
     if warmup <= 0 or tokens >= warmup:
         return full
-    start = float(config.optimizer.get("batch_warmup_start_fraction", 1 / 8))
-    first = max(1, min(full, math.ceil(full * start - 1e-9)))
+    first = max(1, min(full, math.ceil(full * _warmup_start(config) - 1e-9)))
     levels = math.ceil(full / first)
     return min(full, first * (1 + int((levels - 1) * tokens / warmup)))
+
+
+def _warmup_start(config) -> float:
+    return float(config.optimizer.get("batch_warmup_start_fraction", 1 / 8))
+
+
+def warmup_split(config, mean_sequence_length: float | None = None,
+                 data_parallel: int = 1) -> tuple[int, int]:
+    """(micro batches, rows in each): the pieces a full step is cut into while the batch-size
+    warmup lasts; the warmup's steps are whole numbers of them (warmup_micro_batches).
+
+    The run's own split (grad_accum_steps micro batches of micro_batch_size rows) serves when
+    f x its count is whole (f = optimizer.batch_warmup_start_fraction). Otherwise a warmup
+    step could only be whole micro batches of it: the first step would carry more than f of
+    the batch (a third for three micro batches at f = 1/8), and a step of one micro batch (17m
+    on four GPUs) would have no warmup at all. Then the warmup cuts the step into the fewest
+    smaller micro batches, at least as many as the run's, of which f is a whole number (8, 16,
+    ... at f = 1/8; at most one row per device each). Their rows are a multiple of
+    `data_parallel`, rounded down: they need not add up to a full step, which keeps the run's
+    own split."""
+    accum = grad_accum_steps(config, mean_sequence_length, data_parallel)
+    full = rows_per_step(config, mean_sequence_length, data_parallel)
+    levels = 1 / _warmup_start(config)
+    if abs(levels - round(levels)) < 1e-6:
+        pieces = round(levels) * math.ceil(accum / round(levels))
+    else:
+        pieces = max(accum, math.ceil(levels))
+    pieces = min(pieces, full // data_parallel)
+    if pieces <= accum:
+        return accum, full // accum
+    return pieces, full // (pieces * data_parallel) * data_parallel
 
 
 def micro_batch_size(config, mean_sequence_length: float | None = None,
@@ -208,8 +239,7 @@ def rows_schedule(config, mean_sequence_length: float | None = None, data_parall
     A step's tokens are its rows x seq_len. Steps are replayed from the start, so the answer
     is the same on a resumed run; after the batch-size warmup every step is full.
     """
-    accum = grad_accum_steps(config, mean_sequence_length, data_parallel)
-    micro = micro_batch_size(config, mean_sequence_length, data_parallel)
+    pieces, piece_rows = warmup_split(config, mean_sequence_length, data_parallel)
     full = rows_per_step(config, mean_sequence_length, data_parallel)
     seq_len = config.train.seq_len
     warmup = config.optimizer.batch_warmup_tokens
@@ -218,11 +248,30 @@ def rows_schedule(config, mean_sequence_length: float | None = None, data_parall
 
     def rows_for_step(step: int) -> int:
         while len(rows) <= step and tokens[0] < warmup:
-            rows.append(micro * warmup_micro_batches(config, tokens[0], accum))
+            count = warmup_micro_batches(config, tokens[0], pieces)
+            rows.append(full if count == pieces else piece_rows * count)
             tokens[0] += rows[-1] * seq_len
         return rows[step] if step < len(rows) else full
 
     return rows_for_step
+
+
+def micro_rows_schedule(config, mean_sequence_length: float | None = None,
+                        data_parallel: int = 1):
+    """micro_rows_for(rows) -> rows per micro batch of a step of `rows` rows (rows_for_step):
+    the run's micro batch where the step is a whole number of them, else the warmup's
+    (warmup_split)."""
+    micro = micro_batch_size(config, mean_sequence_length, data_parallel)
+    _, piece_rows = warmup_split(config, mean_sequence_length, data_parallel)
+
+    def micro_rows_for(rows: int) -> int:
+        micro_rows = micro if rows % micro == 0 else piece_rows
+        if rows % micro_rows:
+            raise ValueError(f"a step of {rows} rows is no whole number of micro batches of "
+                             f"{micro} or {piece_rows} rows")
+        return micro_rows
+
+    return micro_rows_for
 
 
 def total_steps(config, mean_sequence_length: float | None = None, data_parallel: int = 1) -> int:

@@ -7,8 +7,8 @@
 One optimizer step takes a global batch of `rows_for_step(step)` rows, split into micro batches
 `[num_micro, micro_rows, ...]` whose gradients are summed inside one jitted step (gradient
 accumulation; batch-size warmup adds micro batches, so the step compiles once per distinct
-count, about 1 / optimizer.batch_warmup_start_fraction times). The loss is the mean over every predicted
-token of the step (ettin_jax.losses).
+count, about 1 / optimizer.batch_warmup_start_fraction times: schedules.warmup_split). The
+loss is the mean over every predicted token of the step (ettin_jax.losses).
 
 State is functional: `{"params": nnx.State of Params, "opt_state": optax state}`, sharded by
 the logical-axis rules (ettin_jax.sharding) and donated to the step. Dropout keys are
@@ -385,7 +385,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     # Data.
     rows_for_step = schedules.rows_schedule(config, mean, data_parallel)
     num_steps = schedules.total_steps(config, mean, data_parallel)
-    micro_rows = schedules.micro_batch_size(config, mean, data_parallel)
+    micro_rows_for = schedules.micro_rows_schedule(config, mean, data_parallel)
     batch_keys = losses.BATCH_KEYS[config.objective]
     # The train step compiles on a thread from here on (ettin_jax.precompile), for the shapes
     # of the step the run starts at; everything up to the loop runs beside it.
@@ -393,9 +393,10 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
              if resume_at_most is None or s <= resume_at_most]
     first_step = saved[-1] if saved else 0
     # A finished run compiles nothing (if its restore falls back, the first step compiles).
+    first_rows = rows_for_step(first_step)
     compiled = precompile.done() if first_step >= num_steps else precompile.start(
         setup.train_step, setup.abstract_state,
-        precompile.batch_spec(config, mesh, rows_for_step(first_step), micro_rows),
+        precompile.batch_spec(config, mesh, first_rows, micro_rows_for(first_rows)),
         schedules.learning_rate(config, 0.0), first_step)
     train_iter = loader.make_train_iterator(config, rows_for_step=rows_for_step)
     try:   # recorded with each checkpoint, for `python -m ettin_jax.hf export`
@@ -430,6 +431,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
         with metric_writers.ensure_flushes(writers):
             while step < num_steps:
                 rows = rows_for_step(step)
+                micro_rows = micro_rows_for(rows)
                 with report_progress.timed("data", wait_jax_async_dispatch=False):
                     host_batch = next(train_iter)
                 # Of the host's rows before they go to the devices; ~40 ms of one core for

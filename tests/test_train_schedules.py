@@ -226,6 +226,52 @@ def test_batch_warmup_starts_at_a_fraction_of_the_batch_whatever_the_split():
     assert schedules.warmup_micro_batches(c, 0, 96) == 96
 
 
+def test_batch_warmup_cuts_a_step_of_one_micro_batch_into_eighths():
+    """17m on four devices takes its step as one micro batch: the warmup still starts at an
+    eighth of it, in micro batches of an eighth. By hand: 4608 sequences of mean 608 are
+    2736 rows of 1024; an eighth, rounded down to whole rows per device, is 4 x 85 = 340."""
+    c = ettin_17m.get_config("mlm")
+    c.train.grad_accum_steps = 1
+    mean, dp, warmup = 608.0, 4, c.optimizer.batch_warmup_tokens
+    assert schedules.rows_per_step(c, mean, dp) == 2736
+    assert schedules.warmup_split(c, mean, dp) == (8, 340)
+    rows_for_step = schedules.rows_schedule(c, mean, dp)
+    micro_rows_for = schedules.micro_rows_schedule(c, mean, dp)
+    tokens, step = 0.0, 0
+    while tokens < warmup:
+        eighths = 1 + math.floor(7 * tokens / warmup)
+        expected = 2736 if eighths == 8 else 340 * eighths
+        assert rows_for_step(step) == expected, step
+        assert micro_rows_for(expected) == (2736 if eighths == 8 else 340)
+        tokens += expected * c.train.seq_len
+        step += 1
+    assert rows_for_step(step) == rows_for_step(10 ** 7) == 2736 and step > 10_000
+
+
+def test_warmup_steps_split_into_micro_batches_that_fit_and_divide_over_the_devices():
+    c = ettin_17m.get_config("mlm")
+    c.optimizer.batch_warmup_tokens = 2e8
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        c.train.grad_accum_steps = int(rng.choice([1, 2, 3, 6, 8, 16]))
+        c.optimizer.batch_warmup_start_fraction = float(rng.choice([1 / 8, 1 / 4, 1 / 16]))
+        dp = int(rng.choice([1, 2, 4, 8]))
+        mean = float(rng.uniform(100, 1024))
+        full = schedules.rows_per_step(c, mean, dp)
+        micro = schedules.micro_batch_size(c, mean, dp)
+        rows_for_step = schedules.rows_schedule(c, mean, dp)
+        micro_rows_for = schedules.micro_rows_schedule(c, mean, dp)
+        sizes = [rows_for_step(step) for step in range(schedules.total_steps(c, mean, dp))]
+        start = c.optimizer.batch_warmup_start_fraction
+        assert sizes == sorted(sizes) and sizes[-1] == full
+        # an eighth (a quarter, a sixteenth) of the step, less the rows that do not divide
+        assert full * start / 2 <= sizes[0] <= full * start, (sizes[0], full, micro)
+        assert len(set(sizes)) == round(1 / start)
+        for rows in set(sizes):
+            micro_rows = micro_rows_for(rows)
+            assert rows % micro_rows == 0 and micro_rows % dp == 0 and micro_rows <= micro
+
+
 def test_every_size_and_phase_fits_its_micro_batches_on_one_device_and_on_eight():
     """The configs' default: grad_accum_steps auto within max_micro_tokens (bench/memory.py's
     H100 table), for Ettin-like means (phase 1 ~ 2.8M / 4608 tokens, phases 2-3 ~ 2.5M / 4608)."""
