@@ -55,6 +55,7 @@ from typing import Callable
 
 import grain
 import numpy as np
+from absl import logging
 
 from data_pipeline import batching, mixtures, objectives, packing, shards, sources, tokenizer
 
@@ -162,7 +163,7 @@ def _source_stream(config, src: sources.Source, i: int, *, start: int, stop: int
     ds = ds.map(functools.partial(_tag, source=i))
     if shuffle:
         ds = ds.shuffle(seed=(config.data.seed * 1009 + i) % 2**32)
-    return ds.repeat(num_epochs) if (shuffle or num_epochs) else ds
+    return ds.repeat(num_epochs)           # None: forever
 
 
 def _objective_fn(config, ratio: float, seed: int) -> Callable[[dict], dict]:
@@ -243,6 +244,12 @@ def make_train_iterator(config, *, process_index: int | None = None,
     """
     pid, pcount = _host(process_index, process_count)
     train, evals, _ = resolve_sources(config)
+    d = config.data
+    if not d.shuffle and d.pack_pool_size == 1 and d.num_workers > 0:
+        logging.warning("data.shuffle=false with data.pack_pool_size=1 keeps the documents' "
+                        "arrival order only with data.num_workers=0: each of the %d workers "
+                        "packs every %d-th document and hands over %d rows at a time",
+                        d.num_workers, d.num_workers, d.worker_group_rows)
     streams = []
     for i, src in enumerate(train):
         stop = len(src.docs) - (held_out_documents(config, src) if evals is None else 0)
@@ -280,7 +287,7 @@ def make_eval_iterator(config, *, process_index: int | None = None,
     for i, src in enumerate(evals or train):
         start = 0 if evals else len(src.docs) - held_out_documents(config, src)
         streams.append(_source_stream(config, src, i, start=start, stop=len(src.docs),
-                                      shuffle=False, num_epochs=None))
+                                      shuffle=False, num_epochs=1))
     docs = streams[0] if len(streams) == 1 else grain.MapDataset.concatenate(streams)
     docs = docs.map_with_index(_keyed)[pid::pcount]
     rows = (batch_rows or config.data.eval_batch_size) // pcount

@@ -202,7 +202,8 @@ def test_data_order_replays_in_published_order(tmp_path, demo):
     config.data.mixture, config.data.tokenizer = str(tmp_path / "order"), tok_dir
     config.data.shuffle, config.data.pack_pool_size, config.data.pack_fill_min = False, 1, 0
     config.data.num_workers, config.data.eval_documents = 0, 0
-    batches = list(loader.make_train_iterator(config, process_index=0, process_count=1))
+    batches = list(loader.make_train_iterator(config, process_index=0, process_count=1,
+                                              num_epochs=1))
     ids = np.concatenate([b["input_ids"][b["segment_ids"] > 0] for b in batches])
     np.testing.assert_array_equal(ids, np.concatenate(docs))
 

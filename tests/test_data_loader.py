@@ -11,6 +11,7 @@ import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from absl import logging
 
 from configs import ettin_17m
 from data_pipeline import loader, objectives, shards, tokenizer
@@ -88,6 +89,38 @@ def test_epoch_delivers_every_token_once_across_hosts_and_workers(corpus, tok_di
     for i, doc in enumerate(docs):
         got = np.sort(np.concatenate(seen[i])) if seen[i] else np.array([], int)
         np.testing.assert_array_equal(got, np.sort(doc[1:-1] % 100), err_msg=f"document {i}")
+
+
+def test_unshuffled_training_data_repeats_in_its_order(corpus, tok_dir):
+    """data.shuffle=false (the published data order's replay) trains past the end of its
+    documents, in the same order again; only num_epochs ends a training stream."""
+    path, docs = corpus
+    config = make_config("clm", path, tok_dir, rows=8)
+    config.data.shuffle, config.data.pack_pool_size = False, 1
+    one_pass = list(loader.make_train_iterator(config, num_epochs=1))
+    firsts = [int(ids[ids != CLS][0]) // 100 for _, _, ids, _ in segments(one_pass[0])
+              if (ids != CLS).any() and ids[0] == CLS]
+    assert firsts[:3] == [0, 1, 2]                   # arrival order
+    it = loader.make_train_iterator(config)
+    batches = take(it, len(one_pass) + 3)            # no StopIteration at the end of a pass
+    it.close()
+    starts = [int(ids[1]) // 100 for b in batches[len(one_pass) - 1:] for _, _, ids, _ in
+              segments(b) if ids[0] == CLS and len(ids) > 1]
+    assert 0 in starts and len(docs) - 1 in starts   # the last document, then the first again
+    assert all(b["segment_ids"].any() for b in batches)
+
+
+def test_an_unshuffled_replay_with_workers_says_it_loses_the_order(corpus, tok_dir, caplog):
+    config = make_config("clm", corpus[0], tok_dir, rows=8, workers=2)
+    config.data.shuffle, config.data.pack_pool_size = False, 1
+    with caplog.at_level(logging.WARNING):
+        loader.make_train_iterator(config).close()
+    assert "arrival order only with data.num_workers=0: each of the 2 workers" in caplog.text
+    caplog.clear()
+    config.data.num_workers = 0
+    with caplog.at_level(logging.WARNING):
+        loader.make_train_iterator(config).close()
+    assert "arrival order" not in caplog.text
 
 
 def test_packing_efficiency_at_1024_on_a_web_like_length_mix(tmp_path, tok_dir):
