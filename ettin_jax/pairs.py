@@ -80,6 +80,12 @@ def side_configs(make_config: Callable[[str], object], runs: Sequence[str],
         config.pair = ""                     # each side is a plain run
         configs.append(config)
     objectives = [c.objective for c in configs]
+    if configs[0].checkpoint.keep_last < 2:
+        # A kill between the sides' saves of step N, after the first side's retention removed
+        # its previous one, would leave the sides no step in common.
+        raise PairError(f"config.checkpoint.keep_last={configs[0].checkpoint.keep_last}: a pair "
+                        "keeps at least 2 checkpoints per side, so that both sides always hold "
+                        "a step in common to resume at")
     if sorted(objectives) != ["clm", "mlm"]:
         raise PairError(f"a pair is one mlm and one clm run, got {objectives} (configs/base.py)")
     for config in configs:
@@ -173,7 +179,13 @@ def train_pair(configs: Sequence, workdir: str) -> dict[str, dict]:
     (module docstring); returns each side's last logged metrics by objective."""
     workdir = os.path.abspath(workdir)
     workdirs = [os.path.join(workdir, c.objective) for c in configs]
-    common = set.intersection(*(set(checkpoint_lib.saved_steps(w)) for w in workdirs))
+    saved = [set(checkpoint_lib.saved_steps(w)) for w in workdirs]
+    common = set.intersection(*saved)
+    if all(saved) and not common:   # resuming at step 0 would delete every checkpoint of both
+        raise PairError("the pair's sides hold no checkpoint step in common ("
+                        + ", ".join(f"{w}: steps {sorted(s)}" for w, s in zip(workdirs, saved))
+                        + "); nothing was deleted. Continue one side as a single run, or move "
+                        "the checkpoints away to start the pair again")
     resume_at = max(common, default=0)
     stop = stop_signals.StopOnSignal()
     try:

@@ -166,6 +166,28 @@ def test_sides_that_do_not_share_the_data_config_stop_before_training(tmp_path):
     assert not committed_steps(tmp_path / "pair" / "mlm")
 
 
+def test_a_pair_keeps_two_checkpoints_and_never_deletes_both_sides(reference, tmp_path):
+    """With one checkpoint per side, a kill between the sides' saves can leave them no step
+    in common; a pair needs keep_last >= 2, and sides found that way stop with an error
+    instead of resuming at step 0 (which deletes every checkpoint of both)."""
+    with pytest.raises(pairs.PairError, match="config.checkpoint.keep_last=1: a pair keeps"):
+        pairs.side_configs(ettin_tiny.get_config, ["mlm", "clm"],
+                           dict(OVERRIDES, **{"checkpoint.keep_last": 1}))
+    workdir = tmp_path / "pair"
+    shutil.copytree(reference, workdir)
+    mlm, clm = sorted(committed_steps(workdir / "mlm")), sorted(committed_steps(workdir / "clm"))
+    assert mlm == clm and len(mlm) >= 2
+    for step in mlm[1:]:
+        shutil.rmtree(workdir / "mlm" / "checkpoints" / str(step))
+    shutil.rmtree(workdir / "clm" / "checkpoints" / str(mlm[0]))
+    configs = pairs.side_configs(ettin_tiny.get_config, ["mlm", "clm"], OVERRIDES)
+    with pytest.raises(pairs.PairError, match=r"no checkpoint step in common .*nothing was "
+                                              "deleted"):
+        pairs.train_pair(configs, str(workdir))
+    assert sorted(committed_steps(workdir / "mlm")) == mlm[:1]
+    assert sorted(committed_steps(workdir / "clm")) == clm[1:]
+
+
 def test_init_from_names_the_previous_pair(tmp_path):
     previous = tmp_path / "pair"
     for side in ("mlm", "clm"):
