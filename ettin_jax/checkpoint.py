@@ -14,7 +14,10 @@ record, so a later change of the checkpoint interval cannot delete them.
 
 Resuming restores all five into abstract targets that carry this run's shardings, so a run
 may resume on a different mesh. A checkpoint that fails to restore is set aside as
-`<step>.damaged` and the previous one is used, with a warning. A later phase or a
+`<step>.damaged` when an older one restores, which is used, with a warning. When none
+restores, nothing is set aside and the run stops with an error: that is a changed setting
+(the data iterator's state depends on data.num_workers, data.worker_group_rows and the number
+of processes) or a storage fault more often than damage to every checkpoint. A later phase or a
 cross-objective run restores params (and, where the recipe keeps it, the optimizer state)
 from another run's latest checkpoint; a tree or shape mismatch names the parameter.
 """
@@ -58,6 +61,10 @@ def abstract_like(tree, shardings):
 
 
 KEPT_FOR_GOOD_NAME = "kept_for_good.json"
+
+
+class RestoreError(ValueError):
+    """No checkpoint of a run restores (each failed); the message lists them and their errors."""
 
 
 class RecordedSteps(ocp.checkpoint_managers.PreservationPolicy):
@@ -149,8 +156,10 @@ class Checkpointer:
 
         Returns (params, opt_state, meta), or None when there is no checkpoint. The data
         iterator's state is set in place. A checkpoint whose tree or shapes differ from the
-        targets raises ValueError (the config changed); an unreadable one is set aside.
+        targets raises ValueError (the config changed); one that fails to restore is set aside
+        when an older one restores, and when none does RestoreError names them all.
         """
+        failed = []   # (step, error) of the newer checkpoints that did not restore
         for step in sorted(self.manager.all_steps(), reverse=True):
             where = f"{self.directory}/{step}"
             try:
@@ -158,8 +167,8 @@ class Checkpointer:
                 saved_params, saved_opt_state = metadata["params"], metadata["opt_state"]
                 if saved_params is None or saved_opt_state is None:
                     raise ValueError("params or opt_state item missing")
-            except Exception as e:  # pylint: disable=broad-except  # unreadable: a damaged one
-                self._damaged(step, e)
+            except Exception as e:  # pylint: disable=broad-except  # unreadable: damaged?
+                failed.append(self._failed(step, e))
                 continue
             # A readable checkpoint of another shape is no damage but a changed config: stop.
             check_tree_matches(saved_params, abstract_params, what="parameters", where=where)
@@ -172,11 +181,21 @@ class Checkpointer:
                     meta=ocp.args.JsonRestore(),
                     data=grain.checkpoint.CheckpointRestore(data_iterator)))
             except Exception as e:  # pylint: disable=broad-except  # any failure: try the previous one
-                self._damaged(step, e)
+                failed.append(self._failed(step, e))
                 continue
+            for bad_step, _ in failed:   # so that this run's saves of those steps can be written
+                self._set_aside(bad_step)
             logging.info("resumed from %s/%d (tokens seen %s)", self.directory, step,
                          restored["meta"].get("tokens_seen"))
             return restored["params"], restored["opt_state"], restored["meta"]
+        if failed:
+            raise RestoreError(
+                f"{self.directory}: none of its checkpoints restores ("
+                + "; ".join(f"step {step}: {error}" for step, error in failed)
+                + "). Nothing was set aside. When every checkpoint fails, a setting that shapes "
+                "the saved data iterator state most likely changed (data.num_workers, "
+                "data.worker_group_rows, the number of processes): resume as the run was "
+                "started. To start this run again from scratch, move the checkpoints away")
         return None
 
     def discard_after(self, step: int) -> list[int]:
@@ -193,14 +212,16 @@ class Checkpointer:
             self.manager.delete(newer_step)
         return newer
 
-    def _damaged(self, step: int, error: Exception):
-        logging.warning("checkpoint %s/%d cannot be restored (%s: %s); setting it aside "
-                        "and falling back to the previous checkpoint",
-                        self.directory, step, type(error).__name__, str(error)[:500])
-        self._set_aside(step)
+    def _failed(self, step: int, error: Exception) -> tuple[int, str]:
+        what = f"{type(error).__name__}: {str(error)[:500]}"
+        logging.warning("checkpoint %s/%d cannot be restored (%s); trying the previous one",
+                        self.directory, step, what)
+        return step, what
 
     def _set_aside(self, step: int):
         """Renames a damaged `<step>` to `<step>.damaged`, so that no save collides with it."""
+        logging.warning("setting aside %s/%d as damaged (an older checkpoint restored)",
+                        self.directory, step)
         if jax.process_index() == 0:
             path = os.path.join(self.directory, str(step))
             target = path + ".damaged"

@@ -7,15 +7,17 @@
 
 The lock is a JSON file {host, pid, since, command} created with O_EXCL by the process that
 writes (process 0), before anything else is written; a second process fails at once naming
-the holder. A lock left by a process that is gone (same host, pid not alive) is taken over
-with a warning. Only process 0 of a multi-process run takes it.
+the holder. A lock left by a process that is gone (same host, pid not alive, or this
+process's pid while this process does not hold it) is taken over with a warning. Only
+process 0 of a multi-process run takes it.
 
 The identity splits the config in two. Structural keys (size, objective, phase, the model's
 shape, tokenizer and special ids, data mixture) define what the checkpoints are: a re-run
 that differs in one is refused (use a new --workdir). Settings (optimizer, schedule,
 intervals, eval, logging) are recorded too; changing one is refused unless
 config.train.allow_config_change is True, which records the new values. Keys that only
-change how a run executes (RUNTIME_KEYS, RUNTIME_SECTIONS) are not recorded.
+change how a run executes (RUNTIME_KEYS, RUNTIME_SECTIONS) are not recorded; the data loader's
+worker count and group size are recorded settings, as the saved data state depends on them.
 """
 from __future__ import annotations
 
@@ -46,9 +48,8 @@ RUNTIME_KEYS = frozenset({
     "train.xla_options", "train.allow_config_change",
     "train.compilation_cache_dir", "train.compilation_cache_min_compile_secs",
     "train.compilation_cache_xla_caches", "train.loss_vocab_chunk", "train.loss_row_chunk",
-    "train.max_micro_tokens",
-    "data.num_workers", "data.worker_group_rows", "data.worker_buffer_groups",
-    "data.mds_cache_dir", "checkpoint.async_save",
+    "train.max_micro_tokens", "data.worker_buffer_groups", "data.mds_cache_dir",
+    "checkpoint.async_save",
     "log.progress_every_secs", "log.device_peak_flops", "log.profile_steps",
 })
 # What the checkpoints are: a change means another run.
@@ -95,11 +96,17 @@ def _describe(holder: dict) -> str:
             f" ({holder.get('command', '')})")
 
 
+# LOCK files this process holds. A LOCK of this host naming this process's pid that is not
+# among them was left by an earlier process that had the same pid (a restarted container's
+# job is often pid 1 again): stale.
+_HELD_HERE = set()
+
+
 class WorkdirLock:
     """`<workdir>/LOCK`, held by process 0 from `acquire` (or `with`) until `release`."""
 
     def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, LOCK_NAME)
+        self.path = os.path.abspath(os.path.join(workdir, LOCK_NAME))
         self.record = None             # what we wrote, while we hold it
 
     def acquire(self) -> "WorkdirLock":
@@ -128,20 +135,24 @@ class WorkdirLock:
                            "command": " ".join(sys.argv)}
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(self.record, f)
+            _HELD_HERE.add(self.path)
             return self
         raise WorkdirLockedError(f"{self.path}: could not take the lock (another process took "
                                  f"it first: {_describe(_read_holder(self.path) or {})})")
 
-    @staticmethod
-    def _stale(holder: dict) -> bool:
-        return (holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
-                and holder["pid"] != os.getpid() and not _pid_alive(holder["pid"]))
+    def _stale(self, holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+            return False
+        if holder["pid"] == os.getpid():
+            return self.path not in _HELD_HERE
+        return not _pid_alive(holder["pid"])
 
     def release(self):
         if self.record is None:
             return
         if _read_holder(self.path) == self.record:   # never remove a lock another took over
             os.unlink(self.path)
+        _HELD_HERE.discard(self.path)
         self.record = None
 
     def __enter__(self) -> "WorkdirLock":
@@ -184,10 +195,17 @@ _ABSENT = "(absent)"
 # existed, so a run recorded earlier resumes unchanged (and a run that sets another value is
 # refused as a change).
 BEFORE_THE_KEY = {"train.prng_impl": "threefry", "optimizer.batch_warmup_start_fraction": 0.125}
+# Recorded settings that runs recorded earlier left out (they were runtime keys then) with no
+# single value to assume: absent from the record, whatever the run now says is taken. The
+# data iterator's saved state depends on them: a resume that changes them restores no
+# checkpoint (ettin_jax.checkpoint), so a change is refused up front.
+UNRECORDED_BEFORE = ("data.num_workers", "data.worker_group_rows")
 
 
 def _differences(old: dict, new: dict) -> list[str]:
     def recorded(key):
+        if key not in old and key in UNRECORDED_BEFORE:
+            return new.get(key, _ABSENT)
         return old.get(key, BEFORE_THE_KEY.get(key, _ABSENT))
     return [f"{key}: {recorded(key)!r} -> {new.get(key, _ABSENT)!r}"
             for key in sorted(set(old) | set(new)) if recorded(key) != new.get(key, _ABSENT)]
@@ -213,18 +231,20 @@ def check_identity(config, workdir: str):
                 f"{workdir} holds a different run (recorded in {path}); differing keys "
                 f"(old -> new): {'; '.join(structural)}. Use a new --workdir for this run")
         settings = _differences(old.get("settings", {}), new["settings"])
-        if not settings:
-            return
-        if not config.train.allow_config_change:
+        new["changes"] = old.get("changes", [])
+        if settings and not config.train.allow_config_change:
             raise RunIdentityError(
                 f"{workdir}: settings differ from the ones this run recorded in {path} "
                 f"(old -> new): {'; '.join(settings)}. Pass "
                 "--config.train.allow_config_change=True to continue with the new settings, "
                 "or use a new --workdir")
-        logging.warning("%s: continuing with changed settings (config.train.allow_config_change):"
-                        " %s", workdir, "; ".join(settings))
-        new["changes"] = old.get("changes", []) + [
-            {"at": datetime.datetime.now().isoformat(timespec="seconds"), "changed": settings}]
+        if settings:
+            logging.warning("%s: continuing with changed settings (config.train."
+                            "allow_config_change): %s", workdir, "; ".join(settings))
+            new["changes"].append(
+                {"at": datetime.datetime.now().isoformat(timespec="seconds"), "changed": settings})
+        elif set(new["settings"]) <= set(old.get("settings", {})):
+            return                # the same run; a record from before some keys gets them added
     if jax.process_index() == 0:
         shards.write_json_atomic(path, new)
 

@@ -1,5 +1,6 @@
 """Checkpointer: a damaged newest checkpoint is set aside with a warning and the previous one
-restores (data iterator included); the keep policy. Real Orbax, the tiny model's state, the
+restores (data iterator included); when none restores, an error and nothing set aside; the
+keep policy. Real Orbax, the tiny model's state, the
 real loader on the demo corpus."""
 import os
 
@@ -42,11 +43,7 @@ def save_steps(directory, config, s, steps, **keep):
 def test_damaged_latest_falls_back_to_previous(tmp_path, setup, caplog):
     config, s = setup
     saved = save_steps(str(tmp_path), config, s, (2, 4), keep_last=3)
-    for dirpath, _, filenames in os.walk(tmp_path / "checkpoints" / "4" / "params"):
-        for name in filenames:                     # garbage of the same size in every file
-            path = os.path.join(dirpath, name)
-            with open(path, "r+b") as f:
-                f.write(os.urandom(os.path.getsize(path)))
+    scramble(tmp_path / "checkpoints" / "4" / "params")
 
     it = loader.make_train_iterator(config)
     ckpt = checkpoint.Checkpointer(str(tmp_path), keep_last=3)
@@ -63,6 +60,32 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, setup, caplog):
     for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):
         np.testing.assert_array_equal(np.asarray(got), want)
     assert it.get_state() == want_iterator
+
+
+def scramble(directory):
+    """Garbage of the same size in every file below `directory`."""
+    for dirpath, _, filenames in os.walk(directory):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            with open(path, "r+b") as f:
+                f.write(os.urandom(os.path.getsize(path)))
+
+
+def test_when_no_checkpoint_restores_nothing_is_set_aside(tmp_path, setup):
+    """Every checkpoint failing is rarely damage to each (a changed data setting, a storage
+    fault): the error names them all, and they stay where they are for the next attempt."""
+    config, s = setup
+    save_steps(str(tmp_path), config, s, (2, 4), keep_last=3)
+    for step in ("2", "4"):
+        scramble(tmp_path / "checkpoints" / step / "params")
+    ckpt = checkpoint.Checkpointer(str(tmp_path), keep_last=3)
+    with pytest.raises(checkpoint.RestoreError, match=r"none of its checkpoints restores \(step 4: "
+                       r".*; step 2: .*\)\. Nothing was set aside.*data\.num_workers"):
+        ckpt.restore_latest(abstract_params=s.abstract_state["params"],
+                            abstract_opt_state=s.abstract_state["opt_state"],
+                            data_iterator=loader.make_train_iterator(config))
+    ckpt.close()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
 
 
 def test_keeps_the_last_k_and_every_mth(tmp_path, setup):

@@ -126,6 +126,26 @@ def test_a_run_recorded_before_the_prng_key_resumes_as_threefry(tmp_path):
         workdir_lib.check_identity(tiny_config(prng_impl="rbg"), str(tmp_path))
 
 
+def test_workdir_records_the_loaders_worker_count_and_group_size(tmp_path):
+    """The saved data iterator state depends on them (a change restores no checkpoint), so a
+    resume that changes them is refused up front; a record written before they were recorded
+    takes the run's values."""
+    config = tiny_config()
+    workdir_lib.check_identity(config, str(tmp_path))
+    for key, value in (("num_workers", config.data.num_workers + 2), ("worker_group_rows", 5)):
+        changed = tiny_config()
+        changed.data[key] = value
+        with pytest.raises(workdir_lib.RunIdentityError, match=f"data.{key}: .* -> {value}"):
+            workdir_lib.check_identity(changed, str(tmp_path))
+    path = tmp_path / workdir_lib.IDENTITY_NAME
+    record = json.loads(path.read_text())
+    del record["settings"]["data.num_workers"], record["settings"]["data.worker_group_rows"]
+    path.write_text(json.dumps(record))
+    changed.data.num_workers = 3
+    workdir_lib.check_identity(changed, str(tmp_path))
+    assert json.loads(path.read_text())["settings"]["data.num_workers"] == 3
+
+
 def test_xla_options_parse_to_typed_values_and_bad_entries_fail_naming_the_key():
     assert xla_options.parse("") == {}
     assert xla_options.parse(" xla_a=0, xla_b=false ,xla_c=1.5,xla_d=/tmp/x=y") == {

@@ -252,6 +252,20 @@ def test_live_lock_refuses_and_stale_lock_is_taken_over(tmp_path, good_run, capl
     assert not (workdir / workdir_lib.LOCK_NAME).exists()
 
 
+def test_a_lock_naming_this_pid_is_stale_unless_this_process_holds_it(tmp_path):
+    """A restarted container's job often gets the pid of the job that died there (pid 1): its
+    LOCK names this very pid and must be taken over; a lock this process holds refuses a
+    second taker in the same process."""
+    write_lock(tmp_path, os.getpid())
+    lock = workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+    taken = json.loads(file_bytes(tmp_path / workdir_lib.LOCK_NAME))
+    assert taken["since"] != "2026-01-01T00:00:00"
+    with pytest.raises(workdir_lib.WorkdirLockedError, match=f"pid {os.getpid()} on host"):
+        workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+    lock.release()
+    assert not (tmp_path / workdir_lib.LOCK_NAME).exists()
+
+
 # --- 4. kept for good --------------------------------------------------------------------------
 
 def test_interval_change_keeps_the_kept_for_good_checkpoints(tmp_path, good_run):
