@@ -138,6 +138,24 @@ def checked_grad_accum_steps(config, mean_sequence_length: float | None,
     return accum
 
 
+def describe_split(config, mean_sequence_length: float | None, data_parallel: int) -> str:
+    """What a run logs of its step: tokens per step and the micro batches that carry them
+    (raises as checked_grad_accum_steps does)."""
+    accum = checked_grad_accum_steps(config, mean_sequence_length, data_parallel)
+    rows = rows_per_step(config, mean_sequence_length, data_parallel)
+    mean = ("(demo: one row each)" if mean_sequence_length is None
+            else f"{mean_sequence_length:.1f}")
+    limit = "" if config.train.grad_accum_steps else (
+        f", the fewest within {max_micro_rows(config)} rows (config.train.max_micro_tokens="
+        f"{config.train.max_micro_tokens}"
+        + (", halved: layers scanned without remat)" if scan_halves_limit(config) else ")"))
+    micro = rows // accum
+    return (f"tokens per step: {config.train.global_batch_size} sequences of mean length {mean} "
+            f"-> {rows} rows of {config.train.seq_len} = {rows * config.train.seq_len:,} tokens; "
+            f"{accum} micro batches of {micro} rows per step ({micro // data_parallel} per "
+            f"data-parallel device){limit}")
+
+
 def _rows(config, mean_sequence_length: float | None, data_parallel: int, accum: int,
           sequences: int | None = None) -> int:
     seqs = config.train.global_batch_size if sequences is None else sequences

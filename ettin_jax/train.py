@@ -368,19 +368,8 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     # measured at the first start and read back on every resume (ettin_jax.step_tokens).
     mean = step_tokens.agreed(config, workdir, demo=demo_run)
     data_parallel = sharding_lib.data_parallel_size(mesh)
-    accum = schedules.checked_grad_accum_steps(config, mean, data_parallel)
     rows_per_step = schedules.rows_per_step(config, mean, data_parallel)
-    logging.info("tokens per step: %d sequences of mean length %s -> %d rows of %d = %s tokens",
-                 config.train.global_batch_size, "(demo: one row each)" if mean is None else
-                 f"{mean:.1f}", rows_per_step, config.train.seq_len,
-                 f"{rows_per_step * config.train.seq_len:,}")
-    limit = "" if config.train.grad_accum_steps else (
-        f", the fewest within {schedules.max_micro_rows(config)} rows (config.train."
-        f"max_micro_tokens={config.train.max_micro_tokens}"
-        + (", halved: layers scanned without remat)" if schedules.scan_halves_limit(config)
-           else ")"))
-    logging.info("%d micro batches of %d rows per step (%d per data-parallel device)%s", accum,
-                 rows_per_step // accum, rows_per_step // accum // data_parallel, limit)
+    logging.info(schedules.describe_split(config, mean, data_parallel))
 
     # Data.
     rows_for_step = schedules.rows_schedule(config, mean, data_parallel)
@@ -420,12 +409,13 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     guard = divergence.DivergenceGuard(config, ckpt.describe_latest)
     pending = None    # (step, metrics) whose skipped flag the host reads one step late
     peak_flops = device_peak_flops(config) * jax.device_count()
-    window, last = train_metrics.Window(), {}
+    last = {}
     fingerprints = []      # of the steps since the last line of metrics.jsonl
     run_start = time.time()
 
     # Loop.
     compiled.result()
+    window = train_metrics.Window()        # throughput from here: the compile wait is not a step
     try:
         yield Progress("start", step=step)
         with metric_writers.ensure_flushes(writers):
@@ -475,7 +465,10 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
                 if step % save_every == 0 or is_last or stopping:
                     guard.observe(*pending)          # no lag here: the save waits anyway
                     pending = None
-                    if guard.in_skip_streak:
+                    # Mid-run, a skipped step is not saved (a rerun resumes before the bad
+                    # batches); the last step and a stop save the kept state, or the good steps
+                    # since the last save would be lost and each rerun would end unsaved again.
+                    if guard.in_skip_streak and not (is_last or stopping):
                         logging.warning("not saving step %d: its update was skipped", step)
                     else:
                         _save(ckpt, step, state, tokens, config, train_iter, tokenizer, mean)

@@ -139,7 +139,8 @@ def train_scalars(window: Window, config, *, step: int, num_steps: int, learning
         scalars["mfu"] = rows_per_sec * training_flops_per_row(config) / peak_flops
     if config.objective == "clm":
         scalars["perplexity"] = math.exp(min(scalars["loss"], 50.0))
-    eta = (num_steps - step) * elapsed / window.steps
+    # In tokens, not steps: the batch-size warmup's steps are smaller than the ones to come.
+    eta = max(0.0, config.schedule.total_tokens - tokens) / scalars["tokens_per_sec"]
     logging.info("step %d/%d (%.0f%%): loss %.4f, accuracy %.3f, lr %.3g, %.0f tokens/s, ETA %s",
                  step, num_steps, 100 * step / num_steps, scalars["loss"], scalars["accuracy"],
                  learning_rate, scalars["tokens_per_sec"], format_duration(eta))

@@ -156,6 +156,24 @@ def test_resumed_good_run_then_nan_keeps_the_good_checkpoints(tmp_path, good_run
     assert {4, 6, 8} <= set(saved), saved
 
 
+def test_a_skipped_last_step_still_saves_the_run(tmp_path, good_run, caplog):
+    """The good run resumed for one more step at an infinite LR: step 9 is skipped (params
+    kept) and is the last; the run saves it (the kept params) instead of ending unsaved."""
+    workdir = copy_run(good_run, tmp_path)
+    config = make_config(steps_with(9), "--config.optimizer.peak_lr=inf",
+                         "--config.train.allow_config_change=True")
+    with caplog.at_level(logging.WARNING):
+        train.train_and_evaluate(config, str(workdir))
+    assert "step 9: " in caplog.text and "not saving step 9" not in caplog.text
+    assert checkpoint_steps(workdir)[-1] == 9
+    manager = checkpoint.read_only_manager(str(workdir))
+    kept = [manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+            ["params"] for step in (8, 9)]
+    manager.close()
+    for a, b in zip(jax.tree.leaves(kept[0]), jax.tree.leaves(kept[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_loss_spike_is_warned_naming_the_step(caplog):
     config = make_config()
     guard = divergence.DivergenceGuard(config, lambda: "none")

@@ -235,6 +235,9 @@ def test_batch_warmup_cuts_a_step_of_one_micro_batch_into_eighths():
     mean, dp, warmup = 608.0, 4, c.optimizer.batch_warmup_tokens
     assert schedules.rows_per_step(c, mean, dp) == 2736
     assert schedules.warmup_split(c, mean, dp) == (8, 340)
+    assert schedules.describe_split(c, mean, dp) == (
+        "tokens per step: 4608 sequences of mean length 608.0 -> 2736 rows of 1024 = 2,801,664 "
+        "tokens; 1 micro batches of 2736 rows per step (684 per data-parallel device)")
     rows_for_step = schedules.rows_schedule(c, mean, dp)
     micro_rows_for = schedules.micro_rows_schedule(c, mean, dp)
     tokens, step = 0.0, 0
@@ -313,3 +316,22 @@ def test_layers_scanned_without_remat_split_within_half_the_rows():
     with pytest.raises(ValueError, match=r"max_micro_tokens >= 2 x train.seq_len=1024 .*"
                                          r"halved for scan_layers without remat"):
         schedules.grad_accum_steps(c, 1024.0, 1)
+
+
+def test_progress_eta_counts_the_tokens_left_not_the_steps_left(caplog):
+    """During the batch-size warmup a step is a fraction of the steps to come: the ETA is the
+    tokens left at the window's tokens per second. By hand: 100,000 tokens in 1000 s (a few
+    seconds more while the test runs), 8050 left: 80.5 s."""
+    import time  # pylint: disable=import-outside-toplevel
+    from absl import logging  # pylint: disable=import-outside-toplevel
+    from ettin_jax import train_metrics  # pylint: disable=import-outside-toplevel
+    c = ettin_17m.get_config("mlm")
+    c.train.seq_len, c.schedule.total_tokens = 100, 10_050
+    ones = dict(loss_sum=2.0, predictions=1.0, correct=0.0, grad_norm=1.0, applied=1.0,
+                param_norm=1.0, real_tokens=1.0, tokens=1.0, skipped=0.0)
+    window = train_metrics.Window(start=time.time() - 1000.0)
+    window.add(train_metrics.TrainMetrics.single_from_model_output(**ones), rows=1000)
+    with caplog.at_level(logging.INFO):
+        train_metrics.train_scalars(window, c, step=2, num_steps=100, learning_rate=1e-3,
+                                    rows=1000, tokens=2000, peak_flops=0.0)
+    assert "step 2/100 (2%)" in caplog.text and "ETA 1m20s" in caplog.text   # by steps: 27h13m
