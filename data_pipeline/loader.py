@@ -196,6 +196,12 @@ def _pad_row(config, ratio: float) -> dict:
     return row
 
 
+def empty_eval_batch(config, rows: int) -> dict[str, np.ndarray]:
+    """`rows` empty rows (all padding, nothing to predict) shaped as make_eval_iterator's."""
+    pad = _pad_row(config, config.train.eval_mask_ratio)
+    return {key: np.stack([pad[key]] * rows) for key in _keys(config, include_metadata=False)}
+
+
 def row_spec(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """(shape, dtype) of one training row per key; a batch puts `[rows]` in front. Lets the
     train step compile before the first batch exists (ettin_jax.precompile)."""

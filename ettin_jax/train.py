@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import time
 from typing import Any, Callable
@@ -36,6 +35,7 @@ from flax import nnx
 from ettin_jax import checkpoint as checkpoint_lib
 from ettin_jax import demo
 from ettin_jax import divergence
+from ettin_jax import evaluation
 from ettin_jax import losses
 from ettin_jax import model_loader
 from ettin_jax import optimizer as optimizer_lib
@@ -47,7 +47,7 @@ from ettin_jax import stop_signals
 from ettin_jax import train_metrics
 from ettin_jax import workdir as workdir_lib
 from ettin_jax import xla_options
-from ettin_jax.train_metrics import EvalMetrics, TrainMetrics, device_peak_flops
+from ettin_jax.train_metrics import TrainMetrics, device_peak_flops
 
 
 # --- the compiled steps ------------------------------------------------------------------------
@@ -126,14 +126,6 @@ def train_step(state: dict, batch: dict, learning_rate, step, *, graphdef, rng_l
     return new_state, metrics
 
 
-def eval_step(params, batch: dict, *, graphdef, rng_layout, loss_fn: Callable) -> EvalMetrics:
-    """Loss and accuracy of the model without dropout; batch: dict of `[rows, ...]` arrays."""
-    model = nnx.merge(graphdef, params, model_loader.fresh_rng_state(rng_layout))
-    loss_sum, stats = loss_fn(model, batch)
-    return EvalMetrics.single_from_model_output(
-        loss_sum=loss_sum, predictions=stats["count"], correct=stats["correct"])
-
-
 @dataclasses.dataclass
 class Setup:
     """What a run fixes once: the mesh, the state's layout and the jitted steps."""
@@ -181,29 +173,12 @@ def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,), compiler_options=compiler_options)
     jit_eval_step = jax.jit(
-        functools.partial(eval_step, graphdef=parts.graphdef_eval, rng_layout=parts.rng_layout,
-                          loss_fn=loss_fn),
+        functools.partial(evaluation.eval_step, graphdef=parts.graphdef_eval,
+                          rng_layout=parts.rng_layout, loss_fn=loss_fn),
         in_shardings=(params_sharding, sharding_lib.batch_sharding(mesh)),
         out_shardings=replicated, compiler_options=compiler_options)
     return Setup(mesh=mesh, abstract_state=abstract_state, init_state=init_state,
                  init_params=init_params, train_step=jit_train_step, eval_step=jit_eval_step)
-
-
-def evaluate(setup: Setup, params, config) -> dict:
-    """Loss and accuracy on the held-out split (config.train.eval_batches batches)."""
-    from data_pipeline import loader  # pylint: disable=import-outside-toplevel
-    keys = losses.BATCH_KEYS[config.objective]
-    total = None
-    for _, host_batch in zip(range(config.train.eval_batches), loader.make_eval_iterator(config)):
-        batch = sharding_lib.host_batch_to_global({k: host_batch[k] for k in keys}, setup.mesh)
-        metrics = setup.eval_step(params, batch)
-        total = metrics if total is None else total.merge(metrics)
-    if total is None:
-        return {}
-    out = {f"eval_{k}": float(v) for k, v in total.compute().items()}
-    if config.objective == "clm":
-        out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
-    return out
 
 
 # --- the loop's bookkeeping --------------------------------------------------------------------
@@ -454,7 +429,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
                     guard.check_loss(step, scalars["loss"])
                 if config.train.eval_batches and (step % config.train.eval_every_steps == 0
                                                   or is_last):
-                    scalars.update(evaluate(setup, state["params"], config))
+                    scalars.update(evaluation.evaluate(setup, state["params"], config))
                 if scalars:
                     writers.write_scalars(step, dict(scalars, data_fingerprints=fingerprints))
                     last.update(scalars)

@@ -160,6 +160,23 @@ def test_xla_options_parse_to_typed_values_and_bad_entries_fail_naming_the_key()
         train.make_setup(tiny_config(xla_options="xla_gpu_autotune_levl=0"), one_device_mesh())
 
 
+def test_an_empty_eval_batch_changes_no_eval_metric():
+    """A process whose held-out documents ran out steps on empty rows (ettin_jax.evaluation):
+    they predict nothing, so merged into the real batches' metrics they change no figure."""
+    from data_pipeline import loader  # pylint: disable=import-outside-toplevel
+    config = tiny_config()
+    setup = train.make_setup(config, one_device_mesh())
+    params = setup.init_state()["params"]
+    keys = losses.BATCH_KEYS["mlm"]
+    host = make_batch(config, ROWS, SEQ_LEN)
+    empty = loader.empty_eval_batch(config, ROWS)
+    assert set(keys) <= set(empty) and not empty["segment_ids"].any()
+    real, nothing = (setup.eval_step(params, sharding.host_batch_to_global(
+        {k: batch[k] for k in keys}, setup.mesh)) for batch in (host, empty))
+    assert float(nothing.loss.count) == 0 and float(real.loss.count) > 0
+    assert real.merge(nothing).compute() == real.compute()
+
+
 def test_xla_options_reach_the_runs_programs(tmp_path):
     """An option given in the config changes how XLA compiles the run's own programs: with
     xla_dump_to, the train step, the eval step and the params init each leave their modules

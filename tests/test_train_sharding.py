@@ -26,6 +26,8 @@ OVERRIDES = {  # as --config.KEY=VALUE flags for main.py, and applied in-process
     "demo.train.grad_accum_steps": ACCUM, "demo.schedule.total_tokens": STEPS * ROWS * SEQ,
     "demo.optimizer.lr_warmup_tokens": ROWS * SEQ, "demo.log.every_steps": 1,
     "demo.checkpoint.every_steps": 1000, "demo.train.eval_batches": 0,
+    # 5 held-out documents: the two processes' shares make 2 and 1 eval batches
+    "data.eval_documents": 5,
     "train.xla_options": "xla_backend_optimization_level=0",
 }
 
@@ -106,12 +108,24 @@ def free_port():
         return s.getsockname()[1]
 
 
+def eval_batches_per_process(config):
+    """Eval batches of the two processes' shares of the held-out documents."""
+    return [sum(1 for _ in loader.make_eval_iterator(config, process_index=i, process_count=2))
+            for i in range(2)]
+
+
 def test_two_processes_with_jax_distributed_match_one_device(tmp_path, reference):
+    """... and evaluate at the last step although their shares of the held-out documents make
+    different numbers of eval batches (evaluation.evaluate: the one out of documents steps on
+    empty rows; else it would wait forever for the other's eval step)."""
     config, _, ref_losses, ref_params = reference
     workdir = tmp_path / "two_processes"
     port = free_port()
     env = train_testlib.subprocess_env(devices=2)
-    flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    counts = eval_batches_per_process(config)
+    assert counts[0] != counts[1], counts     # (the demo corpus's held-out documents)
+    flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + [
+        f"--config.demo.train.eval_batches={max(counts)}"]
     processes = []
     for process_id in range(2):
         with open(tmp_path / f"process{process_id}.log", "w") as log:   # the child keeps its own fd
@@ -127,7 +141,9 @@ def test_two_processes_with_jax_distributed_match_one_device(tmp_path, reference
     assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1} over 4 devices (2 processes" in logs[0]
 
     with open(workdir / "metrics.jsonl") as f:
-        losses = [json.loads(line)["loss"] for line in f]
+        records = [json.loads(line) for line in f]
+    losses = [r["loss"] for r in records]
+    assert np.isfinite(records[-1]["eval_loss"]) and "eval_loss" not in records[0]
     setup = train.make_setup(config, one_device_mesh())
     params, _, meta = checkpoint.restore_from_run(str(workdir),
                                                   abstract_params=setup.abstract_state["params"])
