@@ -30,9 +30,10 @@ Batch format: a dict of numpy int32 arrays holding this host's slice of one glob
   A finite stream (eval, num_epochs) ends with a batch filled up by empty rows (all padding).
 
 Pipeline (train): per source: random-access docs -> [CLS]/[SEP] framing check -> seeded
-shuffle (reshuffled each epoch) -> repeat; weighted mixture (weights are token shares,
-converted to document rates by mean document length) -> index of each document in the global
-stream -> this host's slice [process_index::process_count] -> best-fit packing into rows
+shuffle (reshuffled each epoch) -> repeat -> key (index in the source, source) -> this host's
+slice [process_index::process_count] of each source (and each worker's slice of that) ->
+weighted mixture (weights are token shares, converted to document rates by mean document
+length; sliced before mixing, so every slice keeps the shares) -> best-fit packing into rows
 (long documents split, never dropped; data_pipeline.packing) -> MLM masking or CLM labels,
 seeded by (seed, row) -> `config.data.num_workers` worker processes (Grain mp_prefetch) ->
 batches of rows_for_step(step) rows (batch-size warmup: rows are consumed in order, none
@@ -154,6 +155,12 @@ def _keyed(index: int, doc: dict) -> dict:
     return dict(doc, key=index)
 
 
+def _keyed_in_source(index: int, doc: dict, *, source: int, num_sources: int) -> dict:
+    """`key` unique over all sources, hosts, workers and epochs: the document's index in its
+    source's stream, interleaved with the source's number."""
+    return dict(doc, key=index * num_sources + source)
+
+
 def _source_stream(config, src: sources.Source, i: int, *, start: int, stop: int,
                    shuffle: bool, num_epochs: int | None) -> grain.MapDataset:
     m = config.model
@@ -219,11 +226,13 @@ def _ensure_absl_flags_parsed() -> None:
 
 def _rows_to_batches(config, docs: grain.MapDataset, *, ratio: float, seed: int,
                      rows_for_step: Callable[[int], int], num_workers: int,
-                     include_metadata: bool) -> grain.DatasetIterator:
+                     include_metadata: bool,
+                     slice_docs: Callable[[slice], grain.MapDataset] | None = None
+                     ) -> grain.DatasetIterator:
     rows = packing.PackIterDataset(docs, seq_len=config.train.seq_len,
                                    pad_id=config.model.pad_token_id,
                                    pool_size=config.data.pack_pool_size,
-                                   fill_min=config.data.pack_fill_min)
+                                   fill_min=config.data.pack_fill_min, slice_docs=slice_docs)
     rows = rows.map(_objective_fn(config, ratio, seed))
     # Rows cross from the workers in groups: one shared-memory transfer per group, not per row.
     rows = rows.batch(config.data.worker_group_rows, drop_remainder=False)
@@ -259,13 +268,19 @@ def make_train_iterator(config, *, process_index: int | None = None,
     streams = []
     for i, src in enumerate(train):
         stop = len(src.docs) - (held_out_documents(config, src) if evals is None else 0)
-        streams.append(_source_stream(config, src, i, start=0, stop=stop,
-                                      shuffle=config.data.shuffle, num_epochs=num_epochs))
-    if len(streams) == 1:
-        docs = streams[0]
-    else:
-        docs = grain.MapDataset.mix(streams, weights=sources.document_weights(train))
-    docs = docs.map_with_index(_keyed)[pid::pcount]
+        stream = _source_stream(config, src, i, start=0, stop=stop,
+                                shuffle=config.data.shuffle, num_epochs=num_epochs)
+        streams.append(stream.map_with_index(
+            functools.partial(_keyed_in_source, source=i, num_sources=len(train)))[pid::pcount])
+    weights = sources.document_weights(train)
+
+    def mixed(part: slice) -> grain.MapDataset:
+        # Every source is sliced before the mixture: grain's mixture interleaves the sources
+        # in a fixed period, and a stride over the mixed stream (hosts, workers) whose step
+        # shares a factor with that period would take some sources' turns more often than
+        # their token shares say (0.75 came out as 0.51 over two workers).
+        parts = [stream[part] for stream in streams]
+        return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights=weights)
     global_rows = rows_for_step or (lambda step: config.train.global_batch_size)
 
     def host_rows(step: int) -> int:
@@ -275,9 +290,10 @@ def make_train_iterator(config, *, process_index: int | None = None,
                              f"{pcount} processes")
         return total // pcount
 
-    return _rows_to_batches(config, docs, ratio=config.train.mask_ratio, seed=config.data.seed,
-                            rows_for_step=host_rows, num_workers=config.data.num_workers,
-                            include_metadata=include_metadata)
+    return _rows_to_batches(config, mixed(slice(None)), ratio=config.train.mask_ratio,
+                            seed=config.data.seed, rows_for_step=host_rows,
+                            num_workers=config.data.num_workers,
+                            include_metadata=include_metadata, slice_docs=mixed)
 
 
 def make_eval_iterator(config, *, process_index: int | None = None,

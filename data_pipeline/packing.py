@@ -24,7 +24,7 @@ re-read on restore, so the state stays small and resume is exact.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import numpy as np
@@ -32,8 +32,12 @@ import numpy as np
 
 class PackIterDataset(grain.IterDataset):
     def __init__(self, parent: grain.MapDataset, *, seq_len: int, pad_id: int,
-                 pool_size: int = 256, fill_min: int = 32):
+                 pool_size: int = 256, fill_min: int = 32,
+                 slice_docs: Callable[[slice], grain.MapDataset] | None = None):
+        """slice_docs(sl): the documents a worker packs (default parent[sl]); a mixture of
+        sources slices each source instead (data_pipeline.loader)."""
         super().__init__(parent)
+        self.slice_docs = slice_docs
         if seq_len < 2 or pool_size < 1:
             raise ValueError(f"packing: seq_len={seq_len}, pool_size={pool_size} must be >= 2, >= 1")
         self.seq_len, self.pad_id, self.pool_size = seq_len, pad_id, pool_size
@@ -42,7 +46,7 @@ class PackIterDataset(grain.IterDataset):
     def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
         # Called by mp_prefetch in each worker: the worker packs documents sl of the stream.
         del sequential_slice
-        self._parents = (self._parent.slice(sl),)
+        self._parents = (self.slice_docs(sl) if self.slice_docs else self._parent.slice(sl),)
 
     def __iter__(self) -> "PackIterator":
         return PackIterator(self)

@@ -123,6 +123,39 @@ def test_an_unshuffled_replay_with_workers_says_it_loses_the_order(corpus, tok_d
     assert "arrival order" not in caplog.text
 
 
+def source_share(config, *, hosts, batches):
+    """Token share of source 0 in the first `batches` batches of every host."""
+    counts = np.zeros(2)
+    for host in range(hosts):
+        it = loader.make_train_iterator(config, process_index=host, process_count=hosts,
+                                        include_metadata=True)
+        for batch in take(it, batches):
+            counts += [(batch["source_ids"] == 0).sum(), (batch["source_ids"] == 1).sum()]
+        it.close()
+    return counts[0] / counts.sum()
+
+
+def test_every_host_and_worker_slice_keeps_the_mixtures_token_shares(tmp_path, tok_dir):
+    """Shares 0.75 / 0.25 of documents of 300 and 100 tokens: equal document rates, which grain
+    interleaves with period 2. Sliced after mixing, two hosts (or two workers) took 0.505 of
+    the tokens from the first source; sliced before, each slice keeps what one stream has."""
+    rng = np.random.default_rng(0)
+    for name, length in (("long", 298), ("short", 98)):
+        docs = [np.concatenate([[CLS], rng.integers(0, UNK, length), [SEP]]).astype(np.int32)
+                for _ in range(600)]
+        shards.write_token_dataset(str(tmp_path / name), docs, tokenizer_path=tok_dir,
+                                   source=name)
+    mixture = f"{tmp_path / 'long'}:0.75,{tmp_path / 'short'}:0.25"
+    config = make_config("clm", mixture, tok_dir, seq_len=512, rows=8)
+    config.data.pack_pool_size = 1         # no best-fit lookahead: it delays long documents
+    alone = source_share(config, hosts=1, batches=80)
+    assert abs(alone - 0.75) < 0.02
+    config.train.global_batch_size = 16
+    assert abs(source_share(config, hosts=2, batches=80) - alone) < 0.03
+    config.train.global_batch_size, config.data.num_workers = 8, 2
+    assert abs(source_share(config, hosts=1, batches=80) - alone) < 0.03
+
+
 def test_packing_efficiency_at_1024_on_a_web_like_length_mix(tmp_path, tok_dir):
     rng = np.random.default_rng(1)
     lengths = np.clip(rng.lognormal(np.log(400), 1.1, 3000), 16, 20_000).astype(int)
