@@ -224,7 +224,7 @@ def warmup_split(config, mean_sequence_length: float | None = None,
     the batch (a third for three micro batches at f = 1/8), and a step of one micro batch (17m
     on four GPUs) would have no warmup at all. Then the warmup cuts the step into the fewest
     smaller micro batches, at least as many as the run's, of which f is a whole number (8, 16,
-    ... at f = 1/8; at most one row per device each). Their rows are a multiple of
+    ... at f = 1/8; each at least one row per device). Their rows are a multiple of
     `data_parallel`, rounded down: they need not add up to a full step, which keeps the run's
     own split."""
     accum = grad_accum_steps(config, mean_sequence_length, data_parallel)
