@@ -12,7 +12,8 @@ or bare `ndarray` (one more dtype byte first). A zstd shard is decompressed once
 `cache_dir` (written to a temporary name, then renamed) and read from there.
 
 `MDSDocs(root)` serves every index.json under `root` (sorted paths) as one sequence of
-1-D int32 id arrays; errors name the shard file and sample.
+1-D int32 id arrays, each shard file once (streaming's merge_index writes a root index.json
+that lists its parts' shards again); errors name the shard file and sample.
 """
 from __future__ import annotations
 
@@ -155,6 +156,7 @@ class MDSDocs:
         if not index_paths:
             raise MDSError(f"{root}: no index.json found (not an MDS dataset)")
         self._shards: list[_Shard] = []
+        listed = set()   # shard files already read: a merged index.json repeats its parts'
         for index_path in index_paths:
             try:
                 with open(index_path) as f:
@@ -164,6 +166,11 @@ class MDSDocs:
             for info in index.get("shards", []):
                 if info.get("format", "mds") != "mds":
                     raise MDSError(f"{index_path}: shard format {info.get('format')!r} is not mds")
+                shard_file = os.path.realpath(os.path.join(os.path.dirname(index_path),
+                                                           info["raw_data"]["basename"]))
+                if shard_file in listed:
+                    continue
+                listed.add(shard_file)
                 path = _raw_path(os.path.dirname(index_path), info, cache_dir, index_path)
                 self._shards.append(_Shard(path, info))
         self._starts = np.concatenate([[0], np.cumsum([s.samples for s in self._shards],

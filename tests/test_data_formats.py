@@ -72,6 +72,26 @@ def test_mds_reader_round_trips(tmp_path, compress, bare):
         assert reader[i].dtype == np.int32
 
 
+def test_a_merged_index_beside_its_parts_serves_each_document_once(tmp_path):
+    """streaming's merge_index writes root/index.json listing part*/ shards by their paths
+    from the root; the parts' own index.json files stay. Every document is served once."""
+    rng = np.random.default_rng(5)
+    parts = {name: random_docs(5, rng) for name in ("part0", "part1")}
+    merged = []
+    for name, docs in parts.items():
+        write_mds(tmp_path / name, docs, per_shard=2)
+        with open(tmp_path / name / "index.json") as f:
+            for info in json.load(f)["shards"]:
+                info["raw_data"]["basename"] = f"{name}/{info['raw_data']['basename']}"
+                merged.append(info)
+    with open(tmp_path / "index.json", "w") as f:
+        json.dump({"shards": merged, "version": 2}, f)
+    reader = mds.MDSDocs(str(tmp_path), vocab_size=512)
+    assert len(reader) == 10
+    served = sorted(tuple(reader[i]) for i in range(len(reader)))
+    assert served == sorted(tuple(d) for d in parts["part0"] + parts["part1"])
+
+
 def test_mds_truncated_and_bad_ids_fail_naming_file_and_sample(tmp_path):
     docs = random_docs(6, np.random.default_rng(1))
     docs[4][3] = 9000
