@@ -67,7 +67,14 @@ def detect_kind(path: str) -> str:
                      "index.json (MDS) or *.parquet files")
 
 
-def _sampled_mean_length(docs, samples: int = 256) -> float:
+# Documents an MDS source's mean length is taken from (evenly spread; all of a smaller one).
+# The mean sets the source's document rate for its token share (document_weights): 256 left
+# a standard error of 6-8% on web-like lengths (coefficient of variation 1-1.3); 20,000 leave
+# under 1%, read in well under a second from the decompressed shards.
+MDS_MEAN_SAMPLES = 20_000
+
+
+def _sampled_mean_length(docs, samples: int = MDS_MEAN_SAMPLES) -> float:
     n = len(docs)
     if n == 0:
         return 0.0
