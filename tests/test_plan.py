@@ -189,32 +189,32 @@ def test_auto_grad_accum_splits_a_real_run_as_its_plan_says(tmp_path):
 
 
 def test_batch_warmup_of_a_one_micro_batch_step_runs_in_smaller_micro_batches(tmp_path):
-    """A step of one micro batch (grad_accum_steps=1) still warms up from a third of its rows
-    (f = 1/3): the warmup steps run as 1, 1, 2 micro batches of a third, rounded down to
-    whole rows per device (schedules.warmup_split); the full step as one."""
+    """A step of one micro batch (grad_accum_steps=1) still warms up from half its rows
+    (f = 1/2): the warmup steps run as a micro batch of half, rounded down to whole rows per
+    device (schedules.warmup_split); the full step as one of its own."""
     rng = np.random.default_rng(0)
     tok = make_tokenizer(tmp_path / "tok", vocab_size=512, unk_id=500)
     write_mds(tmp_path / "short", [rng.integers(0, 500, n) for n in rng.integers(20, 41, 400)])
     config = tiny_data_config(tmp_path / "short", tok, steps=1)
     config.train.global_batch_size, config.train.grad_accum_steps = 64, 1
-    config.optimizer.batch_warmup_start_fraction = 1 / 3
+    config.optimizer.batch_warmup_start_fraction = 1 / 2
     workdir = str(tmp_path / "run")
     full = plan_lib.make_plan(config, workdir)["rows_per_step"]
-    third = full // (3 * 4) * 4                        # 4 devices
+    half = full // (2 * 4) * 4                         # 4 devices
     # by hand (schedules.warmup_micro_batches): a step after t tokens holds
-    # 1 + floor(2 t / warmup) thirds; warmup = 3 thirds' tokens gives 1, 1, 2, then full
-    config.optimizer.batch_warmup_tokens = 3 * third * 64
-    config.schedule.total_tokens = (4 * third + full) * 64
+    # 1 + floor(t / warmup) halves; warmup = 2 halves' tokens gives half, half, then full
+    config.optimizer.batch_warmup_tokens = 2 * half * 64
+    config.schedule.total_tokens = (2 * half + full) * 64
     plan = plan_lib.make_plan(config, workdir)
-    assert plan["grad_accum_steps"] == 1 and plan["first_step_rows"] == third < full
-    assert plan["warmup_micro_rows_per_device"] == third // 4
-    assert f"from {third} rows, in micro batches of {third // 4} rows per device" in \
+    assert plan["grad_accum_steps"] == 1 and plan["first_step_rows"] == half < full
+    assert plan["warmup_micro_rows_per_device"] == half // 4
+    assert f"from {half} rows, in micro batches of {half // 4} rows per device" in \
         plan_lib.format_plan(plan)
     train.train_and_evaluate(config, workdir)
     records = logged(workdir)
     seen = [(records[s]["batch_size"], records[s]["micro_batches"]) for s in sorted(records)]
-    assert seen == [(third, 1), (third, 1), (2 * third, 2), (full, 1)]
-    assert records[4]["tokens_seen"] == config.schedule.total_tokens
+    assert seen == [(half, 1), (half, 1), (full, 1)]
+    assert records[3]["tokens_seen"] == config.schedule.total_tokens
 
 
 @pytest.mark.parametrize("init_from,restore_line", [
