@@ -5,8 +5,9 @@ whose rows carry `input_ids` (a list of token ids) and `step`. `ParquetDocs(root
 rows of all `*.parquet` files under `root` in sorted-path order, one row group in memory at a
 time, as 1-D int32 arrays; errors name the file and row. To replay the published order, set
 --config.data.shuffle=false, --config.data.pack_pool_size=1 and --config.data.num_workers=0
-(packing then keeps arrival order; worker processes would each pack every n-th document). Shuffled access is slow by design of parquet: every row read outside the cached row
-group decodes a whole group.
+(packing then keeps arrival order; worker processes would each pack every n-th document).
+Shuffled access is slow by design of parquet: every row read outside the cached row group
+decodes a whole group.
 """
 from __future__ import annotations
 

@@ -151,10 +151,6 @@ def _tag(ids: np.ndarray, *, source: int) -> dict:
     return {"ids": ids, "source": source}
 
 
-def _keyed(index: int, doc: dict) -> dict:
-    return dict(doc, key=index)
-
-
 def _keyed_in_source(index: int, doc: dict, *, source: int, num_sources: int) -> dict:
     """`key` unique over all sources, hosts, workers and epochs: the document's index in its
     source's stream, interleaved with the source's number."""
@@ -203,8 +199,17 @@ def _pad_row(config, ratio: float) -> dict:
     return row
 
 
-def empty_eval_batch(config, rows: int) -> dict[str, np.ndarray]:
-    """`rows` empty rows (all padding, nothing to predict) shaped as make_eval_iterator's."""
+def _eval_host_rows(config, process_count: int, batch_rows: int | None = None) -> int:
+    return (batch_rows or config.data.eval_batch_size) // process_count
+
+
+def empty_eval_batch(config, *, process_index: int | None = None,
+                     process_count: int | None = None,
+                     batch_rows: int | None = None) -> dict[str, np.ndarray]:
+    """This host's share of a batch of empty rows (all padding, nothing to predict), shaped as
+    make_eval_iterator's batches with the same arguments."""
+    _, pcount = _host(process_index, process_count)
+    rows = _eval_host_rows(config, pcount, batch_rows)
     pad = _pad_row(config, config.train.eval_mask_ratio)
     return {key: np.stack([pad[key]] * rows) for key in _keys(config, include_metadata=False)}
 
@@ -305,14 +310,17 @@ def make_eval_iterator(config, *, process_index: int | None = None,
     config.data.eval_batch_size)."""
     pid, pcount = _host(process_index, process_count)
     train, evals, _ = resolve_sources(config)
+    eval_sources = evals or train
     streams = []
-    for i, src in enumerate(evals or train):
+    for i, src in enumerate(eval_sources):
         start = 0 if evals else len(src.docs) - held_out_documents(config, src)
-        streams.append(_source_stream(config, src, i, start=start, stop=len(src.docs),
-                                      shuffle=False, num_epochs=1))
+        stream = _source_stream(config, src, i, start=start, stop=len(src.docs),
+                                shuffle=False, num_epochs=1)
+        streams.append(stream.map_with_index(
+            functools.partial(_keyed_in_source, source=i, num_sources=len(eval_sources))))
     docs = streams[0] if len(streams) == 1 else grain.MapDataset.concatenate(streams)
-    docs = docs.map_with_index(_keyed)[pid::pcount]
-    rows = (batch_rows or config.data.eval_batch_size) // pcount
+    docs = docs[pid::pcount]
+    rows = _eval_host_rows(config, pcount, batch_rows)
     ratio = config.train.eval_mask_ratio
     return _rows_to_batches(config, docs, ratio=ratio, seed=config.data.seed + 1,
                             rows_for_step=lambda step: rows, num_workers=0,

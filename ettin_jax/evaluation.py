@@ -42,8 +42,7 @@ def evaluate(setup, params, config) -> dict:
         # can differ, and every eval step needs all processes: all run the largest count, the
         # ones whose documents ran out on empty rows (nothing to predict).
         count = int(np.max(multihost_utils.process_allgather(np.int32(len(host_batches)))))
-        rows = config.data.eval_batch_size // jax.process_count()
-        host_batches += [loader.empty_eval_batch(config, rows)] * (count - len(host_batches))
+        host_batches += [loader.empty_eval_batch(config)] * (count - len(host_batches))
     total = None
     for host_batch in host_batches:
         batch = sharding_lib.host_batch_to_global({k: host_batch[k] for k in keys}, setup.mesh)

@@ -280,7 +280,7 @@ def test_eval_iterator_is_one_padded_pass_over_held_out_documents(tmp_path, tok_
     np.testing.assert_array_equal(owners, np.arange(180, 200))
     assert (ids == CLS).sum() == 20
     assert (np.concatenate([b["segment_ids"] for b in batches])[-1] == 0).all()  # padded row
-    empty = loader.empty_eval_batch(config, 8)           # what a process out of documents feeds
+    empty = loader.empty_eval_batch(config, process_index=0, process_count=1)   # one out of docs
     assert {k: (v.shape, v.dtype) for k, v in empty.items()} == {
         k: (v.shape, v.dtype) for k, v in batches[0].items()}
     assert (empty["input_ids"] == PAD).all() and (empty["labels"] == -100).all()

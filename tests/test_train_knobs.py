@@ -169,7 +169,7 @@ def test_an_empty_eval_batch_changes_no_eval_metric():
     params = setup.init_state()["params"]
     keys = losses.BATCH_KEYS["mlm"]
     host = make_batch(config, ROWS, SEQ_LEN)
-    empty = loader.empty_eval_batch(config, ROWS)
+    empty = loader.empty_eval_batch(config, process_index=0, process_count=1, batch_rows=ROWS)
     assert set(keys) <= set(empty) and not empty["segment_ids"].any()
     real, nothing = (setup.eval_step(params, sharding.host_batch_to_global(
         {k: batch[k] for k in keys}, setup.mesh)) for batch in (host, empty))
