@@ -1,5 +1,6 @@
 """Stop requests by signal: SIGTERM (a scheduler's preemption notice) and Ctrl-C make a run save a
-checkpoint after its current step and exit cleanly; a second Ctrl-C exits without saving.
+checkpoint after its current step and exit cleanly; a second one of either exits without saving
+(a process hung in a collective never reaches the end of its step, so the flag alone cannot stop it).
 Shared by single runs (train.train_and_evaluate) and pairs (pairs.train_pair)."""
 from __future__ import annotations
 
@@ -13,22 +14,25 @@ from jax.experimental import multihost_utils
 
 class StopOnSignal:
     """Turns SIGTERM and SIGINT (Ctrl-C) into a request to save and stop after the current
-    step. A second Ctrl-C gets the previous handler (KeyboardInterrupt: stop without saving)."""
+    step. A second signal of the same kind gets the previous handler: KeyboardInterrupt for
+    Ctrl-C, and for SIGTERM its default, which ends the process at once."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.flag = False
         self.name = ""
-        self.previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+        # None: a handler installed outside Python, which Python cannot re-install.
+        self.previous = {s: signal.signal(s, self._on_signal) or signal.SIG_DFL
+                         for s in self.SIGNALS}
 
     def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
         self.name = signal.Signals(signum).name
-        logging.warning("%s: saving a checkpoint after this step, then exiting%s", self.name,
-                        " (Ctrl-C again: exit without saving)" if signum == signal.SIGINT else "")
+        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        logging.warning("%s: saving a checkpoint after this step, then exiting (%s again: exit "
+                        "without saving)", self.name, again)
         self.flag = True
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, self.previous[signal.SIGINT])
+        signal.signal(signum, self.previous[signum])
 
     def requested(self) -> bool:
         """Whether any process got the signal (all processes agree, so they save together)."""

@@ -326,3 +326,36 @@ def test_sigint_saves_and_resumes_and_a_second_process_is_refused(tmp_path, good
     assert sorted(got) == list(range(1, 41))
     for step in range(1, STEPS + 1):
         assert got[step] == pytest.approx(reference[step], abs=1e-6), step
+
+
+SIGNAL_PROBE = """
+import os, signal, sys, time
+from ettin_jax import stop_signals
+stop = stop_signals.StopOnSignal()
+os.kill(os.getpid(), signal.SIG{name})
+time.sleep(0.2)   # Python runs the handler between bytecodes; give it the chance
+print("requested", stop.requested(), flush=True)
+try:
+    os.kill(os.getpid(), signal.SIG{name})
+    time.sleep(5)
+    print("survived a second SIG{name}", flush=True)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("name", ["TERM", "INT"])
+def test_a_second_stop_signal_exits_without_waiting_for_the_step(name):
+    """The first SIGTERM / Ctrl-C only asks for a save after the step; a process hung in a
+    collective never gets there, so the second one must end it: SIGTERM's default action
+    (killed by signal 15), Ctrl-C's KeyboardInterrupt."""
+    result = subprocess.run([sys.executable, "-c", SIGNAL_PROBE.format(name=name)],
+                            env=train_testlib.subprocess_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert "requested True" in result.stdout, result.stderr[-2000:]
+    assert "survived" not in result.stdout
+    if name == "TERM":
+        assert result.returncode == -signal.SIGTERM, result.stderr[-2000:]
+    else:
+        assert "KeyboardInterrupt" in result.stdout and result.returncode == 3
