@@ -1,6 +1,6 @@
 """Stop requests by signal: SIGTERM (a scheduler's preemption notice) and Ctrl-C make a run save a
 checkpoint after its current step and exit cleanly; a second one of either exits without saving
-(a process hung in a collective never reaches the end of its step, so the flag alone cannot stop it).
+(a process hung in a collective never reaches the end of its step, so a flag alone cannot stop it).
 Shared by single runs (train.train_and_evaluate) and pairs (pairs.train_pair)."""
 from __future__ import annotations
 
