@@ -5,11 +5,12 @@
     check_init_from(config)            phases 2-3 and cross-objective runs name their start,
                                        a local init_from holds a run's checkpoints/
 
-The lock is a JSON file {host, pid, since, command} created with O_EXCL by the process that
-writes (process 0), before anything else is written; a second process fails at once naming
-the holder. A lock left by a process that is gone (same host, pid not alive, or this
-process's pid while this process does not hold it) is taken over with a warning. Only
-process 0 of a multi-process run takes it.
+The lock is a JSON file {host, pid, since, command} that the process that writes (process 0)
+flock-s before anything else is written; a second process fails at once naming the holder.
+The kernel drops a flock when its process ends, so a LOCK left by a process that is gone is
+taken over with a warning. On a filesystem without file locks the LOCK is a pid file created
+with O_EXCL instead, taken over when it names a pid gone from this host (or this process's
+pid while this process does not hold it). Only process 0 of a multi-process run takes it.
 
 The identity splits the config in two. Structural keys (size, objective, phase, the model's
 shape, tokenizer and special ids, data mixture) define what the checkpoints are: a re-run
@@ -22,6 +23,8 @@ worker count and group size are recorded settings, as the saved data state depen
 from __future__ import annotations
 
 import datetime
+import errno
+import fcntl
 import json
 import os
 import socket
@@ -79,7 +82,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _read_holder(path: str) -> dict | None:
-    """The LOCK's JSON, {} when unreadable, None when there is no lock."""
+    """The LOCK's JSON, {} when empty or unreadable, None when there is no lock."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -96,22 +99,93 @@ def _describe(holder: dict) -> str:
             f" ({holder.get('command', '')})")
 
 
-# LOCK files this process holds. A LOCK of this host naming this process's pid that is not
-# among them was left by an earlier process that had the same pid (a restarted container's
-# job is often pid 1 again): stale.
+class _NoFileLocks(Exception):
+    """The workdir's filesystem does not support flock (some FUSE and Lustre mounts)."""
+
+
+# errno values of flock on a filesystem without locks
+_NO_LOCKS_ERRNOS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+# LOCK files this process holds as pid files (filesystems without flock). A LOCK of this host
+# naming this process's pid that is not among them was left by an earlier process that had the
+# same pid (a restarted container's job is often pid 1 again): stale.
 _HELD_HERE = set()
 
 
 class WorkdirLock:
-    """`<workdir>/LOCK`, held by process 0 from `acquire` (or `with`) until `release`."""
+    """`<workdir>/LOCK`, held by process 0 from `acquire` (or `with`) until `release`.
+
+    Where the filesystem has file locks, the LOCK is flock-ed: the kernel drops the lock when
+    its process ends however it ends, so a LOCK file left behind is free to take and no pid
+    is guessed at (a reused pid cannot keep a dead run's workdir locked, and two takers of a
+    left-behind LOCK cannot both win). Elsewhere the LOCK is a pid file created with O_EXCL,
+    taken over when its pid is gone from this host."""
 
     def __init__(self, workdir: str):
         self.path = os.path.abspath(os.path.join(workdir, LOCK_NAME))
         self.record = None             # what we wrote, while we hold it
+        self.fd = None                 # the flock-ed LOCK, while we hold it
+
+    def _new_record(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(),
+                "since": datetime.datetime.now().isoformat(timespec="seconds"),
+                "command": " ".join(sys.argv)}
+
+    def _locked_error(self, holder: dict) -> WorkdirLockedError:
+        return WorkdirLockedError(
+            f"{os.path.dirname(self.path)} is in use by another training process: "
+            f"{_describe(holder)}. Wait for it to end or stop it, or pass another --workdir; "
+            f"if no such process runs, delete {self.path}")
 
     def acquire(self) -> "WorkdirLock":
         if jax.process_index() != 0:   # multi-process runs: process 0 writes, so it locks
             return self
+        try:
+            self._acquire_flock()
+        except _NoFileLocks as e:
+            logging.warning("%s: the filesystem has no file locks (%s); using a pid file, which "
+                            "a run on another host cannot check", self.path, e)
+            self._acquire_pid_file()
+        return self
+
+    def _acquire_flock(self):
+        for _ in range(3):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._locked_error(_read_holder(self.path) or {}) from None
+            except OSError as e:
+                os.close(fd)
+                if e.errno in _NO_LOCKS_ERRNOS:
+                    raise _NoFileLocks(os.strerror(e.errno)) from e
+                raise
+            try:
+                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if not same_file:          # its holder released (removed) it between open and flock
+                os.close(fd)
+                continue
+            with open(fd, encoding="utf-8", closefd=False) as f:
+                left = f.read().strip()
+            if left:
+                try:
+                    holder = json.loads(left)
+                except ValueError:
+                    holder = {}
+                logging.warning("taking over the stale lock %s of %s: no process holds it",
+                                self.path, _describe(holder))
+            self.record = self._new_record()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(self.record).encode("utf-8"), 0)
+            self.fd = fd
+            return
+        raise WorkdirLockedError(f"{self.path}: could not take the lock (other processes keep "
+                                 "taking and releasing it)")
+
+    def _acquire_pid_file(self):
         for attempt in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -126,17 +200,12 @@ class WorkdirLock:
                     if _read_holder(self.path) == holder:
                         os.unlink(self.path)
                     continue
-                raise WorkdirLockedError(
-                    f"{os.path.dirname(self.path)} is in use by another training process: "
-                    f"{_describe(holder)}. Wait for it to end or stop it, or pass another "
-                    f"--workdir; if no such process runs, delete {self.path}") from None
-            self.record = {"host": socket.gethostname(), "pid": os.getpid(),
-                           "since": datetime.datetime.now().isoformat(timespec="seconds"),
-                           "command": " ".join(sys.argv)}
+                raise self._locked_error(holder) from None
+            self.record = self._new_record()
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(self.record, f)
             _HELD_HERE.add(self.path)
-            return self
+            return
         raise WorkdirLockedError(f"{self.path}: could not take the lock (another process took "
                                  f"it first: {_describe(_read_holder(self.path) or {})})")
 
@@ -150,7 +219,13 @@ class WorkdirLock:
     def release(self):
         if self.record is None:
             return
-        if _read_holder(self.path) == self.record:   # never remove a lock another took over
+        if self.fd is not None:
+            # Removed while still held: a taker that opened it meanwhile sees it gone once it
+            # gets the flock, and opens a new one.
+            os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = None
+        elif _read_holder(self.path) == self.record:   # never remove a lock another took over
             os.unlink(self.path)
         _HELD_HERE.discard(self.path)
         self.record = None

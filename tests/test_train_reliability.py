@@ -2,6 +2,7 @@
 checkpoints across an interval change, and Ctrl-C. Tiny config on the demo corpus with the flags
 of tests/test_train_resume.py; in-process `train.train_and_evaluate` runs, and `main.py`
 subprocesses where exit codes and signals matter."""
+import errno
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -247,12 +249,29 @@ def write_lock(workdir, pid):
                    "command": "main.py"}, f)
 
 
-def test_live_lock_refuses_and_stale_lock_is_taken_over(tmp_path, good_run, caplog):
+HOLD_LOCK = """
+import sys, time
+from ettin_jax import workdir
+workdir.WorkdirLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def hold_lock(workdir):
+    """A process holding `workdir`'s lock (until killed)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(workdir)],
+                              env=train_testlib.subprocess_env(), stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_live_lock_refuses_and_a_killed_holders_lock_is_taken_over(tmp_path, good_run, caplog):
     workdir = copy_run(good_run, tmp_path)
     metrics_before = file_bytes(workdir / "metrics.jsonl")
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    holder = hold_lock(workdir)
     try:
-        write_lock(workdir, holder.pid)
         lock_before = file_bytes(workdir / workdir_lib.LOCK_NAME)
         with pytest.raises(workdir_lib.WorkdirLockedError,
                            match=f"pid {holder.pid} on host {socket.gethostname()} since "):
@@ -260,9 +279,9 @@ def test_live_lock_refuses_and_stale_lock_is_taken_over(tmp_path, good_run, capl
         assert file_bytes(workdir / "metrics.jsonl") == metrics_before
         assert file_bytes(workdir / workdir_lib.LOCK_NAME) == lock_before
     finally:
-        holder.kill()
+        holder.kill()                                    # SIGKILL: its LOCK file stays behind
         holder.wait()
-    write_lock(workdir, holder.pid)                      # that process is gone now
+    assert file_bytes(workdir / workdir_lib.LOCK_NAME) == lock_before
     with caplog.at_level(logging.WARNING):
         train.train_and_evaluate(make_config(), str(workdir))
     assert any("taking over the stale lock" in r.getMessage() and str(holder.pid) in r.getMessage()
@@ -270,18 +289,79 @@ def test_live_lock_refuses_and_stale_lock_is_taken_over(tmp_path, good_run, capl
     assert not (workdir / workdir_lib.LOCK_NAME).exists()
 
 
-def test_a_lock_naming_this_pid_is_stale_unless_this_process_holds_it(tmp_path):
-    """A restarted container's job often gets the pid of the job that died there (pid 1): its
-    LOCK names this very pid and must be taken over; a lock this process holds refuses a
-    second taker in the same process."""
-    write_lock(tmp_path, os.getpid())
-    lock = workdir_lib.WorkdirLock(str(tmp_path)).acquire()
-    taken = json.loads(file_bytes(tmp_path / workdir_lib.LOCK_NAME))
-    assert taken["since"] != "2026-01-01T00:00:00"
-    with pytest.raises(workdir_lib.WorkdirLockedError, match=f"pid {os.getpid()} on host"):
-        workdir_lib.WorkdirLock(str(tmp_path)).acquire()
-    lock.release()
-    assert not (tmp_path / workdir_lib.LOCK_NAME).exists()
+def test_a_left_lock_naming_a_live_pid_is_taken_over(tmp_path):
+    """A pid in a LOCK left behind can belong to another process by now (pids are reused, a
+    restarted container's job is often pid 1 again): only a process holding the lock keeps it.
+    A lock this process holds refuses a second taker in the same process."""
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        for pid in (stranger.pid, os.getpid()):
+            write_lock(tmp_path, pid)
+            lock = workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+            taken = json.loads(file_bytes(tmp_path / workdir_lib.LOCK_NAME))
+            assert taken["since"] != "2026-01-01T00:00:00" and taken["pid"] == os.getpid()
+            with pytest.raises(workdir_lib.WorkdirLockedError, match=f"pid {os.getpid()} on host"):
+                workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+            lock.release()
+            assert not (tmp_path / workdir_lib.LOCK_NAME).exists()
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+RACE_TO_LOCK = """
+import os, sys, time
+from ettin_jax import workdir
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]):             # start together
+    time.sleep(0.001)
+try:
+    workdir.WorkdirLock(sys.argv[1]).acquire()
+except workdir.WorkdirLockedError:
+    print("refused", flush=True)
+else:
+    print("took", flush=True)
+    time.sleep(3)                                  # hold it while the others try
+"""
+
+
+def test_of_several_takers_of_a_left_lock_exactly_one_wins(tmp_path):
+    write_lock(tmp_path, 2**22 + 17)                # a pid no process has
+    go = tmp_path / "go"
+    takers = [subprocess.Popen([sys.executable, "-c", RACE_TO_LOCK, str(tmp_path), str(go)],
+                               env=train_testlib.subprocess_env(), stdout=subprocess.PIPE,
+                               text=True) for _ in range(3)]
+    for taker in takers:
+        assert taker.stdout.readline().strip() == "ready"
+    go.touch()
+    said = sorted(taker.communicate(timeout=120)[0].strip() for taker in takers)
+    assert said == ["refused", "refused", "took"]
+
+
+def test_without_file_locks_the_lock_is_a_pid_file(tmp_path, monkeypatch, caplog):
+    """Filesystems without flock: an O_EXCL pid file, taken over when its pid is gone from
+    this host or is this process's own pid while this process does not hold it."""
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(workdir_lib.fcntl, "flock", no_locks)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        write_lock(tmp_path, live.pid)
+        with pytest.raises(workdir_lib.WorkdirLockedError, match=f"pid {live.pid} on host"):
+            workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+    finally:
+        live.kill()
+        live.wait()
+    for pid in (live.pid, os.getpid()):
+        write_lock(tmp_path, pid)
+        with caplog.at_level(logging.WARNING):
+            lock = workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+        assert any("has no file locks" in r.getMessage() for r in caplog.records)
+        assert json.loads(file_bytes(tmp_path / workdir_lib.LOCK_NAME))["pid"] == os.getpid()
+        with pytest.raises(workdir_lib.WorkdirLockedError, match=f"pid {os.getpid()} on host"):
+            workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+        lock.release()
+        assert not (tmp_path / workdir_lib.LOCK_NAME).exists()
 
 
 # --- 4. kept for good --------------------------------------------------------------------------
