@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ from configs import ettin_tiny
 from data_pipeline import tokenizer as tokenizer_lib
 from ettin_jax import checkpoint, hf
 from ettin_jax import sharding as sharding_lib
-from ettin_jax.glue import batches, classifier, finetune, tasks
+from ettin_jax.glue import batches, classifier, finetune, results, tasks
 from ettin_jax.glue import metrics as metrics_lib
 from ettin_jax.model import EttinModel
 
@@ -68,14 +69,19 @@ def test_metric_edge_cases_equal_sklearn():
     assert np.isnan(metrics_lib.pearson(np.ones(5), labels)) and np.isnan(metrics_lib.spearman(np.ones(5), labels))
     runs = [{"lr": lr, "epochs": 1, "seed": 0, "best": {"score": score, "metrics": {"dev": {"pearson": score, "spearman": score}}}}
             for lr, score in ((1e-3, float("nan")), (2e-3, -5.0), (3e-3, float("nan")))]
-    assert finetune.summarize(tasks.get_task("stsb"), runs)["best"]["lr"] == 2e-3
+    assert results.summarize(tasks.get_task("stsb"), runs)["best"]["lr"] == 2e-3
 
 
-@pytest.mark.parametrize("total_steps,warmup_ratio", [(100, 0.06), (48, 0.06), (7, 0.0), (10, 0.5)])
+@pytest.mark.parametrize("total_steps,warmup_ratio", [(100, 0.06), (48, 0.06), (7, 0.0), (10, 0.5),
+                                                      (10, 0.05), (100, 0.29), (100, 0.07)])
 def test_learning_rate_equals_transformers_linear_schedule(total_steps, warmup_ratio):
+    """The Trainer's schedule: its warmup steps for a ratio (TrainingArguments.get_warmup_steps
+    reads only `warmup_steps`, a ratio when below 1), then its linear schedule."""
+    warmup_steps = transformers.TrainingArguments.get_warmup_steps(
+        types.SimpleNamespace(warmup_steps=warmup_ratio), total_steps)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-5)
     scheduler = transformers.get_linear_schedule_with_warmup(
-        optimizer, num_warmup_steps=int(warmup_ratio * total_steps), num_training_steps=total_steps)
+        optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
     expected = []
     for _ in range(total_steps):
         expected.append(optimizer.param_groups[0]["lr"])
@@ -114,9 +120,9 @@ EXPECTED = {  # task -> (texts of the sample row, class id or score)
 }
 
 
-def _write_tsv(path, header, rows):
+def _write_tsv(path, header, rows, encoding="utf-8"):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path, "w", encoding=encoding) as f:
         for row in ([header] if header else []) + rows:
             f.write("\t".join(row) + "\n")
 
@@ -124,8 +130,10 @@ def _write_tsv(path, header, rows):
 def test_reads_every_official_layout(tmp_path):
     for folder, (header, row) in LAYOUTS.items():
         task = next(t for t in tasks.TASKS.values() if t.folder == folder)
+        # MRPC's official files start with a UTF-8 byte-order mark
+        encoding = "utf-8-sig" if folder == "MRPC" else "utf-8"
         for stem in ("train", *task.dev_files):
-            _write_tsv(str(tmp_path / folder / f"{stem}.tsv"), header, [row, row])
+            _write_tsv(str(tmp_path / folder / f"{stem}.tsv"), header, [row, row], encoding)
     for name, (texts, label) in EXPECTED.items():
         task = tasks.get_task(name)
         train, devs = tasks.load_task_data(task, str(tmp_path))
@@ -213,6 +221,93 @@ def test_bad_inputs_name_the_file_and_key(tmp_path):
     # Neither TSVs nor a prepared TFDS dataset: the message names the folder and the builder.
     with pytest.raises(tasks.GlueDataError, match="neither RTE/.*glue/rte"):
         tasks.load_task_data(tasks.get_task("rte"), str(tmp_path / "empty"))
+
+
+def test_bad_options_and_grids_name_the_flag():
+    """Checked before any data or model loads (ettin_jax.glue's main builds these first)."""
+    for bad, flag in ((dict(batch_size=0), "--batch_size=0"), (dict(eval_batch_size=-2), "--eval_batch_size"),
+                      (dict(evals_per_epoch=0), "--evals_per_epoch"), (dict(patience=-1), "--patience"),
+                      (dict(warmup_ratio=1.0), "--warmup_ratio=1.0"), (dict(max_train_examples=-5), "--max_train")):
+        with pytest.raises(ValueError, match=flag):
+            finetune.FinetuneOptions(**bad)
+    finetune.FinetuneOptions(max_seq_len=3).check_task(tasks.get_task("sst2"))   # [CLS] a [SEP]
+    with pytest.raises(ValueError, match="--max_seq_len=4: mrpc needs at least 5"):
+        finetune.FinetuneOptions(max_seq_len=4).check_task(tasks.get_task("mrpc"))
+    with pytest.raises(ValueError, match="max_len=4: 2 text"):
+        batches.encode(_tokenizer(), [("a b", "c d")], cls_id=1, sep_id=2, max_len=4)
+    rte = tasks.get_task("rte")
+    assert [s.name for s in finetune.run_specs(rte, [1e-5], [1, 2], [0])] == ["lr1e-05_ep1_seed0",
+                                                                             "lr1e-05_ep2_seed0"]
+    for lrs, epochs, seeds, words in (([], [1], [0], "empty grid"), ([0.0], [1], [0], "--lrs"),
+                                      ([1e-5], [0], [0], "--epochs"), ([1e-5], [1], [-1], "--seeds")):
+        with pytest.raises(ValueError, match=words):
+            finetune.run_specs(rte, lrs, epochs, seeds)
+
+
+def test_a_tokenizer_saved_with_padding_encodes_as_without():
+    tokenizer = _tokenizer()
+    texts = [("the good film", "a bad one"), ("good", "bad")]
+    expected = batches.encode(tokenizer, texts, cls_id=1, sep_id=2, max_len=32)
+    padded = _tokenizer()
+    padded.enable_padding(length=24, pad_id=ettin_tiny.PAD_ID)
+    padded.enable_truncation(max_length=2)
+    assert batches.encode(padded, texts, cls_id=1, sep_id=2, max_len=32) == expected
+    assert padded.padding is not None      # the caller's tokenizer is left as it was
+
+
+def test_finished_runs_are_reused_only_by_their_backbone_and_options(tmp_path):
+    encoder = _tiny("mlm")
+    params = nnx.state(encoder, nnx.Param)
+    digest = finetune.weights_digest(params)
+    assert finetune.weights_digest(jax.tree.map(np.array, params)) == digest
+    assert finetune.weights_digest(nnx.state(_tiny("mlm", seed=1), nnx.Param)) != digest
+    workdir = str(tmp_path / "glue")
+    record = {"checkpoint": None, "hf": "/models/a", "dtype": "", "weights_sha256": digest}
+    results.record_backbone(workdir, record)
+    results.record_backbone(workdir, dict(record, hf="/elsewhere/a"))   # the same weights, moved
+    with pytest.raises(ValueError, match="another backbone.*weights_sha256"):
+        results.record_backbone(workdir, dict(record, weights_sha256="0" * 64))
+    with pytest.raises(ValueError, match="dtype: '' -> 'bfloat16'"):
+        results.record_backbone(workdir, dict(record, dtype="bfloat16"))
+    options = dataclasses.asdict(finetune.FinetuneOptions(batch_size=16))
+    results.check_same_options({"options": options}, dict(options), "r.json")
+    with pytest.raises(ValueError, match=r"r.json finished with other options \(batch_size: 16 -> 8\)"):
+        results.check_same_options({"options": options}, dict(options, batch_size=8), "r.json")
+
+
+def test_results_cover_every_task_of_the_workdir(tmp_path):
+    """Tasks fine-tuned by separate commands: results.json lists each (TASKS order)."""
+    run = {"lr": 1e-5, "epochs": 1, "seed": 0}
+    for name, metric in (("stsb", "pearson"), ("cola", "matthews")):
+        task = tasks.get_task(name)
+        best = {"score": 50.0, "metrics": {"dev": {m: 50.0 for m in task.metrics}}}
+        os.makedirs(tmp_path / name)
+        results.write_json(str(tmp_path / name / "summary.json"),
+                           results.summarize(task, [dict(run, best=best)]))
+    assert [s["task"] for s in results.read_summaries(str(tmp_path))] == ["cola", "stsb"]
+
+
+def test_patience_stops_a_run_that_stops_improving_and_0_never_does(tmp_path):
+    """A learning rate too small to change a prediction: every evaluation after the first scores
+    the same, so patience 1 stops at the second; patience 0 runs all four."""
+    rng = np.random.default_rng(3)
+    rows = [[ettin_tiny.CLS_ID, int(t), ettin_tiny.SEP_ID] for t in rng.integers(10, 90, 16)]
+    labels = rng.integers(0, 2, 16)
+    task = tasks.get_task("sst2")
+    factory = _factory(_tiny("mlm"))
+    options = finetune.FinetuneOptions(batch_size=4, eval_batch_size=16, max_seq_len=8,
+                                       evals_per_epoch=4)
+    finetuner = finetune.Finetuner(
+        lambda seed: classifier.SequenceClassifier(factory(), 2, pooling="cls", dropout=0.0,
+                                                  rngs=nnx.Rngs(seed)),
+        task, options, _mesh_one_device(), ettin_tiny.PAD_ID)
+    for patience, steps in ((1, [1, 2]), (0, [1, 2, 3, 4])):
+        # The steps do not depend on patience: one Finetuner (one compilation) serves both.
+        finetuner.options = dataclasses.replace(options, patience=patience)
+        result = finetune.run_one(finetuner, finetune.RunSpec("sst2", 1e-12, 1, 0), (rows, labels),
+                                  {"dev": (rows, labels)}, str(tmp_path / f"p{patience}"), _Writers())
+        assert [e["step"] for e in result["evaluations"]] == steps
+        assert result["stopped_early"] == (patience == 1)
 
 
 # --- heads against transformers -------------------------------------------------------------------
@@ -317,6 +412,15 @@ def test_cli_finetunes_an_encoder_beyond_chance_and_resumes(tmp_path):
     with open(os.path.join(workdir, "results.md")) as f:
         assert "| sst2 | dev/accuracy |" in f.read()
 
+    # Another model's fine-tuning in this workdir would read these runs back as its own.
+    other_dir = str(tmp_path / "other_model")
+    other = _tiny("mlm", seed=1)
+    hf.save_hf(other, other.config, other_dir, tokenizer=_tokenizer())
+    refused = subprocess.run([*command[:3], f"--hf={other_dir}", *command[4:]], cwd=ROOT,
+                             capture_output=True, text=True, timeout=400, env=env)
+    assert refused.returncode == 1 and "holds fine-tuning runs of another backbone" in refused.stderr, \
+        refused.stderr[-2000:]
+
     # A bad input through the CLI fails before the model loads, naming the file and column.
     _write_tsv(os.path.join(data_dir, "SST-2", "dev.tsv"), ["text", "label"], [["good", "1"]])
     bad = subprocess.run([sys.executable, "-m", "ettin_jax.glue", f"--hf={model_dir}", "--task=sst2",
@@ -331,7 +435,7 @@ def test_loads_a_backbone_from_a_training_run(tmp_path):
     run, tokenizer_dir = str(tmp_path / "run"), str(tmp_path / "tokenizer")
     checkpoint.save_imported(encoder, dataclasses.asdict(encoder.config), run)
     tokenizer_lib.save(_tokenizer(), tokenizer_dir)
-    factory, tokenizer = finetune.load_backbone(run, None, tokenizer_dir, dtype="float32")
+    factory, tokenizer, _ = finetune.load_backbone(run, None, tokenizer_dir, dtype="float32")
     backbone = factory()
     assert backbone.config.dtype == "float32" and tokenizer.token_to_id("[SEP]") == ettin_tiny.SEP_ID
     for (key, ours), (_, theirs) in zip(nnx.to_flat_state(nnx.state(backbone, nnx.Param)),

@@ -6,12 +6,14 @@
 Tasks: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte. For every task, every (learning rate,
 epochs) pair of its grid is fine-tuned once per seed from the pre-trained weights; each run
 is evaluated on dev after every epoch (or `--evals_per_epoch` times per epoch) and stops
-early when the task score has not improved for `--patience` evaluations. A run reports its
-best evaluation. The grid point with the best mean score over seeds is the task's result.
+early when the task score has not improved for `--patience` evaluations (0: never). A run
+reports its best evaluation. The grid point with the best mean score over seeds is the task's
+result.
 
 Modules: `tasks` (task specs, reading TSV / TFDS data), `batches` (tokenising, padded
 batches), `metrics` (the official metrics), `classifier` (SequenceClassifier), `finetune`
-(the jitted steps, one run, a task's grid, the results table), `__main__` (the command line).
+(the jitted steps, one run, a task's grid, the backbone), `results` (what a workdir records:
+result and summary files, its backbone, the results table), `__main__` (the command line).
 
 Head (what transformers does, so that exported models fine-tune alike):
   encoder  pool (CLS token, or mean over tokens) -> dense -> gelu -> LayerNorm -> dropout
@@ -32,10 +34,13 @@ accuracy; MRPC and QQP F1 and accuracy; STS-B Pearson and Spearman. A task's sco
 mean of its metrics (for MNLI: on dev_matched), as on the GLUE leaderboard.
 
 Workdir layout (re-running the same command resumes: finished runs are read back, the
-unfinished one continues from its last evaluation):
+unfinished one continues from its last evaluation; a finished run is read back only under the
+options it ran with, and a workdir holds the runs of one backbone, named by its weights):
+  backbone.json                the backbone's source, dtype and sha256 of its weights
   <task>/<run>/result.json     one finished run: hyper-parameters, every evaluation, the best
   <task>/<run>/checkpoint/     Orbax state of the run in progress (removed when it finishes)
   <task>/<run>/tensorboard/    train loss and learning rate, dev metrics (CLU writers)
-  results.json, results.md     every task's grid, best grid point, mean and std over seeds
+  <task>/summary.json          the task's grid of its latest command: mean and std over seeds
+  results.json, results.md     every task with a summary: best grid point, mean and std
 """
 from __future__ import annotations

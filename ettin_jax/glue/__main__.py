@@ -12,41 +12,52 @@ from absl import flags
 from ettin_jax import cli
 from ettin_jax import sharding as sharding_lib
 from ettin_jax.glue.classifier import POOLINGS
-from ettin_jax.glue.finetune import (FinetuneOptions, load_backbone, markdown_table, run_task,
-                                     write_json)
+from ettin_jax.glue.finetune import FinetuneOptions, load_backbone, run_specs, run_task
+from ettin_jax.glue.results import markdown_table, read_summaries, record_backbone, write_json
 from ettin_jax.glue.tasks import TASKS, get_task, load_task_data
 
 
-def _float_list(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _number_list(flag: str, kind: type) -> list:
+    """The comma-separated numbers of --<flag>; raises cli.UserError naming it."""
+    text = getattr(flags.FLAGS, flag)
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise cli.UserError(f"--{flag}={text!r}: expected comma-separated "
+                            f"{'numbers' if kind is float else 'integers'}") from None
+    if not values:
+        raise cli.UserError(f"--{flag}={text!r}: empty list")
+    return values
 
 
 def main(argv):
     f = flags.FLAGS
     tasks = list(TASKS.values()) if f.task == "all" else [get_task(t) for t in f.task.split(",")]
-    # Every file is read (and checked) before the model loads, so bad data fails fast.
-    data = {task.name: load_task_data(task, f.data_dir) for task in tasks}
-    backbone_factory, tokenizer = load_backbone(f.checkpoint, f.hf, f.tokenizer, f.dtype)
+    # Flags, then every data file, are checked before the model loads: mistakes fail fast.
     options = FinetuneOptions(
         batch_size=f.batch_size, eval_batch_size=f.eval_batch_size, max_seq_len=f.max_seq_len,
         warmup_ratio=f.warmup_ratio, weight_decay=f.weight_decay,
         classifier_dropout=f.classifier_dropout, pooling=f.pooling,
         evals_per_epoch=f.evals_per_epoch, patience=f.patience,
         max_train_examples=f.max_train_examples)
+    grids = {}
+    for task in tasks:
+        options.check_task(task)
+        grids[task.name] = dict(lrs=_number_list("lrs", float) if f.lrs else task.lrs,
+                                epochs=_number_list("epochs", int) if f.epochs else task.epochs,
+                                seeds=_number_list("seeds", int))
+        run_specs(task, **grids[task.name])       # raises ValueError for a bad grid value
+    data = {task.name: load_task_data(task, f.data_dir) for task in tasks}
+    backbone = load_backbone(f.checkpoint, f.hf, f.tokenizer, f.dtype)
+    record_backbone(f.workdir, {"checkpoint": f.checkpoint, "hf": f.hf, "dtype": f.dtype,
+                                "weights_sha256": backbone.weights_sha256})
     mesh = sharding_lib.make_mesh({"data": f.mesh_data, "fsdp": f.mesh_fsdp,
                                    "tensor": f.mesh_tensor})
-    summaries = []
     for task in tasks:
-        summaries.append(run_task(
-            task, backbone_factory=backbone_factory, tokenizer=tokenizer,
-            data_dir=f.data_dir, workdir=f.workdir,
-            lrs=_float_list(f.lrs) if f.lrs else task.lrs,
-            epochs=_int_list(f.epochs) if f.epochs else task.epochs,
-            seeds=_int_list(f.seeds), options=options, mesh=mesh, data=data[task.name]))
+        run_task(task, backbone_factory=backbone.factory, tokenizer=backbone.tokenizer,
+                 data_dir=f.data_dir, workdir=f.workdir, **grids[task.name], options=options, mesh=mesh, data=data[task.name])
+    # Every task this workdir has results for, not only this command's.
+    summaries = read_summaries(f.workdir)
     source = {"checkpoint": f.checkpoint, "hf": f.hf}
     write_json(os.path.join(f.workdir, "results.json"), {"source": source, "tasks": summaries})
     table = markdown_table(summaries)
@@ -78,7 +89,8 @@ def define_flags():
                       "(decoders); default: the encoder config's classifier_pooling (cls unless "
                       "it says mean), last for decoders")
     flags.DEFINE_integer("evals_per_epoch", d.evals_per_epoch, "dev evaluations per epoch")
-    flags.DEFINE_integer("patience", d.patience, "stop a run after this many evaluations without a better dev score")
+    flags.DEFINE_integer("patience", d.patience, "stop a run after this many evaluations "
+                         "without a better dev score (0: never stop early)")
     flags.DEFINE_integer("max_train_examples", 0, "> 0: train on the first N examples only (smoke runs)")
     flags.DEFINE_integer("mesh_data", -1, "mesh data-parallel axis (-1 = all remaining devices)")
     flags.DEFINE_integer("mesh_fsdp", 1, "mesh fsdp axis (parameters split)")

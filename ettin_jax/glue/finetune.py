@@ -1,15 +1,16 @@
 """Fine-tuning on one GLUE task: the jitted steps (Finetuner), one run with early stopping and
 resume (run_one), a task's grid over learning rates, epochs and seeds (run_task), and the
-results table."""
+pre-trained backbone (load_backbone). What the runs write and report: glue/results.py."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import shutil
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from flax import nnx
 
 from ettin_jax import model as model_lib
 from ettin_jax import model_loader
+from ettin_jax.glue import batches, results
 from ettin_jax.glue.batches import encode, make_batch
 from ettin_jax.glue.classifier import SequenceClassifier
 from ettin_jax.glue.metrics import task_metrics
@@ -38,6 +40,14 @@ class RunSpec:
     def name(self) -> str:
         return f"lr{self.lr:g}_ep{self.epochs}_seed{self.seed}"
 
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"learning rate {self.lr:g}: must be positive (--lrs)")
+        if self.epochs < 1:
+            raise ValueError(f"{self.epochs} epochs: must be at least 1 (--epochs)")
+        if self.seed < 0:
+            raise ValueError(f"seed {self.seed}: must not be negative (--seeds)")
+
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneOptions:
@@ -53,14 +63,35 @@ class FinetuneOptions:
     classifier_dropout: float = 0.0
     pooling: str = ""                # "" = cls for encoders, last for decoders
     evals_per_epoch: int = 1
-    patience: int = 2                # evaluations without improvement before stopping
+    patience: int = 2                # evaluations without improvement before stopping; 0: never
     max_train_examples: int = 0      # > 0: use only the first N training examples (smoke runs)
+
+    def __post_init__(self):
+        """Raises ValueError naming the option (the command-line flag of the same name)."""
+        for name in ("batch_size", "eval_batch_size", "max_seq_len", "evals_per_epoch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}={getattr(self, name)}: must be at least 1")
+        for name in ("patience", "max_train_examples", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name}={getattr(self, name)}: must not be negative")
+        for name in ("warmup_ratio", "classifier_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name}={getattr(self, name)}: must be in [0, 1)")
+
+    def check_task(self, task: Task):
+        """Raises ValueError when max_seq_len leaves no token of some text of `task`."""
+        shortest = batches.min_seq_len(len(task.text_columns))
+        if self.max_seq_len < shortest:
+            raise ValueError(f"--max_seq_len={self.max_seq_len}: {task.name} needs at least "
+                             f"{shortest} ([CLS], and one token and [SEP] per text)")
 
 
 def learning_rate(step: int, *, peak: float, total_steps: int, warmup_ratio: float) -> float:
     """LR of update `step` (0-based), as transformers' linear schedule with warmup: rising
     linearly from 0 over warmup_ratio of the steps, then falling linearly to 0 at the end."""
-    warmup = int(warmup_ratio * total_steps)
+    # The Trainer's warmup steps, rounded up in its very expression (so its float products,
+    # e.g. 100 * 0.07 = 7.000000000000001 -> 8, round alike).
+    warmup = math.ceil(total_steps * warmup_ratio)
     if step < warmup:
         return peak * step / warmup
     return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
@@ -164,11 +195,6 @@ class Finetuner:
         return np.concatenate(out)
 
 
-def _rank(score: float) -> float:
-    """Orders scores with NaN (e.g. the correlation of constant predictions) below all others."""
-    return -math.inf if math.isnan(score) else score
-
-
 def _score(task: Task, metrics_by_split: dict) -> float:
     first = metrics_by_split[task.dev_files[0]]
     return float(np.mean([first[m] for m in task.metrics]))
@@ -234,7 +260,8 @@ def run_one(finetuner: Finetuner, spec: RunSpec, train: tuple, devs: dict, run_d
             progress["evaluations"].append(record)
             writer.write_scalars(step, {f"{split}/{k}": v for split, m in metrics.items()
                                         for k, v in m.items()} | {"dev/score": score})
-            if progress["best"] is None or _rank(score) > _rank(progress["best"]["score"]):
+            best = progress["best"]
+            if best is None or results.score_rank(score) > results.score_rank(best["score"]):
                 progress["best"], progress["evals_since_best"] = record, 0
             else:
                 progress["evals_since_best"] += 1
@@ -243,7 +270,7 @@ def run_one(finetuner: Finetuner, spec: RunSpec, train: tuple, devs: dict, run_d
                          float(loss), score, progress["best"]["score"],
                          json.dumps({s: {k: round(v, 2) for k, v in m.items()} for s, m in metrics.items()}))
             progress["step"] = step
-            stopped_early = progress["evals_since_best"] >= options.patience
+            stopped_early = 0 < options.patience <= progress["evals_since_best"]
             if step < total_steps and not stopped_early:
                 manager.save(step, args=ocp.args.Composite(
                     params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
@@ -261,54 +288,21 @@ def run_one(finetuner: Finetuner, spec: RunSpec, train: tuple, devs: dict, run_d
               "train_examples": len(rows), "seconds": round(time.time() - started, 1),
               "best": progress["best"], "evaluations": progress["evaluations"],
               "options": dataclasses.asdict(options)}
-    write_json(os.path.join(run_dir, "result.json"), result)
+    results.write_json(os.path.join(run_dir, "result.json"), result)
     shutil.rmtree(os.path.join(run_dir, "checkpoint"), ignore_errors=True)
     return result
 
 
-def write_json(path: str, value):
-    """Writes atomically, so that an interrupted run never leaves a half file to resume from."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
-    os.replace(tmp, path)
+# --- a task's grid ----------------------------------------------------------------------
 
-
-# --- a task's grid and the results table --------------------------------------------------------
-
-def summarize(task: Task, results: list[dict]) -> dict:
-    """Grid points with their seeds' mean and std of every metric; the best point by mean score."""
-    points = {}
-    for r in results:
-        points.setdefault((r["lr"], r["epochs"]), []).append(r)
-    grid = []
-    for (lr, epochs), runs in sorted(points.items()):
-        per_metric = {}
-        for split in task.dev_files:
-            for metric in task.metrics:
-                values = [r["best"]["metrics"][split][metric] for r in runs]
-                per_metric[f"{split}/{metric}"] = {"mean": float(np.mean(values)),
-                                                   "std": float(np.std(values))}
-        scores = [r["best"]["score"] for r in runs]
-        grid.append({"lr": lr, "epochs": epochs, "seeds": sorted(r["seed"] for r in runs),
-                     "score": float(np.mean(scores)), "score_std": float(np.std(scores)),
-                     "metrics": per_metric})
-    best = max(grid, key=lambda g: _rank(g["score"]))
-    return {"task": task.name, "metrics": list(task.metrics), "dev_splits": list(task.dev_files),
-            "best": best, "grid": grid}
-
-
-def markdown_table(summaries: list[dict]) -> str:
-    lines = ["| task | metric | dev (mean ± std over seeds) | lr | epochs | seeds |",
-             "|---|---|---|---|---|---|"]
-    for s in summaries:
-        best = s["best"]
-        for key, value in best["metrics"].items():
-            lines.append(f"| {s['task']} | {key} | {value['mean']:.2f} ± {value['std']:.2f} | "
-                         f"{best['lr']:g} | {best['epochs']} | {len(best['seeds'])} |")
-    scores = [s["best"]["score"] for s in summaries]
-    lines.append(f"\nMean task score over {len(scores)} task(s): {np.mean(scores):.2f}")
-    return "\n".join(lines) + "\n"
+def run_specs(task: Task, lrs: Sequence[float], epochs: Sequence[int],
+              seeds: Sequence[int]) -> list[RunSpec]:
+    """The grid lrs x epochs x seeds of `task` (ValueError for a bad value)."""
+    if not (lrs and epochs and seeds):
+        raise ValueError(f"{task.name}: an empty grid (lrs {list(lrs)}, epochs {list(epochs)}, "
+                         f"seeds {list(seeds)})")
+    return [RunSpec(task.name, float(lr), int(num_epochs), int(seed))
+            for lr in lrs for num_epochs in epochs for seed in seeds]
 
 
 def run_task(task: Task, *, backbone_factory: Callable[[], model_lib.EttinModel], tokenizer,
@@ -334,6 +328,7 @@ def run_task(task: Task, *, backbone_factory: Callable[[], model_lib.EttinModel]
         return SequenceClassifier(backbone_factory(), task.num_outputs, pooling=pooling,
                                   dropout=options.classifier_dropout, rngs=nnx.Rngs(seed))
 
+    options.check_task(task)
     finetuner = Finetuner(make_classifier, task, options, mesh, config.pad_token_id)
 
     train, devs = data or load_task_data(task, data_dir)
@@ -348,33 +343,46 @@ def run_task(task: Task, *, backbone_factory: Callable[[], model_lib.EttinModel]
                        sep_id=config.sep_token_id, max_len=options.max_seq_len), split.labels)
 
     train_rows, dev_rows = encoded(train), {k: encoded(v) for k, v in devs.items()}
-    results = []
-    for lr in lrs:
-        for num_epochs in epochs:
-            for seed in seeds:
-                spec = RunSpec(task.name, float(lr), int(num_epochs), int(seed))
-                run_dir = os.path.join(workdir, task.name, spec.name)
-                done = os.path.join(run_dir, "result.json")
-                if os.path.exists(done):
-                    with open(done, encoding="utf-8") as f:
-                        result = json.load(f)
-                    logging.info("%s %s: done before (score %.2f), skipping", task.name,
-                                 spec.name, result["best"]["score"])
-                else:
-                    os.makedirs(run_dir, exist_ok=True)
-                    result = run_one(finetuner, spec, train_rows, dev_rows, run_dir, writer_factory)
-                results.append(result)
-    summary = summarize(task, results)
+    run_results = []
+    for spec in run_specs(task, lrs, epochs, seeds):
+        run_dir = os.path.join(workdir, task.name, spec.name)
+        done = os.path.join(run_dir, "result.json")
+        if os.path.exists(done):
+            with open(done, encoding="utf-8") as f:
+                result = json.load(f)
+            results.check_same_options(result, dataclasses.asdict(options), done)
+            logging.info("%s %s: done before (score %.2f), skipping", task.name, spec.name,
+                         result["best"]["score"])
+        else:
+            os.makedirs(run_dir, exist_ok=True)
+            result = run_one(finetuner, spec, train_rows, dev_rows, run_dir, writer_factory)
+        run_results.append(result)
+    summary = results.summarize(task, run_results)
     summary["pooling"] = pooling
     summary["objective"] = "clm" if config.causal else "mlm"
-    write_json(os.path.join(workdir, task.name, "summary.json"), summary)
+    results.write_json(os.path.join(workdir, task.name, "summary.json"), summary)
     return summary
 
 
+class Backbone(NamedTuple):
+    factory: Callable[[], model_lib.EttinModel]   # a fresh backbone in train mode per call
+    tokenizer: Any
+    weights_sha256: str                          # of its parameters (weights_digest)
+
+
+def weights_digest(params: nnx.State) -> str:
+    """sha256 over every parameter's path, dtype, shape and bytes, in path order."""
+    digest = hashlib.sha256()
+    for path, variable in sorted(nnx.to_flat_state(params), key=lambda item: item[0]):
+        array = np.asarray(variable.get_value())
+        digest.update(f"{'/'.join(map(str, path))} {array.dtype} {array.shape}\n".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 def load_backbone(checkpoint: str | None, hf_dir: str | None, tokenizer_path: str | None,
-                  dtype: str = ""):
-    """(factory of fresh backbones in train mode, tokenizer); arguments as
-    model_loader.load_for_inference's."""
+                  dtype: str = "") -> Backbone:
+    """The pre-trained backbone; arguments as model_loader.load_for_inference's."""
     model, tokenizer = model_loader.load_for_inference(checkpoint, hf_dir, tokenizer_path, dtype)
     graphdef, state = nnx.split(model)
     state = jax.device_get(state)   # host copies: every run starts from the same weights
@@ -383,4 +391,6 @@ def load_backbone(checkpoint: str | None, hf_dir: str | None, tokenizer_path: st
         backbone = nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
         backbone.train()
         return backbone
-    return factory, tokenizer
+    return Backbone(factory, tokenizer, weights_digest(nnx.state(model, nnx.Param)))
+
+

@@ -107,7 +107,8 @@ def _parse_label(task: Task, text: str, where: str):
 
 def read_tsv(path: str, task: Task) -> Split:
     """Reads one GLUE TSV file (official layout) of `task`."""
-    with open(path, encoding="utf-8", newline="") as f:
+    # utf-8-sig: MRPC's files start with a byte-order mark (copied from msr_paraphrase_*.txt).
+    with open(path, encoding="utf-8-sig", newline="") as f:
         # GLUE's TSVs contain unbalanced quotes inside sentences: no quote handling at all.
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     if task.header:
