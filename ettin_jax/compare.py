@@ -112,11 +112,16 @@ def read_metrics(path: str) -> tuple[list[dict], dict[int, str]]:
                                    f"{e.colno})") from None
             if not isinstance(record, dict) or type(record.get("step")) is not int:
                 raise CompareError(f"{where}: expected a JSON object with an integer \"step\"")
-            # Steps after the checkpoint a run resumed from are logged again; the new lines win.
-            while records and records[-1]["step"] >= record["step"]:
-                records.pop()
+            # Steps after the checkpoint a run resumed from are logged again; the new lines win,
+            # and the fingerprints of the replaced timeline go from the first step they cover.
+            new = _fingerprints_of(record, where)
+            if records and records[-1]["step"] >= record["step"]:
+                while records and records[-1]["step"] >= record["step"]:
+                    records.pop()
+                first = min(new, default=record["step"])
+                fingerprints = {step: v for step, v in fingerprints.items() if step < first}
             records.append(record)
-            fingerprints.update(_fingerprints_of(record, where))
+            fingerprints.update(new)
     return records, fingerprints
 
 

@@ -171,6 +171,24 @@ def test_phases_are_checked_separately_and_a_resumed_run_keeps_the_later_lines(t
     assert loss["enc"]["y"] == [r["loss"] for r in records[:3] + again]
 
 
+@pytest.mark.parametrize("list_form", [False, True])
+def test_a_resumed_runs_replaced_timeline_leaves_no_fingerprints(tmp_path, capsys, list_form):
+    """The first timeline trained other data after step 3 and ran to step 6; resumed from the
+    checkpoint at step 3, the run has logged up to step 4 again. Steps 5-6 of the old lines are
+    not this run's (a pair resumes both sides at their common step, deleting later ones)."""
+    every = 2 if list_form else 1
+    first = make_records("mlm", 6, every=every, list_form=list_form,
+                         data=lambda step: "a" if step <= 3 else "b")
+    resumed = {"step": 4, "loss": 4.0}
+    resumed["data_fingerprints" if list_form else "data_fingerprint"] = (
+        [fingerprint(4)] if list_form else fingerprint(4))
+    lines = [json.dumps(r) + "\n" for r in first + [resumed]]
+    runs = [write_run(tmp_path / "enc", "mlm", None, lines=lines),
+            write_run(tmp_path / "dec", "clm", make_records("clm", 6))]
+    assert run_main([*runs, f"--out={tmp_path / 'r'}"]) == 0
+    assert "enc vs dec: identical data: 4 steps matched" in capsys.readouterr().out
+
+
 def errors_of(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err and all(line.startswith("error: ") for line in err), err
