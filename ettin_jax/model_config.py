@@ -28,6 +28,9 @@ class HFFormatError(ValueError):
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 CLASSIFIER_POOLINGS = ("cls", "mean")
+# config.json keys of the special token ids (the last may be absent: an encoder-only id)
+SPECIAL_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id",
+                   "mask_token_id")
 # save_hf writes float32 weights; config.json names this dtype.
 STORED_DTYPE = "float32"
 
@@ -123,6 +126,10 @@ class ModelConfig:
         if self.qkv_projection not in QKV_PROJECTIONS:
             raise ValueError(f"config.model.qkv_projection={self.qkv_projection!r}: expected one "
                              f"of {QKV_PROJECTIONS}")
+        for key in SPECIAL_ID_KEYS[:-1]:   # mask_token_id: -1 (none) is allowed
+            if not 0 <= getattr(self, key) < self.vocab_size:
+                raise ValueError(f"config.model.{key}={getattr(self, key)} is not a token id of "
+                                 f"the vocabulary (vocab_size={self.vocab_size})")
         if self.remat != "none" and not self.scan_layers:
             raise ValueError(f"config.model.remat={self.remat!r} rematerialises the scanned layer "
                              "groups: set config.model.scan_layers=True, or remat='none'")
@@ -285,10 +292,14 @@ class ModelConfig:
             initializer_cutoff_factor=hf.get("initializer_cutoff_factor", 2.0) or 3.0,
             embedding_dropout=hf.get("embedding_dropout", 0.0),
             mlp_dropout=hf.get("mlp_dropout", 0.0), dtype=dtype, classifier_pooling=pooling)
-        for key in ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id",
-                    "sep_token_id", "mask_token_id"):
-            if isinstance(hf.get(key), int):
-                values[key] = hf[key]
+        for key in SPECIAL_ID_KEYS:
+            if key not in hf:          # transformers' default is ModernBERT's, as ours
+                continue
+            if type(hf[key]) is not int:
+                # null or a list of ids: no default may stand in for it silently.
+                raise HFFormatError(f"{where}: {key}={hf[key]!r}: expected one integer token "
+                                    "id; set it in config.json")
+            values[key] = hf[key]
         result = cls(**values)
         result.validate()
         return result

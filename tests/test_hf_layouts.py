@@ -10,6 +10,7 @@ local_attention), with weights we save.
 import dataclasses
 import json
 import os
+import re
 import sys
 
 import jax
@@ -203,11 +204,36 @@ def test_pytorch_model_bin_without_torch(tmp_path, monkeypatch):
     ({"torch_dtype": "float16"}, "float16"),
 ])
 def test_stored_dtype_names_as_transformers_reads_them(config_json, expected):
-    base = {"architectures": [hf.ENCODER_ARCH], "vocab_size": 16, "hidden_size": 8,
-            "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1}
-    reference = transformers.ModernBertConfig(**base, **config_json).dtype
+    reference = transformers.ModernBertConfig(**TINY_CONFIG_JSON, **config_json).dtype
     assert reference == getattr(torch, expected)
-    assert ModelConfig.from_hf_dict({**base, **config_json}).dtype == expected
+    assert ModelConfig.from_hf_dict({**TINY_CONFIG_JSON, **config_json}).dtype == expected
+
+
+# ModernBERT's special ids (transformers' defaults, as ours) need a vocabulary that holds them.
+TINY_CONFIG_JSON = {"architectures": [hf.ENCODER_ARCH], "vocab_size": 50368, "hidden_size": 8,
+                    "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1}
+
+
+@pytest.mark.parametrize("key,value", [("pad_token_id", None), ("eos_token_id", [98, 99]),
+                                       ("cls_token_id", "97")])
+def test_a_special_id_that_is_not_one_integer_is_refused(key, value):
+    """transformers allows a null pad id and a list of eos ids; no default may stand in."""
+    with pytest.raises(hf.HFFormatError, match=rf"{key}={re.escape(repr(value))}: expected one "
+                                               "integer token id"):
+        ModelConfig.from_hf_dict({**TINY_CONFIG_JSON, key: value}, where="x/config.json")
+    assert ModelConfig.from_hf_dict(dict(TINY_CONFIG_JSON)).pad_token_id == \
+        transformers.ModernBertConfig(**TINY_CONFIG_JSON).pad_token_id
+
+
+def test_special_ids_outside_the_vocabulary_are_refused():
+    """Else the export writes a config transformers cannot load (padding_idx out of range)."""
+    with pytest.raises(ValueError, match=r"pad_token_id=50283 is not a token id of the "
+                                         r"vocabulary \(vocab_size=101\)"):
+        ModelConfig.from_hf_dict({**TINY_CONFIG_JSON, "vocab_size": 101})
+    small = {**TINY_CONFIG_JSON, "vocab_size": 101, "pad_token_id": 96, "bos_token_id": 97,
+             "eos_token_id": 98, "cls_token_id": 97, "sep_token_id": 98}
+    config = ModelConfig.from_hf_dict(small)
+    assert config.mask_token_id == 50284 and "mask_token_id" not in config.to_hf_dict()
 
 
 @pytest.mark.parametrize("objective,window", [("mlm", "transformers"), ("clm", "transformers"),
