@@ -11,6 +11,7 @@ loop is one jitted `lax.while_loop`. `--temperature=0` is greedy decoding.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -111,8 +112,11 @@ def generate(model: model_lib.EttinModel, prompt_ids, *, max_new_tokens: int,
     if prompt.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt ({prompt.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) "
                          f"exceeds the model's max_position_embeddings={limit}")
-    if not 0.0 < top_p <= 1.0 or temperature < 0.0:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
+    if not (0.0 < top_p <= 1.0 and temperature >= 0.0 and math.isfinite(temperature)):
+        raise ValueError(f"need a finite temperature >= 0 and 0 < top_p <= 1 (got {temperature}, "
+                         f"{top_p})")
     model.eval()
     stops = stop_ids(model.config)
     if use_cache:

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from configs import ettin_tiny
+from data_pipeline import tokenizer as tokenizer_lib
 from ettin_jax import checkpoint, cli, hf, model_loader
 from ettin_jax.hf import __main__ as hf_cli
 
@@ -206,6 +207,17 @@ def test_hf_import_refuses_a_run_with_checkpoints_and_export_overwrite_rules(tmp
         hf_cli._export(_export_flags(checkpoint=run_dir, out=str(out)))
     hf_cli._export(_export_flags(checkpoint=run_dir, out=str(out), overwrite=True))
     assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").exists()
+
+    # An export with a tokenizer, then one without: the first one's tokenizer files go.
+    decoder = tmp_path / "decoder"
+    tokenizer = tokenizer_lib.train_bpe(["the cat sat on the mat"] * 20,
+                                        vocab_size=ettin_tiny.VOCAB_SIZE, unk_id=ettin_tiny.UNK_ID)
+    tokenizer_dir = tokenizer_lib.save(tokenizer, str(tmp_path / "tokenizer"))
+    hf_cli._export(_export_flags(config=ettin_tiny.get_config("clm"), out=str(decoder),
+                                 tokenizer=tokenizer_dir))
+    assert (decoder / "generation_config.json").exists() and (decoder / "tokenizer.json").exists()
+    hf_cli._export(_export_flags(config=ettin_tiny.get_config("mlm"), out=str(decoder)))
+    assert sorted(os.listdir(decoder)) == ["config.json", "model.safetensors"]
 
 
 def test_hf_export_prints_its_result_without_orbax_chatter(tmp_path):

@@ -69,6 +69,34 @@ def test_greedy_equals_transformers_generate(decoder_dir):
         assert len(set(ours)) > 3, ours   # a real sequence, not one token repeated
 
 
+def test_an_exported_decoders_tokenizer_encodes_prompts_as_generate_does(decoder_dir, tmp_path):
+    """transformers' tokenizer(prompt) on the export gives encode_prompt's `[CLS] text` (a
+    trailing [SEP] would end the document before the continuation), also when the export
+    copies a tokenizer directory."""
+    path, model = decoder_dir
+    ours = tokenizer_lib.load(os.path.join(path, "tokenizer.json"))
+    copied = str(tmp_path / "copied")
+    tokenizer_dir = tokenizer_lib.save(ours, str(tmp_path / "tokenizer"))
+    hf.save_hf(model, model.config, copied, tokenizer=tokenizer_dir)
+    for directory in (path, copied):
+        theirs = transformers.AutoTokenizer.from_pretrained(directory)
+        for prompt in ("the cat sat", "on a mat and then"):
+            expected = generate_lib.encode_prompt(ours, prompt, model.config)
+            assert theirs(prompt)["input_ids"] == expected, directory
+        assert theirs("a cat", "the dog")["input_ids"] == (
+            generate_lib.encode_prompt(ours, "a cat", model.config) + [ettin_tiny.SEP_ID]
+            + ours.encode("the dog", add_special_tokens=False).ids)
+
+
+def test_bad_lengths_and_temperatures_are_refused():
+    model = _tiny("clm")
+    for kwargs, words in ((dict(max_new_tokens=0), "max_new_tokens=0"),
+                          (dict(max_new_tokens=4, temperature=float("nan")), "finite temperature"),
+                          (dict(max_new_tokens=4, temperature=-1.0), "finite temperature")):
+        with pytest.raises(ValueError, match=words):
+            generate_lib.generate(model, [[ettin_tiny.CLS_ID, 5]], **kwargs)
+
+
 def test_stops_at_the_first_stop_token():
     model = _tiny("clm", seed=3)
     prompt = [[ettin_tiny.CLS_ID, 5, 6, 7]]

@@ -232,12 +232,16 @@ def save_hf(model: model_lib.EttinModel, model_config=None, path: str = ".", tok
 
 
 def save_tokenizer(tokenizer, path: str, config: ModelConfig):
-    """Writes tokenizer.json plus the tokenizer_config.json transformers needs to load it."""
+    """Writes tokenizer.json plus the tokenizer_config.json transformers needs to load it. A
+    decoder's tokenizer encodes a text as `[CLS] text`, without the [SEP] that would end the
+    document before generation starts (ettin_jax.generate.encode_prompt)."""
     if isinstance(tokenizer, str) and os.path.isdir(tokenizer):
         for name in os.listdir(tokenizer):
             if name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges")):
                 shutil.copy(os.path.join(tokenizer, name), os.path.join(path, name))
         if os.path.exists(os.path.join(path, "tokenizer_config.json")):
+            if config.causal:
+                _open_ended_prompts(path, config)
             return
         tokenizer = os.path.join(tokenizer, "tokenizer.json")
     if isinstance(tokenizer, str):
@@ -264,3 +268,18 @@ def save_tokenizer(tokenizer, path: str, config: ModelConfig):
         json.dump(tokenizer_config, f, indent=2)
     with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
         json.dump(specials, f, indent=2)
+    if config.causal:
+        _open_ended_prompts(path, config)
+
+
+def _open_ended_prompts(path: str, config: ModelConfig):
+    """Sets the decoder's tokenizer.json in `path` to add `[CLS]` before a text and nothing
+    after it (`[CLS] a [SEP] b` for a pair)."""
+    from tokenizers import Tokenizer, processors  # pylint: disable=import-outside-toplevel
+    file = os.path.join(path, "tokenizer.json")
+    tokenizer = Tokenizer.from_file(file)
+    bos, sep = tokenizer.id_to_token(config.bos_token_id), tokenizer.id_to_token(config.sep_token_id)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {sep} $B",
+        special_tokens=[(bos, config.bos_token_id), (sep, config.sep_token_id)])
+    tokenizer.save(file)

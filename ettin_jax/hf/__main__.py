@@ -37,6 +37,18 @@ def foreign_files(directory: str) -> list[str]:
                   if name not in _EXPORT_FILES and not name.startswith(_EXPORT_PREFIXES))
 
 
+def remove_previous_export(directory: str):
+    """Removes a previous export's files from `directory` (its tokenizer or generation config
+    would otherwise stay beside weights they do not belong to)."""
+    if not os.path.isdir(directory):
+        return
+    foreign = set(foreign_files(directory))
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if name not in foreign and os.path.isfile(path):
+            os.remove(path)
+
+
 def check_finite(model):
     """Raises cli.UserError naming the first transformers tensor with NaN or inf values."""
     for key, array in hf.hf_state_dict(model).items():
@@ -63,6 +75,7 @@ def _export(flags_):
         tokenizer = None
     check_finite(model)
     tokenizer = flags_.tokenizer or tokenizer
+    remove_previous_export(flags_.out)
     hf.save_hf(model, model.config, flags_.out, tokenizer=tokenizer)
     kind = "decoder" if model.config.causal else "encoder"
     print(f"wrote {kind} with {model_lib.count_params(model):,} parameters to {flags_.out}"
