@@ -301,6 +301,8 @@ def test_bad_arguments_raise():
         flash_attention(q, q, q, segment_ids=jnp.ones((1, 32), jnp.int32))
     with pytest.raises(ValueError, match="power of two"):
         flash_attention(q, q, q, block_sizes=BlockSizes(block_q=48))
+    with pytest.raises(ValueError, match="block_q=0: must be a power of two"):
+        flash_attention(q, q, q, block_sizes=BlockSizes(0, 0, 0, 0, 0, 0))
     with pytest.raises(ValueError, match="bfloat16/float16/float32"):
         flash_attention(q.astype(jnp.int32), q.astype(jnp.int32), q.astype(jnp.int32))
 

@@ -78,9 +78,11 @@ def default_block_sizes(head_dim: int, dtype) -> BlockSizes:
 
     bfloat16/float16 at head_dim 64 (every Ettin size) use the default, the fastest of
     bench/attention.py's sweep on an H100 (64-row backward tiles; bench/RESULTS.md). float32
-    runs its dots in full IEEE precision (no tensor cores), which Triton turns into FMA code
-    that compiles slowly with bf16-sized tiles (bench/RESULTS.md), so float32 gets small tiles
-    (not yet timed on a GPU; float32 is for tests, training runs bfloat16).
+    dots follow jax's matmul precision, as XLA's matmuls do: TF32 tensor cores by default on a
+    GPU, full IEEE precision under `jax.default_matmul_precision("float32")` (bench/attention.py's
+    check), which Triton turns into FMA code that compiles slowly with bf16-sized tiles
+    (bench/RESULTS.md). So float32 gets small tiles (not yet timed on a GPU; float32 is for
+    tests, training runs bfloat16).
     """
     if jnp.dtype(dtype) == jnp.float32:
         return BlockSizes(32, 32, 32, 32, 32, 32, num_warps=4, num_warps_bwd=4)
@@ -436,6 +438,7 @@ def _flash_attention_local(q, k, v, segment_ids, *, causal, window_size, sm_scal
         raise ValueError(f"segment_ids must be [batch, seq] = {(batch, length)}; "
                          f"got {segment_ids.shape}")
     blocks = block_sizes or default_block_sizes(head_dim, q.dtype)
+    blocks.check()                     # before a block of 0 divides below
     seq = round_up(length, blocks.seq_multiple)
     if segment_ids is not None:
         segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, seq - length)))
