@@ -185,7 +185,12 @@ def from_run(workdir: str, *, step: int | None = None, mesh=None, dtype: str | N
     """
     manager = checkpoint_lib.read_only_manager(workdir)
     try:
-        step = checkpoint_lib.readable_steps(manager, workdir)[0] if step is None else step
+        steps = checkpoint_lib.readable_steps(manager, workdir)
+        if step is None:
+            step = steps[0]
+        elif step not in steps:
+            raise FileNotFoundError(f"{workdir}: no checkpoint at step {step}; it has steps "
+                                    f"{', '.join(map(str, sorted(steps)))}")
         # The config decides the params' shapes and shardings: read it (and meta) first.
         saved = manager.restore(step, args=ocp.args.Composite(
             config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))

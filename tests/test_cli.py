@@ -198,6 +198,14 @@ def test_hf_import_refuses_a_run_with_checkpoints_and_export_overwrite_rules(tmp
     assert os.listdir(checkpoint.checkpoint_dir(run_dir)) == ["0"]
     with pytest.raises(cli.UserError, match="already holds checkpoints"):
         hf_cli._import(_export_flags(hf=str(tmp_path / "hf"), out=run_dir))
+    with pytest.raises(cli.UserError, match="import reads only --hf and --out, not --tokenizer"):
+        hf_cli._import(_export_flags(hf=str(tmp_path / "hf"), out=str(tmp_path / "run2"),
+                                     tokenizer="tok.json"))
+    with pytest.raises(cli.UserError, match="--step picks a checkpoint of --checkpoint"):
+        hf_cli._export(_export_flags(config=ettin_tiny.get_config("mlm"), step=3,
+                                     out=str(tmp_path / "export")))
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 3; it has steps 0"):
+        hf_cli._export(_export_flags(checkpoint=run_dir, step=3, out=str(tmp_path / "export")))
 
     out = tmp_path / "export"
     hf_cli._export(_export_flags(checkpoint=run_dir, out=str(out)))

@@ -2,6 +2,7 @@
 recomputing the whole sequence, nucleus sampling keeps to the nucleus, and the CLI refuses
 encoders."""
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -86,6 +87,12 @@ def test_an_exported_decoders_tokenizer_encodes_prompts_as_generate_does(decoder
         assert theirs("a cat", "the dog")["input_ids"] == (
             generate_lib.encode_prompt(ours, "a cat", model.config) + [ettin_tiny.SEP_ID]
             + ours.encode("the dog", add_special_tokens=False).ids)
+    # The export writes the special tokens and decoding settings data_pipeline.tokenizer.save
+    # writes (no clean-up of spaces, [UNK] by name).
+    written, saved = ({k: v for k, v in json.load(open(os.path.join(d, "tokenizer_config.json"))).items()
+                       if k.endswith("_token") or k == "clean_up_tokenization_spaces"}
+                      for d in (path, tokenizer_dir))
+    assert written == saved
 
 
 def test_bad_lengths_and_temperatures_are_refused():

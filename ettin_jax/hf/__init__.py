@@ -257,11 +257,14 @@ def save_tokenizer(tokenizer, path: str, config: ModelConfig):
             raise ValueError(f"tokenizer has no token with id {token_id} (from the model config)")
         return text
 
-    specials = {"unk_token": token(config.cls_token_id - 1), "cls_token": token(config.cls_token_id),
+    # [UNK] has no id in the model config; the token of that name, where the tokenizer has it.
+    unk = {"unk_token": "[UNK]"} if tokenizer.token_to_id("[UNK]") is not None else {}
+    specials = {**unk, "cls_token": token(config.cls_token_id),
                 "sep_token": token(config.sep_token_id), "pad_token": token(config.pad_token_id),
                 "mask_token": token(config.mask_token_id), "bos_token": token(config.bos_token_id),
                 "eos_token": token(config.eos_token_id)}
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": True,
+    # No clean-up: it would delete the spaces a byte-level BPE decodes before punctuation.
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                         "model_max_length": config.max_position_embeddings,
                         "model_input_names": ["input_ids", "attention_mask"], **specials}
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:

@@ -62,6 +62,11 @@ def check_finite(model):
 def _export(flags_):
     if bool(flags_.checkpoint) == bool(flags_.config):
         raise cli.UserError("export needs exactly one of --checkpoint=RUN_DIR or --config=FILE:ARG")
+    if flags_.step is not None and not flags_.checkpoint:
+        raise cli.UserError("--step picks a checkpoint of --checkpoint=RUN_DIR; --config exports "
+                            "a fresh initialisation")
+    if flags_.hf:
+        raise cli.UserError("--hf is import's input; export reads --checkpoint or --config")
     foreign = foreign_files(flags_.out)
     if foreign and not flags_.overwrite:
         listed = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
@@ -85,6 +90,11 @@ def _export(flags_):
 def _import(flags_):
     if not flags_.hf:
         raise cli.UserError("import needs --hf=HF_DIR")
+    unused = [f"--{name}" for name in ("checkpoint", "config", "step", "tokenizer")
+              if getattr(flags_, name) is not None]
+    if unused:
+        raise cli.UserError(f"import reads only --hf and --out, not {', '.join(unused)} (the "
+                            "tokenizer in the transformers directory is used when it has one)")
     existing = checkpoint.checkpoint_dir(flags_.out)
     if os.path.isdir(existing) and os.listdir(existing):
         # Orbax would keep the run's newer steps and skip a step 0 behind them, silently.
