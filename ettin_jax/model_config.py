@@ -28,7 +28,7 @@ class HFFormatError(ValueError):
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 CLASSIFIER_POOLINGS = ("cls", "mean")
-# config.json keys of the special token ids (the last may be absent: an encoder-only id)
+# config.json keys of the special token ids; the last, [MASK]'s, may be -1 (none)
 SPECIAL_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id",
                    "mask_token_id")
 # save_hf writes float32 weights; config.json names this dtype.
@@ -294,6 +294,9 @@ class ModelConfig:
             mlp_dropout=hf.get("mlp_dropout", 0.0), dtype=dtype, classifier_pooling=pooling)
         for key in SPECIAL_ID_KEYS:
             if key not in hf:          # transformers' default is ModernBERT's, as ours
+                continue
+            if key == "mask_token_id" and hf[key] is None:
+                values[key] = -1       # no [MASK] (e.g. a decoder's config)
                 continue
             if type(hf[key]) is not int:
                 # null or a list of ids: no default may stand in for it silently.

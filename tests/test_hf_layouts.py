@@ -221,6 +221,7 @@ def test_a_special_id_that_is_not_one_integer_is_refused(key, value):
     with pytest.raises(hf.HFFormatError, match=rf"{key}={re.escape(repr(value))}: expected one "
                                                "integer token id"):
         ModelConfig.from_hf_dict({**TINY_CONFIG_JSON, key: value}, where="x/config.json")
+    assert ModelConfig.from_hf_dict({**TINY_CONFIG_JSON, "mask_token_id": None}).mask_token_id == -1
     assert ModelConfig.from_hf_dict(dict(TINY_CONFIG_JSON)).pad_token_id == \
         transformers.ModernBertConfig(**TINY_CONFIG_JSON).pad_token_id
 

@@ -55,7 +55,8 @@ def main(argv):
                                    "tensor": f.mesh_tensor})
     for task in tasks:
         run_task(task, backbone_factory=backbone.factory, tokenizer=backbone.tokenizer,
-                 data_dir=f.data_dir, workdir=f.workdir, **grids[task.name], options=options, mesh=mesh, data=data[task.name])
+                 data_dir=f.data_dir, workdir=f.workdir, **grids[task.name], options=options,
+                 mesh=mesh, data=data[task.name])
     # Every task this workdir has results for, not only this command's.
     summaries = read_summaries(f.workdir)
     source = {"checkpoint": f.checkpoint, "hf": f.hf}

@@ -293,7 +293,7 @@ def run_one(finetuner: Finetuner, spec: RunSpec, train: tuple, devs: dict, run_d
     return result
 
 
-# --- a task's grid ----------------------------------------------------------------------
+# --- a task's grid --------------------------------------------------------------------------------
 
 def run_specs(task: Task, lrs: Sequence[float], epochs: Sequence[int],
               seeds: Sequence[int]) -> list[RunSpec]:
