@@ -131,11 +131,13 @@ class WorkdirLock:
                 "since": datetime.datetime.now().isoformat(timespec="seconds"),
                 "command": " ".join(sys.argv)}
 
-    def _locked_error(self, holder: dict) -> WorkdirLockedError:
+    def _locked_error(self, holder: dict, *, pid_file: bool = False) -> WorkdirLockedError:
+        # A flock is held by a live process for sure; a pid file may name a reused pid.
+        hint = f"; if no such process runs, delete {self.path}" if pid_file else ""
         return WorkdirLockedError(
             f"{os.path.dirname(self.path)} is in use by another training process: "
-            f"{_describe(holder)}. Wait for it to end or stop it, or pass another --workdir; "
-            f"if no such process runs, delete {self.path}")
+            f"{_describe(holder)}. Wait for it to end or stop it, or pass another "
+            f"--workdir{hint}")
 
     def acquire(self) -> "WorkdirLock":
         if jax.process_index() != 0:   # multi-process runs: process 0 writes, so it locks
@@ -200,7 +202,7 @@ class WorkdirLock:
                     if _read_holder(self.path) == holder:
                         os.unlink(self.path)
                     continue
-                raise self._locked_error(holder) from None
+                raise self._locked_error(holder, pid_file=True) from None
             self.record = self._new_record()
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(self.record, f)
