@@ -51,14 +51,20 @@ class NearDedup:
         self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self._count = 0
 
-    def signature(self, text: str) -> np.ndarray:
-        """MinHash values of the text's shingles (computed in worker processes by prepare)."""
+    def signature(self, text: str) -> np.ndarray | None:
+        """MinHash values of the text's shingles (computed in worker processes by prepare);
+        None for a text without words, whose one shingle (b"") every such text would share."""
+        if not _TOKEN.search(text):
+            return None
         m = MinHash(num_perm=self.num_perm, seed=self.seed)
         m.update_batch(shingles(text, self.ngram))
         return m.hashvalues
 
-    def is_duplicate(self, signature: np.ndarray) -> bool:
-        """True if the document is near an earlier one; otherwise remembers it."""
+    def is_duplicate(self, signature: np.ndarray | None) -> bool:
+        """True if the document is near an earlier one; otherwise remembers it. A text without
+        words (signature None) is never a near duplicate (exact dedup still sees it)."""
+        if signature is None:
+            return False
         sig = LeanMinHash(seed=self.seed, hashvalues=signature, scheme=_SCHEME)
         if self._lsh.query(sig):
             return True

@@ -107,12 +107,17 @@ def build(output: str, *, vocab_size: int, unk_id: int, max_bytes: int = 8_000_0
     return tok_dir, shard_dir
 
 
+def build_dir(demo_dir: str, vocab_size: int, unk_id: int, max_bytes: int) -> str:
+    """Where `configure` builds the corpus of this layout and size limit."""
+    return os.path.join(demo_dir, f"v{vocab_size}-unk{unk_id}-b{max_bytes}")
+
+
 def configure(config) -> tuple[str, str]:
     """Builds (or reuses) the corpus for `config.model`'s vocabulary layout under
     config.data.demo_dir and sets config.data.mixture and config.data.tokenizer to it.
     Returns (tokenizer_dir, shards_dir)."""
     d, m = config.data, config.model
-    output = os.path.join(d.demo_dir, f"v{m.vocab_size}-unk{d.unk_token_id}")
+    output = build_dir(d.demo_dir, m.vocab_size, d.unk_token_id, d.demo_max_bytes)
     tok_dir, shard_dir = build(output, vocab_size=m.vocab_size, unk_id=d.unk_token_id,
                                max_bytes=d.demo_max_bytes)
     d.mixture, d.tokenizer = shard_dir, tok_dir

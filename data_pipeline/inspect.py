@@ -16,8 +16,6 @@ on bad data.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
@@ -99,14 +97,28 @@ def statistics(batches: list[dict], special_ids: list[int], names: list[str]) ->
     return stats
 
 
+def source_names(paths: list[str]) -> list[str]:
+    """Short names of the mixture's sources: each path's last part, or as many parts as make
+    the names differ (data/web/shards and data/code/shards: web/shards, code/shards)."""
+    parts = [p.rstrip("/").split("/") for p in paths]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{i}:{p}" for i, p in enumerate(paths)]   # one path listed twice
+
+
 def main(argv):
     f = flags.FLAGS
+    for name in ("batches", "rows"):
+        if f[name].value < 1:
+            raise cli.UserError(f"--{name}={f[name].value}: must be at least 1")
     config = f.config
     with config.unlocked():
         config.train.global_batch_size = f.rows
         config.data.eval_batch_size = f.rows
-    names = ([os.path.basename(s[0].rstrip("/")) for s in sources.parse_mixture(
-                mixtures.expand(config.data.mixture, config.phase))]
+    names = (source_names([s[0] for s in sources.parse_mixture(
+                mixtures.expand(config.data.mixture, config.phase))])
              if config.data.mixture else ["demo"])
     if not config.data.mixture:
         demo_corpus.configure(config)

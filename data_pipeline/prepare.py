@@ -406,6 +406,11 @@ def options_from_flags(f) -> Options:
         **{field.name: f[field.name].value for field in _quality_threshold_fields()})
     chunk = (chunking.ChunkConfig(f.chunk_size, f.min_chunk_size, f.always_skip_size,
                                   not f.no_backfill) if f.chunk_size else None)
+    for name in ("docs_per_shard", "workers"):
+        if f[name].value < 1:
+            raise cli.UserError(f"--{name}={f[name].value}: must be at least 1")
+    if not 0.0 < f.jaccard < 1.0:
+        raise cli.UserError(f"--jaccard={f.jaccard}: must lie in (0, 1)")
     return Options(inputs=text_io.expand_inputs(f.input), output=f.output, tokenizer=f.tokenizer,
                    source=f.source, text_field=f.text_field, normalize=not f.no_normalize,
                    filters=filters, quality=qcfg, exact_dedup=not f.no_exact_dedup,

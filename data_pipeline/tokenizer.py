@@ -55,26 +55,32 @@ def _tokenizer_json_path(path: str) -> str:
 
 
 def load(path_or_name: str) -> Tokenizer:
-    """A tokenizer from a directory with tokenizer.json, a tokenizer.json file, or a hub name."""
+    """A tokenizer from a directory with tokenizer.json, a tokenizer.json file, or a hub name,
+    with truncation and padding off: a tokenizer.json saved with them on (hub files often
+    are) would cut or pad every document; documents are framed and cut here."""
     json_path = _tokenizer_json_path(path_or_name)
     if os.path.exists(json_path):
         try:
-            return Tokenizer.from_file(json_path)
+            tok = Tokenizer.from_file(json_path)
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise TokenizerError(f"{json_path}: not a readable tokenizer.json ({e})") from e
-    if not _HUB_NAME.fullmatch(path_or_name):
+    elif not _HUB_NAME.fullmatch(path_or_name):
         raise TokenizerError(f"{path_or_name}: no such tokenizer file or directory")
-    try:  # a hub name such as answerdotai/ModernBERT-base (needs network access)
-        return Tokenizer.from_pretrained(path_or_name)
-    except Exception as e:
-        raise TokenizerError(f"{path_or_name}: neither a local tokenizer.json nor a loadable hub "
-                             f"tokenizer ({e})") from e
+    else:
+        try:  # a hub name such as answerdotai/ModernBERT-base (needs network access)
+            tok = Tokenizer.from_pretrained(path_or_name)
+        except Exception as e:
+            raise TokenizerError(f"{path_or_name}: neither a local tokenizer.json nor a loadable "
+                                 f"hub tokenizer ({e})") from e
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
 
 
 def fingerprint(tok: Tokenizer) -> str:
     """sha256 (hex, 16 chars) of what decides token ids: model, normalizer, pre-tokenizer, added tokens.
 
-    Truncation/padding settings are left out because they do not change ids of a document.
+    Truncation/padding settings are left out: `load` turns them off.
     """
     spec = json.loads(tok.to_str())
     keep = {k: spec.get(k) for k in ("model", "normalizer", "pre_tokenizer", "added_tokens")}

@@ -42,6 +42,8 @@ def demo(tmp_path_factory):
     """(tokenizer_dir, shards_dir) of data_pipeline.demo_corpus built for the tiny config's layout
     (vocab 512, [UNK] 500), once per test file that asks for it."""
     from data_pipeline import demo_corpus  # pylint: disable=import-outside-toplevel
-    # the directory name the loader derives for that layout
-    out = os.path.join(str(tmp_path_factory.mktemp("demo")), "v512-unk500")
-    return demo_corpus.build(out, vocab_size=512, unk_id=500, max_bytes=300_000)
+    import train_testlib  # pylint: disable=import-outside-toplevel
+    size = train_testlib.DEMO_MAX_BYTES
+    # the directory configure derives for that layout and size
+    out = demo_corpus.build_dir(str(tmp_path_factory.mktemp("demo")), 512, 500, size)
+    return demo_corpus.build(out, vocab_size=512, unk_id=500, max_bytes=size)

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+import train_testlib
 from configs import ettin_tiny
 from data_pipeline import data_order, demo_corpus, loader, mds, sources
 
@@ -192,6 +193,7 @@ def test_demo_corpus_trains_without_configured_data(demo):
     assert len(filled) == 2 and all(f["sequence"].startswith("def main(): return") for f in filled)
     config = ettin_tiny.get_config("clm")
     config.data.demo_dir = os.path.dirname(os.path.dirname(shard_dir))
+    config.data.demo_max_bytes = train_testlib.DEMO_MAX_BYTES   # the `demo` fixture's build
     config.data.num_workers = 0
     demo_corpus.configure(config)      # what a run with no data configured does first
     batch = next(loader.make_train_iterator(config, process_index=0, process_count=1))

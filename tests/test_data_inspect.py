@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+from data_pipeline import inspect as inspect_lib
 from data_pipeline import shards, tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,3 +65,11 @@ def test_inspect_fails_cleanly_on_a_truncated_shard(corpus, tmp_path):
     assert result.returncode == 1
     assert "shard-00000.arrayrecord" in result.stderr and "truncated" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sources_of_one_basename_get_names_that_differ():
+    """Two mixture sources named .../shards each: one share line per source, not one for both."""
+    assert inspect_lib.source_names(["data/web/shards", "data/code/shards/"]) == ["web/shards",
+                                                                                   "code/shards"]
+    assert inspect_lib.source_names(["/a/web", "/b/code"]) == ["web", "code"]
+    assert inspect_lib.source_names(["x/c", "x/c"]) == ["0:x/c", "1:x/c"]

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from data_pipeline import chunking, dedup, prepare, quality, shards, tokenizer
+from data_pipeline import chunking, dedup, normalize, prepare, quality, shards, text_io, tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("time person year way day thing man world life hand part child eye woman place work "
@@ -148,6 +148,35 @@ def test_quality_rules_each_catch_their_case():
         assert quality.first_failing_rule(good, (rule,), cfg) is None, rule
 
 
+def test_normalize_is_nfc_idempotent_and_keeps_indentation():
+    """Random texts of spaces, line breaks, zero-width characters and combining marks: the
+    result is NFC (unicodedata's check), a second pass changes nothing, and a first line's
+    indentation survives (code)."""
+    import unicodedata
+    alphabet = ["e", "a", " ", "\t", "\n", "\r\n", "\r", "\u200b", "\u200d", "\u0301", "\u0308",
+                "\u00a0", "\u2001", "\ufeff", "x"]
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet, rng.integers(0, 30)))
+        once = normalize.normalize(text)
+        assert unicodedata.is_normalized("NFC", once), repr(text)
+        assert normalize.normalize(once) == once, repr(text)
+        assert "\r" not in once and not once.endswith((" ", "\n"))
+    assert normalize.normalize("Cafe\u200b\u0301 bar") == "Caf\u00e9 bar"
+    code = "\n\n    return a + b  \n\n\n\nprint(x)\n"
+    assert normalize.normalize(code) == "    return a + b\n\nprint(x)"
+
+
+def test_texts_without_words_are_never_near_duplicates():
+    """Their one shingle would be b"" for all of them; exact duplicates are still caught."""
+    near = dedup.NearDedup()
+    for text in ["\U0001f600\U0001f600 \U0001f389", "\u2192 \u2190 \u2191", "+-*/ =="]:
+        assert near.signature(text) is None and not near.is_duplicate(near.signature(text))
+    words = "the quick brown fox jumps over the lazy dog again and again"
+    assert not near.is_duplicate(near.signature(words))
+    assert near.is_duplicate(near.signature(words + "!"))
+
+
 def test_chunking_follows_ettin_rules():
     cfg = chunking.ChunkConfig(chunk_size=100, min_chunk_size=30, always_skip_size=10)
     ids = np.arange(98 * 3 + 20)                         # tail of 20: backfilled to >= 30
@@ -202,6 +231,55 @@ def test_bad_input_fails_naming_file_and_line(tmp_path, tiny_tok, content, expec
     assert result.returncode == 1
     assert __import__("re").search(expected, result.stderr), result.stderr
     assert not os.path.exists(tmp_path / "o" / "manifest.json")
+
+
+def test_bad_sizes_are_refused_before_anything_is_written(tmp_path, tiny_tok):
+    """--docs_per_shard=0 used to divide by zero after .work/ was written (and -5 wrote an
+    empty dataset, exit 0)."""
+    src = write_jsonl(tmp_path / "a.jsonl", ["some text"])
+    for flag, words in (("--docs_per_shard=-5", "--docs_per_shard=-5: must be at least 1"),
+                        ("--jaccard=1.5", "--jaccard=1.5: must lie in (0, 1)")):
+        result = run_cli(f"--input={src}", f"--output={tmp_path / 'o'}", f"--tokenizer={tiny_tok}",
+                         flag)
+        assert result.returncode == 1 and f"error: {words}" in result.stderr, result.stderr
+        assert not os.path.exists(tmp_path / "o")
+
+
+def test_unreadable_records_name_file_and_line(tmp_path):
+    """text_io's errors for what the CLI test above does not cover (each is an InputError, the
+    CLI's one `error:` line): invalid UTF-8 and lone surrogates by line, corrupt gzip and
+    parquet data by file; a byte-order mark is read."""
+    def error_of(path):
+        with pytest.raises(text_io.InputError) as raised:
+            list(text_io.iter_file(str(path)))
+        return str(raised.value)
+
+    bad_utf8 = tmp_path / "bad.jsonl"
+    bad_utf8.write_bytes(b'{"text": "a"}\n{"text": "b"}\n{"text": "\xff"}\n')
+    assert error_of(bad_utf8).startswith(f"{bad_utf8}:3: not UTF-8")
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text('{"text": "good"}\n{"text": "bad \\ud800 x"}\n')
+    assert error_of(surrogate).startswith(f"{surrogate}:2: invalid unicode")
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + b'{"text": "first"}\n')
+    assert [r.text for r in text_io.iter_file(str(bom))] == ["first"]
+    lines = "".join(json.dumps({"text": f"word {i} " * 20}) + "\n" for i in range(2000))
+    corrupt = bytearray(gzip.compress(lines.encode()))
+    corrupt[200:260] = bytes(b ^ 0xFF for b in corrupt[200:260])
+    (tmp_path / "corrupt.jsonl.gz").write_bytes(bytes(corrupt))
+    assert error_of(tmp_path / "corrupt.jsonl.gz").startswith(
+        f"{tmp_path / 'corrupt.jsonl.gz'}: cannot read as gzip")
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(0)
+    pq.write_table(pa.table({"text": [english_doc(rng) for _ in range(300)]}),
+                   str(tmp_path / "p.parquet"), row_group_size=100)
+    data = bytearray((tmp_path / "p.parquet").read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 400] = bytes(400)
+    (tmp_path / "p.parquet").write_bytes(bytes(data))
+    assert error_of(tmp_path / "p.parquet").startswith(f"{tmp_path / 'p.parquet'}: ")
 
 
 def test_other_tokenizer_on_existing_output_fails_and_damages_nothing(tmp_path, tiny_tok):

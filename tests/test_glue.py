@@ -244,15 +244,18 @@ def test_bad_options_and_grids_name_the_flag():
             finetune.run_specs(rte, lrs, epochs, seeds)
 
 
-def test_a_tokenizer_saved_with_padding_encodes_as_without():
-    tokenizer = _tokenizer()
+def test_a_tokenizer_saved_with_padding_encodes_as_without(tmp_path):
+    """Hub tokenizer.json files often carry padding or truncation; loaded (data_pipeline's
+    tokenizer.load, which model_loader uses), they encode GLUE rows as without them."""
     texts = [("the good film", "a bad one"), ("good", "bad")]
-    expected = batches.encode(tokenizer, texts, cls_id=1, sep_id=2, max_len=32)
+    expected = batches.encode(_tokenizer(), texts, cls_id=1, sep_id=2, max_len=32)
     padded = _tokenizer()
     padded.enable_padding(length=24, pad_id=ettin_tiny.PAD_ID)
     padded.enable_truncation(max_length=2)
-    assert batches.encode(padded, texts, cls_id=1, sep_id=2, max_len=32) == expected
-    assert padded.padding is not None      # the caller's tokenizer is left as it was
+    padded.save(str(tmp_path / "tokenizer.json"))
+    loaded = tokenizer_lib.load(str(tmp_path / "tokenizer.json"))
+    assert loaded.padding is None and loaded.truncation is None
+    assert batches.encode(loaded, texts, cls_id=1, sep_id=2, max_len=32) == expected
 
 
 def test_finished_runs_are_reused_only_by_their_backbone_and_options(tmp_path):

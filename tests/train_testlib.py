@@ -6,6 +6,9 @@ inherited environment, so each distinct train step is compiled once per run.
 """
 import os
 
+# Text size of the demo corpus the `demo` fixture (conftest.py) builds for the tiny layout.
+DEMO_MAX_BYTES = 300_000
+
 
 def subprocess_env(*, devices: int = 4) -> dict:
     """The environment for a `main.py` subprocess on `devices` host CPU devices."""

@@ -17,12 +17,6 @@ def encode(tokenizer, texts: Sequence[tuple], *, cls_id: int, sep_id: int, max_l
     if texts and max_len < min_seq_len(len(texts[0])):
         raise ValueError(f"max_len={max_len}: {len(texts[0])} text(s) need at least "
                          f"{min_seq_len(len(texts[0]))}")
-    if tokenizer.padding or tokenizer.truncation:
-        # A tokenizer.json saved with padding or truncation on would put pad ids inside the
-        # examples or cut them unevenly; the rows are built and truncated here.
-        tokenizer = type(tokenizer).from_str(tokenizer.to_str())
-        tokenizer.no_padding()
-        tokenizer.no_truncation()
     # One batched call per text column: the tokenizers library encodes it in parallel.
     columns = [tokenizer.encode_batch(list(column), add_special_tokens=False)
                for column in zip(*texts)]
