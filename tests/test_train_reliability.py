@@ -413,6 +413,9 @@ def test_sigint_saves_and_resumes_and_a_second_process_is_refused(tmp_path, good
 SIGNAL_PROBE = """
 import os, signal, sys, time
 from ettin_jax import stop_signals
+# The handlers of an interactive Python (a test worker's subprocess may inherit SIGINT ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
 stop = stop_signals.StopOnSignal()
 os.kill(os.getpid(), signal.SIG{name})
 time.sleep(0.2)   # Python runs the handler between bytecodes; give it the chance
