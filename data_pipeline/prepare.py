@@ -385,7 +385,9 @@ def define_flags():
         define(field.name, field.default, "quality rule threshold")
     flags.DEFINE_bool("no_exact_dedup", False, "skip exact (sha256) deduplication")
     flags.DEFINE_bool("no_near_dedup", False, "skip near-duplicate (MinHash) deduplication")
-    flags.DEFINE_float("jaccard", 0.7, "near-duplicate Jaccard threshold on word 5-gram shingles")
+    flags.DEFINE_float("jaccard", 0.7, "near-duplicate Jaccard threshold on word 5-gram "
+                       "shingles, in (0, 1); MinHash LSH applies it approximately (at 0.7, "
+                       "pairs near 0.5 can be dropped and pairs near 0.85 kept)")
     flags.DEFINE_integer("chunk_size", 0, "Ettin chunking: max framed chunk length (e.g. 8000); 0 = off")
     flags.DEFINE_integer("min_chunk_size", 512, "Ettin chunking: shortest chunk kept")
     flags.DEFINE_integer("always_skip_size", 128, "Ettin chunking: shorter remainders are dropped")
