@@ -313,10 +313,16 @@ def restore_from_run(workdir: str, *, abstract_params, abstract_opt_state=None):
     errors = []
     for step in readable_steps(manager, workdir):
         where = f"config.train.init_from={workdir} (step {step})"
-        metadata = manager.item_metadata(step)
-        if metadata.get("params") is None:
-            errors.append(f"step {step}: no params item")
+        try:
+            metadata = manager.item_metadata(step)
+            if metadata.get("params") is None:
+                raise ValueError("no params item")
+        except Exception as e:  # pylint: disable=broad-except  # unreadable: try the previous one
+            logging.warning("%s cannot be read (%s: %s); trying the previous checkpoint",
+                            where, type(e).__name__, str(e)[:500])
+            errors.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
             continue
+        # A readable checkpoint of another shape is no damage but a mismatched model: stop.
         check_tree_matches(metadata["params"], abstract_params, what="parameters", where=where)
         want_opt = abstract_opt_state is not None and metadata.get("opt_state") is not None
         if want_opt:
@@ -330,7 +336,7 @@ def restore_from_run(workdir: str, *, abstract_params, abstract_opt_state=None):
         except Exception as e:  # pylint: disable=broad-except  # a damaged one: try the previous
             logging.warning("%s cannot be restored (%s: %s); trying the previous checkpoint",
                             where, type(e).__name__, str(e)[:500])
-            errors.append(f"step {step}: {type(e).__name__}")
+            errors.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
             continue
         if abstract_opt_state is not None and not want_opt:
             logging.warning("%s has no optimizer state; starting a fresh optimizer", where)

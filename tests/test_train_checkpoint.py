@@ -62,6 +62,29 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, setup, caplog):
     assert it.get_state() == want_iterator
 
 
+def test_init_from_skips_a_newest_checkpoint_whose_metadata_is_damaged(tmp_path, setup, caplog):
+    """A new phase starting from a run whose newest checkpoint cannot even be described
+    (damaged tree metadata) starts from the one before, with a warning, and leaves the source
+    run untouched."""
+    config, s = setup
+    saved = save_steps(str(tmp_path), config, s, (2, 4), keep_last=3)
+    (tmp_path / "checkpoints" / "4" / "params" / "_METADATA").write_text("{garbage")
+    with caplog.at_level(logging.WARNING):
+        params, opt_state, meta = checkpoint.restore_from_run(
+            str(tmp_path), abstract_params=s.abstract_state["params"],
+            abstract_opt_state=s.abstract_state["opt_state"])
+    assert meta == {"step": 2, "tokens_seen": 200}
+    assert opt_state is not None
+    assert any("init_from" in r.getMessage() and "step 4" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(saved[2][0])):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+    (tmp_path / "checkpoints" / "2" / "params" / "_METADATA").write_text("{garbage")
+    with pytest.raises(FileNotFoundError, match=r"no readable checkpoint \(step 4: .*; step 2: "):
+        checkpoint.restore_from_run(str(tmp_path), abstract_params=s.abstract_state["params"])
+
+
 def scramble(directory):
     """Garbage of the same size in every file below `directory`."""
     for dirpath, _, filenames in os.walk(directory):
