@@ -184,14 +184,23 @@ def run_per_shard(local_attention, q, k, v, segment_ids):
     A Pallas kernel is a custom call the compiler cannot partition: left to GSPMD, every
     device would gather the whole batch. Under `jax.set_mesh` with more than one device this
     splits the batch over the mesh's `data`/`fsdp` axes and heads over `tensor` with
-    `jax.shard_map`; without a mesh it calls `local_attention` directly.
+    `jax.shard_map`; without a mesh it calls `local_attention` directly. As for parameters
+    (LOGICAL_RULES), an axis that does not divide its dimension leaves it whole: 6 heads on
+    tensor=4 run all 6 on every tensor shard rather than fail.
     q, k, v: `[batch, seq, heads, head_dim]`; segment_ids `[batch, seq]` or None.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or all(mesh.shape[a] == 1 for a in mesh.axis_names):
         return local_attention(q, k, v, segment_ids)
-    batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
-    head_axis = "tensor" if "tensor" in mesh.axis_names else None
+    batch_axes, batch_shards = [], 1
+    for axis in (a for a in BATCH_AXES if a in mesh.axis_names):
+        if q.shape[0] % (batch_shards * mesh.shape[axis]) == 0:
+            batch_axes.append(axis)
+            batch_shards *= mesh.shape[axis]
+    batch_axes = tuple(batch_axes) or None
+    heads = q.shape[2]
+    head_axis = ("tensor" if "tensor" in mesh.axis_names and heads % mesh.shape["tensor"] == 0
+                 else None)
     qkv_spec, seg_spec = P(batch_axes, None, head_axis, None), P(batch_axes, None)
     if segment_ids is None:
         return jax.shard_map(lambda q, k, v: local_attention(q, k, v, None), mesh=mesh,

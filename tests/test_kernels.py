@@ -162,6 +162,27 @@ def test_sharded_over_mesh_matches_reference():
     assert _rel(out, xla_attention(q, k, v, **kw)) <= 1e-5
 
 
+@pytest.mark.parametrize("mesh_shape,batch,heads,spec", [
+    ((1, 1, 4), 2, 6, ()),          # 32m's 6 heads on tensor=4: heads whole on each shard
+    ((4, 1, 1), 2, 2, ()),          # 2 rows on data=4: the batch whole as well
+    ((2, 2, 1), 2, 2, ("data",)),   # 2 rows on data=2 x fsdp=2: split over data only
+])
+def test_sharded_over_a_mesh_that_does_not_divide_the_heads_or_batch(mesh_shape, batch, heads,
+                                                                      spec):
+    """A mesh axis that does not divide the heads (batch) leaves them whole, as it leaves
+    parameters whole (sharding.LOGICAL_RULES), instead of failing in shard_map."""
+    rng = np.random.RandomState(2)
+    q, k, v = (jnp.asarray(rng.randn(batch, 64, heads, 16), jnp.float32) for _ in range(3))
+    kw = dict(segment_ids=jnp.asarray(_packed(batch, 64, rng)), causal=True, window_size=(16, 0))
+    mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda q, k, v: flash_attention(q, k, v, block_sizes=SMALL, **kw))(q, k, v)
+    assert out.shape == q.shape
+    assert out.sharding.spec == jax.sharding.PartitionSpec(*spec)
+    assert _rel(out, xla_attention(q, k, v, **kw)) <= 1e-5
+
+
 def test_tiles_outside_the_intervals_are_skipped():
     """A (64, 64) window at 8k visits O(seq * window) tiles; packed documents skip cross-document
     tiles. Counted from the kernels' own loop bounds."""
