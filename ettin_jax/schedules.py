@@ -16,6 +16,7 @@ Multipliers (of the phase LR `optimizer.peak_lr × schedule.lr_fraction`):
 """
 from __future__ import annotations
 
+import fractions
 import math
 
 SCHEDULES = ("warmup_stable_decay", "one_minus_sqrt")
@@ -210,7 +211,11 @@ def warmup_micro_batches(config, tokens: float, full: int) -> int:
 
 
 def _warmup_start(config) -> float:
-    return float(config.optimizer.get("batch_warmup_start_fraction", 1 / 8))
+    fraction = float(config.optimizer.get("batch_warmup_start_fraction", 1 / 8))
+    if not 0 < fraction <= 1:
+        raise ValueError(f"config.optimizer.batch_warmup_start_fraction={fraction}: the share of "
+                         "the batch the first step carries must lie in (0, 1]")
+    return fraction
 
 
 def warmup_split(config, mean_sequence_length: float | None = None,
@@ -224,17 +229,14 @@ def warmup_split(config, mean_sequence_length: float | None = None,
     the batch (a third for three micro batches at f = 1/8), and a step of one micro batch (17m
     on four GPUs) would have no warmup at all. Then the warmup cuts the step into the fewest
     smaller micro batches, at least as many as the run's, of which f is a whole number (8, 16,
-    ... at f = 1/8; each at least one row per device). Their rows are a multiple of
-    `data_parallel`, rounded down: they need not add up to a full step, which keeps the run's
-    own split."""
+    ... at f = 1/8; 10, 20, ... at f = 0.3; each at least one row per device). Their rows are
+    a multiple of `data_parallel`, rounded down: they need not add up to a full step, which
+    keeps the run's own split."""
     accum = grad_accum_steps(config, mean_sequence_length, data_parallel)
     full = rows_per_step(config, mean_sequence_length, data_parallel)
-    levels = 1 / _warmup_start(config)
-    if abs(levels - round(levels)) < 1e-6:
-        pieces = round(levels) * math.ceil(accum / round(levels))
-    else:
-        pieces = max(accum, math.ceil(levels))
-    pieces = min(pieces, full // data_parallel)
+    # f as p / q in lowest terms (q <= 64): multiples of q micro batches hold f of them whole.
+    quantum = fractions.Fraction(_warmup_start(config)).limit_denominator(64).denominator
+    pieces = min(quantum * math.ceil(accum / quantum), full // data_parallel)
     if pieces <= accum:
         return accum, full // accum
     return pieces, full // (pieces * data_parallel) * data_parallel
@@ -328,4 +330,5 @@ def validate(config):
                          f"[0, total_tokens={s.total_tokens}]")
     if s.name == "warmup_stable_decay" and config.optimizer.lr_warmup_tokens < 0:
         raise ValueError("config.optimizer.lr_warmup_tokens must be >= 0")
+    _warmup_start(config)
     micro_batch_size(config)

@@ -251,6 +251,32 @@ def test_batch_warmup_cuts_a_step_of_one_micro_batch_into_eighths():
     assert rows_for_step(step) == rows_for_step(10 ** 7) == 2736 and step > 10_000
 
 
+@pytest.mark.parametrize("start", [1 / 8, 0.3, 0.4, 0.15])
+def test_batch_warmup_starts_at_any_fraction_and_grows_in_equal_steps(start):
+    """f = batch_warmup_start_fraction need not be 1 / n: the first step carries f of the
+    batch (0.3, not the half that whole micro batches of a step cut in four would give), and
+    the warmup's sizes are 1, 2, ... times the first until the full step. 150m as its config
+    splits it, on one device and on eight."""
+    c = ettin_150m.get_config("mlm")
+    c.optimizer.batch_warmup_start_fraction = start
+    schedules.validate(c)
+    for dp in (1, 8):
+        full = schedules.rows_per_step(c, 608.0, dp)
+        rows_for_step = schedules.rows_schedule(c, 608.0, dp)
+        sizes, tokens = [], 0
+        while tokens < c.optimizer.batch_warmup_tokens:
+            sizes.append(rows_for_step(len(sizes)))
+            tokens += sizes[-1] * c.train.seq_len
+        assert abs(sizes[0] / full - start) <= 0.02, (dp, sizes[0], full)
+        levels = math.ceil(1 / start - 1e-9)       # 8, 4 (0.3, 0.6, 0.9, 1), 3, 7
+        assert rows_for_step(len(sizes)) == full and sizes == sorted(sizes)
+        assert sorted({*sizes, full}) == [k * sizes[0] for k in range(1, levels)] + [full], dp
+    for bad in (0.0, 1.5):
+        c.optimizer.batch_warmup_start_fraction = bad
+        with pytest.raises(ValueError, match=rf"batch_warmup_start_fraction={bad}: .* \(0, 1\]"):
+            schedules.validate(c)
+
+
 def test_warmup_steps_split_into_micro_batches_that_fit_and_divide_over_the_devices():
     c = ettin_17m.get_config("mlm")
     c.optimizer.batch_warmup_tokens = 2e8
