@@ -331,4 +331,10 @@ def validate(config):
     if s.name == "warmup_stable_decay" and config.optimizer.lr_warmup_tokens < 0:
         raise ValueError("config.optimizer.lr_warmup_tokens must be >= 0")
     _warmup_start(config)
+    if config.checkpoint.keep_last < 1:     # none kept: a crash would leave nothing to resume
+        raise ValueError(f"config.checkpoint.keep_last={config.checkpoint.keep_last}: must be "
+                         ">= 1, the newest checkpoints are what a restart resumes from")
+    if config.checkpoint.keep_every_nth < 0:
+        raise ValueError(f"config.checkpoint.keep_every_nth={config.checkpoint.keep_every_nth}: "
+                         "must be >= 0 (0 = keep none for good)")
     micro_batch_size(config)

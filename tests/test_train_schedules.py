@@ -277,6 +277,18 @@ def test_batch_warmup_starts_at_any_fraction_and_grows_in_equal_steps(start):
             schedules.validate(c)
 
 
+def test_a_run_keeps_at_least_its_newest_checkpoint():
+    c = ettin_150m.get_config("mlm")
+    c.checkpoint.keep_last = 0                # Orbax would delete each save at once
+    with pytest.raises(ValueError, match=r"checkpoint.keep_last=0: must be >= 1"):
+        schedules.validate(c)
+    c.checkpoint.keep_last, c.checkpoint.keep_every_nth = 1, -1
+    with pytest.raises(ValueError, match=r"checkpoint.keep_every_nth=-1: must be >= 0"):
+        schedules.validate(c)
+    c.checkpoint.keep_every_nth = 0
+    schedules.validate(c)
+
+
 def test_warmup_steps_split_into_micro_batches_that_fit_and_divide_over_the_devices():
     c = ettin_17m.get_config("mlm")
     c.optimizer.batch_warmup_tokens = 2e8
