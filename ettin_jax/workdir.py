@@ -345,6 +345,36 @@ def check_init_from(config):
         raise RunIdentityError(f"config.train.init_from={source}: no checkpoints/ directory in "
                                "it; expected a training run's workdir (or a `python -m "
                                f"ettin_jax.hf import` output){_pair_hint(config, source)}")
+    _check_source_run(config, source)
+
+
+# The phase a run of each phase continues (recipe §3.2-3.3): a cross-objective run continues
+# the other objective's finished (decayed) model.
+PREVIOUS_PHASE = {"ext": "pretrain", "decay": "ext", "cross": "decay"}
+
+
+def _check_source_run(config, source: str):
+    """The run recorded at `source` (its run_identity.json; an import has none) must be of the
+    objective this run continues; another phase than the recipe's previous one is allowed (an
+    ablation may skip one) but warned about."""
+    path = os.path.join(source, IDENTITY_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f).get("structural", {})
+    except (OSError, ValueError, AttributeError):
+        return          # none (an import) or unreadable: the restore still checks the shapes
+    objective, phase = recorded.get("objective"), recorded.get("phase")
+    wanted = source_objective(config)
+    if objective and objective != wanted:
+        raise RunIdentityError(
+            f"config.train.init_from={source} holds a {objective} run ({path}); a "
+            f"{config.objective} {config.phase} run continues a {wanted} run"
+            + (". To continue it with the other objective, use the cross-objective config "
+               f"({config.objective}_from_{objective})" if config.phase != "cross" else ""))
+    previous = PREVIOUS_PHASE.get(config.phase)
+    if phase and previous and phase != previous:
+        logging.warning("config.train.init_from=%s holds a %s-phase run; a %s run usually "
+                        "continues the %s phase", source, phase, config.phase, previous)
 
 
 def _pair_hint(config, source: str) -> str:

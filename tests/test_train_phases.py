@@ -153,6 +153,26 @@ def test_restore_names_mismatched_parameters(runs):
         checkpoint.restore_from_run(str(runs["root"] / "mlm"), abstract_params=abstract)
 
 
+def test_init_from_must_hold_the_objective_it_continues(runs, caplog):
+    """An extension from the other objective's run is refused before compiling, pointing at
+    the cross-objective config; a phase other than the recipe's previous one is only warned
+    about (an ablation may skip one), as is a cross-objective run from a pre-training run."""
+    from ettin_jax import workdir as workdir_lib
+    with pytest.raises(workdir_lib.RunIdentityError,
+                       match=r"init_from=.*/clm holds a clm run .*run_identity\.json\); a mlm ext "
+                             r"run continues a mlm run\. .* \(mlm_from_clm\)"):
+        workdir_lib.check_init_from(tiny_config("mlm_ext", init_from=str(runs["root"] / "clm")))
+    with pytest.raises(workdir_lib.RunIdentityError, match=r"holds a mlm run .* continues a clm"):
+        workdir_lib.check_init_from(tiny_config("mlm_from_clm",
+                                                init_from=str(runs["root"] / "mlm")))
+    with caplog.at_level("WARNING"):
+        workdir_lib.check_init_from(tiny_config("mlm_decay", init_from=str(runs["root"] / "mlm")))
+        workdir_lib.check_init_from(tiny_config("mlm_ext", init_from=str(runs["root"] / "mlm")))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "holds a pretrain-phase run; a decay run usually continues "\
+        "the ext phase" in warnings[0]
+
+
 def test_a_run_refuses_an_init_from_that_holds_no_run(runs, tmp_path):
     """train_and_evaluate, not only main.py, checks init_from before compiling: a missing
     directory, and a pair's workdir, where the error names the side to continue."""
