@@ -3,7 +3,8 @@
     WorkdirLock(workdir)               context manager: `<workdir>/LOCK` while a run writes there
     check_identity(config, workdir)    `<workdir>/run_identity.json`: refuses a different run
     check_init_from(config)            phases 2-3 and cross-objective runs name their start,
-                                       a local init_from holds a run's checkpoints/
+                                       a local init_from holds a run's checkpoints/ of the
+                                       objective it continues
 
 The lock is a JSON file {host, pid, since, command} that the process that writes (process 0)
 flock-s before anything else is written; a second process fails at once naming the holder.
