@@ -225,7 +225,10 @@ class WorkdirLock:
         if self.fd is not None:
             # Removed while still held: a taker that opened it meanwhile sees it gone once it
             # gets the flock, and opens a new one.
-            os.unlink(self.path)
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:     # deleted by hand while held: nothing to remove
+                pass
             os.close(self.fd)
             self.fd = None
         elif _read_holder(self.path) == self.record:   # never remove a lock another took over

@@ -272,6 +272,10 @@ def test_finished_runs_are_reused_only_by_their_backbone_and_options(tmp_path):
         results.record_backbone(workdir, dict(record, weights_sha256="0" * 64))
     with pytest.raises(ValueError, match="dtype: '' -> 'bfloat16'"):
         results.record_backbone(workdir, dict(record, dtype="bfloat16"))
+    with open(os.path.join(workdir, results.BACKBONE_NAME), "w") as f:
+        f.write("[1, 2")                                                # cut short
+    with pytest.raises(ValueError, match=r"backbone\.json cannot be read .* new --workdir"):
+        results.record_backbone(workdir, record)
     options = dataclasses.asdict(finetune.FinetuneOptions(batch_size=16))
     results.check_same_options({"options": options}, dict(options), "r.json")
     with pytest.raises(ValueError, match=r"r.json finished with other options \(batch_size: 16 -> 8\)"):

@@ -392,5 +392,3 @@ def load_backbone(checkpoint: str | None, hf_dir: str | None, tokenizer_path: st
         backbone.train()
         return backbone
     return Backbone(factory, tokenizer, weights_digest(nnx.state(model, nnx.Param)))
-
-

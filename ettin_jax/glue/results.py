@@ -44,8 +44,14 @@ def record_backbone(workdir: str, record: dict):
     (its finished runs would be read back as this backbone's results)."""
     path = os.path.join(workdir, BACKBONE_NAME)
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path} cannot be read ({e}); it names the backbone whose runs "
+                             "--workdir holds. Restore it, or use a new --workdir") from None
         changed = [f"{k}: {old.get(k)!r} -> {record[k]!r}" for k in ("weights_sha256", "dtype")
                    if old.get(k) != record[k]]
         if changed:
