@@ -35,23 +35,45 @@ class MDSError(ValueError):
 
 
 def decode_ndarray(data: memoryview, encoding: str, where: str) -> np.ndarray:
-    """Decodes one `ndarray[:dtype]` column value."""
+    """Decodes one column value of streaming's NDArray encodings: `ndarray` (dtype code and
+    shape header), `ndarray:DTYPE` (shape header) or `ndarray:DTYPE:SHAPE` (fixed shape, e.g.
+    `ndarray:uint32:100` or `...:2,3`: the raw values alone)."""
+    parts = encoding.split(":")
+    if len(parts) > 3 or parts[0] != "ndarray":
+        raise MDSError(f"{where}: unsupported column encoding {encoding!r}")
+    try:
+        dtype = np.dtype(parts[1]) if len(parts) > 1 else None
+        fixed_shape = (tuple(int(n) for n in parts[2].split(",")) if len(parts) == 3 else None)
+    except (TypeError, ValueError):
+        raise MDSError(f"{where}: unsupported column encoding {encoding!r}") from None
+    if not len(data):
+        raise MDSError(f"{where}: empty ndarray value")
     pos = 0
-    if encoding == "ndarray":
+    if dtype is None:
         dtype = _DTYPE_CODES.get(data[0])
         if dtype is None:
             raise MDSError(f"{where}: unknown ndarray dtype code {data[0]}")
         pos = 1
+    dtype = np.dtype(dtype).newbyteorder("<")
+    if fixed_shape is not None:
+        shape, start = fixed_shape, 0
     else:
-        dtype = np.dtype(encoding.split(":", 1)[1])
-    head = data[pos]
-    ndim, shape_code = head >> 2, head & 3
-    shape_dtype = np.dtype(_SHAPE_DTYPES[shape_code]).newbyteorder("<")
-    shape = np.frombuffer(data, shape_dtype, count=ndim, offset=pos + 1)
-    start = pos + 1 + ndim * shape_dtype.itemsize
-    values = np.frombuffer(data, np.dtype(dtype).newbyteorder("<"), offset=start)
+        if len(data) <= pos:
+            raise MDSError(f"{where}: ndarray value without a shape header")
+        head = data[pos]
+        ndim, shape_code = head >> 2, head & 3
+        shape_dtype = np.dtype(_SHAPE_DTYPES[shape_code]).newbyteorder("<")
+        start = pos + 1 + ndim * shape_dtype.itemsize
+        if len(data) < start:
+            raise MDSError(f"{where}: ndarray shape header cut short")
+        shape = tuple(np.frombuffer(data, shape_dtype, count=ndim, offset=pos + 1))
+    if (len(data) - start) % dtype.itemsize:
+        raise MDSError(f"{where}: {len(data) - start} bytes of {dtype.name} values, not a "
+                       f"multiple of {dtype.itemsize} (a corrupt shard?)")
+    values = np.frombuffer(data, dtype, offset=start)
     if values.size != int(np.prod(shape)):
-        raise MDSError(f"{where}: ndarray of shape {tuple(shape)} but {values.size} values")
+        raise MDSError(f"{where}: ndarray of shape {tuple(int(n) for n in shape)} but "
+                       f"{values.size} values")
     return values.reshape(shape)
 
 
@@ -128,8 +150,10 @@ def _raw_path(index_dir: str, info: dict, cache_dir: str | None, index_path: str
         raise MDSError(f"{zpath}: compression {info.get('compression')!r} not supported (zstd only)")
     target_dir = cache_dir or index_dir
     os.makedirs(target_dir, exist_ok=True)
+    # A merged index (streaming's merge_index) names shards inside part folders ("part0/...").
+    flat_name = info["raw_data"]["basename"].replace("/", "_")
     target = os.path.join(target_dir, f"{hashlib.sha1(os.path.abspath(zpath).encode()).hexdigest()[:12]}-"
-                          f"{info['raw_data']['basename']}") if cache_dir else raw
+                          f"{flat_name}") if cache_dir else raw
     if not os.path.exists(target):
         import zstandard
         tmp = f"{target}.tmp{os.getpid()}"

@@ -73,21 +73,29 @@ def test_mds_reader_round_trips(tmp_path, compress, bare):
         assert reader[i].dtype == np.int32
 
 
-def test_a_merged_index_beside_its_parts_serves_each_document_once(tmp_path):
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_merged_index_beside_its_parts_serves_each_document_once(tmp_path, compress):
     """streaming's merge_index writes root/index.json listing part*/ shards by their paths
-    from the root; the parts' own index.json files stay. Every document is served once."""
+    from the root; the parts' own index.json files stay. Every document is served once;
+    zstd shards so named decompress into a cache directory of flat names."""
     rng = np.random.default_rng(5)
     parts = {name: random_docs(5, rng) for name in ("part0", "part1")}
     merged = []
     for name, docs in parts.items():
-        write_mds(tmp_path / name, docs, per_shard=2)
+        write_mds(tmp_path / name, docs, per_shard=2, compress=compress)
         with open(tmp_path / name / "index.json") as f:
             for info in json.load(f)["shards"]:
-                info["raw_data"]["basename"] = f"{name}/{info['raw_data']['basename']}"
+                for key in ("raw_data", "zip_data"):
+                    if info[key]:
+                        info[key]["basename"] = f"{name}/{info[key]['basename']}"
                 merged.append(info)
     with open(tmp_path / "index.json", "w") as f:
         json.dump({"shards": merged, "version": 2}, f)
-    reader = mds.MDSDocs(str(tmp_path), vocab_size=512)
+    cache = tmp_path.parent / f"{tmp_path.name}-cache"
+    reader = mds.MDSDocs(str(tmp_path), vocab_size=512, cache_dir=str(cache))
+    if compress:
+        assert len(os.listdir(cache)) == 6 and not os.path.exists(tmp_path / "part0" /
+                                                                   "shard.00000.mds")
     assert len(reader) == 10
     served = sorted(tuple(reader[i]) for i in range(len(reader)))
     assert served == sorted(tuple(d) for d in parts["part0"] + parts["part1"])
@@ -121,6 +129,36 @@ def test_mds_truncated_and_bad_ids_fail_naming_file_and_sample(tmp_path):
     (tmp_path / "shard.00001.mds").unlink()
     with pytest.raises(mds.MDSError, match=r"shard\.00001\.mds: missing"):
         mds.MDSDocs(str(tmp_path))
+
+
+def test_mds_fixed_shape_columns_decode_and_corrupt_lengths_name_the_sample(tmp_path):
+    """streaming's `ndarray:DTYPE:SHAPE` (fixed size, no shape header) decodes; a value of a
+    byte length that is no whole number of ids fails naming the shard and sample."""
+    docs = [np.concatenate([[501], row, [502]]) for row in
+            np.random.default_rng(3).integers(0, 500, (4, 30))]
+    samples = [struct.pack("<I", 4) + f"doc{i}".encode() + d.astype("<u4").tobytes()
+               for i, d in enumerate(docs)]
+    encodings, sizes = ["str", "ndarray:uint32:32"], [None, 32 * 4]
+    config = json.dumps({"column_encodings": encodings, "column_names": ["id", "input_ids"],
+                         "column_sizes": sizes, "format": "mds"}).encode()
+    offsets = np.cumsum([4 * 6 + len(config)] + [len(x) for x in samples]).astype("<u4")
+    data = struct.pack("<I", 4) + offsets.tobytes() + config + b"".join(samples)
+    (tmp_path / "shard.00000.mds").write_bytes(data)
+    info = {"column_encodings": encodings, "column_names": ["id", "input_ids"],
+            "column_sizes": sizes, "compression": None, "format": "mds", "hashes": [],
+            "raw_data": {"basename": "shard.00000.mds", "bytes": len(data), "hashes": {}},
+            "samples": 4, "size_limit": 1 << 26, "version": 2, "zip_data": None}
+    with open(tmp_path / "index.json", "w") as f:
+        json.dump({"shards": [info], "version": 2}, f)
+    reader = mds.MDSDocs(str(tmp_path), vocab_size=512)
+    for i, doc in enumerate(docs):
+        np.testing.assert_array_equal(reader[i], doc)
+    with pytest.raises(mds.MDSError, match=r"x: 5 bytes of uint32 values, not a multiple of 4"):
+        mds.decode_ndarray(memoryview(bytes([4 | 0, 1]) + b"\0" * 5), "ndarray:uint32", "x")
+    with pytest.raises(mds.MDSError, match=r"x: unsupported column encoding 'ndarray:uint32:a'"):
+        mds.decode_ndarray(memoryview(b"\0" * 8), "ndarray:uint32:a", "x")
+    with pytest.raises(mds.MDSError, match=r"x: empty ndarray value"):
+        mds.decode_ndarray(memoryview(b""), "ndarray", "x")
 
 
 def test_mds_corrupt_zstd_fails_naming_file(tmp_path):
