@@ -175,7 +175,9 @@ def _objective_fn(config, ratio: float, seed: int) -> Callable[[dict], dict]:
     m, d = config.model, config.data
     cfg = objectives.MLMConfig(
         ratio=ratio, mask_id=m.mask_token_id,
-        special_ids=(m.cls_token_id, m.sep_token_id, m.pad_token_id, m.mask_token_id),
+        # As transformers' DataCollatorForLanguageModeling: every special token, [UNK] too.
+        special_ids=(m.cls_token_id, m.sep_token_id, m.pad_token_id, m.mask_token_id,
+                     d.unk_token_id),
         random_high=d.unk_token_id, max_predictions=objectives.max_predictions(
             config.train.seq_len, ratio), seed=seed)
     return functools.partial(objectives.mlm_row, cfg=cfg)

@@ -159,17 +159,25 @@ def write_token_dataset(directory: str, docs: list[np.ndarray], *, tokenizer_pat
     """Writes already-tokenized documents as a prepared directory (shards + manifest.json).
 
     For data tokenized elsewhere, benchmarks and tests; `prepare` is the path from raw text.
+    Each document must be framed as prepare frames it, `[CLS] ... [SEP]` (the loader frames
+    no document of a prepared directory); raises ValueError naming the first that is not.
     """
     from data_pipeline import tokenizer  # tokenizers import only where a manifest is made
     tok = tokenizer.load(tokenizer_path)
     vocab_size = tok.get_vocab_size()
+    specials = tokenizer.special_ids(tok, tokenizer_path)
+    for i, doc in enumerate(docs):
+        if len(doc) < 2 or doc[0] != specials["cls"] or doc[-1] != specials["sep"]:
+            raise ValueError(
+                f"{directory}: document {i} ({len(doc)} ids) is not framed as [CLS] ... [SEP] "
+                f"(ids {specials['cls']} and {specials['sep']}): add them before writing, as "
+                "data_pipeline.prepare does; the loader reads prepared documents as they are")
     os.makedirs(directory, exist_ok=True)
     entries = [write_shard(os.path.join(directory, shard_name(k)),
                            docs[i:i + docs_per_shard], token_dtype(vocab_size))
                for k, i in enumerate(range(0, len(docs), docs_per_shard))]
     manifest = build_manifest(source=source, vocab_size=vocab_size, tokenizer_path=tokenizer_path,
                               fingerprint=tokenizer.fingerprint(tok),
-                              specials=tokenizer.special_ids(tok, tokenizer_path),
-                              entries=entries, input_documents=len(docs), chunking=None)
+                              specials=specials, entries=entries, input_documents=len(docs), chunking=None)
     write_json_atomic(os.path.join(directory, MANIFEST), manifest)
     return manifest

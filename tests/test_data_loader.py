@@ -206,6 +206,19 @@ def test_mlm_statistics_match_ratio_and_80_10_10(corpus, tok_dir):
         assert abs(counts[key] / counts["chosen"] - share) < 0.02, (key, counts)
 
 
+def test_mlm_never_selects_unk(tmp_path, tok_dir):
+    """transformers' collator (Ettin's masking, recipe §4.3) leaves every special token out,
+    [UNK] included (its all_special_ids): half the tokens here are [UNK], none is selected."""
+    rng = np.random.default_rng(4)
+    docs = [np.concatenate([[CLS], np.where(rng.random(n) < 0.5, UNK, rng.integers(0, UNK, n)),
+                            [SEP]]).astype(np.int32) for n in rng.integers(20, 200, 60)]
+    shards.write_token_dataset(str(tmp_path / "c"), docs, tokenizer_path=tok_dir, source="c")
+    batch = next(loader.make_train_iterator(make_config("mlm", str(tmp_path / "c"), tok_dir,
+                                                        rows=16), process_index=0, process_count=1))
+    chosen = batch["labels"] != -100
+    assert chosen.sum() > 100 and not (batch["labels"][chosen] == UNK).any()
+
+
 def test_clm_labels_never_cross_a_document_boundary(corpus, tok_dir):
     path, _ = corpus
     it = loader.make_train_iterator(make_config("clm", path, tok_dir, rows=16),
@@ -288,6 +301,18 @@ def test_eval_iterator_is_one_padded_pass_over_held_out_documents(tmp_path, tok_
     train_ids = np.concatenate([np.where(b["labels"] != -100, b["labels"], b["input_ids"])
                                 for b in train])
     assert (train_ids[train_ids < UNK] // 100 < 180).all()   # held-out docs never trained on
+
+
+def test_token_datasets_hold_framed_documents_only(tmp_path, tok_dir):
+    """The loader frames no document of a prepared directory, so writing an unframed one
+    (it would train without [CLS]/[SEP]) is refused, naming it; nothing is written."""
+    docs = traceable_docs([10] * 3)
+    for bad in (docs[1][1:], docs[1][:-1], np.array([CLS], np.int32)):
+        with pytest.raises(ValueError, match=r"/c: document 1 \(\d+ ids\) is not framed as "
+                                             rf"\[CLS\] ... \[SEP\] \(ids {CLS} and {SEP}\)"):
+            shards.write_token_dataset(str(tmp_path / "c"), [docs[0], bad, docs[2]],
+                                       tokenizer_path=tok_dir, source="c")
+    assert not (tmp_path / "c").exists()
 
 
 def test_ids_beyond_vocab_fail_naming_shard_and_record(tmp_path, tok_dir):
