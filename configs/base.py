@@ -355,7 +355,9 @@ def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: st
                                "decay": 1.6667e10 if huge else 5e10,
                                "cross": 1.6667e10 if huge else 5e10}[phase]
     if phase in ("ext", "decay"):            # 1-sqrt over the whole phase (t_decay = t_max)
-        c.schedule.decay_tokens = c.schedule.get_ref("total_tokens")
+        # A derived reference (`* 1`): it follows total_tokens, and an override of it changes
+        # it alone (setting a field that holds total_tokens' own reference would set both).
+        c.schedule.decay_tokens = c.schedule.get_ref("total_tokens") * 1
     else:
         c.schedule.decay_tokens = {"pretrain": 0.0, "cross": 3.333e9 if huge else 1e10}[phase]
     c.schedule.final_fraction = {"pretrain": 0.02, "ext": 0.5, "decay": 0.04, "cross": 0.02}[phase]
@@ -404,7 +406,8 @@ def _add_demo_variant(c: ml_collections.ConfigDict):
     demo.train.eval_every_steps = 40
     demo.train.eval_batches = min(c.train.eval_batches, 4)
     demo.data = ml_collections.ConfigDict()
-    demo.data.eval_batch_size = demo.train.get_ref("global_batch_size")
+    demo.data.eval_batch_size = demo.train.get_ref("global_batch_size") * 1   # derived: see
+    # schedule.decay_tokens in _add_training_sections
     demo.data.num_workers = 0               # tiny batches: loader workers would only compete
     demo.schedule = ml_collections.ConfigDict()
     demo.schedule.total_tokens = 120 * 16 * 128    # 120 steps

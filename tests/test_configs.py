@@ -3,7 +3,7 @@ import importlib
 
 import pytest
 
-from configs import base
+from configs import base, ettin_150m
 
 SIZES = ["17m", "32m", "68m", "150m", "400m", "1b"]
 RUNS = ["mlm", "clm", "mlm_ext", "clm_ext", "mlm_decay", "clm_decay", "mlm_from_clm", "clm_from_mlm"]
@@ -157,3 +157,21 @@ def test_the_demo_on_a_cpu_scans_the_layers_in_float32_and_a_real_run_keeps_its_
     config.demo.cpu_scan_layers, config.data.mixture = True, "data/web"
     assert (demo.demo_variant(config).model.scan_layers,
             demo.demo_variant(config).model.dtype) == (False, "bfloat16")
+
+
+def test_an_override_of_a_derived_value_changes_it_alone():
+    """decay_tokens follows total_tokens in extension and decay (and the demo's eval batch
+    its train batch) until a flag sets it: then the flag changes that key only, not the one it
+    followed (a shared ml_collections reference would set both)."""
+    config = ettin_150m.get_config("mlm_ext")
+    config.schedule.total_tokens = 2e11
+    assert config.schedule.decay_tokens == 2e11
+    config.schedule.decay_tokens = 1e9
+    assert (config.schedule.total_tokens, config.schedule.decay_tokens) == (2e11, 1e9)
+    config.demo.data.eval_batch_size = 6
+    assert config.demo.train.global_batch_size == 16
+    config.demo.train.global_batch_size = 32
+    assert config.demo.data.eval_batch_size == 6
+    fresh = ettin_150m.get_config("mlm_decay")
+    fresh.demo.train.global_batch_size = 32
+    assert fresh.demo.data.eval_batch_size == 32
