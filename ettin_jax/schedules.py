@@ -334,6 +334,13 @@ def validate(config):
     if config.checkpoint.keep_last < 1:     # none kept: a crash would leave nothing to resume
         raise ValueError(f"config.checkpoint.keep_last={config.checkpoint.keep_last}: must be "
                          ">= 1, the newest checkpoints are what a restart resumes from")
+    for key, value in (("log.every_steps", config.log.every_steps),
+                       ("train.eval_every_steps", config.train.eval_every_steps)):
+        if value < 1:                       # steps are taken modulo it
+            raise ValueError(f"config.{key}={value}: must be >= 1")
+    if config.train.eval_batches < 0:
+        raise ValueError(f"config.train.eval_batches={config.train.eval_batches}: must be >= 0 "
+                         "(0 = no evaluation)")
     if config.checkpoint.keep_every_nth < 0:
         raise ValueError(f"config.checkpoint.keep_every_nth={config.checkpoint.keep_every_nth}: "
                          "must be >= 0 (0 = keep none for good)")

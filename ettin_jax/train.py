@@ -237,14 +237,17 @@ def _make_writers(config, workdir: str, step: int, num_steps: int):
         writers.append(writers_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json_best_effort(indent=2))
+    # Progress and ETA go to the log only: the train scalars carry steps_per_sec of their own
+    # (clu's, of another window, made the same TensorBoard tag zigzag).
     report_progress = periodic_actions.ReportProgress(
-        num_train_steps=num_steps, writer=writer, every_secs=config.log.progress_every_secs)
+        num_train_steps=num_steps, writer=None, every_secs=config.log.progress_every_secs)
     hooks = []
     if is_writer:
         hooks.append(report_progress)
-        if config.log.profile_steps > 0:
-            hooks.append(periodic_actions.Profile(logdir=workdir,
-                                                  num_profile_steps=config.log.profile_steps))
+        if config.log.profile_steps > 0:   # once (clu's default repeats it every hour)
+            hooks.append(periodic_actions.Profile(
+                logdir=workdir, num_profile_steps=config.log.profile_steps,
+                profile_duration_ms=None, every_steps=None, every_secs=None))
     return writers_lib.RecordsMultiWriter(writers), report_progress, hooks
 
 
@@ -419,24 +422,37 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
                     hook(step)
 
                 is_last = step == num_steps
-                scalars = {}
-                if step % config.log.every_steps == 0 or is_last:
-                    scalars.update(train_metrics.train_scalars(
+
+                def train_scalars():
+                    scalars = dict(train_metrics.train_scalars(
                         window, config, step=step, num_steps=num_steps,
                         learning_rate=learning_rate, rows=rows, tokens=tokens,
                         peak_flops=peak_flops), micro_batches=rows // micro_rows)
                     window.metrics = None
                     guard.check_loss(step, scalars["loss"])
+                    return scalars
+
+                scalars = {}
+                if step % config.log.every_steps == 0 or is_last:
+                    scalars.update(train_scalars())
                 if config.train.eval_batches and (step % config.train.eval_every_steps == 0
                                                   or is_last):
                     scalars.update(evaluation.evaluate(setup, state["params"], config))
-                if scalars:
+
+                def write(scalars):
+                    nonlocal window, fingerprints
                     writers.write_scalars(step, dict(scalars, data_fingerprints=fingerprints))
                     last.update(scalars)
                     window, fingerprints = train_metrics.Window(metrics=window.metrics), []
 
+                if scalars:
+                    write(scalars)
+
                 stopping = yield Progress("step", step=step, fingerprint=fingerprint,
                                           metrics=metrics)
+                if stopping and fingerprints:
+                    # The steps since the last line: a resume does not log them again.
+                    write(train_scalars())
                 if step % save_every == 0 or is_last or stopping:
                     guard.observe(*pending)          # no lag here: the save waits anyway
                     pending = None
@@ -459,7 +475,11 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
         writers.close()
 
     # Finish.
-    if step == num_steps and jax.process_index() == 0:
+    if step > num_steps and jax.process_index() == 0:
+        logging.warning("the checkpoint of step %d lies past this config's end, step %d (%s "
+                        "tokens): nothing to train", step, num_steps,
+                        f"{config.schedule.total_tokens:,.0f}")
+    if step >= num_steps and jax.process_index() == 0:
         logging.info("%s. Checkpoints: %s; TensorBoard: tensorboard --logdir %s; metrics: %s; "
                      "export: python -m ettin_jax.hf export --checkpoint=%s --out=%s/hf",
                      train_metrics.run_summary(last, step=step, num_steps=num_steps, tokens=tokens,

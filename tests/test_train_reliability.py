@@ -444,3 +444,31 @@ def test_a_second_stop_signal_exits_without_waiting_for_the_step(name):
         assert result.returncode == -signal.SIGTERM, result.stderr[-2000:]
     else:
         assert "KeyboardInterrupt" in result.stdout and result.returncode == 3
+
+
+def test_a_stop_logs_the_steps_since_the_last_line(tmp_path, good_run, caplog):
+    """Logging every 4 steps, a stop at step 3 writes steps 1-3's line (loss, fingerprints)
+    before it saves: the resumed run logs from step 4 on, so no step's data goes unchecked
+    (the good run's fingerprints, one line per step there). A config whose end lies before
+    the checkpoint says so and trains nothing."""
+    workdir = str(tmp_path / "run")
+    config = make_config(steps_with(6), "--config.demo.log.every_steps=4")
+    run = train.train_steps(config, workdir)
+    progress = next(run)
+    with pytest.raises(StopIteration):
+        while True:
+            progress = run.send("a test" if progress.stage == "step" and progress.step == 3
+                                else None)
+    train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert [(r["step"], len(r["data_fingerprints"])) for r in lines] == [(3, 3), (4, 1), (6, 2)]
+    assert all(np.isfinite(r["loss"]) for r in lines)
+    with open(os.path.join(good_run[0], "metrics.jsonl")) as f:
+        good = [fp for line in f for fp in json.loads(line)["data_fingerprints"]]
+    assert [fp for r in lines for fp in r["data_fingerprints"]] == good[:6]
+    with caplog.at_level(logging.WARNING):
+        train.train_and_evaluate(make_config(steps_with(5), "--config.demo.log.every_steps=4",
+                                             "--config.train.allow_config_change=True"), workdir)
+    assert any("checkpoint of step 6 lies past this config's end, step 5" in r.getMessage()
+               for r in caplog.records)

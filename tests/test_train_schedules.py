@@ -277,7 +277,7 @@ def test_batch_warmup_starts_at_any_fraction_and_grows_in_equal_steps(start):
             schedules.validate(c)
 
 
-def test_a_run_keeps_at_least_its_newest_checkpoint():
+def test_a_run_keeps_at_least_its_newest_checkpoint_and_logs_at_whole_intervals():
     c = ettin_150m.get_config("mlm")
     c.checkpoint.keep_last = 0                # Orbax would delete each save at once
     with pytest.raises(ValueError, match=r"checkpoint.keep_last=0: must be >= 1"):
@@ -287,6 +287,15 @@ def test_a_run_keeps_at_least_its_newest_checkpoint():
         schedules.validate(c)
     c.checkpoint.keep_every_nth = 0
     schedules.validate(c)
+    for key, section in (("every_steps", c.log), ("eval_every_steps", c.train)):
+        before = section[key]
+        section[key] = 0                    # a ZeroDivisionError after the first step before
+        with pytest.raises(ValueError, match=rf"config\.\w+\.{key}=0: must be >= 1"):
+            schedules.validate(c)
+        section[key] = before
+    c.train.eval_batches = -1
+    with pytest.raises(ValueError, match=r"config.train.eval_batches=-1: must be >= 0"):
+        schedules.validate(c)
 
 
 def test_warmup_steps_split_into_micro_batches_that_fit_and_divide_over_the_devices():

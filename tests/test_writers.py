@@ -58,13 +58,34 @@ def test_main_trains_and_writes_tensorboard_without_tensorflow(tmp_path):
     env = train_testlib.subprocess_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(blocker), env.get("PYTHONPATH")]))
     flags = [flag for flag in TRAIN_FLAGS if "total_tokens" not in flag] + [
-        "--config.demo.schedule.total_tokens=1024"]                   # 2 steps of 8 x 64
+        "--config.demo.schedule.total_tokens=1024",                   # 2 steps of 8 x 64
+        "--config.log.progress_every_secs=0.001"]                     # a progress note per step
     workdir = tmp_path / "run"
     result = subprocess.run([sys.executable, "main.py", f"--workdir={workdir}", *flags],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
-        jsonl = {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+        records = [r for r in map(json.loads, f) if "loss" in r]
     events = read_events(workdir)
-    assert sorted(jsonl) == [1, 2]
-    assert {step: float(v) for step, (_, v) in events["loss"].items()} == pytest.approx(jsonl)
+    assert [r["step"] for r in records] == [1, 2]
+    for tag in ("loss", "steps_per_sec"):   # one series a tag (clu's progress writes none)
+        assert {step: float(v) for step, (_, v) in events[tag].items()} == pytest.approx(
+            {r["step"]: r[tag] for r in records}), tag
+    assert "uptime" not in events
+
+
+def test_a_profile_is_taken_once(tmp_path, monkeypatch):
+    """config.log.profile_steps > 0: one profile of that many steps, not one an hour (clu's
+    Profile default), however long the run."""
+    from clu import profiler  # pylint: disable=import-outside-toplevel
+    from ettin_jax import train  # pylint: disable=import-outside-toplevel
+    sessions = []
+    monkeypatch.setattr(profiler, "start", lambda logdir: sessions.append(logdir))
+    monkeypatch.setattr(profiler, "stop", lambda: None)
+    config = train_testlib.config_from_flags(TRAIN_FLAGS + ["--config.log.profile_steps=3"])
+    writers, _, hooks = train._make_writers(config, str(tmp_path), 0, 100_000)
+    for step in range(1, 200):
+        for hook in hooks:
+            hook(step, t=step * 1800.0)      # half an hour a step
+    writers.close()
+    assert sessions == [str(tmp_path)]
