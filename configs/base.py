@@ -386,7 +386,7 @@ def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: st
     c.log.every_steps = 50
     c.log.progress_every_secs = 60.0
     c.log.device_peak_flops = 0.0           # per device, for MFU; 0 = from jax's device_kind
-    c.log.profile_steps = 0                 # > 0: capture a profile of that many steps
+    c.log.profile_steps = 0                 # > 0: profile that many steps once, from step 10
     # Expected training throughput (all devices), for the wall time of `main.py --dry_run`'s
     # plan; 0 = unknown (bench/RESULTS.md has measured figures).
     c.log.tokens_per_sec_estimate = 0.0

@@ -4,6 +4,7 @@ ends in minutes on a CPU.
 
     apply_demo(config) -> config     # a copy; unchanged (but resolved) when a mixture is set
     demo_variant(config) -> config   # the same keys, without building the corpus (the plan)
+    demo_keys_named(message, config) # an error's config keys as a demo run's user sets them
 
 `config.demo` mirrors the sections it replaces (`demo.train.seq_len`,
 `demo.schedule.total_tokens`, ...; configs/base.py derives the dependent values). Applying
@@ -12,6 +13,8 @@ points config.data.mixture and config.data.tokenizer at it: everything downstrea
 checkpoints, export) sees a normal run.
 """
 from __future__ import annotations
+
+import re
 
 import jax
 import ml_collections
@@ -52,3 +55,15 @@ def apply_demo(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                  tokenizer_dir, config.train.global_batch_size, config.train.seq_len,
                  config.schedule.total_tokens)
     return config
+
+
+def demo_keys_named(message: str, config: ml_collections.ConfigDict) -> str:
+    """`message` with each `config.SECTION.KEY` that a demo run takes from config.demo named
+    `config.demo.SECTION.KEY`, the key a user of the demo sets."""
+    demo = config.get("demo") or {}
+
+    def name(match):
+        section, key = match.group(1), match.group(2)
+        inside = isinstance(demo.get(section), ml_collections.ConfigDict) and key in demo[section]
+        return f"config.demo.{section}.{key}" if inside else match.group(0)
+    return re.sub(r"\bconfig\.(\w+)\.(\w+)", name, message)

@@ -3,6 +3,7 @@ in the workdir, so that every start of the run (and its plan) sizes steps the sa
 
     record = for_run(config, workdir, demo=False)  # the stored record, else a fresh measurement
     store(workdir, record)                         # `workdir/step_tokens.json` (once)
+    check_split(workdir, split, has_checkpoints)   # the steps' sizes stay as the run began
 
 A step is `train.global_batch_size` (4608) sequences of the data's mean length, packed into
 `schedules.rows_per_step(config, mean, data_parallel)` rows of `train.seq_len` tokens
@@ -21,6 +22,7 @@ Record (JSON):
     sources               per source: path, token_share (configured), documents, measured,
                           exact, tokens_per_document, pieces_per_document, mean_sequence_length,
                           relative_error
+    split                 data_parallel, rows_per_step and warmup_split of the run's steps
 """
 from __future__ import annotations
 
@@ -131,3 +133,35 @@ def agreed(config, workdir: str, *, demo: bool) -> float | None:
         value = float(np.frombuffer(np.asarray(raw, np.uint8).tobytes(), np.float64)[0])
         mean = None if math.isnan(value) else value
     return mean
+
+
+def check_split(workdir: str, split: dict, has_checkpoints: bool):
+    """Refuses a resume whose steps would be cut differently from the steps under the run's
+    checkpoints. `split`: {"data_parallel", "rows_per_step", "warmup_split"} of this start.
+
+    Rows per step round to whole micro batches per data-parallel device, and steps are
+    replayed by index (schedules.rows_schedule), so on another device count a step could hold
+    other rows and the step count would end the run at another token count. The first start
+    records its split in the record (a run recorded before the key: its next start, as does
+    a start that finds no checkpoint). Raises ValueError on every process."""
+    problem = ""
+    if jax.process_index() == 0:
+        record = read(workdir)
+        old = (record or {}).get("split")
+        keys = ("rows_per_step", "warmup_split")
+        if record is not None and (old is None or not has_checkpoints):
+            store(workdir, dict(record, split=split))
+        elif old is not None and any(old.get(k) != split[k] for k in keys):
+            problem = (
+                f"{path(workdir)}: this run's steps are {old['rows_per_step']} rows (the "
+                f"batch-size warmup's micro batches {old['warmup_split']}) on "
+                f"{old['data_parallel']} data-parallel devices; on {split['data_parallel']} "
+                f"they would be {split['rows_per_step']} rows ({split['warmup_split']}), which "
+                "would end the run at another token count. Resume on "
+                f"{old['data_parallel']} data-parallel devices (config.mesh: data x fsdp)")
+    if jax.process_count() > 1:
+        refused = multihost_utils.broadcast_one_to_all(np.int32(bool(problem)))
+        if int(refused) and not problem:
+            problem = "the run's step split changed (process 0's error names it)"
+    if problem:
+        raise ValueError(problem)

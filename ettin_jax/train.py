@@ -332,7 +332,10 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     workdir_lib.check_init_from(config)
     demo_run = not config.data.mixture
     config = demo.apply_demo(config)
-    schedules.validate(config)
+    try:
+        schedules.validate(config)
+    except ValueError as e:
+        raise ValueError(demo.demo_keys_named(str(e), config) if demo_run else str(e)) from None
     workdir_lib.check_identity(config, workdir)
 
     # Mesh.
@@ -348,6 +351,12 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     data_parallel = sharding_lib.data_parallel_size(mesh)
     rows_per_step = schedules.rows_per_step(config, mean, data_parallel)
     logging.info(schedules.describe_split(config, mean, data_parallel))
+    saved = [s for s in checkpoint_lib.saved_steps(workdir)
+             if resume_at_most is None or s <= resume_at_most]
+    step_tokens.check_split(workdir, {
+        "data_parallel": data_parallel, "rows_per_step": rows_per_step,
+        "warmup_split": list(schedules.warmup_split(config, mean, data_parallel))},
+        has_checkpoints=bool(saved))
 
     # Data.
     rows_for_step = schedules.rows_schedule(config, mean, data_parallel)
@@ -356,8 +365,6 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     batch_keys = losses.BATCH_KEYS[config.objective]
     # The train step compiles on a thread from here on (ettin_jax.precompile), for the shapes
     # of the step the run starts at; everything up to the loop runs beside it.
-    saved = [s for s in checkpoint_lib.saved_steps(workdir)
-             if resume_at_most is None or s <= resume_at_most]
     first_step = saved[-1] if saved else 0
     # A finished run compiles nothing (if its restore falls back, the first step compiles).
     first_rows = rows_for_step(first_step)

@@ -159,6 +159,20 @@ def test_a_run_logs_the_plans_tokens_per_step_and_a_resume_keeps_the_stored_figu
     with pytest.raises(ValueError, match=r"step_tokens\.json.*config\.train\.seq_len=128"):
         step_tokens.for_run(moved, str(workdir), demo=False)
 
+    # The split of the steps is recorded at the first start; a resume whose device count cuts
+    # them otherwise is refused (steps replay by index: the run would end at another count).
+    assert stored["split"] == {"data_parallel": 4, "rows_per_step": 8,
+                               "warmup_split": list(schedules.warmup_split(
+                                   config, stored["mean_sequence_length"], 4))}
+    same = dict(stored["split"], data_parallel=2)
+    step_tokens.check_split(str(workdir), same, has_checkpoints=True)
+    other = dict(stored["split"], data_parallel=3, rows_per_step=9)
+    with pytest.raises(ValueError, match=r"step_tokens\.json: this run's steps are 8 rows .* on "
+                                         r"4 data-parallel devices; on 3 they would be 9 rows"):
+        step_tokens.check_split(str(workdir), other, has_checkpoints=True)
+    step_tokens.check_split(str(workdir), other, has_checkpoints=False)   # nothing to keep
+    assert step_tokens.read(str(workdir))["split"] == other
+
 
 def test_auto_grad_accum_splits_a_real_run_as_its_plan_says(tmp_path):
     """grad_accum_steps=0: the plan and the run take the fewest micro batches within

@@ -472,3 +472,15 @@ def test_a_stop_logs_the_steps_since_the_last_line(tmp_path, good_run, caplog):
                                              "--config.train.allow_config_change=True"), workdir)
     assert any("checkpoint of step 6 lies past this config's end, step 5" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_demo_runs_bad_value_is_named_by_its_demo_key(tmp_path):
+    """A demo run takes its schedule, batch and intervals from config.demo: an error names
+    the config.demo key the user sets (config.schedule.total_tokens would be overwritten)."""
+    with pytest.raises(ValueError, match=r"^config\.demo\.schedule\.total_tokens=0\.0: must be"):
+        train.train_and_evaluate(make_config("--config.demo.schedule.total_tokens=0"),
+                                 str(tmp_path / "w"))
+    with pytest.raises(ValueError, match=r"^config\.demo\.log\.every_steps=0: must be >= 1"):
+        train.train_and_evaluate(make_config("--config.demo.log.every_steps=0"),
+                                 str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w" / workdir_lib.IDENTITY_NAME)
