@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU bench table in one go (<= --budget_s, default 480 s, on one GPU), in stages run in
+# The GPU bench table in one go (<= --budget_s, default 540 s, on one GPU), in stages run in
 # the order --stages gives (default ours,attention,startup,peer,tune):
 #   ours: the train step (bench/train_step.py --attention_impl=pallas): 150m mlm 64x1024 and
 #     8x8192, 1b mlm 32x1024, 150m clm 64x1024, each config in one process; each record has
@@ -24,14 +24,18 @@
 #     the end): bench/memory.py's largest micro batch per size at 1024 and 8192, remat
 #     none/full/dots/dots_attention, 80 GB, compile-only.
 # Each command has its own timeout, cut to the budget left; what the budget does not reach is
-# listed as skipped. On an H200 (2026-11-30) one cold compile of a train step took about a
-# minute, so the whole default list needs more than 15 minutes: pick stages to fit a lease.
-# The section (card, date, jax version, every command) is appended to bench/RESULTS.md and
-# written to $LOG/results_section.md (/tmp/gpubench); with $OUT set (the device machine), that
-# section and a .tar.gz of every log are copied to $OUT, which the device tool brings back.
+# listed as skipped. On an H200 (2026-11-30) one cold compile of a train step took 1-2.5
+# minutes, so the whole default list needs more than 15 minutes: pick stages to fit a lease
+# (one 15-minute lease: `--stages=ours` or `--stages=attention,startup --quick`, each within the
+# default budget; the timeouts allow ~150 s per compile).
+# The section (card, date, jax version, commit, this command, every sub-command) is appended
+# to bench/RESULTS.md and written to $LOG/results_section.md (/tmp/gpubench); with $OUT set
+# (the device machine), that section and a .tar.gz of every log are copied to $OUT after every
+# stage and on a kill, which the device tool brings back: append results_section.md to the
+# local bench/RESULTS.md by hand (the device's copy of the tree does not come back).
 #
-#   bash bench/gpu.sh [--quick] [--stages=ours,startup] [--skip_peer] [--budget_s=480]
-#   bash bench/gpu.sh --tune [--budget_s=480]    # = --stages=tune (profile + variants)
+#   bash bench/gpu.sh [--quick] [--stages=ours,startup] [--skip_peer] [--budget_s=540]
+#   bash bench/gpu.sh --tune [--budget_s=540]    # = --stages=tune (profile + variants)
 #   bash bench/gpu.sh --stages=tune,ours --tune_s=200   # the profile first, capped, then ours
 #   bash bench/gpu.sh --dry_run      # print every command, run nothing
 #   bash bench/gpu.sh --help         # this text
@@ -44,7 +48,8 @@
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-QUICK=0 SKIP_PEER=0 DRY=0 SMOKE=0 BUDGET=480 STAGES="" TUNE_S=600
+QUICK=0 SKIP_PEER=0 DRY=0 SMOKE=0 BUDGET=540 STAGES="" TUNE_S=600
+ARGS="$*"
 for arg in "$@"; do
   case $arg in
     --quick) QUICK=1 ;;
@@ -125,7 +130,7 @@ if [ "$SMOKE" = 1 ]; then
 else
   C150=configs/ettin_150m.py C1B=configs/ettin_1b.py SIZES="17m 32m 68m 150m 400m 1b"
   S64x1K=64x1024 S8x8K=8x8192 S32x1K=32x1024 SEQS=1024,8192 ATT_BATCH="" ATT_ENV=()
-  ATT_LAYERS=enc-global,enc-local,dec-global,dec-local ATT_LIMIT=150
+  ATT_LAYERS=enc-global,enc-local,dec-global,dec-local ATT_LIMIT=240
   MEM_SEQS=1024,8192 MEM_EXTRA="" START_SHAPE="--rows=64 --seq_len=1024"
   START_LONG="--rows=8 --seq_len=8192"
   STEPS="--steps=10 --warmup=2" PEER_STEPS="--steps=10 --warmup=3" PEER_COMPILE_REST=yes
@@ -180,7 +185,10 @@ run() {
     SKIPPED+=("$name: budget spent (${left}s left)"); return 0
   fi
   local t0 rc; t0=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" > "$LOG/$name.log" 2>&1; rc=$?
+  # In the background and waited for: bash runs a trap (save_out on SIGTERM) only between
+  # commands, and `wait` is one it interrupts.
+  timeout --kill-after=10 "$limit" "$@" > "$LOG/$name.log" 2>&1 &
+  wait $!; rc=$?
   local took=$(( $(date +%s) - t0 ))
   printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$took" "$shown" >> "$LOG/commands.tsv"
   case $rc in
@@ -202,6 +210,12 @@ if ! python -c "import grain, ml_collections, clu, array_record, portpicker, dat
         || { echo "pip install failed: $LOG/pip.log"; HAVE_DEPS=0; }
     fi
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    if [ "$DRY" = 0 ] && [ "$HAVE_DEPS" = 1 ] && ! python -c \
+        "import grain, ml_collections, clu, array_record, portpicker, datasketch" 2>> "$LOG/pip.log"; then
+      echo "the wheels in .whl/ leave a package missing (bash bench/gpu.sh --fetch_wheels fetches" \
+           "all six): $LOG/pip.log"
+      HAVE_DEPS=0
+    fi
   else
     echo "grain/ml-collections/clu/array-record/portpicker/datasketch missing and no .whl/: run" \
          "'bash bench/gpu.sh --fetch_wheels' on a networked machine and carry .whl"
@@ -271,9 +285,10 @@ stage_ours() {
     run ours_150m_mlm 200 $OURS --config=$C150:mlm --shapes=$S64x1K
     return
   fi
-  run ours_150m_mlm 200 $OURS --config=$C150:mlm --shapes=$S64x1K,$S8x8K
-  run ours_1b_mlm 150 $OURS --config=$C1B:mlm --shapes=$S32x1K
-  run ours_150m_clm 120 $OURS --config=$C150:clm --shapes=$S64x1K
+  # ~150 s a compile on an H200 (2026-11-30: 200 s cut the 8x8192 one, 120 s the clm one)
+  run ours_150m_mlm 330 $OURS --config=$C150:mlm --shapes=$S64x1K,$S8x8K
+  run ours_1b_mlm 200 $OURS --config=$C1B:mlm --shapes=$S32x1K
+  run ours_150m_clm 200 $OURS --config=$C150:clm --shapes=$S64x1K
 }
 
 # Train step, transformers' peer: its own process (JAX would keep its memory).
@@ -323,7 +338,7 @@ stage_attention() {
   if [ "$SMOKE" = 1 ]; then
     skip "attention_check: interpreted kernels at seq 1000 take minutes on a CPU (tests/test_mosaic_attention.py checks them)"
   else
-    run attention_check 120 python bench/attention.py --check --check_dtypes bfloat16 --check_head_dims 64
+    run attention_check 180 python bench/attention.py --check --check_dtypes bfloat16 --check_head_dims 64
   fi
   # The Mosaic kernels in a process of their own, after: a fault of theirs on the GPU (never
   # run there yet) cannot take the Triton and cuDNN figures down with it.
@@ -335,8 +350,21 @@ stage_attention() {
     --results --results_file "$LOG/attention.md" --note "bench/gpu.sh, Mosaic GPU kernels"
 }
 
+# What the device tool brings back, refreshed after every stage and on a kill (a lease that
+# ends mid-stage keeps the stages before it): the logs (the report can be made from them
+# anywhere: bench/gpu_report.py --bench_logs) and, at the end, the results section.
+save_out() {
+  [ -n "${OUT:-}" ] && [ "$DRY" = 0 ] || return 0
+  cp "$LOG/results_section.md" "$OUT/" 2>/dev/null
+  tar czf "$OUT/$(basename "$LOG")_logs.tar.gz" --exclude=xla_cache -C "$(dirname "$LOG")" \
+    "$(basename "$LOG")"
+}
+trap 'save_out; exit 143' TERM
+trap 'save_out; exit 130' INT
+
 for stage in ${STAGES//,/ }; do
   "stage_$stage"
+  save_out
 done
 stop_memory
 
@@ -346,13 +374,9 @@ printf '%s\n' "${SKIPPED[@]+"${SKIPPED[@]}"}" > "$LOG/skipped.txt"
 if [ "$DRY" = 1 ]; then echo "dry run: nothing ran"; exit 0; fi
 TARGET=bench/RESULTS.md
 [ "$SMOKE" = 1 ] && TARGET=$LOG/RESULTS.smoke.md
-python bench/gpu_report.py --bench_logs="$LOG" --mode="$([ "$SMOKE" = 1 ] && echo cpu_smoke || echo gpu)$([ "$QUICK" = 1 ] && echo ,quick), stages $STAGES" \
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo "unknown: no .git")
+python bench/gpu_report.py --bench_logs="$LOG" --mode="$([ "$SMOKE" = 1 ] && echo cpu_smoke || echo gpu)$([ "$QUICK" = 1 ] && echo ,quick), stages $STAGES, budget ${BUDGET}s, commit $COMMIT; bash bench/gpu.sh $ARGS" \
   --append_to="$TARGET" && echo "appended to $TARGET and $LOG/results_section.md"
 # The device tool brings back at most 8 files from $OUT: the section and one archive of the logs.
-if [ -n "${OUT:-}" ]; then
-  cp "$LOG/results_section.md" "$OUT/" 2>/dev/null
-  tar czf "$OUT/$(basename "$LOG")_logs.tar.gz" --exclude=xla_cache -C "$(dirname "$LOG")" \
-    "$(basename "$LOG")" \
-    && echo "copied results_section.md and $(basename "$LOG")_logs.tar.gz to $OUT"
-fi
+save_out && [ -n "${OUT:-}" ] && echo "copied results_section.md and $(basename "$LOG")_logs.tar.gz to $OUT"
 echo "bench/gpu.sh done in $(( $(date +%s) - START ))s"

@@ -29,9 +29,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,8 +108,23 @@ def build_demo_corpus(config_arg: str):
     demo_corpus.configure(module.get_config(arg or None).copy_and_resolve_references())
 
 
+# Process groups of the main.py runs alive now: a SIGTERM to this script (bench/gpu.sh's
+# timeout) ends them too, or a run in its own session would go on compiling on the GPU.
+_RUNNING = set()
+
+
+def _end_runs_and_exit(signum, frame):  # pylint: disable=unused-argument
+    for pid in list(_RUNNING):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sys.exit(128 + signum)
+
+
 def time_run(command: list[str], env: dict, timeout: float, log_path: str) -> dict:
-    """Runs `command`; seconds to its first-step line and to its exit, and its exit code."""
+    """Runs `command`; seconds to its first-step line and to its exit, and its exit code
+    ("timeout" when a watchdog ended it after `timeout` s, silent or not)."""
     start = time.perf_counter()
     first_step = None
     stages = {name: None for name in STAGES}
@@ -115,6 +132,17 @@ def time_run(command: list[str], env: dict, timeout: float, log_path: str) -> di
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        _RUNNING.add(process.pid)
+        timed_out = threading.Event()
+
+        def watchdog():
+            timed_out.set()
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        timer = threading.Timer(timeout, watchdog)
+        timer.start()
         try:
             for line in process.stdout:
                 log.write(line)
@@ -129,12 +157,11 @@ def time_run(command: list[str], env: dict, timeout: float, log_path: str) -> di
                     lower_s = float(match.group(1))
                 if first_loss is None and (match := FIRST_LOSS.search(line)):
                     first_loss = float(match.group(1))
-                if time.perf_counter() - start > timeout:
-                    raise subprocess.TimeoutExpired(command, timeout)
-            rc = process.wait(timeout=max(1.0, timeout - (time.perf_counter() - start)))
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
+            rc = process.wait()
+        finally:
+            timer.cancel()
+            _RUNNING.discard(process.pid)
+        if timed_out.is_set():
             rc = "timeout"
     return {"first_step_s": None if first_step is None else round(first_step, 1),
             "exit_s": round(time.perf_counter() - start, 1), "rc": rc, **stages,
@@ -169,6 +196,7 @@ def define_flags():
 
 def main(argv):
     args = flags.FLAGS
+    signal.signal(signal.SIGTERM, _end_runs_and_exit)
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="ettin-startup-cache-")
     log_dir = args.run_logs or tempfile.mkdtemp(prefix="ettin-startup-logs-")
     os.makedirs(log_dir, exist_ok=True)

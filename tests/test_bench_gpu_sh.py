@@ -3,6 +3,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -200,3 +201,71 @@ def test_gpu_sh_stages_share_one_compilation_cache_and_start_up_keeps_its_own(tm
                          env=dict(os.environ, GPUBENCH_LOG=str(tmp_path / "gpubench"),
                                   GPUBENCH_CACHE=""))
     assert "compilation cache shared by the stages: off" in off.stdout.splitlines()
+
+
+_STARTUP_PROBE = """
+import signal, sys, time
+from bench import startup
+signal.signal(signal.SIGTERM, startup._end_runs_and_exit)
+# a silent run: the watchdog ends it after 1 s however little it prints
+print(startup.time_run([sys.executable, "-c", "import time; time.sleep(60)"], {}, 1.0,
+                       sys.argv[1])["rc"], flush=True)
+startup.time_run([sys.executable, "-c", "import os, sys, time; "
+                  "open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)", sys.argv[2]],
+                 {}, 60.0, sys.argv[1])
+"""
+
+
+def test_startup_runs_end_on_their_timeout_and_with_the_script(tmp_path):
+    """A main.py run that prints nothing is still cut at --timeout (the check used to wait
+    for a line), and a SIGTERM to bench/startup.py (gpu.sh's timeout) ends the run it started
+    in a session of its own, which would otherwise go on using the GPU."""
+    import signal  # pylint: disable=import-outside-toplevel
+    import time  # pylint: disable=import-outside-toplevel
+    probe = subprocess.Popen(
+        [sys.executable, "-c", _STARTUP_PROBE, str(tmp_path / "run.log"), str(tmp_path / "pid")],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    started = time.monotonic()
+    assert probe.stdout.readline().strip() == "timeout"
+    assert time.monotonic() - started < 30
+    child = None
+    while child is None and time.monotonic() - started < 60:   # the run's pid, once written
+        text = (tmp_path / "pid").read_text() if (tmp_path / "pid").exists() else ""
+        if text.strip():
+            child = int(text.split()[0])
+        else:
+            time.sleep(0.1)
+    probe.send_signal(signal.SIGTERM)
+    assert probe.wait(timeout=30) == 128 + signal.SIGTERM
+    time.sleep(0.5)
+    assert not os.path.exists(f"/proc/{child}") or \
+        open(f"/proc/{child}/stat").read().split()[2] == "Z", "the run outlived the script"
+
+
+def test_gpu_sh_killed_mid_stage_still_hands_back_its_logs(tmp_path):
+    """The device tool's timeout may end bench/gpu.sh mid-stage: its SIGTERM trap still puts
+    the logs (the commands so far, the stages done) in $OUT, as every finished stage does."""
+    import signal  # pylint: disable=import-outside-toplevel
+    import tarfile  # pylint: disable=import-outside-toplevel
+    import time  # pylint: disable=import-outside-toplevel
+    out, log = tmp_path / "out", tmp_path / "gpubench"
+    out.mkdir()
+    script = subprocess.Popen(["bash", "bench/gpu.sh", "--cpu_smoke", "--stages=ours"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True,
+                              env=dict(os.environ, GPUBENCH_LOG=str(log), OUT=str(out)))
+    try:
+        started = time.monotonic()
+        while not (log / "ours_150m_mlm.log").exists() and time.monotonic() - started < 60:
+            time.sleep(0.2)
+        assert (log / "ours_150m_mlm.log").exists(), script.stdout.read()
+        script.send_signal(signal.SIGTERM)
+        assert script.wait(timeout=30) == 143
+    finally:
+        try:
+            os.killpg(script.pid, signal.SIGKILL)   # the stage's command, if still running
+        except ProcessLookupError:
+            pass
+    with tarfile.open(out / "gpubench_logs.tar.gz") as archive:
+        names = archive.getnames()
+    assert "gpubench/commands.tsv" in names and "gpubench/ours_150m_mlm.log" in names
