@@ -42,7 +42,11 @@ def peer_step_fn(config, batch, *, compile_model: bool, bf16_autocast: bool):
     opt = torch.optim.AdamW(model.parameters(), lr=config.optimizer.peak_lr, betas=(0.9, 0.98),
                             eps=1e-6, weight_decay=config.optimizer.weight_decay,
                             fused=device == "cuda")
-    forward = torch.compile(model) if compile_model else model
+    if compile_model:
+        # Each shape compiled for its own static shape: after a first shape, dynamo would
+        # recompile the same model class for the next with symbolic (dynamic) sizes.
+        torch._dynamo.reset()  # pylint: disable=protected-access
+    forward = torch.compile(model, dynamic=False) if compile_model else model
     if config.objective == "mlm":
         labels = batch["labels"]
     else:
