@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 
 from absl import flags
@@ -151,6 +152,28 @@ def attention_rows(lines: list) -> dict:
     return rows
 
 
+# A row bench/attention.py prints as it times it: seq, batch, layer, impl, ms, TFLOP/s.
+_ATTENTION_LOG_ROW = re.compile(
+    r"^\s*(\d+)\s+(\d+)\s+(\S+)\s+(\S+)\s+([\d.]+) ms\s+([\d.]+) TFLOP/s\s*$")
+
+
+def attention_rows_from_logs(log_dir: str, have: dict) -> list:
+    """Markdown rows of the timings bench/attention.py printed in its logs that `have`
+    (attention_rows of attention.md) lacks: a command cut by its timeout writes no table."""
+    rows = []
+    for name in ("attention.log", "attention_mosaic.log"):
+        for line in read_lines(os.path.join(log_dir, name)):
+            match = _ATTENTION_LOG_ROW.match(line)
+            if match and (int(match[1]), match[3], match[4]) not in have:
+                rows.append(f"| {match[1]} | {match[2]} | {match[3]} | {match[4]} | {match[5]} "
+                            f"| {match[6]} |")
+    if not rows:
+        return []
+    return ["", "## attention rows printed by commands their timeout cut (from their logs)", "",
+            "| seq | batch | layer | impl | ms (fwd+bwd) | TFLOP/s (visible pairs) |",
+            "|---|---|---|---|---|---|", *rows]
+
+
 def goals_table(train: list, tune: list, startup: list, attention: list) -> list:
     """One row per goal of the GPU issue: what this run measured against it, and whether it is
     met ("not measured" where the run has no figure for it)."""
@@ -226,6 +249,7 @@ def section(log_dir: str, mode: str) -> str:
     tune = read_json_lines(os.path.join(log_dir, "tune.jsonl"))
     startup = read_json_lines(os.path.join(log_dir, "startup.jsonl"))
     attention = read_lines(os.path.join(log_dir, "attention.md"))
+    attention += attention_rows_from_logs(log_dir, attention_rows(attention))
     parts = [("The GPU issue's goals against this run (bench/gpu_report.py THROUGHPUT_GOALS, "
               "STARTUP_GOALS, attention: the fastest of our kernels against cuDNN)",
               goals_table(train, tune, startup, attention)),

@@ -170,3 +170,21 @@ def test_startup_table_compares_the_step_1_loss_of_runs_sharing_a_cache_dir():
                      "new_program: the same in every run"]
     differ = gpu_report.startup_table([record("cold", 10.9512), record("new_program", 7.1)])
     assert differ[-1].endswith("cold / new_program: DIFFERS: cold 10.9512, new_program 7.1")
+
+
+def test_attention_rows_a_timeout_cut_are_read_from_its_log(tmp_path):
+    """bench/attention.py writes its table at the end: a command its timeout cut leaves only
+    the rows it printed, which the report takes from its log (those of the table win)."""
+    (tmp_path / "attention.md").write_text(
+        "| seq | batch | layer | impl | ms (fwd+bwd) | TFLOP/s (visible pairs) |\n"
+        "|---|---|---|---|---|---|\n| 8192 | 2 | enc-global | cudnn | 3.400 | 99.0 |\n")
+    (tmp_path / "attention_mosaic.log").write_text(
+        "jax 0.11.2 NVIDIA H200\n"
+        "  8192   2 enc-global         cudnn              3.900 ms    80.0 TFLOP/s\n"
+        "  8192   2 enc-global         mosaic             3.100 ms   105.2 TFLOP/s\n"
+        "  8192   2 enc-local          mosaic     n/a: lowering failed\n")
+    have = gpu_report.attention_rows(gpu_report.read_lines(str(tmp_path / "attention.md")))
+    extra = gpu_report.attention_rows_from_logs(str(tmp_path), have)
+    assert gpu_report.attention_rows(extra) == {(8192, "enc-global", "mosaic"): 3.1}
+    section = gpu_report.section(str(tmp_path), "gpu")
+    assert "| 8192 | 2 | enc-global | mosaic | 3.100 | 105.2 |" in section
