@@ -70,7 +70,12 @@ class ParquetDocs:
         if not value.is_valid:
             raise ParquetError(f"{self._groups[k][0]}: row {row + self._row_offset(k)}: "
                                f"{self.column} is null")
-        ids = np.asarray(value.values.to_numpy(zero_copy_only=False), dtype=np.int64)
+        ids = value.values.to_numpy(zero_copy_only=False)
+        if ids.size and (ids.dtype.kind not in "iu" or (ids.dtype.kind == "i" and ids.min() < 0)):
+            raise ParquetError(f"{self._groups[k][0]}: row {row + self._row_offset(k)}: "
+                               f"{self.column} holds {ids.dtype} values"
+                               + (f" ({int(ids.min())} < 0)" if ids.dtype.kind == "i" else "")
+                               + "; expected token ids >= 0")
         if self.vocab_size is not None and ids.size and int(ids.max()) >= self.vocab_size:
             raise ParquetError(f"{self._groups[k][0]}: row {row + self._row_offset(k)}: id "
                                f"{int(ids.max())} >= vocab size {self.vocab_size}")

@@ -209,6 +209,9 @@ class MDSDocs:
         k = int(np.searchsorted(self._starts, index, side="right") - 1)
         shard = self._shards[k]
         ids = shard.input_ids(index - int(self._starts[k])).reshape(-1)
+        if ids.size and ids.dtype.kind == "i" and int(ids.min()) < 0:
+            raise MDSError(f"{shard.path}: sample {index - int(self._starts[k])}: id "
+                           f"{int(ids.min())} < 0")
         if self.vocab_size is not None and ids.size and int(ids.max()) >= self.vocab_size:
             raise MDSError(f"{shard.path}: sample {index - int(self._starts[k])}: id "
                            f"{int(ids.max())} >= vocab size {self.vocab_size}")

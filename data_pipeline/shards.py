@@ -135,12 +135,12 @@ class ArrayRecordDocs:
         if len(raw) % self.dtype.itemsize:
             raise ShardError(f"{self._paths[shard]}: record {record}: {len(raw)} bytes is not a "
                              f"whole number of {self.dtype} ids")
-        ids = np.frombuffer(raw, dtype=self.dtype).astype(np.int32)
+        ids = np.frombuffer(raw, dtype=self.dtype)   # unsigned: checked before int32 wraps it
         if ids.size and int(ids.max()) >= self.vocab_size:
             raise ShardError(f"{self._paths[shard]}: record {record}: id {int(ids.max())} >= "
                              f"vocab size {self.vocab_size} (data tokenized with another "
                              "tokenizer?)")
-        return ids
+        return ids.astype(np.int32)
 
 
 def build_manifest(*, source: str, vocab_size: int, tokenizer_path: str, fingerprint: str,

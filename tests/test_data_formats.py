@@ -192,6 +192,15 @@ def test_data_order_parquet_reads_rows_in_order(tmp_path):
     write_order(tmp_path / "bad", bad)
     with pytest.raises(data_order.ParquetError, match=r"steps_000001_to_000100\.parquet: row 1: id 600"):
         data_order.ParquetDocs(str(tmp_path / "bad"), vocab_size=512)[1]
+    # int64 ids below 0 (JAX's embedding lookup would wrap them silently) and floats
+    for name, values, message in (("neg", pa.array([[501, -3, 502]], pa.list_(pa.int64())),
+                                   r"row 0: input_ids holds int64 values \(-3 < 0\)"),
+                                  ("float", pa.array([[501.0, 3.5]], pa.list_(pa.float64())),
+                                   r"row 0: input_ids holds float64 values; expected token ids")):
+        os.makedirs(tmp_path / name)
+        pq.write_table(pa.table({"input_ids": values}), str(tmp_path / name / "steps.parquet"))
+        with pytest.raises(data_order.ParquetError, match=message):
+            data_order.ParquetDocs(str(tmp_path / name), vocab_size=512)[0]
 
 
 def test_loader_mixes_mds_and_parquet_by_token_share(tmp_path, demo):
