@@ -117,16 +117,27 @@ def agreed(config, workdir: str, *, demo: bool) -> float | None:
     """The run's mean sequence length as every process of the run uses it: process 0 reads the workdir's
     stored figure or measures the data and stores it; every process gets process 0's value,
     bit for bit (the steps' row counts must agree). None for the demo."""
-    mean = None
+    mean, error = None, None
     if jax.process_index() == 0:
-        record = for_run(config, workdir, demo=demo)
-        if not record["stored"]:
-            store(workdir, record)
-        mean = record["mean_sequence_length"]
-        logging.info("mean sequence length %s (%s %s)",
-                     "none: the demo packs one sequence per row" if mean is None else mean,
-                     "stored in" if record["stored"] or mean is None
-                     else "measured on the data, stored in", path(workdir))
+        try:
+            record = for_run(config, workdir, demo=demo)
+            if not record["stored"]:
+                store(workdir, record)
+        except (OSError, ValueError) as e:   # told to the other processes, or they would wait
+            error = e
+        else:
+            mean = record["mean_sequence_length"]
+            logging.info("mean sequence length %s (%s %s)",
+                         "none: the demo packs one sequence per row" if mean is None else mean,
+                         "stored in" if record["stored"] or mean is None
+                         else "measured on the data, stored in", path(workdir))
+    if jax.process_count() > 1:
+        failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+        if int(failed) and error is None:
+            raise ValueError(f"{path(workdir)}: process 0 could not settle the run's tokens "
+                             "per step (its error names why)")
+    if error is not None:
+        raise error
     if jax.process_count() > 1:   # float64 travels as its 8 bytes: no float32 rounding
         raw = np.frombuffer(np.float64(np.nan if mean is None else mean).tobytes(), np.uint8)
         raw = multihost_utils.broadcast_one_to_all(raw.astype(np.int32))

@@ -150,6 +150,21 @@ def test_two_processes_with_jax_distributed_match_one_device(tmp_path, reference
     assert meta["step"] == STEPS
     assert_same(losses, params, ref_losses, ref_params)
 
+    # Process 0 alone reads the run's tokens-per-step record: when it cannot, the other
+    # process learns so and stops too, instead of waiting for its figure until a timeout.
+    (workdir / "step_tokens.json").write_text("{cut short")
+    port = free_port()
+    processes = [subprocess.Popen(
+        [sys.executable, "main.py", "--config=configs/ettin_tiny.py:mlm", f"--workdir={workdir}",
+         *flags, "--distributed", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+         f"--process_id={process_id}", "--cpu_collectives=gloo"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for process_id in range(2)]
+    outputs = [p.communicate(timeout=90)[0] for p in processes]
+    assert [p.returncode for p in processes] == [1, 1], outputs[1][-3000:]
+    assert "step_tokens.json: not a readable tokens-per-step record" in outputs[0]
+    assert "step_tokens.json: process 0 could not settle the run's tokens per step" in outputs[1]
+
 
 def test_splash_attention_training_matches_xla(reference):
     """attention_impl='splash' (TPU kernels, interpret mode here) on a (2, 1, 2) mesh trains
