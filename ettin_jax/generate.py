@@ -117,6 +117,8 @@ def generate(model: model_lib.EttinModel, prompt_ids, *, max_new_tokens: int,
     if not (0.0 < top_p <= 1.0 and temperature >= 0.0 and math.isfinite(temperature)):
         raise ValueError(f"need a finite temperature >= 0 and 0 < top_p <= 1 (got {temperature}, "
                          f"{top_p})")
+    # A copy in eval mode (the arrays are shared): the caller's model keeps its train/eval mode.
+    model = nnx.merge(*nnx.split(model))
     model.eval()
     stops = stop_ids(model.config)
     if use_cache:

@@ -181,3 +181,15 @@ def test_cli_generates_from_a_training_run_and_refuses_encoders(decoder_dir, tmp
         generate_lib.load_decoder(None, encoder_hf, path)
     with pytest.raises(ValueError, match="exactly one of --checkpoint"):
         generate_lib.load_decoder(run, path, None)
+
+
+def test_the_callers_model_keeps_its_training_mode():
+    """generate() decodes in eval mode without switching the caller's model out of train mode
+    (a training loop that samples between steps would otherwise train without dropout)."""
+    model = _tiny("clm", seed=2)
+    want = generate_lib.generate(model, [[ettin_tiny.CLS_ID, 5, 6]], max_new_tokens=5)
+    dropouts = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Dropout)]
+    assert dropouts and all(d.deterministic for d in dropouts)
+    model.train()
+    assert generate_lib.generate(model, [[ettin_tiny.CLS_ID, 5, 6]], max_new_tokens=5) == want
+    assert not any(d.deterministic for d in dropouts)
