@@ -100,8 +100,9 @@ def _last(records, key):
 
 def run_summary(run) -> dict:
     """The numbers of one table row (module docstring); None where the run has no data."""
-    evals = [r["eval_loss"] for r in run.records if "eval_loss" in r]
-    speeds = [r["tokens_per_sec"] for r in run.records if "tokens_per_sec" in r]
+    # null: a non-finite value (writers.JsonlWriter)
+    evals = [r["eval_loss"] for r in run.records if r.get("eval_loss") is not None]
+    speeds = [r["tokens_per_sec"] for r in run.records if r.get("tokens_per_sec") is not None]
     glue = {t["task"]: float(t["best"]["score"]) for t in run.glue_tasks or []}
     return {"run": run.name, "size": run.size, "objective": run.objective, "phase": run.phase,
             "tokens": _last(run.records, "tokens_seen"), "steps": run.records[-1]["step"],

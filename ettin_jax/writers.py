@@ -11,10 +11,13 @@
 - `JsonlWriter`: `workdir/metrics.jsonl`, one JSON object per logged step. Values are
   numbers, except the few that only the JSON lines carry: strings and lists of strings (the
   step's `data_fingerprints`, data_pipeline.fingerprint). `RecordsMultiWriter` sends those to
-  the JSONL writer only, since TensorBoard and the logging writer take numbers.
+  the JSONL writer only, since TensorBoard and the logging writer take numbers. A NaN or
+  infinite value (a window of skipped steps, a diverged loss) is written as `null`: strict JSON
+  readers (jq, JavaScript's JSON.parse, Spark) refuse Python's bare `NaN`.
 """
 import itertools
 import json
+import math
 import os
 import socket
 import sys
@@ -135,7 +138,8 @@ def _json_value(key: str, value):
             raise TypeError(f"metrics.jsonl value {key!r}: lists hold strings only, got "
                             f"{[type(v).__name__ for v in value]}")
         return list(value)
-    return float(value)
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 class JsonlWriter(metric_writers.MetricWriter):
@@ -147,7 +151,7 @@ class JsonlWriter(metric_writers.MetricWriter):
     def write_scalars(self, step, scalars):
         record = {"step": int(step)}
         record.update({k: _json_value(k, v) for k, v in scalars.items()})
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
 
     def write_summaries(self, step, values, metadata=None):

@@ -260,3 +260,19 @@ def test_malformed_fingerprints_name_the_line(tmp_path, value, message):
     run = write_run(tmp_path / "run", "clm", records)
     with pytest.raises(compare.CompareError, match=re.escape("metrics.jsonl:2: ") + ".*" + message):
         compare.load_run(run, "run")
+
+
+def test_null_values_of_a_skipped_window_are_left_out_of_the_summary(tmp_path, capsys):
+    """The train loop writes a non-finite loss (a window of skipped steps) as null: the report
+    still draws and summarises the run from the other lines."""
+    records = make_records("mlm", 6)
+    records[3].update(loss=None, eval_loss=None, tokens_per_sec=None)   # step 4
+    run = write_run(tmp_path / "enc", "mlm", records)
+    out = tmp_path / "report"
+    status = run_main([run, f"--out={out}"])
+    assert status == 0, capsys.readouterr().err
+    # eval at steps 2 and 6 -> 6.4, 5.2; tokens/s after the first line without step 4: 1020,
+    # 1030, 1050, 1060 -> 1040
+    assert "| enc | tiny | mlm | pretrain | 6,144 | 6 | 5.2000 | 5.2000 | 1,040 |" in (
+        out / "summary.md").read_text()
+    assert json.loads((out / "loss.json").read_text())["enc"]["y"][3] is None

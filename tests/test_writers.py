@@ -89,3 +89,19 @@ def test_a_profile_is_taken_once(tmp_path, monkeypatch):
             hook(step, t=step * 1800.0)      # half an hour a step
     writers.close()
     assert sessions == [str(tmp_path)]
+
+
+def test_metrics_jsonl_is_strict_json(tmp_path):
+    """A NaN or infinite value is written as null, so that strict parsers read every line."""
+    from ettin_jax import writers  # pylint: disable=import-outside-toplevel
+    path = tmp_path / "metrics.jsonl"
+    writer = writers.JsonlWriter(str(path))
+    writer.write_scalars(3, {"loss": np.float32(np.nan), "grad_norm": float("inf"),
+                             "lr": np.float32(0.5), "data_fingerprints": ["a1"]})
+    writer.close()
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+    record = json.loads(path.read_text(), parse_constant=refuse)
+    assert record == {"step": 3, "loss": None, "grad_norm": None, "lr": 0.5,
+                      "data_fingerprints": ["a1"]}
