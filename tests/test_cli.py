@@ -235,8 +235,16 @@ def test_hf_import_refuses_a_run_with_checkpoints_and_export_overwrite_rules(tmp
     hf_cli._export(_export_flags(config=ettin_tiny.get_config("clm"), out=str(decoder),
                                  tokenizer=tokenizer_dir))
     assert (decoder / "generation_config.json").exists() and (decoder / "tokenizer.json").exists()
+    # An export that fails half way (its tokenizer is missing) leaves the previous one whole.
+    before = {name: (decoder / name).read_bytes() for name in os.listdir(decoder)}
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        hf_cli._export(_export_flags(config=ettin_tiny.get_config("mlm"), out=str(decoder),
+                                     tokenizer=str(tmp_path / "missing.json")))
+    assert {name: (decoder / name).read_bytes() for name in os.listdir(decoder)} == before
     hf_cli._export(_export_flags(config=ettin_tiny.get_config("mlm"), out=str(decoder)))
     assert sorted(os.listdir(decoder)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == sorted(                 # no staging directory left
+        ["decoder", "export", "hf", "run", "tokenizer"])
 
 
 def test_hf_export_prints_its_result_without_orbax_chatter(tmp_path):

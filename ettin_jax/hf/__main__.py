@@ -11,6 +11,8 @@ find the `configs` package they import).
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import numpy as np
 from absl import flags
@@ -37,16 +39,29 @@ def foreign_files(directory: str) -> list[str]:
                   if name not in _EXPORT_FILES and not name.startswith(_EXPORT_PREFIXES))
 
 
-def remove_previous_export(directory: str):
-    """Removes a previous export's files from `directory` (its tokenizer or generation config
-    would otherwise stay beside weights they do not belong to)."""
-    if not os.path.isdir(directory):
-        return
+def write_export(model, directory: str, tokenizer=None):
+    """Writes the export into `directory`, replacing a previous export's files there (its
+    tokenizer or generation config would otherwise stay beside weights they do not belong to).
+
+    The files are written in a staging directory beside it first, so that an export that fails
+    half way (a bad tokenizer, a full disk) leaves the previous export whole; each file then
+    replaces its namesake in one rename."""
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
     foreign = set(foreign_files(directory))
-    for name in os.listdir(directory):
-        path = os.path.join(directory, name)
-        if name not in foreign and os.path.isfile(path):
-            os.remove(path)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.export-",
+                               dir=os.path.dirname(directory))
+    try:
+        hf.save_hf(model, model.config, staging, tokenizer=tokenizer)
+        written = set(os.listdir(staging))
+        for name in written:
+            os.replace(os.path.join(staging, name), os.path.join(directory, name))
+        for name in set(os.listdir(directory)) - written - foreign:
+            path = os.path.join(directory, name)
+            if os.path.isfile(path):
+                os.remove(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_finite(model):
@@ -80,8 +95,7 @@ def _export(flags_):
         tokenizer = None
     check_finite(model)
     tokenizer = flags_.tokenizer or tokenizer
-    remove_previous_export(flags_.out)
-    hf.save_hf(model, model.config, flags_.out, tokenizer=tokenizer)
+    write_export(model, flags_.out, tokenizer)
     kind = "decoder" if model.config.causal else "encoder"
     print(f"wrote {kind} with {model_lib.count_params(model):,} parameters to {flags_.out}"
           f"{' (with tokenizer)' if tokenizer else ''}")
