@@ -22,7 +22,9 @@ Record (JSON):
     sources               per source: path, token_share (configured), documents, measured,
                           exact, tokens_per_document, pieces_per_document, mean_sequence_length,
                           relative_error
-    split                 data_parallel, rows_per_step and warmup_split of the run's steps
+    split                 data_parallel, rows_per_step and warmup_split of the run's steps,
+                          and num_steps, its last step (a later phase's start checks that
+                          the run it continues got there: workdir.check_init_from)
 """
 from __future__ import annotations
 
@@ -148,13 +150,15 @@ def agreed(config, workdir: str, *, demo: bool) -> float | None:
 
 def check_split(workdir: str, split: dict, has_checkpoints: bool):
     """Refuses a resume whose steps would be cut differently from the steps under the run's
-    checkpoints. `split`: {"data_parallel", "rows_per_step", "warmup_split"} of this start.
+    checkpoints. `split`: {"data_parallel", "rows_per_step", "warmup_split", "num_steps"} of
+    this start.
 
     Rows per step round to whole micro batches per data-parallel device, and steps are
     replayed by index (schedules.rows_schedule), so on another device count a step could hold
     other rows and the step count would end the run at another token count. The first start
     records its split in the record (a run recorded before the key: its next start, as does
-    a start that finds no checkpoint). Raises ValueError on every process."""
+    a start that finds no checkpoint; a resume with the same cut records its num_steps).
+    Raises ValueError on every process."""
     problem = ""
     if jax.process_index() == 0:
         record = read(workdir)
@@ -162,7 +166,10 @@ def check_split(workdir: str, split: dict, has_checkpoints: bool):
         keys = ("rows_per_step", "warmup_split")
         if record is not None and (old is None or not has_checkpoints):
             store(workdir, dict(record, split=split))
-        elif old is not None and any(old.get(k) != split[k] for k in keys):
+        elif old is not None and all(old.get(k) == split[k] for k in keys):
+            if old.get("num_steps") != split.get("num_steps"):   # a resume may change it
+                store(workdir, dict(record, split=dict(old, num_steps=split.get("num_steps"))))
+        elif old is not None:
             problem = (
                 f"{path(workdir)}: this run's steps are {old['rows_per_step']} rows (the "
                 f"batch-size warmup's micro batches {old['warmup_split']}) on "

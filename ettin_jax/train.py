@@ -353,14 +353,14 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     logging.info(schedules.describe_split(config, mean, data_parallel))
     saved = [s for s in checkpoint_lib.saved_steps(workdir)
              if resume_at_most is None or s <= resume_at_most]
+    num_steps = schedules.total_steps(config, mean, data_parallel)
     step_tokens.check_split(workdir, {
         "data_parallel": data_parallel, "rows_per_step": rows_per_step,
-        "warmup_split": list(schedules.warmup_split(config, mean, data_parallel))},
-        has_checkpoints=bool(saved))
+        "warmup_split": list(schedules.warmup_split(config, mean, data_parallel)),
+        "num_steps": num_steps}, has_checkpoints=bool(saved))
 
     # Data.
     rows_for_step = schedules.rows_schedule(config, mean, data_parallel)
-    num_steps = schedules.total_steps(config, mean, data_parallel)
     micro_rows_for = schedules.micro_rows_schedule(config, mean, data_parallel)
     batch_keys = losses.BATCH_KEYS[config.objective]
     # The train step compiles on a thread from here on (ettin_jax.precompile), for the shapes

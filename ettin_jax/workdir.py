@@ -38,6 +38,7 @@ from data_pipeline import shards
 from data_pipeline.fingerprint import OBJECTIVES
 from ettin_jax import checkpoint as checkpoint_lib
 from ettin_jax import cli
+from ettin_jax import step_tokens
 
 LOCK_NAME = "LOCK"
 IDENTITY_NAME = "run_identity.json"
@@ -379,6 +380,16 @@ def _check_source_run(config, source: str):
     if phase and previous and phase != previous:
         logging.warning("config.train.init_from=%s holds a %s-phase run; a %s run usually "
                         "continues the %s phase", source, phase, config.phase, previous)
+    try:
+        last_step = ((step_tokens.read(source) or {}).get("split") or {}).get("num_steps")
+    except ValueError:
+        last_step = None       # the source's own resume reports its record
+    saved = checkpoint_lib.saved_steps(source)
+    if last_step and saved and saved[-1] < last_step:
+        logging.warning("config.train.init_from=%s stopped at step %d of its %d (its newest "
+                        "checkpoint): this run continues an unfinished %s phase. Resume that "
+                        "run first unless this is on purpose", source, saved[-1], last_step,
+                        phase or "previous")
 
 
 def _pair_hint(config, source: str) -> str:

@@ -153,7 +153,9 @@ def test_a_run_logs_the_plans_tokens_per_step_and_a_resume_keeps_the_stored_figu
     assert sorted(records) == [1, 2, 3, 4, 5, 6]
     assert records[5]["batch_size"] == records[6]["batch_size"] == 8
     assert records[6]["tokens_seen"] == 6 * plan["tokens_per_step"]
-    assert step_tokens.read(str(workdir)) == stored
+    resumed = step_tokens.read(str(workdir))
+    assert resumed == dict(stored, split=dict(stored["split"], num_steps=6))  # the new budget
+    stored = resumed
 
     moved.train.seq_len = 128                              # a mean is valid for its row length
     with pytest.raises(ValueError, match=r"step_tokens\.json.*config\.train\.seq_len=128"):
@@ -163,7 +165,8 @@ def test_a_run_logs_the_plans_tokens_per_step_and_a_resume_keeps_the_stored_figu
     # them otherwise is refused (steps replay by index: the run would end at another count).
     assert stored["split"] == {"data_parallel": 4, "rows_per_step": 8,
                                "warmup_split": list(schedules.warmup_split(
-                                   config, stored["mean_sequence_length"], 4))}
+                                   config, stored["mean_sequence_length"], 4)),
+                               "num_steps": 6}
     same = dict(stored["split"], data_parallel=2)
     step_tokens.check_split(str(workdir), same, has_checkpoints=True)
     other = dict(stored["split"], data_parallel=3, rows_per_step=9)

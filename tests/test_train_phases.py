@@ -7,6 +7,7 @@ keeps it (extension, decay) and fresh where it does not (cross-objective)."""
 import json
 import math
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -171,6 +172,23 @@ def test_init_from_must_hold_the_objective_it_continues(runs, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "holds a pretrain-phase run; a decay run usually continues "\
         "the ext phase" in warnings[0]
+
+
+def test_init_from_an_unfinished_run_is_warned_about(runs, tmp_path, caplog):
+    """A source whose newest checkpoint is before its last step (stopped or preempted, not
+    resumed) starts the next phase with a warning naming both steps."""
+    from ettin_jax import workdir as workdir_lib
+    source = tmp_path / "mlm"
+    shutil.copytree(runs["root"] / "mlm", source)
+    saved = checkpoint.saved_steps(str(source))
+    assert saved[-1] == STEPS["pretrain"] and len(saved) >= 2
+    shutil.rmtree(os.path.join(checkpoint.checkpoint_dir(str(source)), str(saved[-1])))
+    with caplog.at_level("WARNING"):
+        workdir_lib.check_init_from(tiny_config("mlm_ext", init_from=str(source)))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and (f"stopped at step {saved[-2]} of its {STEPS['pretrain']} "
+                                   "(its newest checkpoint): this run continues an unfinished "
+                                   "pretrain phase") in warnings[0]
 
 
 def test_a_run_refuses_an_init_from_that_holds_no_run(runs, tmp_path):
