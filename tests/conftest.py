@@ -3,7 +3,9 @@ four host CPU devices for the sharding tests, a compilation cache shared by ever
 subprocess of this run, and the repository root on sys.path so `configs.*` imports work;
 at the end, a quick exit for xdist workers (pytest_sessionfinish). Fixtures used by several
 test files live here."""
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -15,8 +17,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 "
                       "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests build the same tiny models and train steps many times over (fresh jit wrappers,
-# main.py subprocesses): a persistent cache turns repeat compilations into disk reads.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="ettin-jax-test-cache-"))
+# main.py subprocesses): a persistent cache turns repeat compilations into disk reads. The
+# process that makes it (pytest's, before xdist starts its workers with this environment)
+# removes it at exit: a run of the suite left ~30 MB in the temp directory.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ettin-jax-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
