@@ -49,9 +49,9 @@ def define_flags():
     flags.mark_flags_as_required(["config", "workdir"])
 
 
-def validate(config, workdir: str, *, dry_run: bool = False):
-    """What can be checked without JAX, with messages naming the flag or config key. A dry run
-    plans with a missing init_from too (the plan says a real run would find no checkpoint)."""
+def check_workdir(workdir: str):
+    """--workdir names a local directory, or a place to make one (a pair's workdir as well as
+    each side's: workdir/mlm of an empty --workdir is ./mlm)."""
     if not workdir.strip():
         raise cli.UserError("--workdir is empty")
     if cli.is_remote(workdir):
@@ -63,6 +63,12 @@ def validate(config, workdir: str, *, dry_run: bool = False):
                             "path")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise cli.UserError(f"--workdir={workdir} is a file, not a directory")
+
+
+def validate(config, workdir: str, *, dry_run: bool = False):
+    """What can be checked without JAX, with messages naming the flag or config key. A dry run
+    plans with a missing init_from too (the plan says a real run would find no checkpoint)."""
+    check_workdir(workdir)
     if config.objective not in config_base.OBJECTIVES:
         raise cli.UserError(f"config.objective={config.objective!r}: expected one of "
                             f"{config_base.OBJECTIVES}")
@@ -156,6 +162,7 @@ def _pair_configs(pair: str) -> list:
 def main(argv):
     config, workdir = FLAGS.config, FLAGS.workdir
     # A pair (`mlm+clm`) is two ordinary runs in workdir/mlm and workdir/clm.
+    check_workdir(workdir)
     sides = ([(c, os.path.join(workdir, c.objective)) for c in _pair_configs(config.pair)]
              if config.pair else [(config, workdir)])
     for side_config, side_workdir in sides:

@@ -109,6 +109,9 @@ def parse_arg(arg: str | None) -> tuple[str, str, dict]:
         options[key] = _OPTIONS[key][0](value)
     if options.get("mntp") and not (objective == "mlm" and phase == "cross"):
         raise ValueError(f"config arg {arg!r}: mntp applies only to mlm_from_clm")
+    if "window" in options and objective != "clm":   # encoders' local window is symmetric
+        raise ValueError(f"config arg {arg!r}: window applies only to clm runs (decoders); in "
+                         "a pair, put it on the clm side (mlm+clm,window=...)")
     return objective, phase, options
 
 
@@ -410,7 +413,7 @@ def _add_demo_variant(c: ml_collections.ConfigDict):
     # schedule.decay_tokens in _add_training_sections
     demo.data.num_workers = 0               # tiny batches: loader workers would only compete
     demo.schedule = ml_collections.ConfigDict()
-    demo.schedule.total_tokens = 120 * 16 * 128    # 120 steps
+    demo.schedule.total_tokens = 120.0 * 16 * 128    # 120 steps; a float as schedule.total_tokens
     # The phase's decay keeps its share of the budget (all of it for extension and decay).
     decay_share = c.schedule.decay_tokens / c.schedule.total_tokens
     demo.schedule.decay_tokens = demo.schedule.get_ref("total_tokens") * decay_share

@@ -31,6 +31,7 @@ import difflib
 import os
 import re
 import sys
+import traceback
 from typing import Callable, Sequence
 
 from absl import app
@@ -142,6 +143,26 @@ def _unknown_config_key(flag_values, argv: Sequence[str]) -> str | None:
     return None
 
 
+def _config_load_error(flag_values, argv: Sequence[str], error: BaseException) -> str | None:
+    """A message naming the config file that raised `error` while it loaded, and its line
+    where the traceback passes through it; None when no config file flag was given."""
+    for flag in _config_file_flags(flag_values):
+        value = _argv_value(argv, flag.name)
+        if value is None:
+            continue
+        path = value.split(":", 1)[0]
+        lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+                 if os.path.abspath(frame.filename) == os.path.abspath(path)]
+        if isinstance(error, SyntaxError) and error.lineno:
+            lines.append(error.lineno)
+        where = f", line {lines[-1]}" if lines else ""
+        hint = (" (a config file defines get_config(arg))"
+                if isinstance(error, AttributeError) and "get_config" in str(error) else "")
+        return (f"--{flag.name}={value}: the config file {path}{where} does not load: "
+                f"{type(error).__name__}: {error}{hint}")
+    return None
+
+
 def _innermost(error: BaseException) -> BaseException:
     while error.__context__ is not None:
         error = error.__context__
@@ -167,8 +188,11 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
         head, sep, _ = message.partition(": Error whilst parsing config file")
         if sep:
             message = f"{head}: {_innermost(e)}"
-    except (KeyError, AttributeError):   # ml_collections: an override of a missing key
-        message = _unknown_config_key(flag_values, argv)
+    except (KeyError, AttributeError, SyntaxError):  # an override of a missing key, or a file
+        try:                                          # that does not load (parsed again here)
+            message = _unknown_config_key(flag_values, argv)
+        except Exception as load_error:  # pylint: disable=broad-exception-caught
+            message = _config_load_error(flag_values, argv, load_error)
         if message is None:
             raise
     except ModuleNotFoundError as e:          # a config file importing the `configs` package

@@ -21,6 +21,7 @@ import ml_collections
 from absl import logging
 
 from data_pipeline import demo_corpus
+from ettin_jax import schedules
 
 
 def demo_variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -67,3 +68,12 @@ def demo_keys_named(message: str, config: ml_collections.ConfigDict) -> str:
         inside = isinstance(demo.get(section), ml_collections.ConfigDict) and key in demo[section]
         return f"config.demo.{section}.{key}" if inside else match.group(0)
     return re.sub(r"\bconfig\.(\w+)\.(\w+)", name, message)
+
+
+def validate(config: ml_collections.ConfigDict, *, demo_run: bool):
+    """schedules.validate of a run's config (the demo variant applied for a demo run), its
+    messages naming the `config.demo.*` key where the demo takes the value from there."""
+    try:
+        schedules.validate(config)
+    except ValueError as e:
+        raise ValueError(demo_keys_named(str(e), config) if demo_run else str(e)) from None

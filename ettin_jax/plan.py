@@ -68,7 +68,7 @@ def make_plan(config, workdir: str, *, num_devices: int | None = None) -> dict:
     """The figures of the run `config` would train in `workdir` (module docstring)."""
     demo_run = not config.data.mixture
     config = demo.demo_variant(config)
-    schedules.validate(config)
+    demo.validate(config, demo_run=demo_run)
     if num_devices is None:
         import jax  # pylint: disable=import-outside-toplevel
         num_devices = jax.device_count()

@@ -321,6 +321,12 @@ def checkpoint_every_steps(config, mean_sequence_length: float | None = None,
 def validate(config):
     """Checks the schedule fields together, with messages naming the config keys."""
     s = config.schedule
+    for key in ("seq_len", "global_batch_size"):       # rows and steps are divided by them
+        if config.train[key] < 1:
+            raise ValueError(f"config.train.{key}={config.train[key]}: must be >= 1")
+    if config.train.grad_accum_steps < 0:
+        raise ValueError(f"config.train.grad_accum_steps={config.train.grad_accum_steps}: must "
+                         f"be >= 0 ({AUTO} = as many as train.max_micro_tokens needs)")
     if s.name not in SCHEDULES:
         raise ValueError(f"config.schedule.name={s.name!r}: expected one of {SCHEDULES}")
     if s.total_tokens <= 0:

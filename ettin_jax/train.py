@@ -332,10 +332,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     workdir_lib.check_init_from(config)
     demo_run = not config.data.mixture
     config = demo.apply_demo(config)
-    try:
-        schedules.validate(config)
-    except ValueError as e:
-        raise ValueError(demo.demo_keys_named(str(e), config) if demo_run else str(e)) from None
+    demo.validate(config, demo_run=demo_run)
     workdir_lib.check_identity(config, workdir)
 
     # Mesh.

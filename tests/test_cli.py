@@ -63,12 +63,53 @@ def assert_one_error_line(result, *fragments):
       "--config.train.compilation_cache_xla_caches=all,xla_gpu_kernel_cache_file"],
      ["compilation_cache_xla_caches='all,xla_gpu_kernel_cache_file'",
       "\"all\" cannot be combined"]),
+    (["--config=configs/ettin_tiny.py:mlm,window=transformers+clm"],
+     ["mlm,window=transformers", "window applies only to clm runs"]),
+    (["--config=configs/base.py:mlm"], ["--config=configs/base.py:mlm",
+                                        "configs/base.py does not load", "get_config"]),
+    # a pair checks its own --workdir (empty: it would train in ./mlm and ./clm) first
+    (["--config=configs/ettin_tiny.py:mlm+clm", "--workdir=", "--dry_run"],
+     ["--workdir is empty"]),
 ])
 def test_main_user_errors_are_one_line_before_jax_starts(tmp_path, args, fragments):
     result = run("main.py", f"--workdir={tmp_path / 'w'}", *args)
     assert_one_error_line(result, *fragments)
     assert "JAX process" not in result.stderr     # failed before JAX started
     assert not (tmp_path / "w").exists()
+
+
+def test_a_config_file_that_does_not_load_is_named_with_its_line(tmp_path):
+    """A KeyError inside get_config (ml_collections passes it through, and the missing-key
+    hint parsed the file again inside the handler: two tracebacks) and a SyntaxError."""
+    (tmp_path / "keys.py").write_text("def get_config(arg=None):\n    return {}['x']\n")
+    (tmp_path / "syntax.py").write_text("x = 1\ndef get_config(arg=None)\n    return x\n")
+    for name, line, error in (("keys.py", 2, "KeyError: 'x'"), ("syntax.py", 2, "SyntaxError")):
+        path = tmp_path / name
+        result = run("main.py", f"--workdir={tmp_path / 'w'}", f"--config={path}:mlm")
+        assert_one_error_line(result, f"--config={path}:mlm", f"{path}, line {line} does not "
+                              f"load: {error}")
+
+
+@pytest.mark.parametrize("args,fragments", [
+    # the demo's keys are named in a dry run as in a real one (the demo ignores config.train.*)
+    (["--config.demo.train.grad_accum_steps=3"], ["config.demo.train.global_batch_size=16",
+                                                  "config.demo.train.grad_accum_steps=3"]),
+    (["--config.demo.train.seq_len=0"], ["config.demo.train.seq_len=0: must be >= 1"]),
+    (["--config.demo.train.global_batch_size=0"],
+     ["config.demo.train.global_batch_size=0: must be >= 1"]),
+])
+def test_a_demo_dry_run_names_the_demo_keys(tmp_path, args, fragments):
+    result = run("main.py", f"--workdir={tmp_path / 'w'}", "--config=configs/ettin_tiny.py:mlm",
+                 "--dry_run", *args)
+    assert_one_error_line(result, *fragments)
+
+
+def test_a_pair_refuses_a_workdir_that_is_a_file_before_jax_starts(tmp_path):
+    (tmp_path / "file").write_text("")
+    result = run("main.py", f"--workdir={tmp_path / 'file'}",
+                 "--config=configs/ettin_tiny.py:mlm+clm")
+    assert_one_error_line(result, f"--workdir={tmp_path / 'file'} is a file, not a directory")
+    assert "JAX process" not in result.stderr
 
 
 @pytest.mark.parametrize("arg,side", [("mlm_ext", "mlm"), ("clm_decay", "clm"),

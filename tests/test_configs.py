@@ -175,3 +175,36 @@ def test_an_override_of_a_derived_value_changes_it_alone():
     fresh = ettin_150m.get_config("mlm_decay")
     fresh.demo.train.global_batch_size = 32
     assert fresh.demo.data.eval_batch_size == 32
+
+
+@pytest.mark.parametrize("run", ["mlm", "mlm_ext", "clm_from_mlm"])
+@pytest.mark.parametrize("flag,value", [("demo.schedule.decay_tokens", 1000.0),
+                                        ("demo.schedule.total_tokens", 2e5),
+                                        ("schedule.decay_tokens", 1e9)])
+def test_schedule_flags_parse_as_numbers_of_tokens(run, flag, value):
+    """The way main.py reads them (ml_collections' config_flags): a token count given as an
+    integer or in e-notation sets that key. The demo's budget was an int, so its decay (a share
+    of it) was an int-typed reference holding a float and no flag could set it."""
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+    for text in (f"{value:.0f}", f"{value:e}"):
+        argv = ["main.py", f"--config={ettin_150m.__file__}:{run}", f"--config.{flag}={text}"]
+        flag_values = flags.FlagValues()   # overrides are found in the argv given at definition
+        config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+        flag_values(argv)
+        section, key = flag.rsplit(".", 1)
+        node = flag_values.config
+        for part in section.split("."):
+            node = node[part]
+        assert node[key] == value
+
+
+def test_the_window_option_belongs_to_decoders():
+    """window= picks a decoder's local window; on an encoder it would do nothing, and in a pair
+    `mlm,window=...+clm` would leave the decoder at its default."""
+    with pytest.raises(ValueError, match="window applies only to clm runs"):
+        ettin_150m.get_config("mlm,window=transformers")
+    with pytest.raises(ValueError, match="window applies only to clm runs"):
+        ettin_150m.get_config("mlm_from_clm,window=training")
+    assert ettin_150m.get_config("clm_from_mlm,window=transformers").model.decoder_window == \
+        "transformers"
