@@ -20,7 +20,7 @@ from flax import nnx
 
 from configs import ettin_tiny
 from data_pipeline import tokenizer as tokenizer_lib
-from ettin_jax import checkpoint, hf
+from ettin_jax import checkpoint, hf, model_loader
 from ettin_jax import sharding as sharding_lib
 from ettin_jax.glue import batches, classifier, finetune, results, tasks
 from ettin_jax.glue import metrics as metrics_lib
@@ -541,6 +541,12 @@ def test_regression_learns_resumes_exactly_and_skips_finished_runs(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         finetune.run_one(finetuner, spec, train, devs, interrupted, _Writers(crash_at_step=32))
     assert os.listdir(os.path.join(interrupted, "checkpoint")) == ["16"]
+    # Resumed under other options, its schedule and evaluations would mix both: refused.
+    finetuner.options = dataclasses.replace(options, warmup_ratio=0.25)
+    with pytest.raises(ValueError, match=r"checkpoint was started with other options "
+                                         rf"\(warmup_ratio: {options.warmup_ratio!r} -> 0\.25\)"):
+        finetune.run_one(finetuner, spec, train, devs, interrupted, _Writers())
+    finetuner.options = options
     resumed_writers = _Writers()
     resumed = finetune.run_one(finetuner, spec, train, devs, interrupted, resumed_writers)
     reference = finetune.run_one(finetuner, spec, train, devs, os.path.join(workdir, "stsb", spec.name), _Writers())
@@ -579,3 +585,33 @@ def test_encoder_pools_as_its_config_says_unless_told(tmp_path):
             options=finetune.FinetuneOptions(batch_size=16, eval_batch_size=16, max_seq_len=32,
                                              pooling=options_pooling))
         assert summary["pooling"] == expected
+
+
+def test_every_train_step_draws_new_backbone_dropout_masks():
+    """The real train step at learning rate 0 on one batch, with the head's dropout off: the
+    loss follows the step's dropout key through the backbone's dropout (attn_out_dropout) and
+    is the same for the same key."""
+    config = ettin_tiny.get_config("mlm").model
+    config.attention_impl = "xla"
+    backbone = model_loader.new_model(config)     # as load_backbone builds it: "dropout" streams
+    assert backbone.config.attn_out_dropout > 0
+    factory = _factory(backbone)
+    options = finetune.FinetuneOptions(batch_size=4, eval_batch_size=4, max_seq_len=24)
+    finetuner = finetune.Finetuner(
+        lambda seed: classifier.SequenceClassifier(factory(), 2, pooling="cls", dropout=0.0,
+                                                  rngs=nnx.Rngs(seed)),
+        tasks.get_task("sst2"), options, _mesh_one_device(), ettin_tiny.PAD_ID)
+    rng = np.random.default_rng(0)
+    rows = [[ettin_tiny.CLS_ID, *map(int, rng.integers(10, 90, 20)), ettin_tiny.SEP_ID]
+            for _ in range(4)]
+    batch = finetuner.to_device(batches.make_batch(rows, np.array([0, 1, 0, 1], np.int32), 4,
+                                                   ettin_tiny.PAD_ID))
+
+    def loss(key):
+        params, opt_state, rngs = finetuner.init(0)
+        return float(finetuner.train_step(params, opt_state, rngs, batch, key,
+                                          jnp.float32(0.0))[2])
+    keys = [jax.random.fold_in(jax.random.key(0), step) for step in range(3)]
+    losses = [loss(key) for key in keys]
+    assert len(set(losses)) == 3, losses
+    assert loss(keys[1]) == losses[1]

@@ -143,7 +143,10 @@ class Finetuner:
                 # Fresh Variables for the dropout streams: nnx refuses to mutate the ones
                 # created outside this gradient trace.
                 model = nnx.merge(graphdef_train, params, jax.tree.map(lambda x: x, rngs))
+                # The head's stream is tagged "default", the backbone's "dropout": both are
+                # re-keyed each step (the backbone's masks were the same at every step).
                 nnx.reseed(model, default=dropout_key)
+                model_loader.reseed_dropout(model, dropout_key)
                 loss, _ = _loss_and_predictions(model(batch["input_ids"], batch["mask"]),
                                                 batch, regression)
                 return loss
@@ -216,7 +219,8 @@ def run_one(finetuner: Finetuner, spec: RunSpec, train: tuple, devs: dict, run_d
     eval_at = {round(steps_per_epoch * (e + k / evals_per_epoch))
                for e in range(spec.epochs) for k in range(1, evals_per_epoch + 1)}
     params, opt_state, rngs = finetuner.init(spec.seed)
-    progress = {"step": 0, "evaluations": [], "best": None, "evals_since_best": 0}
+    progress = {"step": 0, "evaluations": [], "best": None, "evals_since_best": 0,
+                "options": dataclasses.asdict(options)}
     manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(run_dir, "checkpoint")),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False),
@@ -225,6 +229,10 @@ def run_one(finetuner: Finetuner, spec: RunSpec, train: tuple, devs: dict, run_d
                        "progress": ocp.JsonCheckpointHandler()})
     if manager.latest_step() is not None:
         step = manager.latest_step()
+        # Its steps, schedule and evaluations follow the options it started with.
+        saved = manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
+        results.check_same_options(saved["progress"], progress["options"],
+                                   os.path.join(run_dir, "checkpoint"), finished=False)
         abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # pylint: disable=unnecessary-lambda-assignment
         restored = manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract(params)),

@@ -24,15 +24,17 @@ def score_rank(score: float) -> float:
     return -math.inf if math.isnan(score) else score
 
 
-def check_same_options(result: dict, now: dict, path: str):
-    """A finished run (its result.json at `path`) is reused only under the options it ran with,
-    `now` (FinetuneOptions as a dict): the run's directory name holds only its learning rate,
-    epochs and seed. Raises ValueError naming each changed option."""
+def check_same_options(result: dict, now: dict, path: str, *, finished: bool = True):
+    """A finished run (its result.json at `path`) is reused, and an unfinished one (the
+    progress of its checkpoint) resumed, only under the options it ran with, `now`
+    (FinetuneOptions as a dict): the run's directory name holds only its learning rate, epochs
+    and seed. Raises ValueError naming each changed option."""
     changed = [f"{k}: {v!r} -> {now[k]!r}" for k, v in sorted(result.get("options", {}).items())
                if k in now and v != now[k]]
     if changed:
-        raise ValueError(f"{path} finished with other options ({'; '.join(changed)}); use "
-                         "another --workdir for these options, or delete that run to redo it")
+        raise ValueError(f"{path} {'finished' if finished else 'was started'} with other "
+                         f"options ({'; '.join(changed)}); use another --workdir for these "
+                         "options, or delete that run to redo it")
 
 
 BACKBONE_NAME = "backbone.json"
