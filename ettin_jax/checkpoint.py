@@ -346,14 +346,16 @@ def restore_from_run(workdir: str, *, abstract_params, abstract_opt_state=None):
     raise FileNotFoundError(f"{workdir}: no readable checkpoint ({'; '.join(errors)})")
 
 
-def save_imported(model, model_config, workdir: str):
-    """Writes `model`'s params as step 0 of a run at `workdir`, for config.train.init_from."""
+def save_imported(model, model_config, workdir: str, tokenizer: str | None = None):
+    """Writes `model`'s params as step 0 of a run at `workdir`, for config.train.init_from;
+    `tokenizer` (a path) is recorded as a training run records its own."""
     params = nnx.state(model, nnx.Param)
     model_json = dataclasses.asdict(ModelConfig.from_config(model_config))
     manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=_handlers(False))
     manager.save(0, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
-        meta=ocp.args.JsonSave({"step": 0, "tokens_seen": 0, "imported": True}),
+        meta=ocp.args.JsonSave({"step": 0, "tokens_seen": 0, "imported": True,
+                                "tokenizer": tokenizer or ""}),
         config=ocp.args.JsonSave(json.loads(json.dumps({"model": model_json}, default=_json_default)))))
     manager.wait_until_finished()
     manager.close()

@@ -108,6 +108,9 @@ class ModelConfig:
         return result
 
     def validate(self):
+        if self.global_attn_every_n_layers < 1:      # layer i is global iff i % n == 0
+            raise ValueError(f"config.model.global_attn_every_n_layers="
+                             f"{self.global_attn_every_n_layers}: must be >= 1")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"config.model.hidden_size={self.hidden_size} is not a multiple of "
                              f"num_heads={self.num_heads}")
@@ -347,8 +350,8 @@ def _hf_global_every(hf: dict, num_layers: int, where: str) -> int:
             raise HFFormatError(f"{where}: global_attn_every_n_layers={every!r}: expected >= 1")
         return every
     full = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
-    every = (full[1] if len(full) > 1 else max(num_layers, 1)) if full else 0
-    expected = ["full_attention" if every and i % every == 0 else "sliding_attention"
+    every = full[1] if len(full) > 1 else max(num_layers, 1)
+    expected = ["full_attention" if i % every == 0 else "sliding_attention"
                 for i in range(num_layers)]
     if list(layer_types) != expected:
         raise HFFormatError(

@@ -5,6 +5,7 @@ import datetime
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -286,6 +287,19 @@ def test_hf_import_refuses_a_run_with_checkpoints_and_export_overwrite_rules(tmp
     assert sorted(os.listdir(decoder)) == ["config.json", "model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == sorted(                 # no staging directory left
         ["decoder", "export", "hf", "run", "tokenizer"])
+
+    # import keeps a copy of the transformers directory's tokenizer with the run: an export of
+    # the run writes it even after that directory is gone.
+    with pytest.raises(cli.UserError, match="import reads only --hf and --out, not --overwrite"):
+        hf_cli._import(_export_flags(hf=str(decoder), out=str(tmp_path / "r"), overwrite=True))
+    hf_cli._export(_export_flags(config=ettin_tiny.get_config("mlm"), out=str(decoder),
+                                 tokenizer=tokenizer_dir))
+    hf_cli._import(_export_flags(hf=str(decoder), out=str(tmp_path / "imported")))
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    written = {name: (decoder / name).read_bytes() for name in names}
+    shutil.rmtree(decoder)
+    hf_cli._export(_export_flags(checkpoint=str(tmp_path / "imported"), out=str(decoder)))
+    assert {name: (decoder / name).read_bytes() for name in names} == written
 
 
 def test_hf_export_prints_its_result_without_orbax_chatter(tmp_path):

@@ -95,6 +95,18 @@ def test_an_exported_decoders_tokenizer_encodes_prompts_as_generate_does(decoder
     assert written == saved
 
 
+def test_a_model_without_mask_token_exports_its_tokenizer(decoder_dir, tmp_path):
+    """mask_token_id -1 (an imported config.json's null): the export names no [MASK] in the
+    config or the tokenizer (the tokenizer's id_to_token(-1) raised OverflowError)."""
+    path, model = decoder_dir
+    config = dataclasses.replace(model.config, mask_token_id=-1)
+    out = str(tmp_path / "no_mask")
+    hf.save_hf(model, config, out, tokenizer=os.path.join(path, "tokenizer.json"))
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    assert theirs.mask_token is None and theirs.cls_token == "[CLS]"
+    assert "mask_token_id" not in json.load(open(os.path.join(out, "config.json")))
+
+
 def test_bad_lengths_and_temperatures_are_refused():
     model = _tiny("clm")
     for kwargs, words in ((dict(max_new_tokens=0), "max_new_tokens=0"),

@@ -132,11 +132,15 @@ def test_legacy_decoder_layout(tmp_path, keys, period, every):
     assert (loaded.global_rope_theta, loaded.local_rope_theta) == (500.0, 2000.0)
 
 
-def test_irregular_layer_types_name_the_key(tmp_path):
+@pytest.mark.parametrize("layer_types", [
+    ["full_attention", "sliding_attention", "full_attention", "sliding_attention",
+     "sliding_attention"],
+    ["sliding_attention"] * 5,     # no full layer: it divided by a period of 0
+])
+def test_irregular_layer_types_name_the_key(tmp_path, layer_types):
     model, config = _ours("clm")
     legacy = {**_legacy_common(config, "4.54.0.dev0"), "architectures": [hf.DECODER_ARCH],
-              "layer_types": ["full_attention", "sliding_attention", "full_attention",
-                              "sliding_attention", "sliding_attention"]}
+              "layer_types": layer_types}
     _write_legacy(tmp_path, model, legacy)
     with pytest.raises(hf.HFFormatError, match=r"config.json: layer_types=.*full_attention at "
                                                r"layers 0, n, 2n"):

@@ -225,6 +225,9 @@ def test_qk_v_projection_equals_the_fused_one(arg):
                            atol_of_largest=1e-5)
     with pytest.raises(ValueError, match=r"config.model.qkv_projection='qkv'"):
         _model(arg, qkv_projection="qkv")
+    with pytest.raises(ValueError, match=r"config.model.global_attn_every_n_layers=0: must be "
+                                         ">= 1"):      # layers are global every n-th from 0
+        _model(arg, global_attn_every_n_layers=0)
 
 
 def test_sparse_head_equals_dense_logits():

@@ -259,9 +259,11 @@ def save_tokenizer(tokenizer, path: str, config: ModelConfig):
 
     # [UNK] has no id in the model config; the token of that name, where the tokenizer has it.
     unk = {"unk_token": "[UNK]"} if tokenizer.token_to_id("[UNK]") is not None else {}
+    # mask_token_id -1: a model without [MASK] (an imported config.json's null), as in to_hf_dict
+    mask = {"mask_token": token(config.mask_token_id)} if config.mask_token_id >= 0 else {}
     specials = {**unk, "cls_token": token(config.cls_token_id),
                 "sep_token": token(config.sep_token_id), "pad_token": token(config.pad_token_id),
-                "mask_token": token(config.mask_token_id), "bos_token": token(config.bos_token_id),
+                **mask, "bos_token": token(config.bos_token_id),
                 "eos_token": token(config.eos_token_id)}
     # No clean-up: it would delete the spaces a byte-level BPE decodes before punctuation.
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,

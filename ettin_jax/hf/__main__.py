@@ -105,7 +105,7 @@ def _import(flags_):
     if not flags_.hf:
         raise cli.UserError("import needs --hf=HF_DIR")
     unused = [f"--{name}" for name in ("checkpoint", "config", "step", "tokenizer")
-              if getattr(flags_, name) is not None]
+              if getattr(flags_, name) is not None] + (["--overwrite"] if flags_.overwrite else [])
     if unused:
         raise cli.UserError(f"import reads only --hf and --out, not {', '.join(unused)} (the "
                             "tokenizer in the transformers directory is used when it has one)")
@@ -115,9 +115,18 @@ def _import(flags_):
         raise cli.UserError(f"--out={flags_.out} already holds checkpoints ({existing}: "
                             f"{', '.join(sorted(os.listdir(existing))[:5])}); import into a new "
                             "directory")
-    model, model_config = model_loader.load_hf(flags_.hf)
-    checkpoint.save_imported(model, model_config, flags_.out)
-    print(f"wrote {model_lib.count_params(model):,} parameters from {flags_.hf} to {flags_.out}; "
+    loaded = model_loader.from_hf(flags_.hf)
+    tokenizer = None
+    if loaded.tokenizer:
+        # A copy in the run: export, glue and generate find it there, as a training run's.
+        tokenizer = os.path.abspath(os.path.join(flags_.out, "tokenizer"))
+        os.makedirs(tokenizer, exist_ok=True)
+        for name in os.listdir(loaded.tokenizer):
+            if name.startswith(_EXPORT_PREFIXES + ("special_tokens_map",)):
+                shutil.copy(os.path.join(loaded.tokenizer, name), tokenizer)
+    checkpoint.save_imported(loaded.model, loaded.model.config, flags_.out, tokenizer=tokenizer)
+    print(f"wrote {model_lib.count_params(loaded.model):,} parameters"
+          f"{' and the tokenizer' if tokenizer else ''} from {flags_.hf} to {flags_.out}; "
           f"continue training with --config.train.init_from={flags_.out}")
 
 
