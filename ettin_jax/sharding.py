@@ -5,7 +5,9 @@ The mesh has three axes (`config.mesh`, -1 = all remaining devices):
   fsdp    data parallelism with parameters and optimizer state split (ZeRO-3 style);
   tensor  model parallelism: heads, MLP width and vocabulary split.
 Parameters carry logical axis names (model.py); `LOGICAL_RULES` maps them onto mesh axes.
-A dimension that a mesh axis does not divide stays replicated along it.
+A dimension that a mesh axis does not divide stays replicated along it; a parameter whose
+"embed" dimension fsdp does not divide is split over fsdp along its largest dimension that
+fsdp divides, where it has one.
 
 Batches: `host_batch_to_global` turns each process's loader rows into the global arrays the
 train and eval steps take. Kernels the compiler cannot partition (Pallas) run per shard
@@ -102,6 +104,15 @@ def logical_to_spec(names, shape, mesh: jax.sharding.Mesh) -> P:
         if axis is not None and size % mesh.shape[axis]:
             axis = None  # e.g. 4 heads over tensor=8: replicate rather than pad
         axes.append(axis)
+    fsdp = mesh.shape.get("fsdp", 1)
+    if fsdp > 1 and "fsdp" not in axes and "embed" in names:
+        # The model width does not divide over fsdp (256 over 6 devices): the largest other
+        # dimension that does takes it, or every device would hold the whole tensor and its
+        # optimizer moments (1b on 6 devices: all 1.03B parameters on each).
+        free = [i for i, size in enumerate(shape)
+                if (axes[i] is None or mesh.shape[axes[i]] == 1) and size % fsdp == 0]
+        if free:
+            axes[max(free, key=lambda i: shape[i])] = "fsdp"
     return P(*axes)
 
 
@@ -109,14 +120,36 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def param_shardings(params: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
-    """NamedShardings shaped like `params` (an nnx.State of Params, concrete or abstract)."""
+def param_shardings(params: nnx.State, mesh: jax.sharding.Mesh, *,
+                    warn_unsplit: bool = False) -> nnx.State:
+    """NamedShardings shaped like `params` (an nnx.State of Params, concrete or abstract).
+    warn_unsplit: log a warning naming the parameters that fsdp was meant to split and that
+    each device holds whole (no dimension of theirs divides over fsdp)."""
 
     def one(variable):
         names = variable.get_metadata().get("out_sharding")
         return variable.replace(NamedSharding(mesh, logical_to_spec(names, variable.shape, mesh)))
 
-    return jax.tree.map(one, params, is_leaf=_is_variable)
+    shardings = jax.tree.map(one, params, is_leaf=_is_variable)
+    fsdp = mesh.shape.get("fsdp", 1)
+    if warn_unsplit and fsdp > 1:
+        whole, total = [], 0
+        for path, variable in nnx.to_flat_state(params):
+            size = math.prod(variable.shape)
+            total += size
+            names = variable.get_metadata().get("out_sharding") or ()
+            spec = logical_to_spec(names, variable.shape, mesh)
+            if "embed" in names and "fsdp" not in spec:
+                whole.append(("/".join(map(str, path)), size))
+        if whole:
+            logging.warning(
+                "config.mesh: fsdp=%d divides no dimension of %d parameters (%.0f%% of the "
+                "model, e.g. %s): every device holds them and their optimizer moments whole. An "
+                "fsdp size that divides config.model.hidden_size splits them all; the other "
+                "devices can go to config.mesh.data", fsdp, len(whole),
+                100 * sum(size for _, size in whole) / total,
+                ", ".join(name for name, _ in sorted(whole, key=lambda w: -w[1])[:3]))
+    return shardings
 
 
 def optimizer_shardings(tx, abstract_params, params_sharding, mesh: jax.sharding.Mesh):
