@@ -129,7 +129,15 @@ def grad_accum_steps(config, mean_sequence_length: float | None = None,
 
 def checked_grad_accum_steps(config, mean_sequence_length: float | None,
                              data_parallel: int) -> int:
-    """grad_accum_steps, checked to split the step's sequences over the data-parallel devices."""
+    """grad_accum_steps, checked to split the step's sequences over the data-parallel devices
+    (and the eval batch to split over them: it failed at the first evaluation, before the
+    first checkpoint, so every rerun failed there again)."""
+    eval_rows = int(config.data.eval_batch_size)
+    if config.train.eval_batches and (eval_rows < 1 or eval_rows % data_parallel):
+        fit = max(data_parallel, eval_rows // data_parallel * data_parallel)
+        raise ValueError(f"config.data.eval_batch_size={eval_rows} does not split over the "
+                         f"{data_parallel} data-parallel devices (data x fsdp): set it to a "
+                         f"multiple of {data_parallel}, e.g. {fit}")
     accum = grad_accum_steps(config, mean_sequence_length, data_parallel)
     if config.train.global_batch_size % (data_parallel * accum):
         raise ValueError(

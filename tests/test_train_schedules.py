@@ -97,6 +97,22 @@ def test_validate_names_the_bad_key():
         schedules.validate(c)
 
 
+@pytest.mark.parametrize("data_parallel", [3, 6, 12])
+def test_an_eval_batch_that_does_not_split_over_the_devices_is_refused(data_parallel):
+    """The configs' eval batch of 64 on 3, 6 or 12 devices: the step's sequences split, the
+    eval batch does not (it failed at the first evaluation, before any checkpoint)."""
+    c = ettin_150m.get_config("mlm")
+    assert c.train.global_batch_size % data_parallel == 0 and c.train.eval_batches > 0
+    with pytest.raises(ValueError, match=rf"config.data.eval_batch_size=64 does not split over "
+                                         rf"the {data_parallel} data-parallel devices .* e\.g\. "
+                                         rf"{64 // data_parallel * data_parallel}$"):
+        schedules.checked_grad_accum_steps(c, 600.0, data_parallel)
+    c.data.eval_batch_size = 64 // data_parallel * data_parallel
+    assert schedules.checked_grad_accum_steps(c, 600.0, data_parallel) >= 1
+    c.data.eval_batch_size, c.train.eval_batches = 64, 0          # no evaluation: not checked
+    assert schedules.checked_grad_accum_steps(c, 600.0, data_parallel) >= 1
+
+
 def test_rows_per_step_rounds_to_whole_micro_batches_over_data_parallel_groups():
     c = ettin_17m.get_config("mlm")
     assert schedules.rows_per_step(c) == 4608                 # no mean (demo): rows = sequences
