@@ -437,10 +437,13 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
                     return scalars
 
                 scalars = {}
-                if step % config.log.every_steps == 0 or is_last:
+                evaluates = config.train.eval_batches and (
+                    step % config.train.eval_every_steps == 0 or is_last)
+                # An eval's line carries the train metrics since the last line too: one line
+                # per step, and a stop right after it leaves no steps unlogged.
+                if step % config.log.every_steps == 0 or is_last or evaluates:
                     scalars.update(train_scalars())
-                if config.train.eval_batches and (step % config.train.eval_every_steps == 0
-                                                  or is_last):
+                if evaluates:
                     scalars.update(evaluation.evaluate(setup, state["params"], config))
 
                 def write(scalars):
@@ -454,7 +457,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
 
                 stopping = yield Progress("step", step=step, fingerprint=fingerprint,
                                           metrics=metrics)
-                if stopping and fingerprints:
+                if stopping and window.metrics is not None:
                     # The steps since the last line: a resume does not log them again.
                     write(train_scalars())
                 if step % save_every == 0 or is_last or stopping:

@@ -472,6 +472,24 @@ def test_a_stop_logs_the_steps_since_the_last_line(tmp_path, good_run, caplog):
     assert any("checkpoint of step 6 lies past this config's end, step 5" in r.getMessage()
                for r in caplog.records)
 
+    # An eval at step 2 (every 2 steps, lines every 4) writes steps 1-2's train metrics with
+    # it: a stop right after it left them unlogged (the eval line took the fingerprints).
+    workdir = str(tmp_path / "evaluated")
+    config = make_config(steps_with(4), "--config.demo.log.every_steps=4",
+                         "--config.demo.train.eval_every_steps=2",
+                         "--config.demo.train.eval_batches=1")
+    run = train.train_steps(config, workdir)
+    progress = next(run)
+    with pytest.raises(StopIteration):
+        while True:
+            progress = run.send("a test" if progress.stage == "step" and progress.step == 2
+                                else None)
+    train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert [(r["step"], len(r["data_fingerprints"])) for r in lines] == [(2, 2), (4, 2)]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["eval_loss"]) for r in lines)
+
 
 def test_a_demo_runs_bad_value_is_named_by_its_demo_key(tmp_path):
     """A demo run takes its schedule, batch and intervals from config.demo: an error names
