@@ -77,15 +77,22 @@ class RecordedSteps(ocp.checkpoint_managers.PreservationPolicy):
         self.path = os.path.join(os.path.abspath(workdir), KEPT_FOR_GOOD_NAME)
         self.steps: set[int] = set()
         if os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                self.steps = set(json.load(f)["steps"])
+            try:
+                with open(self.path, encoding="utf-8") as f:
+                    self.steps = {int(step) for step in json.load(f)["steps"]}
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                raise ValueError(
+                    f"{self.path}: not a readable record of the checkpoints kept for good "
+                    f"({type(e).__name__}: {e}); it should read {{\"steps\": [...]}}: restore "
+                    "it, or write the steps of the checkpoints to keep (every step that is a "
+                    "multiple of the checkpoint.keep_every_nth-th save)") from None
 
     def exists(self) -> bool:
         return os.path.exists(self.path)
 
     def add(self, *steps: int):
-        if not steps:                  # nothing kept for good: no file in checkpoints/
-            return
+        """Records `steps` (none: writes the record as it is, so that its absence means a
+        workdir from before it)."""
         self.steps.update(steps)
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -117,9 +124,11 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers=_handlers())
         steps = sorted(self.manager.all_steps())
-        if steps and not self.kept_for_good.exists():
+        if not self.kept_for_good.exists():
             # A workdir from before the record: a checkpoint older than the newest keep_last
-            # survived because it was kept for good; record those so that none is lost.
+            # survived because it was kept for good; record those so that none is lost. A
+            # new run records none, and then has its record: a resume with a smaller
+            # keep_last would otherwise take its older checkpoints for kept ones.
             older, newest = steps[:-keep_last] if keep_last else steps, steps[-keep_last:]
             self.kept_for_good.add(*older, *(s for s in newest if self._for_good(s)))
 

@@ -117,6 +117,23 @@ def test_keeps_the_last_k_and_every_mth(tmp_path, setup):
     assert sorted(int(n) for n in os.listdir(tmp_path / "checkpoints")) == [4, 8, 10]
 
 
+def test_a_smaller_keep_last_on_resume_keeps_only_what_the_policy_says(tmp_path, setup):
+    """A run without checkpoints kept for good, resumed keeping 1: 10 and 20 go (they were
+    recorded as kept for good, as in a workdir from before the record, and stayed forever)."""
+    config, s = setup
+    save_steps(str(tmp_path), config, s, (10, 20, 30), keep_last=3)
+    save_steps(str(tmp_path), config, s, (40, 50), keep_last=1)
+    assert sorted(int(n) for n in os.listdir(tmp_path / "checkpoints")) == [50]
+
+
+@pytest.mark.parametrize("text", ["", "{}", '{"steps": 4}'])
+def test_an_unreadable_kept_for_good_record_is_named(tmp_path, text):
+    (tmp_path / checkpoint.KEPT_FOR_GOOD_NAME).write_text(text)
+    with pytest.raises(ValueError, match=r"kept_for_good\.json: not a readable record of the "
+                                         r"checkpoints kept for good"):
+        checkpoint.Checkpointer(str(tmp_path), keep_last=3)
+
+
 def test_changed_config_is_an_error_not_damage(tmp_path, setup):
     """Resuming with a model of another width names the tensors and leaves the checkpoint be."""
     config, s = setup
