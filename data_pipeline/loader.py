@@ -103,13 +103,14 @@ def _check_tokenizer(config, srcs: list[sources.Source], tok_path: str) -> None:
                 f"{s.manifest['tokenizer']['fingerprint']} ({s.manifest['tokenizer']['path']}), "
                 f"but config.data.tokenizer={tok_path} is {fp}")
     ids = tokenizer.special_ids(tok, where=tok_path)
-    m = config.model
-    want = {"cls": m.cls_token_id, "sep": m.sep_token_id, "pad": m.pad_token_id,
-            "mask": m.mask_token_id}
-    bad = {k: (ids[k], v) for k, v in want.items() if ids[k] != v}
+    # [UNK] too: MLM never selects it and draws random tokens below it (objectives)
+    want = {f"model.{name}_token_id": (name, config.model[f"{name}_token_id"])
+            for name in ("cls", "sep", "pad", "mask")}
+    want["data.unk_token_id"] = ("unk", config.data.unk_token_id)
+    bad = [f"config.{key}={value} but the tokenizer's [{name.upper()}] is {ids[name]}"
+           for key, (name, value) in want.items() if ids[name] != value]
     if bad:
-        raise tokenizer.TokenizerError(f"{tok_path}: special ids {bad} (tokenizer, model config) "
-                                       "differ")
+        raise tokenizer.TokenizerError(f"{tok_path}: special ids differ: {'; '.join(bad)}")
 
 
 def open_sources(config, mixture: str) -> list[sources.Source]:

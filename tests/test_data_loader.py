@@ -341,6 +341,22 @@ def test_tokenizer_not_matching_manifest_fails(corpus, tmp_path):
         loader.make_train_iterator(config, process_index=0, process_count=1)
 
 
+def test_special_ids_that_differ_from_the_tokenizers_are_named(corpus, tok_dir):
+    """[UNK] is checked with the others: a stale config.data.unk_token_id let MLM select the
+    tokenizer's real [UNK] and draw random tokens from its special ids."""
+    path, _ = corpus
+    config = make_config("mlm", path, tok_dir)
+    config.data.unk_token_id = UNK - 1
+    with pytest.raises(tokenizer.TokenizerError, match=rf"special ids differ: config\.data\."
+                                                       rf"unk_token_id={UNK - 1} but the "
+                                                       rf"tokenizer's \[UNK\] is {UNK}$"):
+        loader.make_train_iterator(config, process_index=0, process_count=1)
+    config = make_config("mlm", path, tok_dir)
+    config.model.pad_token_id = 7
+    with pytest.raises(tokenizer.TokenizerError, match=r"config\.model\.pad_token_id=7 but"):
+        loader.make_train_iterator(config, process_index=0, process_count=1)
+
+
 def test_truncated_or_corrupt_shard_fails_naming_the_file(corpus, tok_dir, tmp_path):
     path, docs = corpus
     copy = tmp_path / "copy"
