@@ -87,18 +87,30 @@ class ParquetDocs:
         return self._starts.copy()
 
     def mean_length(self, min_rows: int = 1024, max_groups: int = 16) -> float:
-        """Mean row length over the fewest evenly spread row groups (at most `max_groups`)
-        holding `min_rows` rows; a row group is the unit of parquet I/O, so sampling single
-        rows would read as much."""
+        """Mean row length over `length_sample`'s rows."""
+        return float(np.mean(self.length_sample(min_rows, max_groups)[0]))
+
+    def length_sample(self, min_rows: int = 1024, max_groups: int = 16):
+        """(lengths, first ids, last ids) int64 [rows] of the rows of the fewest evenly spread
+        row groups (at most `max_groups`) holding `min_rows` rows; a row group is the unit of
+        parquet I/O, so sampling single rows would read as much. An empty row's ids are 0."""
         import pyarrow.compute as pc
         n = len(self._groups)
         for count in range(1, min(max_groups, n) + 1):
             picks = np.unique(np.linspace(0, n - 1, count).astype(int))
             if sum(self._groups[k][2] for k in picks) >= min_rows:
                 break
-        lengths = [pc.list_value_length(self._group(int(k))).to_numpy(zero_copy_only=False)
-                   for k in picks]
-        return float(np.mean(np.concatenate(lengths)))
+        parts = []
+        for k in picks:
+            rows = self._group(int(k))
+            length = pc.list_value_length(rows).to_numpy(zero_copy_only=False).astype(np.int64)
+            offsets = rows.offsets.to_numpy(zero_copy_only=False)
+            values = rows.values.to_numpy(zero_copy_only=False).astype(np.int64)
+            ends = (np.zeros((2, len(length)), np.int64) if not values.size else
+                    np.where(length > 0, [values[np.minimum(offsets[:-1], values.size - 1)],
+                                          values[np.maximum(offsets[1:] - 1, 0)]], 0))
+            parts.append((length, *ends))
+        return tuple(np.concatenate(column) for column in zip(*parts))
 
     def _row_offset(self, k: int) -> int:
         """Row number within its file of the first row of row group k."""

@@ -116,7 +116,8 @@ def _check_tokenizer(config, srcs: list[sources.Source], tok_path: str) -> None:
 def open_sources(config, mixture: str) -> list[sources.Source]:
     d = config.data
     return [sources.open_source(path, weight, vocab_size=config.model.vocab_size,
-                                cache_dir=d.mds_cache_dir or None)
+                                cache_dir=d.mds_cache_dir or None,
+                                frame=(config.model.cls_token_id, config.model.sep_token_id))
             for path, weight in sources.parse_mixture(mixtures.expand(mixture, config.phase))]
 
 

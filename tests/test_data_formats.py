@@ -224,6 +224,40 @@ def test_loader_mixes_mds_and_parquet_by_token_share(tmp_path, demo):
     assert (first == 501).mean() > 0.5                    # framing added on MDS docs
 
 
+def test_token_shares_count_the_framing_the_loader_adds(tmp_path, demo):
+    """Documents of 4 stored tokens (MDS, parquet) become 6 once framed [CLS] ... [SEP]: at
+    0.5 each against 200-token documents, their rates counted 4 and the short source took
+    0.60 of the tokens. framed_lengths equals the length of loader.frame_document's output
+    (empty, framed, half-framed and bare documents)."""
+    tok_dir, _ = demo
+    cls_id, sep_id = ettin_tiny.CLS_ID, ettin_tiny.SEP_ID
+    rng = np.random.default_rng(0)
+    docs = [np.array([], np.int64), np.array([cls_id, 5, sep_id]), np.array([cls_id, 5]),
+            np.array([5, sep_id]), np.array([7]), np.array([cls_id]), np.array([sep_id])]
+    docs += [rng.integers(0, 500, n) for n in rng.integers(1, 9, 40)]
+    want = [len(loader.frame_document(d, cls_id=cls_id, sep_id=sep_id)) for d in docs]
+    got = sources.framed_lengths([len(d) for d in docs], [d[0] if len(d) else -1 for d in docs],
+                                 [d[-1] if len(d) else -1 for d in docs], (cls_id, sep_id))
+    assert got.tolist() == want
+
+    short = [rng.integers(0, 500, 4) for _ in range(600)]
+    write_mds(tmp_path / "short_mds", short, per_shard=200)
+    write_order(tmp_path / "short_parquet", short, per_file=200)
+    write_mds(tmp_path / "long", [rng.integers(0, 500, 200) for _ in range(60)], per_shard=20)
+    for name in ("short_mds", "short_parquet"):
+        config = ettin_tiny.get_config("clm")
+        config.data.mixture = f"{tmp_path / name}:0.5,{tmp_path / 'long'}:0.5"
+        config.data.tokenizer, config.data.num_workers = tok_dir, 0
+        config.data.eval_documents, config.data.pack_pool_size = 0, 1
+        assert [s.mean_length for s in loader.open_sources(config, config.data.mixture)] == \
+            [6.0, 202.0]
+        it = loader.make_train_iterator(config, process_index=0, process_count=1,
+                                        include_metadata=True)
+        src = np.concatenate([next(it)["source_ids"] for _ in range(60)])
+        share = (src == 0).sum() / (src >= 0).sum()
+        assert abs(share - 0.5) < 0.03, (name, share)
+
+
 def test_demo_corpus_trains_without_configured_data(demo):
     tok_dir, shard_dir = demo
     from transformers import AutoTokenizer
