@@ -86,9 +86,7 @@ def make_plan(config, workdir: str, *, num_devices: int | None = None) -> dict:
     accum = schedules.checked_grad_accum_steps(config, mean, data_parallel)
     total_steps = schedules.total_steps(config, mean, data_parallel)
     rows_for_step = schedules.rows_schedule(config, mean, data_parallel)
-    warmup_steps = 0
-    while warmup_steps < total_steps and rows_for_step(warmup_steps) < rows:
-        warmup_steps += 1
+    warmup_steps = min(total_steps, schedules.batch_warmup_steps(config, mean, data_parallel))
     every_steps = schedules.checkpoint_every_steps(config, mean, data_parallel)
     total_tokens = float(config.schedule.total_tokens)
     num_params = model_lib.count_params(

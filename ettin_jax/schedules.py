@@ -284,6 +284,17 @@ def rows_schedule(config, mean_sequence_length: float | None = None, data_parall
     return rows_for_step
 
 
+def batch_warmup_steps(config, mean_sequence_length: float | None = None,
+                       data_parallel: int = 1) -> int:
+    """Steps of the batch-size warmup: those of fewer rows than a full step (rows_schedule)."""
+    rows_for_step = rows_schedule(config, mean_sequence_length, data_parallel)
+    full = rows_per_step(config, mean_sequence_length, data_parallel)
+    steps = 0
+    while rows_for_step(steps) < full:
+        steps += 1
+    return steps
+
+
 def micro_rows_schedule(config, mean_sequence_length: float | None = None,
                         data_parallel: int = 1):
     """micro_rows_for(rows) -> rows per micro batch of a step of `rows` rows (rows_for_step):

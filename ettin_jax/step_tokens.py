@@ -150,33 +150,44 @@ def agreed(config, workdir: str, *, demo: bool) -> float | None:
 
 def check_split(workdir: str, split: dict, has_checkpoints: bool):
     """Refuses a resume whose steps would be cut differently from the steps under the run's
-    checkpoints. `split`: {"data_parallel", "rows_per_step", "warmup_split", "num_steps"} of
-    this start.
+    checkpoints. `split`: {"data_parallel", "rows_per_step", "warmup_split", "warmup_steps",
+    "num_steps"} of this start.
 
     Rows per step round to whole micro batches per data-parallel device, and steps are
-    replayed by index (schedules.rows_schedule), so on another device count a step could hold
-    other rows and the step count would end the run at another token count. The first start
-    records its split in the record (a run recorded before the key: its next start, as does
-    a start that finds no checkpoint; a resume with the same cut records its num_steps).
-    Raises ValueError on every process."""
+    replayed by index (schedules.rows_schedule), so on another device count, micro-batch split
+    or batch-size warmup a step could hold other rows (a warmup replayed mid-run) and the run
+    would end at another token count. The first start records its split in the record (a run
+    recorded before a key: its next start, as does a start that finds no checkpoint; a resume
+    with the same cut records its num_steps). Raises ValueError on every process."""
     problem = ""
     if jax.process_index() == 0:
         record = read(workdir)
         old = (record or {}).get("split")
-        keys = ("rows_per_step", "warmup_split")
+        keys = ("rows_per_step", "warmup_split", "warmup_steps")
+        changed = [key for key in keys if old and key in old and old[key] != split[key]]
         if record is not None and (old is None or not has_checkpoints):
             store(workdir, dict(record, split=split))
-        elif old is not None and all(old.get(k) == split[k] for k in keys):
-            if old.get("num_steps") != split.get("num_steps"):   # a resume may change it
-                store(workdir, dict(record, split=dict(old, num_steps=split.get("num_steps"))))
+        elif old is not None and not changed:
+            # keys the record lacks (recorded before them), and num_steps: a resume may
+            # lengthen or shorten the run
+            kept = dict(split, **{k: v for k, v in old.items() if k in keys or
+                                  k == "data_parallel"})
+            if kept != old:
+                store(workdir, dict(record, split=kept))
         elif old is not None:
-            problem = (
-                f"{path(workdir)}: this run's steps are {old['rows_per_step']} rows (the "
-                f"batch-size warmup's micro batches {old['warmup_split']}) on "
-                f"{old['data_parallel']} data-parallel devices; on {split['data_parallel']} "
-                f"they would be {split['rows_per_step']} rows ({split['warmup_split']}), which "
-                "would end the run at another token count. Resume on "
-                f"{old['data_parallel']} data-parallel devices (config.mesh: data x fsdp)")
+            names = {"rows_per_step": "rows per step", "warmup_split": "the batch-size "
+                     "warmup's micro batches", "warmup_steps": "batch-size warmup steps"}
+            what = "; ".join(f"{names[k]} {old[k]} -> {split[k]}" for k in changed)
+            if old["data_parallel"] != split["data_parallel"]:
+                fix = (f"resume on {old['data_parallel']} data-parallel devices (config.mesh: "
+                       f"data x fsdp; this start has {split['data_parallel']})")
+            else:
+                fix = ("resume with the batch settings it started with (train.global_batch_size, "
+                       "train.grad_accum_steps or train.max_micro_tokens, and optimizer."
+                       "batch_warmup_tokens and batch_warmup_start_fraction)")
+            problem = (f"{path(workdir)}: this run's steps would be cut otherwise than when it "
+                       f"started ({what}); steps replay by index, so the run would end at "
+                       f"another token count: {fix}")
     if jax.process_count() > 1:
         refused = multihost_utils.broadcast_one_to_all(np.int32(bool(problem)))
         if int(refused) and not problem:

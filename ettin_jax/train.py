@@ -354,6 +354,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     step_tokens.check_split(workdir, {
         "data_parallel": data_parallel, "rows_per_step": rows_per_step,
         "warmup_split": list(schedules.warmup_split(config, mean, data_parallel)),
+        "warmup_steps": schedules.batch_warmup_steps(config, mean, data_parallel),
         "num_steps": num_steps}, has_checkpoints=bool(saved))
 
     # Data.

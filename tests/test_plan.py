@@ -166,12 +166,26 @@ def test_a_run_logs_the_plans_tokens_per_step_and_a_resume_keeps_the_stored_figu
     assert stored["split"] == {"data_parallel": 4, "rows_per_step": 8,
                                "warmup_split": list(schedules.warmup_split(
                                    config, stored["mean_sequence_length"], 4)),
+                               "warmup_steps": schedules.batch_warmup_steps(
+                                   config, stored["mean_sequence_length"], 4),
                                "num_steps": 6}
     same = dict(stored["split"], data_parallel=2)
     step_tokens.check_split(str(workdir), same, has_checkpoints=True)
+    # Another batch warmup on the same devices would replay a warmup mid-run: refused too.
+    warmed = dict(stored["split"], warmup_steps=stored["split"]["warmup_steps"] + 3)
+    with pytest.raises(ValueError, match=r"\(batch-size warmup steps \d+ -> \d+\).*resume with "
+                                         r"the batch settings it started with"):
+        step_tokens.check_split(str(workdir), warmed, has_checkpoints=True)
+    # A record from before warmup_steps takes it at the next start.
+    record = step_tokens.read(str(workdir))
+    del record["split"]["warmup_steps"]
+    step_tokens.store(str(workdir), record)
+    step_tokens.check_split(str(workdir), stored["split"], has_checkpoints=True)
+    assert step_tokens.read(str(workdir))["split"] == stored["split"]
     other = dict(stored["split"], data_parallel=3, rows_per_step=9)
-    with pytest.raises(ValueError, match=r"step_tokens\.json: this run's steps are 8 rows .* on "
-                                         r"4 data-parallel devices; on 3 they would be 9 rows"):
+    with pytest.raises(ValueError, match=r"step_tokens\.json: this run's steps would be cut "
+                                         r"otherwise than when it started \(rows per step 8 -> 9\)"
+                                         r".*: resume on 4 data-parallel devices"):
         step_tokens.check_split(str(workdir), other, has_checkpoints=True)
     step_tokens.check_split(str(workdir), other, has_checkpoints=False)   # nothing to keep
     assert step_tokens.read(str(workdir))["split"] == other
