@@ -26,10 +26,12 @@ from __future__ import annotations
 import datetime
 import errno
 import fcntl
+import functools
 import json
 import os
 import socket
 import sys
+from typing import Callable
 
 import jax
 from absl import logging
@@ -293,9 +295,13 @@ def _differences(old: dict, new: dict) -> list[str]:
             for key in sorted(set(old) | set(new)) if recorded(key) != new.get(key, _ABSENT)]
 
 
-def check_identity(config, workdir: str):
+def check_identity(config, workdir: str) -> Callable[[], None]:
     """Records the run's identity on first start; refuses a re-run of another run (raises
-    RunIdentityError listing each differing key, old -> new). Call before compiling."""
+    RunIdentityError listing each differing key, old -> new). Call before compiling.
+
+    Returns the function that records changed settings (allow_config_change): call it once the
+    start has got past its other checks and its restore, so that a start refused after this
+    check leaves the record as it was (the original command would be refused otherwise)."""
     path = os.path.join(workdir, IDENTITY_NAME)
     new = run_identity(config)
     try:
@@ -325,10 +331,16 @@ def check_identity(config, workdir: str):
                             "allow_config_change): %s", workdir, "; ".join(settings))
             new["changes"].append(
                 {"at": datetime.datetime.now().isoformat(timespec="seconds"), "changed": settings})
-        elif set(new["settings"]) <= set(old.get("settings", {})):
-            return                # the same run; a record from before some keys gets them added
+            return functools.partial(_write_identity, path, new)
+        if set(new["settings"]) <= set(old.get("settings", {})):
+            return lambda: None   # the same run; a record from before some keys gets them added
+    _write_identity(path, new)
+    return lambda: None
+
+
+def _write_identity(path: str, identity: dict):
     if jax.process_index() == 0:
-        shards.write_json_atomic(path, new)
+        shards.write_json_atomic(path, identity)
 
 
 def check_init_from(config):

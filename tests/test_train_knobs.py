@@ -108,10 +108,18 @@ def test_workdir_records_the_prng_but_not_the_chunks(tmp_path):
                                str(tmp_path))
     with pytest.raises(workdir_lib.RunIdentityError, match="train.prng_impl: 'threefry' -> 'rbg'"):
         workdir_lib.check_identity(tiny_config(prng_impl="rbg"), str(tmp_path))
-    workdir_lib.check_identity(tiny_config(prng_impl="rbg", allow_config_change=True),
-                               str(tmp_path))
-    assert workdir_lib.run_identity(tiny_config(prng_impl="rbg"))["settings"][
-        "train.prng_impl"] == "rbg"
+    # An allowed change is recorded only when the start gets past its restore (the returned
+    # function): a start refused after the check left the record changed, and the original
+    # command was refused then.
+    record = workdir_lib.check_identity(tiny_config(prng_impl="rbg", allow_config_change=True),
+                                        str(tmp_path))
+    path = tmp_path / workdir_lib.IDENTITY_NAME
+    assert json.loads(path.read_text())["settings"]["train.prng_impl"] == "threefry"
+    workdir_lib.check_identity(tiny_config(), str(tmp_path))
+    record()
+    recorded = json.loads(path.read_text())
+    assert recorded["settings"]["train.prng_impl"] == "rbg"
+    assert recorded["changes"][-1]["changed"] == ["train.prng_impl: 'threefry' -> 'rbg'"]
 
 
 def test_a_run_recorded_before_the_prng_key_resumes_as_threefry(tmp_path):
