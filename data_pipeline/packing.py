@@ -13,7 +13,8 @@ piece a new segment, positions restarting); nothing is dropped.
 
 Algorithm (best fit with a lookahead pool): keep up to `pool_size` pending pieces in arrival
 order; a row starts with the oldest piece (so no piece waits forever), then repeatedly takes
-the longest pending piece that still fits, until none fits. A gap of at least `fill_min` tokens
+the longest pending piece that still fits, until none fits (pool_size 1: only the oldest,
+so pieces keep their arrival order). A gap of at least `fill_min` tokens
 (0 = never) that no piece fits is filled with the head of the oldest pending piece (its tail
 stays pending), so efficiency stays >= 1 - fill_min/seq_len per row (measured efficiencies
 per fill_min: bench/RESULTS.md).
@@ -121,7 +122,11 @@ class PackIterator(grain.DatasetIterator):
             self._refill()
             if not self._pool:
                 break
-            lens = np.fromiter((p[2] - p[1] for p in self._pool), np.int64, len(self._pool))
+            # Pool size 1 keeps arrival order (the published order's replay): only the oldest
+            # piece, or a long document's tail, which fits a gap sooner, went before its head.
+            candidates = len(self._pool) if self._ds.pool_size > 1 else 1
+            lens = np.fromiter((p[2] - p[1] for p in self._pool[:candidates]), np.int64,
+                               candidates)
             fits = np.flatnonzero(lens <= gap)
             if fits.size:
                 choice = int(fits[np.argmax(lens[fits])])

@@ -110,6 +110,23 @@ def test_unshuffled_training_data_repeats_in_its_order(corpus, tok_dir):
     assert all(b["segment_ids"].any() for b in batches)
 
 
+@pytest.mark.parametrize("fill_min", [0, 3])
+def test_a_pool_of_one_packs_every_token_in_arrival_order(fill_min):
+    """pack_pool_size=1, the published order's replay: documents up to three rows long come
+    out token for token in their order (a long document's tail, which fits a gap sooner, went
+    before its head)."""
+    from data_pipeline import packing  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(fill_min)
+    docs = [np.arange(n, dtype=np.int32) + 1000 * i for i, n in
+            enumerate(rng.integers(1, 25, 60))]
+    source = grain.MapDataset.source([{"ids": d, "source": 0, "key": i}
+                                      for i, d in enumerate(docs)])
+    rows = list(packing.PackIterDataset(source, seq_len=8, pad_id=-1, pool_size=1,
+                                        fill_min=fill_min))
+    stream = np.concatenate([row["input_ids"][row["segment_ids"] > 0] for row in rows])
+    np.testing.assert_array_equal(stream, np.concatenate(docs))
+
+
 def test_an_unshuffled_replay_with_workers_says_it_loses_the_order(corpus, tok_dir, caplog):
     config = make_config("clm", corpus[0], tok_dir, rows=8, workers=2)
     config.data.shuffle, config.data.pack_pool_size = False, 1
