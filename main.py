@@ -156,7 +156,8 @@ def _pair_configs(pair: str) -> list:
     config_file = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(config_file)
     return pairs.side_configs(config_file.get_config, config_base.split_pair(pair),
-                              config_flags.get_override_values(config_flag))
+                              config_flags.get_override_values(config_flag),
+                              planning=FLAGS.dry_run)
 
 
 def main(argv):

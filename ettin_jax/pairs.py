@@ -60,14 +60,16 @@ class PairError(ValueError):
 # --- configs -----------------------------------------------------------------------------------
 
 def side_configs(make_config: Callable[[str], object], runs: Sequence[str],
-                 overrides: dict) -> list:
+                 overrides: dict, *, planning: bool = False) -> list:
     """The configs of a pair's two runs.
 
     make_config: a config file's `get_config` (one run's arg -> ConfigDict); runs: the pair's
     two run args (configs/base.py split_pair); overrides: the `--config.*` overrides as a flat
     {"train.init_from": value, ...} dict (ml_collections' config_flags.get_override_values),
     applied to both sides. A `train.init_from` names the previous phase's pair workdir: each
-    side continues `<init_from>/<objective>` (a cross-objective side the other objective's).
+    side continues `<init_from>/<objective>` (a cross-objective side the other objective's);
+    `planning` (main.py --dry_run) accepts one that does not exist yet, as a single run's plan
+    does (the plan says a real run would find no checkpoint there).
     """
     configs = []
     for run in runs:
@@ -91,7 +93,8 @@ def side_configs(make_config: Callable[[str], object], runs: Sequence[str],
     for config in configs:
         if workdir_lib.init_source(config):           # not "" or "scratch" (random weights)
             config.train.init_from = _side_of(config.train.init_from,
-                                              workdir_lib.source_objective(config))
+                                              workdir_lib.source_objective(config),
+                                              planning=planning)
     return configs
 
 
@@ -104,8 +107,10 @@ def _has_key(config, dotted: str) -> bool:
     return True
 
 
-def _side_of(pair_workdir: str, objective: str) -> str:
+def _side_of(pair_workdir: str, objective: str, *, planning: bool = False) -> str:
     side = os.path.join(pair_workdir, objective)
+    if planning and not os.path.exists(pair_workdir):
+        return side
     if not cli.is_remote(pair_workdir) and not os.path.isdir(side):
         hint = (" (it is a single run's workdir: a pair continues a pair)"
                 if os.path.isdir(checkpoint_lib.checkpoint_dir(pair_workdir)) else "")

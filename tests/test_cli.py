@@ -105,6 +105,17 @@ def test_a_demo_dry_run_names_the_demo_keys(tmp_path, args, fragments):
     assert_one_error_line(result, *fragments)
 
 
+def test_a_pairs_dry_run_plans_a_phase_whose_source_pair_does_not_exist_yet(tmp_path):
+    """As a single run's dry run does: each side's plan says a real run finds nothing there."""
+    result = run("main.py", f"--workdir={tmp_path / 'w'}", "--dry_run",
+                 "--config=configs/ettin_tiny.py:mlm_ext+clm_ext",
+                 f"--config.train.init_from={tmp_path / 'previous'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("NO checkpoint there yet") == 2, result.stdout
+    assert str(tmp_path / "previous" / "clm") in result.stdout
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_pair_refuses_a_workdir_that_is_a_file_before_jax_starts(tmp_path):
     (tmp_path / "file").write_text("")
     result = run("main.py", f"--workdir={tmp_path / 'file'}",

@@ -207,6 +207,14 @@ def test_init_from_names_the_previous_pair(tmp_path):
                            {"train.init_from": str(previous / "mlm")})
     with pytest.raises(pairs.PairError, match="--config.train.nope"):
         pairs.side_configs(ettin_tiny.get_config, ["mlm", "clm"], {"train.nope": 1})
+    # A plan of the next phase before the previous pair exists names its sides; a run refuses.
+    later = tmp_path / "later"
+    planned = pairs.side_configs(ettin_tiny.get_config, ["mlm_ext", "clm_ext"],
+                                 {"train.init_from": str(later)}, planning=True)
+    assert [c.train.init_from for c in planned] == [str(later / "mlm"), str(later / "clm")]
+    with pytest.raises(pairs.PairError, match=r"which holds mlm/; no .*later/mlm"):
+        pairs.side_configs(ettin_tiny.get_config, ["mlm_ext", "clm_ext"],
+                           {"train.init_from": str(later)})
 
 
 def test_state_bytes_per_device_and_the_memory_check():
