@@ -120,36 +120,36 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def param_shardings(params: nnx.State, mesh: jax.sharding.Mesh, *,
-                    warn_unsplit: bool = False) -> nnx.State:
-    """NamedShardings shaped like `params` (an nnx.State of Params, concrete or abstract).
-    warn_unsplit: log a warning naming the parameters that fsdp was meant to split and that
-    each device holds whole (no dimension of theirs divides over fsdp)."""
+def param_shardings(params: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+    """NamedShardings shaped like `params` (an nnx.State of Params, concrete or abstract)."""
 
     def one(variable):
         names = variable.get_metadata().get("out_sharding")
         return variable.replace(NamedSharding(mesh, logical_to_spec(names, variable.shape, mesh)))
 
-    shardings = jax.tree.map(one, params, is_leaf=_is_variable)
-    fsdp = mesh.shape.get("fsdp", 1)
-    if warn_unsplit and fsdp > 1:
-        whole, total = [], 0
-        for path, variable in nnx.to_flat_state(params):
-            size = math.prod(variable.shape)
-            total += size
-            names = variable.get_metadata().get("out_sharding") or ()
-            spec = logical_to_spec(names, variable.shape, mesh)
-            if "embed" in names and "fsdp" not in spec:
-                whole.append(("/".join(map(str, path)), size))
-        if whole:
-            logging.warning(
-                "config.mesh: fsdp=%d divides no dimension of %d parameters (%.0f%% of the "
-                "model, e.g. %s): every device holds them and their optimizer moments whole. An "
-                "fsdp size that divides config.model.hidden_size splits them all; the other "
-                "devices can go to config.mesh.data", fsdp, len(whole),
-                100 * sum(size for _, size in whole) / total,
-                ", ".join(name for name, _ in sorted(whole, key=lambda w: -w[1])[:3]))
-    return shardings
+    return jax.tree.map(one, params, is_leaf=_is_variable)
+
+
+def warn_unsplit(params: nnx.State, shardings: nnx.State):
+    """Logs a warning naming the parameters that fsdp was meant to split ("embed" axes) and
+    that every device holds whole under `shardings` (param_shardings of `params`): no
+    dimension of theirs divides over fsdp."""
+    whole, total, fsdp = [], 0, 1
+    for (path, variable), (_, sharding) in zip(nnx.to_flat_state(params),
+                                               nnx.to_flat_state(shardings)):
+        size = math.prod(variable.shape)
+        total += size
+        fsdp = sharding.get_value().mesh.shape.get("fsdp", 1)
+        names = variable.get_metadata().get("out_sharding") or ()
+        if fsdp > 1 and "embed" in names and "fsdp" not in sharding.get_value().spec:
+            whole.append(("/".join(map(str, path)), size))
+    if whole:
+        logging.warning(
+            "config.mesh: fsdp=%d divides no dimension of %d parameters (%.0f%% of the model, "
+            "e.g. %s): every device holds them and their optimizer moments whole. An fsdp size "
+            "that divides config.model.hidden_size splits them all; the other devices can go "
+            "to config.mesh.data", fsdp, len(whole), 100 * sum(size for _, size in whole) / total,
+            ", ".join(name for name, _ in sorted(whole, key=lambda w: -w[1])[:3]))
 
 
 def optimizer_shardings(tx, abstract_params, params_sharding, mesh: jax.sharding.Mesh):

@@ -141,7 +141,8 @@ def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
     """Builds the sharded state layout and jits `train_step` and `eval_step` for `mesh`."""
     parts = model_loader.model_parts(config.model, seed=config.seed)
     tx = optimizer_lib.make_optimizer(config.optimizer, parts.abstract_params)
-    params_sharding = sharding_lib.param_shardings(parts.abstract_params, mesh, warn_unsplit=True)
+    params_sharding = sharding_lib.param_shardings(parts.abstract_params, mesh)
+    sharding_lib.warn_unsplit(parts.abstract_params, params_sharding)
     state_shardings = {
         "params": params_sharding,
         "opt_state": sharding_lib.optimizer_shardings(tx, parts.abstract_params, params_sharding,

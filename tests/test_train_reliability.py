@@ -445,6 +445,20 @@ def test_a_second_stop_signal_exits_without_waiting_for_the_step(name):
         assert "KeyboardInterrupt" in result.stdout and result.returncode == 3
 
 
+def stop_resume_and_read_metrics(config, workdir: str, *, stop_after: int) -> list[dict]:
+    """Trains `config` in `workdir`, asks the loop to stop after step `stop_after`, resumes
+    it to the end; returns metrics.jsonl's lines."""
+    run = train.train_steps(config, workdir)
+    progress = next(run)
+    with pytest.raises(StopIteration):
+        while True:
+            progress = run.send("a test" if progress.stage == "step"
+                                and progress.step == stop_after else None)
+    train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def test_a_stop_logs_the_steps_since_the_last_line(tmp_path, good_run, caplog):
     """Logging every 4 steps, a stop at step 3 writes steps 1-3's line (loss, fingerprints)
     before it saves: the resumed run logs from step 4 on, so no step's data goes unchecked
@@ -452,15 +466,7 @@ def test_a_stop_logs_the_steps_since_the_last_line(tmp_path, good_run, caplog):
     the checkpoint says so and trains nothing."""
     workdir = str(tmp_path / "run")
     config = make_config(steps_with(6), "--config.demo.log.every_steps=4")
-    run = train.train_steps(config, workdir)
-    progress = next(run)
-    with pytest.raises(StopIteration):
-        while True:
-            progress = run.send("a test" if progress.stage == "step" and progress.step == 3
-                                else None)
-    train.train_and_evaluate(config, workdir)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        lines = [json.loads(line) for line in f]
+    lines = stop_resume_and_read_metrics(config, workdir, stop_after=3)
     assert [(r["step"], len(r["data_fingerprints"])) for r in lines] == [(3, 3), (4, 1), (6, 2)]
     assert all(np.isfinite(r["loss"]) for r in lines)
     with open(os.path.join(good_run[0], "metrics.jsonl")) as f:
@@ -478,15 +484,7 @@ def test_a_stop_logs_the_steps_since_the_last_line(tmp_path, good_run, caplog):
     config = make_config(steps_with(4), "--config.demo.log.every_steps=4",
                          "--config.demo.train.eval_every_steps=2",
                          "--config.demo.train.eval_batches=1")
-    run = train.train_steps(config, workdir)
-    progress = next(run)
-    with pytest.raises(StopIteration):
-        while True:
-            progress = run.send("a test" if progress.stage == "step" and progress.step == 2
-                                else None)
-    train.train_and_evaluate(config, workdir)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        lines = [json.loads(line) for line in f]
+    lines = stop_resume_and_read_metrics(config, workdir, stop_after=2)
     assert [(r["step"], len(r["data_fingerprints"])) for r in lines] == [(2, 2), (4, 2)]
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["eval_loss"]) for r in lines)
 

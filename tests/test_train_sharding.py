@@ -222,7 +222,8 @@ def test_an_fsdp_size_that_does_not_divide_the_width_splits_another_dimension(ca
     model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     with caplog.at_level("WARNING"):
-        shardings = sharding.param_shardings(params, mesh, warn_unsplit=True)
+        shardings = sharding.param_shardings(params, mesh)
+        sharding.warn_unsplit(params, shardings)
     assert shardings["layers"][1]["mlp_in"].get_value().shard_shape((64, 2, 96)) == (64, 2, 32)
     assert shardings["layers"][1]["mlp_out"].get_value().shard_shape((96, 64)) == (32, 64)
     assert shardings["tok_embeddings"].get_value().shard_shape((512, 64)) == (512, 64)

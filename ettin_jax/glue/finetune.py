@@ -229,16 +229,16 @@ def run_one(finetuner: Finetuner, spec: RunSpec, train: tuple, devs: dict, run_d
                        "progress": ocp.JsonCheckpointHandler()})
     if manager.latest_step() is not None:
         step = manager.latest_step()
-        # Its steps, schedule and evaluations follow the options it started with.
+        # Its steps, schedule and evaluations follow the options it started with: checked
+        # on its progress before the arrays are read.
         saved = manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
         results.check_same_options(saved["progress"], progress["options"],
                                    os.path.join(run_dir, "checkpoint"), finished=False)
         abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # pylint: disable=unnecessary-lambda-assignment
         restored = manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract(params)),
-            opt_state=ocp.args.StandardRestore(abstract(opt_state)),
-            progress=ocp.args.JsonRestore()))
-        params, opt_state, progress = restored["params"], restored["opt_state"], restored["progress"]
+            opt_state=ocp.args.StandardRestore(abstract(opt_state))))
+        params, opt_state, progress = restored["params"], restored["opt_state"], saved["progress"]
         logging.info("%s %s: resuming at step %d of %d", task.name, spec.name, step, total_steps)
 
     writer = writer_factory(os.path.join(run_dir, "tensorboard"))

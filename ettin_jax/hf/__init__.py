@@ -231,14 +231,25 @@ def save_hf(model: model_lib.EttinModel, model_config=None, path: str = ".", tok
         save_tokenizer(tokenizer, path, config)
 
 
+# The files of a transformers tokenizer directory (tokenizer.json, tokenizer_config.json,
+# special_tokens_map.json, a vocab or merges file).
+TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "vocab", "merges")
+
+
+def copy_tokenizer_files(source: str, destination: str):
+    """Copies the tokenizer files of directory `source` into `destination` (made if missing)."""
+    os.makedirs(destination, exist_ok=True)
+    for name in os.listdir(source):
+        if name.startswith(TOKENIZER_FILE_PREFIXES):
+            shutil.copy(os.path.join(source, name), os.path.join(destination, name))
+
+
 def save_tokenizer(tokenizer, path: str, config: ModelConfig):
     """Writes tokenizer.json plus the tokenizer_config.json transformers needs to load it. A
     decoder's tokenizer encodes a text as `[CLS] text`, without the [SEP] that would end the
     document before generation starts (ettin_jax.generate.encode_prompt)."""
     if isinstance(tokenizer, str) and os.path.isdir(tokenizer):
-        for name in os.listdir(tokenizer):
-            if name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges")):
-                shutil.copy(os.path.join(tokenizer, name), os.path.join(path, name))
+        copy_tokenizer_files(tokenizer, path)
         if os.path.exists(os.path.join(path, "tokenizer_config.json")):
             if config.causal:
                 _open_ended_prompts(path, config)

@@ -120,10 +120,7 @@ def _import(flags_):
     if loaded.tokenizer:
         # A copy in the run: export, glue and generate find it there, as a training run's.
         tokenizer = os.path.abspath(os.path.join(flags_.out, "tokenizer"))
-        os.makedirs(tokenizer, exist_ok=True)
-        for name in os.listdir(loaded.tokenizer):
-            if name.startswith(_EXPORT_PREFIXES + ("special_tokens_map",)):
-                shutil.copy(os.path.join(loaded.tokenizer, name), tokenizer)
+        hf.copy_tokenizer_files(loaded.tokenizer, tokenizer)
     checkpoint.save_imported(loaded.model, loaded.model.config, flags_.out, tokenizer=tokenizer)
     print(f"wrote {model_lib.count_params(loaded.model):,} parameters"
           f"{' and the tokenizer' if tokenizer else ''} from {flags_.hf} to {flags_.out}; "
