@@ -239,7 +239,10 @@ def warmup_split(config, mean_sequence_length: float | None = None,
     smaller micro batches, at least as many as the run's, of which f is a whole number (8, 16,
     ... at f = 1/8; 10, 20, ... at f = 0.3; each at least one row per device). Their rows are
     a multiple of `data_parallel`, rounded down: they need not add up to a full step, which
-    keeps the run's own split."""
+    keeps the run's own split. The warmup then counts as many of them as a full step holds
+    (rounded down to a multiple of q): counting only the pieces first chosen, a step of 288
+    rows on 4 devices cut into 40 pieces of 4 rows topped out at 140 rows before jumping to
+    288, where 72 pieces grow to 252."""
     accum = grad_accum_steps(config, mean_sequence_length, data_parallel)
     full = rows_per_step(config, mean_sequence_length, data_parallel)
     # f as p / q in lowest terms (q <= 64): multiples of q micro batches hold f of them whole.
@@ -247,7 +250,8 @@ def warmup_split(config, mean_sequence_length: float | None = None,
     pieces = min(quantum * math.ceil(accum / quantum), full // data_parallel)
     if pieces <= accum:
         return accum, full // accum
-    return pieces, full // (pieces * data_parallel) * data_parallel
+    piece_rows = full // (pieces * data_parallel) * data_parallel
+    return full // piece_rows // quantum * quantum, piece_rows
 
 
 def micro_batch_size(config, mean_sequence_length: float | None = None,

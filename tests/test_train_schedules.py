@@ -338,6 +338,31 @@ def test_warmup_steps_split_into_micro_batches_that_fit_and_divide_over_the_devi
             assert rows % micro_rows == 0 and micro_rows % dp == 0 and micro_rows <= micro
 
 
+def test_batch_warmup_grows_to_the_last_level_below_a_full_step():
+    """The warmup counts as many of its pieces as a full step holds. By hand: 1b's
+    cross-objective step of 4608 sequences of mean 542.5 is 288 rows on 4 devices, 36 micro
+    batches of 8; an eighth needs a multiple of 8 pieces, 40 of 288 // 160 * 4 = 4 rows. A
+    full step holds 72 of those: the warmup starts at 9 (36 rows) and grows by 9 to 63 (252
+    rows), where counting 40 pieces topped out at 35 (140 rows, under half the step)."""
+    c = ettin_1b.get_config("clm_from_mlm")
+    assert schedules.rows_per_step(c, 542.5, 4) == 288
+    assert schedules.warmup_split(c, 542.5, 4) == (72, 4)
+    rows_for_step = schedules.rows_schedule(c, 542.5, 4)
+    sizes = sorted(set(rows_for_step(step) for step in range(
+        schedules.batch_warmup_steps(c, 542.5, 4) + 1)))
+    assert sizes == [36 * k for k in range(1, 8)] + [288]
+    # Every size and phase: no room is left in a full step for q more pieces (f = p / q).
+    from configs import ettin_32m, ettin_68m, ettin_400m
+    for module in (ettin_17m, ettin_32m, ettin_68m, ettin_150m, ettin_400m, ettin_1b):
+        for arg in ("mlm", "clm_from_mlm"):
+            c = module.get_config(arg)
+            for dp, mean in ((1, 610.0), (2, 542.5), (4, 542.5), (8, 610.0), (8, 542.5)):
+                full = schedules.rows_per_step(c, mean, dp)
+                pieces, piece_rows = schedules.warmup_split(c, mean, dp)
+                assert pieces % 8 == 0 and piece_rows % dp == 0
+                assert full - 8 * piece_rows < pieces * piece_rows <= full, (c.size, arg, dp)
+
+
 def test_every_size_and_phase_fits_its_micro_batches_on_one_device_and_on_eight():
     """The configs' default: grad_accum_steps auto within max_micro_tokens (bench/memory.py's
     H100 table), for Ettin-like means (phase 1 ~ 2.8M / 4608 tokens, phases 2-3 ~ 2.5M / 4608)."""
