@@ -112,13 +112,15 @@ def read_metrics(path: str) -> tuple[list[dict], dict[int, str]]:
                                    f"{e.colno})") from None
             if not isinstance(record, dict) or type(record.get("step")) is not int:
                 raise CompareError(f"{where}: expected a JSON object with an integer \"step\"")
-            # Steps after the checkpoint a run resumed from are logged again; the new lines win,
-            # and the fingerprints of the replaced timeline go from the first step they cover.
+            # Steps after the checkpoint a run resumed from are logged again; the new lines win
+            # from the first step they cover. A line of the replaced timeline may end before the
+            # new line's step (a stop's line at 105, not saved; the rerun's line at 110 covers
+            # 101-110), so it is the new line's first step that cuts, not its last.
             new = _fingerprints_of(record, where)
-            if records and records[-1]["step"] >= record["step"]:
-                while records and records[-1]["step"] >= record["step"]:
+            first = min(new, default=record["step"])
+            if records and records[-1]["step"] >= first:
+                while records and records[-1]["step"] >= first:
                     records.pop()
-                first = min(new, default=record["step"])
                 fingerprints = {step: v for step, v in fingerprints.items() if step < first}
             records.append(record)
             fingerprints.update(new)

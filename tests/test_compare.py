@@ -189,6 +189,21 @@ def test_a_resumed_runs_replaced_timeline_leaves_no_fingerprints(tmp_path, capsy
     assert "enc vs dec: identical data: 4 steps matched" in capsys.readouterr().out
 
 
+def test_a_line_of_a_replaced_timeline_before_the_new_lines_step_is_dropped(tmp_path):
+    """Logged every 10 steps, saved every 50: a stop at step 105 wrote its line (steps
+    101-105) but not its checkpoint; the rerun from step 100 logs step 110 (steps 101-110).
+    The line at 105 is of the replaced timeline although 105 < 110."""
+    def line(step, first, loss):
+        return json.dumps({"step": step, "loss": loss, "data_fingerprints": [
+            fingerprint(s) for s in range(first, step + 1)]}) + "\n"
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join([line(s, s - 9, 3.0) for s in range(10, 101, 10)]
+                            + [line(105, 101, 9.9), line(110, 101, 2.9)]))
+    records, fingerprints = compare.read_metrics(str(path))
+    assert [r["step"] for r in records] == list(range(10, 111, 10))
+    assert records[-1]["loss"] == 2.9 and sorted(fingerprints) == list(range(1, 111))
+
+
 def errors_of(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err and all(line.startswith("error: ") for line in err), err
