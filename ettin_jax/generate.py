@@ -45,14 +45,15 @@ def sample_next(logits, key, *, temperature: float, top_p: float):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
     if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        order = jnp.argsort(-logits, axis=-1, stable=True)       # ties: the lower id first
+        sorted_probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
         # The probability mass strictly before each sorted token; keep a token while that mass
         # is below top_p, so the most likely token always stays.
-        before = cumulative - jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
         kept = jnp.sum(before < top_p, axis=-1)
-        threshold = jnp.take_along_axis(sorted_logits, (kept - 1)[:, None], axis=-1)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+        # By rank, not by logit: tokens tied with the last kept one are not all in the nucleus.
+        rank = jnp.argsort(order, axis=-1)
+        logits = jnp.where(rank < kept[:, None], logits, -jnp.inf)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 

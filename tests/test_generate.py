@@ -158,6 +158,17 @@ def test_nucleus_sampling_stays_in_nucleus():
     np.testing.assert_array_equal(np.asarray(tiny_p), greedy)
 
 
+def test_nucleus_of_tied_logits_is_the_smallest_ranked_set():
+    """Tokens tied with the last one in the nucleus stay out of it (ties ranked by id, as a
+    stable sort gives): probabilities [1/2, 1/4, 1/4] at top_p 3/4 keep tokens 0 and 1; four
+    equal logits at top_p 0.3 keep 0 and 1 (mass before each: 0, 1/4, 1/2, 3/4)."""
+    for probs, top_p in (([0.5, 0.25, 0.25], 0.75), ([0.25] * 4, 0.3)):
+        logits = jnp.tile(jnp.log(jnp.asarray(probs, jnp.float32)), (400, 1))
+        samples = np.asarray(generate_lib.sample_next(logits, jax.random.key(0),
+                                                      temperature=1.0, top_p=top_p))
+        assert set(samples.tolist()) == {0, 1}, (probs, np.bincount(samples))
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "ettin_jax.generate", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300,
