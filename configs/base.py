@@ -289,6 +289,11 @@ def get_config_for_size(arg: str | None, *, size: str, model: ml_collections.Con
     c.optimizer.batch_warmup_tokens = batch_warmup_tokens
     # Batch-size warmup starts with this share of the step's sequences (in whole micro
     # batches, at least one) and grows linearly to all of them (schedules.warmup_micro_batches).
+    # Our choice, not a figure of Ettin's: its yamls set batch_size_warmup_min_size to the
+    # per-GPU micro batch (1/8 to 1/48 of a GPU's 1152 sequences in phase 1, 1/96 to 1/576 in
+    # cross-objective runs), a key only bert24's sequence packer reads, and Ettin ran with
+    # sequence_packing: false (recipe §4.4: how its warmup ran is unconfirmed). Each size the
+    # warmup passes through compiles the step once more, about 1 / f of them.
     c.optimizer.batch_warmup_start_fraction = 1 / 8
     # StableAdamW decays weights by wd * lr_t / max_lr, max_lr = peak_lr * max_lr_fraction: the
     # LR the optimizer was built with (recipe §4.1). Extension and decay carry the phase-1
@@ -315,6 +320,8 @@ def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: st
     c.train.max_micro_tokens = (MAX_MICRO_ROWS.get(size, {}).get(c.train.seq_len, 0)
                                 * c.train.seq_len)
     c.train.init_optimizer_state = phase in ("ext", "decay")   # cross-objective: params only
+    # Ettin's yamls evaluate never (eval_interval 99999...); a held-out loss now and then
+    # costs little (8 batches per 1000 steps) and shows overfitting on small data.
     c.train.eval_every_steps = 1000
     c.train.eval_batches = 8                # held-out batches per eval; 0 = no eval
     # XLA options for the run's programs, "NAME=VALUE,...": ettin_jax/xla_options.py.
@@ -377,7 +384,10 @@ def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: st
     c.checkpoint.every_tokens = {"cross": 3.333333333e9 if huge else 1e10}.get(phase, 8.5e9)
     c.checkpoint.every_steps = 0            # > 0 overrides every_tokens
     c.checkpoint.keep_last = 3
-    c.checkpoint.keep_every_nth = 10        # also keep every 10th save for good (0 = none)
+    # Also keep every 10th save for good (0 = none). Ettin kept every save
+    # (save_num_checkpoints_to_keep: 100000, 200 of phase 1 at 8.5B tokens); 1 does the same,
+    # at ~1.8 GB each for 150m with its optimizer state.
+    c.checkpoint.keep_every_nth = 10
     c.checkpoint.async_save = True
 
     c.mesh = ml_collections.ConfigDict()    # device counts per axis; -1 = all the rest
