@@ -334,7 +334,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     demo_run = not config.data.mixture
     config = demo.apply_demo(config)
     demo.validate(config, demo_run=demo_run)
-    record_changed_settings = workdir_lib.check_identity(config, workdir)
+    record_identity = workdir_lib.check_identity(config, workdir)
 
     # Mesh.
     mesh = sharding_lib.make_mesh(config.mesh)
@@ -382,7 +382,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     # Restore (see _restore_or_init for the order).
     ckpt, save_every = _make_checkpointer(config, workdir, mean, data_parallel)
     state, step, tokens = _restore_or_init(config, setup, ckpt, train_iter, resume_at_most)
-    record_changed_settings()          # the start holds: its changed settings are the run's
+    record_identity()                  # the start holds: its config is the run's
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     logging.info("%s %s, %s: %s parameters, %d steps of up to %d x %d tokens (%s tokens), "
                  "starting at step %d", config.size, config.objective, config.phase,

@@ -296,12 +296,14 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 
 def check_identity(config, workdir: str) -> Callable[[], None]:
-    """Records the run's identity on first start; refuses a re-run of another run (raises
-    RunIdentityError listing each differing key, old -> new). Call before compiling.
+    """Refuses a re-run of another run (raises RunIdentityError listing each differing key,
+    old -> new). Call before compiling.
 
-    Returns the function that records changed settings (allow_config_change): call it once the
-    start has got past its other checks and its restore, so that a start refused after this
-    check leaves the record as it was (the original command would be refused otherwise)."""
+    Returns the function that records the identity (on first start) or the changed settings
+    (allow_config_change): call it once the start has got past its other checks and its
+    restore, so that a start refused after this check leaves the record as it was. Recorded
+    at once, a first start's bad value (num_heads=5, a PRNG name misspelled) became the run's,
+    and the corrected command was refused as another run."""
     path = os.path.join(workdir, IDENTITY_NAME)
     new = run_identity(config)
     try:
@@ -334,8 +336,7 @@ def check_identity(config, workdir: str) -> Callable[[], None]:
             return functools.partial(_write_identity, path, new)
         if set(new["settings"]) <= set(old.get("settings", {})):
             return lambda: None   # the same run; a record from before some keys gets them added
-    _write_identity(path, new)
-    return lambda: None
+    return functools.partial(_write_identity, path, new)
 
 
 def _write_identity(path: str, identity: dict):

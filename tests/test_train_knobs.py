@@ -103,7 +103,7 @@ def test_bad_knob_values_fail_naming_the_key(key, value):
 def test_workdir_records_the_prng_but_not_the_chunks(tmp_path):
     """Another PRNG is another run's dropout: a recorded setting, refused on resume unless
     allowed. Chunk sizes change only how the loss runs: free to change."""
-    workdir_lib.check_identity(tiny_config(), str(tmp_path))
+    workdir_lib.check_identity(tiny_config(), str(tmp_path))()
     workdir_lib.check_identity(tiny_config(loss_vocab_chunk=128, loss_row_chunk=64),
                                str(tmp_path))
     with pytest.raises(workdir_lib.RunIdentityError, match="train.prng_impl: 'threefry' -> 'rbg'"):
@@ -124,7 +124,7 @@ def test_workdir_records_the_prng_but_not_the_chunks(tmp_path):
 
 def test_a_run_recorded_before_the_prng_key_resumes_as_threefry(tmp_path):
     """run_identity.json written before train.prng_impl existed: threefry is what it ran."""
-    workdir_lib.check_identity(tiny_config(), str(tmp_path))
+    workdir_lib.check_identity(tiny_config(), str(tmp_path))()
     path = tmp_path / workdir_lib.IDENTITY_NAME
     record = json.loads(path.read_text())
     del record["settings"]["train.prng_impl"]
@@ -139,7 +139,7 @@ def test_workdir_records_the_loaders_worker_count_and_group_size(tmp_path):
     resume that changes them is refused up front; a record written before they were recorded
     takes the run's values."""
     config = tiny_config()
-    workdir_lib.check_identity(config, str(tmp_path))
+    workdir_lib.check_identity(config, str(tmp_path))()
     for key, value in (("num_workers", config.data.num_workers + 2), ("worker_group_rows", 5)):
         changed = tiny_config()
         changed.data[key] = value
@@ -150,7 +150,7 @@ def test_workdir_records_the_loaders_worker_count_and_group_size(tmp_path):
     del record["settings"]["data.num_workers"], record["settings"]["data.worker_group_rows"]
     path.write_text(json.dumps(record))
     changed.data.num_workers = 3
-    workdir_lib.check_identity(changed, str(tmp_path))
+    workdir_lib.check_identity(changed, str(tmp_path))()
     assert json.loads(path.read_text())["settings"]["data.num_workers"] == 3
 
 
@@ -205,5 +205,5 @@ def test_xla_options_reach_the_runs_programs(tmp_path):
         assert program in names, program
     run = tmp_path / "run"
     run.mkdir()
-    workdir_lib.check_identity(tiny_config(), str(run))
+    workdir_lib.check_identity(tiny_config(), str(run))()
     workdir_lib.check_identity(tiny_config(xla_options="xla_gpu_autotune_level=0"), str(run))

@@ -5,6 +5,7 @@ subprocesses where exit codes and signals matter."""
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -227,6 +228,17 @@ def test_identity_refuses_another_run_and_changed_settings(tmp_path, good_run):
     os.remove(workdir / workdir_lib.IDENTITY_NAME)       # a workdir from before the record
     train.train_and_evaluate(make_config(), str(workdir))
     assert (workdir / workdir_lib.IDENTITY_NAME).exists()
+
+
+def test_a_first_start_refused_by_its_config_records_no_identity(tmp_path):
+    """A bad value found when the model and optimizer are built leaves no run recorded, so the
+    corrected command starts (it was refused as another run, model.num_heads: 5 -> 4)."""
+    workdir = tmp_path / "w"
+    for flag, message in (("--config.model.num_heads=5", "not a multiple of num_heads=5"),
+                          ("--config.train.prng_impl=bogus", "config.train.prng_impl='bogus'")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train.train_and_evaluate(make_config(flag), str(workdir))
+        assert not os.path.exists(workdir / workdir_lib.IDENTITY_NAME)
 
 
 def test_later_phase_needs_init_from_or_scratch(tmp_path):
