@@ -113,16 +113,26 @@ def weight_decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def check_config(optimizer_config):
+    """ValueError naming the key of an optimizer or moments dtype make_optimizer has not."""
+    name = optimizer_config.name
+    if name not in ("stableadamw", "adamw"):
+        raise ValueError(f"config.optimizer.name={name!r}: expected 'stableadamw' or 'adamw'")
+    moments = optimizer_config.get("moments_dtype", "float32")
+    if moments not in MOMENT_DTYPES:
+        raise ValueError(f"config.optimizer.moments_dtype={moments!r}: expected one of "
+                         f"{sorted(MOMENT_DTYPES)}")
+
+
 def make_optimizer(optimizer_config, params) -> optax.GradientTransformationExtraArgs:
     """The optimizer `config.optimizer` names, for params shaped like `params`.
 
     `max_lr` of StableAdamW is `optimizer_config.peak_lr × max_lr_fraction`.
     """
+    check_config(optimizer_config)
     mask = weight_decay_mask(params)
     name = optimizer_config.name
     moments = optimizer_config.get("moments_dtype", "float32")
-    if moments not in MOMENT_DTYPES:
-        raise ValueError(f"config.optimizer.moments_dtype={moments!r}: expected one of {sorted(MOMENT_DTYPES)}")
     if name == "stableadamw":
         tx = stable_adamw(b1=optimizer_config.b1, b2=optimizer_config.b2, eps=optimizer_config.eps,
                           weight_decay=optimizer_config.weight_decay,
@@ -133,7 +143,7 @@ def make_optimizer(optimizer_config, params) -> optax.GradientTransformationExtr
                    weight_decay=optimizer_config.weight_decay, weight_decay_mask=mask,
                    moments_dtype=MOMENT_DTYPES[moments])
     else:
-        raise ValueError(f"config.optimizer.name={name!r}: expected 'stableadamw' or 'adamw'")
+        raise AssertionError(name)              # check_config names the choices
     if optimizer_config.grad_clip_norm > 0:
         if name == "stableadamw":
             logging.warning("config.optimizer.grad_clip_norm=%s with StableAdamW: the recipe has no "

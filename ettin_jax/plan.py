@@ -35,10 +35,13 @@ from ettin_jax import checkpoint as checkpoint_lib
 from ettin_jax import demo
 from ettin_jax import model as model_lib
 from ettin_jax import model_loader
+from ettin_jax import optimizer as optimizer_lib
 from ettin_jax import schedules
 from ettin_jax import sharding as sharding_lib
 from ettin_jax import step_tokens
+from ettin_jax import train
 from ettin_jax import workdir as workdir_lib
+from ettin_jax import xla_options
 from ettin_jax.model_config import ModelConfig
 
 
@@ -69,6 +72,10 @@ def make_plan(config, workdir: str, *, num_devices: int | None = None) -> dict:
     demo_run = not config.data.mixture
     config = demo.demo_variant(config)
     demo.validate(config, demo_run=demo_run)
+    # What train.make_setup refuses before compiling (the model's shape: new_model below).
+    train.prng_impl(config)
+    optimizer_lib.check_config(config.optimizer)
+    xla_options.parse(config.train.xla_options)
     if num_devices is None:
         import jax  # pylint: disable=import-outside-toplevel
         num_devices = jax.device_count()

@@ -284,3 +284,17 @@ def test_agreed_says_where_the_figure_comes_from(tmp_path, caplog):
         caplog.clear()
         mean = step_tokens.agreed(config, str(tmp_path / "run"), demo=False)
         assert f"mean sequence length {mean} ({expected} " in caplog.text
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("train", "prng_impl", "bogus", "config.train.prng_impl='bogus': expected one of"),
+    ("optimizer", "name", "sgd", "config.optimizer.name='sgd': expected"),
+    ("optimizer", "moments_dtype", "float8", "config.optimizer.moments_dtype='float8'"),
+    ("train", "xla_options", "bogus", "config.train.xla_options='bogus': entry 'bogus'"),
+])
+def test_a_plan_refuses_what_the_start_would_refuse(tmp_path, section, key, value, message):
+    """A dry run passed these, and the real start failed on them after the dry run's 'ok'."""
+    config = ettin_tiny.get_config("mlm")
+    config[section][key] = value
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        plan_lib.make_plan(config, str(tmp_path / "w"), num_devices=1)
