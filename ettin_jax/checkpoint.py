@@ -277,6 +277,16 @@ def runs_inside(directory: str) -> list[str]:
     return sorted(n for n in names if os.path.isdir(checkpoint_dir(os.path.join(directory, n))))
 
 
+def has_optimizer_state(workdir: str, step: int) -> bool:
+    """Whether checkpoint `step` of the run at `workdir` holds an optimizer state (a run
+    imported from transformers holds params only); True where its metadata cannot be read
+    (restore_from_run then tries the checkpoint before it)."""
+    try:
+        return read_only_manager(workdir).item_metadata(step).get("opt_state") is not None
+    except Exception:  # pylint: disable=broad-except  # unreadable: restore_from_run says so
+        return True
+
+
 def read_only_manager(workdir: str) -> ocp.CheckpointManager:
     """A manager that reads (never writes or cleans up) a run's `checkpoints/`.
 

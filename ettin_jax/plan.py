@@ -22,7 +22,8 @@ null), global_rope_theta, local_rope_theta, mask_ratio (MLM runs),
 decoder_window_keys (CLM runs), data_seed, model_seed, sources (path, token_share, measured
 mean), demo, tokenizer, checkpoint_every_steps, checkpoint_every_tokens, num_params,
 data_parallel, num_devices, figure_stored, restore (what a real run would start from:
-workdir / init_from / fresh), init_from, tokens_per_sec_estimate, estimated_wall_seconds.
+workdir / init_from / fresh; from init_from, whether its optimizer state comes too),
+init_from, tokens_per_sec_estimate, estimated_wall_seconds.
 """
 from __future__ import annotations
 
@@ -54,9 +55,13 @@ def _restore(config, workdir: str) -> dict:
     init_from = workdir_lib.init_source(config)      # "" for none or "scratch"
     if init_from:
         steps = checkpoint_lib.saved_steps(init_from)
+        optimizer_state = bool(config.train.init_optimizer_state)
+        if optimizer_state and steps:   # a run imported from transformers has none
+            optimizer_state = checkpoint_lib.has_optimizer_state(init_from, steps[-1])
         return {"from": "init_from", "path": os.path.abspath(init_from),
-                "step": steps[-1] if steps else None,
-                "optimizer_state": bool(config.train.init_optimizer_state)}
+                "step": steps[-1] if steps else None, "optimizer_state": optimizer_state,
+                "source_has_no_optimizer_state": optimizer_state != bool(
+                    config.train.init_optimizer_state)}
     return {"from": "fresh"}
 
 
@@ -165,6 +170,8 @@ def _restore_line(plan: dict) -> str:
         found = (f"newest checkpoint step {r['step']}" if r["step"] is not None
                  else "NO checkpoint there yet: a real run would fail to start")
         what = "params and optimizer state" if r["optimizer_state"] else "params only"
+        if r["source_has_no_optimizer_state"]:
+            what += " (the source has no optimizer state: a fresh optimizer)"
         return f"train.init_from={r['path']} ({found}), restoring {what}"
     if plan["init_from"] == workdir_lib.SCRATCH:
         return f"fresh initialisation (train.init_from={workdir_lib.SCRATCH}: on purpose)"

@@ -298,3 +298,17 @@ def test_a_plan_refuses_what_the_start_would_refuse(tmp_path, section, key, valu
     config[section][key] = value
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         plan_lib.make_plan(config, str(tmp_path / "w"), num_devices=1)
+
+
+def test_a_plan_from_a_run_without_optimizer_state_says_the_optimizer_starts_fresh(tmp_path):
+    """A run imported from transformers holds params only: extension from it restores no
+    optimizer state (checkpoint.restore_from_run warns so), and its plan says the same."""
+    from ettin_jax import checkpoint, model_loader
+    config = ettin_tiny.get_config("mlm_ext")
+    model = model_loader.new_model(config.model)
+    checkpoint.save_imported(model, model.config, str(tmp_path / "imported"))
+    config.train.init_from = str(tmp_path / "imported")
+    plan = plan_lib.make_plan(config, str(tmp_path / "w"), num_devices=1)
+    assert plan["restore"]["step"] == 0 and plan["restore"]["optimizer_state"] is False
+    assert ("restoring params only (the source has no optimizer state: a fresh optimizer)"
+            in plan_lib.format_plan(plan))
