@@ -288,16 +288,17 @@ def test_hf_import_refuses_a_run_with_checkpoints_and_export_overwrite_rules(tmp
     hf_cli._export(_export_flags(config=ettin_tiny.get_config("clm"), out=str(decoder),
                                  tokenizer=tokenizer_dir))
     assert (decoder / "generation_config.json").exists() and (decoder / "tokenizer.json").exists()
-    # An export that fails half way (its tokenizer is missing) leaves the previous one whole.
+    # An export that fails half way (its tokenizer does not parse) leaves the previous one whole.
     before = {name: (decoder / name).read_bytes() for name in os.listdir(decoder)}
-    with pytest.raises(FileNotFoundError, match="missing.json"):
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(Exception, match="key must be a string"):   # tokenizers' own error
         hf_cli._export(_export_flags(config=ettin_tiny.get_config("mlm"), out=str(decoder),
-                                     tokenizer=str(tmp_path / "missing.json")))
+                                     tokenizer=str(tmp_path / "broken.json")))
     assert {name: (decoder / name).read_bytes() for name in os.listdir(decoder)} == before
     hf_cli._export(_export_flags(config=ettin_tiny.get_config("mlm"), out=str(decoder)))
     assert sorted(os.listdir(decoder)) == ["config.json", "model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == sorted(                 # no staging directory left
-        ["decoder", "export", "hf", "run", "tokenizer"])
+        ["broken.json", "decoder", "export", "hf", "run", "tokenizer"])
 
     # import keeps a copy of the transformers directory's tokenizer with the run: an export of
     # the run writes it even after that directory is gone.
@@ -354,6 +355,20 @@ def test_hf_export_refuses_non_finite_weights_naming_the_tensor(tmp_path):
     with pytest.raises(cli.UserError, match=r"tensor 'model.final_norm.weight' has 1 non-finite"):
         hf_cli._export(_export_flags(checkpoint=run_dir, out=str(out)))
     assert not out.exists()
+
+
+def test_hf_export_checks_the_tokenizer_first_and_a_failed_export_leaves_no_out(tmp_path):
+    out = tmp_path / "export"
+    # Named before the run is read (its restore is slow for a large model): the run is absent.
+    with pytest.raises(cli.UserError, match=r"--tokenizer=\S*nope.json does not exist"):
+        hf_cli._export(_export_flags(checkpoint=str(tmp_path / "absent"), out=str(out),
+                                     tokenizer=str(tmp_path / "nope.json")))
+    # A tokenizer that fails when written: the export fails, and --out is not left empty.
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(Exception, match="key must be a string"):   # tokenizers' own error
+        hf_cli._export(_export_flags(config=ettin_tiny.get_config("mlm"), out=str(out),
+                                     tokenizer=str(tmp_path / "bad.json")))
+    assert os.listdir(tmp_path) == ["bad.json"]       # no --out, no staging directory
 
 
 # --- main.py: the persistent compilation cache -------------------------------------------------

@@ -47,13 +47,14 @@ def write_export(model, directory: str, tokenizer=None):
     half way (a bad tokenizer, a full disk) leaves the previous export whole; each file then
     replaces its namesake in one rename."""
     directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
     foreign = set(foreign_files(directory))
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.export-",
                                dir=os.path.dirname(directory))
     try:
         hf.save_hf(model, model.config, staging, tokenizer=tokenizer)
         written = set(os.listdir(staging))
+        os.makedirs(directory, exist_ok=True)     # only now: a failed export leaves no --out
         for name in written:
             os.replace(os.path.join(staging, name), os.path.join(directory, name))
         for name in set(os.listdir(directory)) - written - foreign:
@@ -82,6 +83,9 @@ def _export(flags_):
                             "a fresh initialisation")
     if flags_.hf:
         raise cli.UserError("--hf is import's input; export reads --checkpoint or --config")
+    if flags_.tokenizer and not os.path.exists(flags_.tokenizer):   # before loading the model
+        raise cli.UserError(f"--tokenizer={flags_.tokenizer} does not exist; pass a tokenizer.json "
+                            "or a transformers tokenizer directory")
     foreign = foreign_files(flags_.out)
     if foreign and not flags_.overwrite:
         listed = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
