@@ -8,7 +8,8 @@ prepare on it, so training can start with no data configured and no network:
     python -m data_pipeline.demo_corpus --output=data/demo --vocab_size=512 --unk_id=500
 
 Outputs under OUTPUT: corpus.jsonl, tokenizer/ (transformers-readable), shards/ (manifest.json).
-A finished build is reused (it is keyed by the vocabulary layout and size limit).
+A finished build is reused; OUTPUT/build.json records the vocabulary layout and size limit it
+was built for, and a build into it with other ones is refused (use another --output).
 `configure(config)` builds it for a config's vocabulary layout and points the config's data at
 it (the demo variant of a run, ettin_jax.demo).
 """
@@ -25,6 +26,9 @@ from absl import flags
 
 from data_pipeline import shards, tokenizer
 from ettin_jax import cli
+
+
+BUILD_KEY = "build.json"      # the vocabulary layout and size limit of the build in OUTPUT
 
 
 def stdlib_files() -> list[str]:
@@ -79,12 +83,36 @@ def write_corpus(path: str, max_bytes: int) -> dict:
 
 def build(output: str, *, vocab_size: int, unk_id: int, max_bytes: int = 8_000_000,
           workers: int = 1) -> tuple[str, str]:
-    """Builds (or reuses) the demo corpus; returns (tokenizer_dir, shards_dir)."""
+    """Builds (or reuses) the demo corpus; returns (tokenizer_dir, shards_dir). ValueError
+    when `output` holds a build (finished or not) for another layout or size limit."""
     tok_dir = os.path.join(output, "tokenizer")
     shard_dir = os.path.join(output, "shards")
+    key = {"vocab_size": vocab_size, "unk_id": unk_id, "max_bytes": max_bytes}
+    key_path = os.path.join(output, BUILD_KEY)
+    if os.path.exists(key_path):
+        with open(key_path, encoding="utf-8") as f:
+            built = json.load(f)
+        if built != key:
+            def text(k):
+                return ", ".join(f"{name}={k.get(name)}" for name in key)
+            raise ValueError(f"{output} holds a demo corpus built for {text(built)} (recorded "
+                             f"in {key_path}), not {text(key)}; build into another --output")
+    elif os.path.exists(output) and os.listdir(output):
+        # A build from before the record: its tokenizer's layout is all that can be checked.
+        if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+            tok = tokenizer.load(tok_dir)
+            found = {"vocab_size": tok.get_vocab_size(),
+                     "unk_id": tokenizer.special_ids(tok, tok_dir)["unk"]}
+            if found != {"vocab_size": vocab_size, "unk_id": unk_id}:
+                raise ValueError(f"{output} holds a demo corpus whose tokenizer has {found}, not "
+                                 f"vocab_size={vocab_size}, unk_id={unk_id}; build into "
+                                 "another --output")
+    else:
+        tokenizer.check_layout_args(vocab_size=vocab_size, unk_id=unk_id)   # before 8 MB of text
+        os.makedirs(output, exist_ok=True)
+        shards.write_json_atomic(key_path, key)
     if os.path.exists(os.path.join(shard_dir, shards.MANIFEST)):
         return tok_dir, shard_dir
-    os.makedirs(output, exist_ok=True)
     corpus = os.path.join(output, "corpus.jsonl")
     if not os.path.exists(corpus):
         counts = write_corpus(corpus, max_bytes)

@@ -88,6 +88,14 @@ def fingerprint(tok: Tokenizer) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def check_layout_args(*, vocab_size: int, unk_id: int):
+    """TokenizerError unless a ModernBERT layout fits: the 256 bytes below [UNK], the five
+    specials from unk_id on, within vocab_size."""
+    if unk_id < 257 or unk_id + len(SPECIAL_NAMES) > vocab_size:
+        raise TokenizerError(f"unk_id={unk_id}, vocab_size={vocab_size}: need 257 <= unk_id and "
+                             f"unk_id + {len(SPECIAL_NAMES)} <= vocab_size")
+
+
 def train_bpe(texts: Iterable[str], *, vocab_size: int = MODERNBERT_VOCAB_SIZE,
               unk_id: int = MODERNBERT_UNK_ID, min_frequency: int = 2,
               show_progress: bool = False) -> Tokenizer:
@@ -96,9 +104,7 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int = MODERNBERT_VOCAB_SIZE,
     If the corpus is too small to learn `unk_id` regular tokens, the gap below [UNK] is filled
     with reserved "[unused{k}]" tokens so that the special ids land where the model expects them.
     """
-    if unk_id < 257 or unk_id + len(SPECIAL_NAMES) > vocab_size:
-        raise TokenizerError(f"unk_id={unk_id}, vocab_size={vocab_size}: need 257 <= unk_id and "
-                             f"unk_id + {len(SPECIAL_NAMES)} <= vocab_size")
+    check_layout_args(vocab_size=vocab_size, unk_id=unk_id)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -283,6 +283,23 @@ def test_demo_corpus_trains_without_configured_data(demo):
     assert loader.tokenizer_path(config) == tok_dir
 
 
+def test_a_demo_corpus_build_refuses_another_layout_in_its_directory(tmp_path, demo):
+    """The CLI builds into --output as given: a build of another vocabulary there reused the
+    old one (a 512-token tokenizer for --vocab_size=1024). A layout that cannot fit fails
+    before the corpus's megabytes are written."""
+    output = os.path.dirname(demo[1])
+    size = train_testlib.DEMO_MAX_BYTES
+    assert demo_corpus.build(output, vocab_size=512, unk_id=500, max_bytes=size) == demo
+    with pytest.raises(ValueError, match=r"built for vocab_size=512, unk_id=500, .*not "
+                                         r"vocab_size=1024, unk_id=1000, max_bytes"):
+        demo_corpus.build(output, vocab_size=1024, unk_id=1000, max_bytes=size)
+    with pytest.raises(ValueError, match="max_bytes"):
+        demo_corpus.build(output, vocab_size=512, unk_id=500, max_bytes=size + 1)
+    with pytest.raises(ValueError, match=r"unk_id=510, vocab_size=512: need"):
+        demo_corpus.build(str(tmp_path / "new"), vocab_size=512, unk_id=510)
+    assert not os.path.exists(tmp_path / "new")
+
+
 def test_ettin_phase_mixture_expands_to_the_paper_weights(tmp_path, demo):
     from data_pipeline import mixtures
     tok_dir, _ = demo
