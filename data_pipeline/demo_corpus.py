@@ -22,6 +22,7 @@ import sys
 import sysconfig
 import warnings
 
+import ml_collections
 from absl import flags
 
 from data_pipeline import shards, tokenizer
@@ -150,6 +151,22 @@ def configure(config) -> tuple[str, str]:
                                max_bytes=d.demo_max_bytes)
     d.mixture, d.tokenizer = shard_dir, tok_dir
     return tok_dir, shard_dir
+
+
+def with_demo_sections(config):
+    """A resolved copy of `config` with `config.demo`'s sections copied over the ones they
+    mirror (demo.train.seq_len over train.seq_len, ...): what a run with no data configured
+    trains on (ettin_jax.demo), and what `inspect` shows of it."""
+    config = config.copy_and_resolve_references()
+    for section, values in config.demo.items():
+        if not isinstance(values, ml_collections.ConfigDict):
+            continue
+        for key, value in values.items():
+            if section not in config or key not in config[section]:
+                raise ValueError(f"config.demo.{section}.{key} replaces config.{section}.{key}, "
+                                 "which this config does not have (configs/base.py)")
+            config[section][key] = value
+    return config
 
 
 def define_flags():

@@ -12,7 +12,8 @@ share. --decode prints every row as text with segment boundaries and masks marke
     [PAD×n]     padding
 --dump writes input_ids, segment_ids, positions, labels (and mask_positions/mask_labels for
 MLM) of all inspected batches to an .npz file. Exit status 1 with a message naming the file
-on bad data.
+on bad data. With no data configured it shows the demo run's batches (config.demo's row
+length, on the stdlib corpus that run builds).
 """
 from __future__ import annotations
 
@@ -108,15 +109,24 @@ def source_names(paths: list[str]) -> list[str]:
     return [f"{i}:{p}" for i, p in enumerate(paths)]   # one path listed twice
 
 
+def batches_config(config, rows: int):
+    """The config whose batches are shown, `rows` rows each: the run's, or with no data
+    configured the demo's (its rows of config.demo.train.seq_len tokens, its mask ratio)."""
+    if not config.data.mixture:
+        config = demo_corpus.with_demo_sections(config)
+    else:
+        config = config.copy_and_resolve_references()
+    config.train.global_batch_size = rows
+    config.data.eval_batch_size = rows
+    return config
+
+
 def main(argv):
     f = flags.FLAGS
     for name in ("batches", "rows"):
         if f[name].value < 1:
             raise cli.UserError(f"--{name}={f[name].value}: must be at least 1")
-    config = f.config
-    with config.unlocked():
-        config.train.global_batch_size = f.rows
-        config.data.eval_batch_size = f.rows
+    config = batches_config(f.config, f.rows)
     names = (source_names([s[0] for s in sources.parse_mixture(
                 mixtures.expand(config.data.mixture, config.phase))])
              if config.data.mixture else ["demo"])

@@ -27,18 +27,10 @@ from ettin_jax import schedules
 def demo_variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A resolved copy of `config` with `config.demo`'s keys copied over when no mixture is
     set (else unchanged); the corpus is not built and config.data.mixture stays empty."""
-    config = config.copy_and_resolve_references()
     if config.data.mixture:
-        return config
+        return config.copy_and_resolve_references()
+    config = demo_corpus.with_demo_sections(config)
     demo = config.demo
-    for section, values in demo.items():
-        if not isinstance(values, ml_collections.ConfigDict):
-            continue
-        for key, value in values.items():
-            if section not in config or key not in config[section]:
-                raise ValueError(f"config.demo.{section}.{key} replaces config.{section}.{key}, "
-                                 "which this config does not have (configs/base.py)")
-            config[section][key] = value
     if jax.default_backend() == "cpu":
         if demo.cpu_model_dtype:
             config.model.dtype = demo.cpu_model_dtype

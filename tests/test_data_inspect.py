@@ -73,3 +73,16 @@ def test_sources_of_one_basename_get_names_that_differ():
                                                                                    "code/shards"]
     assert inspect_lib.source_names(["/a/web", "/b/code"]) == ["web", "code"]
     assert inspect_lib.source_names(["x/c", "x/c"]) == ["0:x/c", "1:x/c"]
+
+
+def test_with_no_data_the_batches_are_the_demo_runs():
+    """A run with no data trains config.demo's rows (ettin_jax.demo); inspect showed the
+    full config's 1024-token rows instead."""
+    from configs import ettin_17m
+    config = ettin_17m.get_config("mlm")
+    config.demo.train.seq_len = 64
+    shown = inspect_lib.batches_config(config, rows=3)
+    assert (shown.train.seq_len, shown.train.global_batch_size, shown.data.eval_batch_size) == \
+        (64, 3, 3)
+    config.data.mixture = "data/web"          # a run's own data: its own rows
+    assert inspect_lib.batches_config(config, rows=3).train.seq_len == 1024
