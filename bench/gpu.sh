@@ -87,6 +87,12 @@ for stage in ${STAGES//,/ }; do
 done
 LOG=${GPUBENCH_LOG:-/tmp/gpubench}      # GPUBENCH_LOG: another log directory
 [ "$SMOKE" = 1 ] && LOG=${GPUBENCH_LOG:-/tmp/gpubench-smoke}
+if [ "$DRY" = 1 ] && [ -z "${GPUBENCH_LOG:-}" ]; then
+  # A dry run lists its commands in a log directory of its own: the default one holds the
+  # last real run's logs (cache.txt, commands.tsv), which it would overwrite.
+  LOG=$(mktemp -d -t gpubench-dry.XXXXXX)
+  trap 'rm -rf "$LOG"' EXIT
+fi
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 # One compilation cache for the stages, empty at the start of each run (GPUBENCH_CACHE names

@@ -269,3 +269,21 @@ def test_gpu_sh_killed_mid_stage_still_hands_back_its_logs(tmp_path):
     with tarfile.open(out / "gpubench_logs.tar.gz") as archive:
         names = archive.getnames()
     assert "gpubench/commands.tsv" in names and "gpubench/ours_150m_mlm.log" in names
+
+
+def test_a_dry_run_leaves_the_default_log_directory_alone(tmp_path):
+    """Without GPUBENCH_LOG a dry run wrote cache.txt and commands.tsv into /tmp/gpubench,
+    over the last real run's logs. TMPDIR moves mktemp's directory (and /tmp/gpubench is
+    checked for the run's own files only where it exists)."""
+    default = "/tmp/gpubench"
+    before = {name: os.path.getmtime(os.path.join(default, name))
+              for name in os.listdir(default)} if os.path.isdir(default) else None
+    env = {k: v for k, v in os.environ.items() if k != "GPUBENCH_LOG"}
+    out = subprocess.run(["bash", "bench/gpu.sh", "--dry_run", "--stages=startup"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(env, TMPDIR=str(tmp_path)))
+    assert out.returncode == 0, out.stderr
+    after = {name: os.path.getmtime(os.path.join(default, name))
+             for name in os.listdir(default)} if os.path.isdir(default) else None
+    assert after == before
+    assert os.listdir(tmp_path) == []                    # its own directory is removed
