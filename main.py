@@ -46,6 +46,12 @@ def define_flags():
     flags.DEFINE_bool("dry_run", False, "print the run's plan (tokens per step, steps, LR, "
                       "checkpoints, parameters, what it restores) and exit; compiles, trains "
                       "and writes nothing (ettin_jax.plan)")
+    flags.DEFINE_integer("plan_devices", None, "with --dry_run: plan for this many devices "
+                         "(e.g. the GPUs the run will have) instead of this machine's")
+    flags.DEFINE_float("plan_mean_length", None, "with --dry_run: plan without reading the data "
+                       "(it need not exist yet), as if its mean sequence length were this many "
+                       "tokens (Ettin's: ~610 in phase 1, ~543 after); plans the config at full "
+                       "scale even with no data.mixture set")
     flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -168,10 +174,17 @@ def main(argv):
              if config.pair else [(config, workdir)])
     for side_config, side_workdir in sides:
         validate(side_config, side_workdir, dry_run=FLAGS.dry_run)
+    for name in ("plan_devices", "plan_mean_length"):
+        if FLAGS[name].value is not None and not FLAGS.dry_run:
+            raise cli.UserError(f"--{name} plans a run: it needs --dry_run")
+        if FLAGS[name].value is not None and not FLAGS[name].value > 0:
+            raise cli.UserError(f"--{name}={FLAGS[name].value}: must be > 0")
     if FLAGS.dry_run:   # before jax.distributed and any compilation; writes nothing
         from ettin_jax import plan  # pylint: disable=import-outside-toplevel
         for side_config, side_workdir in sides:
-            print(plan.format_plan(plan.make_plan(side_config, side_workdir)))
+            print(plan.format_plan(plan.make_plan(
+                side_config, side_workdir, num_devices=FLAGS.plan_devices,
+                assumed_mean_length=FLAGS.plan_mean_length)))
         return 0
     start_jax(config)
     if config.pair:

@@ -12,7 +12,8 @@ for the data-parallel groups of `config.mesh` over `num_devices` (default: this 
 devices, i.e. where the command runs).
 
 JSON keys: size, objective, phase, seq_len, rows_per_step, tokens_per_step,
-mean_sequence_length (null for the demo), sequences_per_step, total_tokens, total_steps,
+mean_sequence_length (null for the demo), figure_assumed (the mean was given, not measured:
+main.py --plan_mean_length), mixture, sequences_per_step, total_tokens, total_steps,
 schedule, lr_start, lr_end, peak_lr (the highest LR of this phase: optimizer.peak_lr x
 schedule.lr_fraction), lr_warmup_tokens, batch_warmup_tokens, batch_warmup_steps,
 first_step_rows, warmup_micro_rows_per_device (the first step's micro batches:
@@ -72,10 +73,16 @@ def _decoder_window_keys(config) -> int:
     return model.window_size(local)[0] + 1
 
 
-def make_plan(config, workdir: str, *, num_devices: int | None = None) -> dict:
-    """The figures of the run `config` would train in `workdir` (module docstring)."""
-    demo_run = not config.data.mixture
-    config = demo.demo_variant(config)
+def make_plan(config, workdir: str, *, num_devices: int | None = None,
+              assumed_mean_length: float | None = None) -> dict:
+    """The figures of the run `config` would train in `workdir` (module docstring).
+
+    assumed_mean_length: plan without the data (it need not exist yet), as if its mean
+    sequence length were this (e.g. ~610 tokens for Ettin's phase-1 data, ~543 after); the
+    config is planned at full scale even with no data.mixture set, and no data is read."""
+    demo_run = not config.data.mixture and assumed_mean_length is None
+    config = (demo.demo_variant(config) if assumed_mean_length is None
+              else config.copy_and_resolve_references())
     demo.validate(config, demo_run=demo_run)
     # What train.make_setup refuses before compiling (the model's shape: new_model below).
     train.prng_impl(config)
@@ -88,10 +95,16 @@ def make_plan(config, workdir: str, *, num_devices: int | None = None) -> dict:
     data_parallel = data * fsdp
 
     tokenizer = ""
-    if not demo_run:   # what the loader checks first: sources open, tokenizer fits the model
-        from data_pipeline import loader  # pylint: disable=import-outside-toplevel
-        tokenizer = os.path.abspath(loader.resolve_sources(config)[2])
-    record = step_tokens.for_run(config, workdir, demo=demo_run)
+    if assumed_mean_length is not None:
+        if not assumed_mean_length > 0:
+            raise ValueError(f"assumed mean sequence length {assumed_mean_length}: must be > 0")
+        record = {"mean_sequence_length": float(assumed_mean_length), "stored": False,
+                  "assumed": True, "sources": []}
+    else:
+        if not demo_run:   # what the loader checks first: sources open, tokenizer fits the model
+            from data_pipeline import loader  # pylint: disable=import-outside-toplevel
+            tokenizer = os.path.abspath(loader.resolve_sources(config)[2])
+        record = dict(step_tokens.for_run(config, workdir, demo=demo_run), assumed=False)
     mean = record["mean_sequence_length"]
     seq_len = int(config.train.seq_len)
     rows = schedules.rows_per_step(config, mean, data_parallel)
@@ -111,6 +124,7 @@ def make_plan(config, workdir: str, *, num_devices: int | None = None) -> dict:
         "sequences_per_step": int(config.train.global_batch_size),
         "mean_sequence_length": mean, "rows_per_step": rows, "tokens_per_step": rows * seq_len,
         "figure_stored": record["stored"], "figure_path": step_tokens.path(workdir),
+        "figure_assumed": record["assumed"], "mixture": config.data.mixture,
         "total_tokens": total_tokens, "total_steps": total_steps,
         "schedule": config.schedule.name,
         "peak_lr": config.optimizer.peak_lr * config.schedule.lr_fraction,
@@ -189,10 +203,12 @@ def format_plan(plan: dict) -> str:
         step = (f"{p['rows_per_step']} rows x {p['seq_len']} = {p['tokens_per_step']:,} tokens "
                 "(demo: one row per sequence)")
     else:
+        where = ("assumed (--plan_mean_length); a run measures the data" if p["figure_assumed"]
+                 else f"stored in {p['figure_path']}" if p["figure_stored"]
+                 else f"measured now; a run stores it in {p['figure_path']}")
         step = (f"{p['sequences_per_step']} sequences x mean length "
                 f"{p['mean_sequence_length']:.1f} -> {p['rows_per_step']} rows x {p['seq_len']} "
-                f"= {p['tokens_per_step']:,} tokens ({'stored in' if p['figure_stored'] else 'measured now; a run stores it in'} "
-                f"{p['figure_path']})")
+                f"= {p['tokens_per_step']:,} tokens ({where})")
     lines = [
         f"run        {p['size']} {p['objective']}, phase {p['phase']}"
         + (" (demo: no data configured)" if p["demo"] else ""),
@@ -219,6 +235,8 @@ def format_plan(plan: dict) -> str:
            if p["batch_warmup_steps"] else "none (full steps from the start)"),
         f"data       seed {p['data_seed']}; "
         + ("the stdlib demo corpus (built by the first run)" if p["demo"] else
+           f"not read (--plan_mean_length); mixture {p['mixture'] or '(none set)'}"
+           if p["figure_assumed"] else
            ", ".join(f"{s['path']} ({100 * s['token_share']:.1f}% of tokens, mean "
                      f"{s['mean_sequence_length']:.1f})" for s in p["sources"])),
     ]

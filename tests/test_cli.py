@@ -68,6 +68,10 @@ def assert_one_error_line(result, *fragments):
      ["mlm,window=transformers", "window applies only to clm runs"]),
     (["--config=configs/base.py:mlm"], ["--config=configs/base.py:mlm",
                                         "configs/base.py does not load", "get_config"]),
+    (["--config=configs/ettin_tiny.py:mlm", "--plan_devices=4"],
+     ["--plan_devices plans a run: it needs --dry_run"]),
+    (["--config=configs/ettin_tiny.py:mlm", "--plan_mean_length=0", "--dry_run"],
+     ["--plan_mean_length=0.0: must be > 0"]),
     # a pair checks its own --workdir (empty: it would train in ./mlm and ./clm) first
     (["--config=configs/ettin_tiny.py:mlm+clm", "--workdir=", "--dry_run"],
      ["--workdir is empty"]),

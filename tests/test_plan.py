@@ -312,3 +312,19 @@ def test_a_plan_from_a_run_without_optimizer_state_says_the_optimizer_starts_fre
     assert plan["restore"]["step"] == 0 and plan["restore"]["optimizer_state"] is False
     assert ("restoring params only (the source has no optimizer state: a fresh optimizer)"
             in plan_lib.format_plan(plan))
+
+
+def test_a_plan_without_data_at_the_users_device_count(tmp_path):
+    """--plan_mean_length plans the full config with no data (no demo); --plan_devices for the
+    machine the run will have. By hand: 4608 x 610 / 1024 = 2745 rows; on 8 devices within
+    150m's 103 rows per micro batch the fewest micro batches are 4 (3 would need 2736 / 24 =
+    114 rows each), so the rows round to a multiple of 32: 2752, 86 per device."""
+    lines = dry_run(tmp_path / "w", "--config=configs/ettin_150m.py:mlm", "--plan_devices=8",
+                    "--plan_mean_length=610")
+    plan = json.loads(lines[-1])
+    assert (plan["demo"], plan["figure_assumed"], plan["mixture"], plan["sources"]) == \
+        (False, True, "", [])
+    assert (plan["num_devices"], plan["grad_accum_steps"], plan["rows_per_step"],
+            plan["micro_rows_per_device"]) == (8, 4, 2752, 86)
+    assert "assumed (--plan_mean_length)" in "\n".join(lines)
+    assert not (tmp_path / "w").exists()
