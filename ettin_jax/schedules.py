@@ -251,7 +251,8 @@ def warmup_split(config, mean_sequence_length: float | None = None,
     if pieces <= accum:
         return accum, full // accum
     piece_rows = full // (pieces * data_parallel) * data_parallel
-    return full // piece_rows // quantum * quantum, piece_rows
+    # At least the pieces chosen: a step of fewer than q rows per device keeps one row each.
+    return max(pieces, full // piece_rows // quantum * quantum), piece_rows
 
 
 def micro_batch_size(config, mean_sequence_length: float | None = None,

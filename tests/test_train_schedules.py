@@ -351,6 +351,12 @@ def test_batch_warmup_grows_to_the_last_level_below_a_full_step():
     sizes = sorted(set(rows_for_step(step) for step in range(
         schedules.batch_warmup_steps(c, 542.5, 4) + 1)))
     assert sizes == [36 * k for k in range(1, 8)] + [288]
+    # A step of fewer than 8 rows per device (256 x 512 / 8192 = 16 rows, 4 per device): it
+    # is cut into 4 pieces of one row per device, not none.
+    c.train.global_batch_size, c.train.grad_accum_steps = 256, 1
+    assert schedules.rows_per_step(c, 512.0, 4) == 16
+    assert schedules.warmup_split(c, 512.0, 4) == (4, 4)
+    assert schedules.rows_schedule(c, 512.0, 4)(0) == 4
     # Every size and phase: no room is left in a full step for q more pieces (f = p / q).
     from configs import ettin_32m, ettin_68m, ettin_400m
     for module in (ettin_17m, ettin_32m, ettin_68m, ettin_150m, ettin_400m, ettin_1b):
