@@ -201,6 +201,8 @@ class ModelConfig:
             "mlp_bias": False,
             "decoder_bias": True,
             "classifier_bias": False,
+            # 0.0, as Ettin's released configs: transformers would also drop attention
+            # probabilities at this rate, which our attention (output dropout only) does not.
             "attention_dropout": 0.0,
             "embedding_dropout": self.embedding_dropout,
             "mlp_dropout": self.mlp_dropout,
@@ -294,6 +296,9 @@ class ModelConfig:
             initializer_range=hf.get("initializer_range", 0.02),
             initializer_cutoff_factor=hf.get("initializer_cutoff_factor", 2.0) or 3.0,
             embedding_dropout=hf.get("embedding_dropout", 0.0),
+            # transformers drops the attention output (and probabilities) at this rate: a
+            # model loaded from a directory fine-tunes with it, not with our training default.
+            attn_out_dropout=hf.get("attention_dropout", 0.0),
             mlp_dropout=hf.get("mlp_dropout", 0.0), dtype=dtype, classifier_pooling=pooling)
         for key in SPECIAL_ID_KEYS:
             if key not in hf:          # transformers' default is ModernBERT's, as ours

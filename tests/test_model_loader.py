@@ -120,12 +120,15 @@ def test_hf_dict_round_trip(objective):
                               max_position_embeddings=256, embedding_dropout=0.1,
                               decoder_window=window, dtype="bfloat16", classifier_pooling="mean")
         back = ModelConfig.from_hf_dict(config.to_hf_dict())
-        # config.json carries the stored weights' dtype (float32), no attention implementation
-        # or training-only dropout, and no pooling for a decoder.
+        # config.json carries the stored weights' dtype (float32), no attention implementation,
+        # attention_dropout 0.0 (transformers would drop probabilities too), and no pooling
+        # for a decoder.
         assert back == dataclasses.replace(
-            config, dtype="float32", attention_impl="auto", attn_out_dropout=0.1,
+            config, dtype="float32", attention_impl="auto", attn_out_dropout=0.0,
             decoder_window=window if objective == "clm" else "transformers",
             classifier_pooling="mean" if objective == "mlm" else "cls")
+    hf = dict(config.to_hf_dict(), attention_dropout=0.1)       # read as transformers reads it
+    assert ModelConfig.from_hf_dict(hf).attn_out_dropout == 0.1
     hf = config.to_hf_dict()
     hf["norm_bias"] = True
     with pytest.raises(HFFormatError, match=r"my/config.json: norm_bias=True is not supported"):
