@@ -218,6 +218,9 @@ def test_bad_inputs_name_the_file_and_key(tmp_path):
         tasks.load_task_data(tasks.get_task("mnli"), str(tmp_path))
     with pytest.raises(ValueError, match="--task='wnli': unknown GLUE task"):
         tasks.get_task("wnli")
+    # 'all' is read as the names are, in any case ('ALL' was an unknown task).
+    assert tasks.select_tasks(" ALL") == list(tasks.TASKS.values())
+    assert tasks.select_tasks("SST-2,rte") == [tasks.TASKS["sst2"], tasks.TASKS["rte"]]
     # Neither TSVs nor a prepared TFDS dataset: the message names the folder and the builder.
     with pytest.raises(tasks.GlueDataError, match="neither RTE/.*glue/rte"):
         tasks.load_task_data(tasks.get_task("rte"), str(tmp_path / "empty"))

@@ -14,7 +14,7 @@ from ettin_jax import sharding as sharding_lib
 from ettin_jax.glue.classifier import POOLINGS
 from ettin_jax.glue.finetune import FinetuneOptions, load_backbone, run_specs, run_task
 from ettin_jax.glue.results import markdown_table, read_summaries, record_backbone, write_json
-from ettin_jax.glue.tasks import TASKS, get_task, load_task_data
+from ettin_jax.glue.tasks import TASKS, load_task_data, select_tasks
 
 
 def _number_list(flag: str, kind: type) -> list:
@@ -32,7 +32,7 @@ def _number_list(flag: str, kind: type) -> list:
 
 def main(argv):
     f = flags.FLAGS
-    tasks = list(TASKS.values()) if f.task == "all" else [get_task(t) for t in f.task.split(",")]
+    tasks = select_tasks(f.task)
     # Flags, then every data file, are checked before the model loads: mistakes fail fast.
     options = FinetuneOptions(
         batch_size=f.batch_size, eval_batch_size=f.eval_batch_size, max_seq_len=f.max_seq_len,

@@ -79,6 +79,13 @@ def get_task(name: str) -> Task:
     return TASKS[key]
 
 
+def select_tasks(text: str) -> list[Task]:
+    """--task's value: 'all' or comma-separated names, in any case (get_task's reading)."""
+    if text.strip().lower() == "all":
+        return list(TASKS.values())
+    return [get_task(name) for name in text.split(",")]
+
+
 # --- data ------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
