@@ -23,6 +23,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from typing import Iterator
@@ -57,7 +58,8 @@ class Options:
 
     def run_key(self, tokenizer_fingerprint: str) -> dict:
         """What decides the output; a resumed run must match it exactly."""
-        return {"inputs": [[p, os.path.getsize(p)] for p in self.inputs],
+        # Size and modification time: an input edited in place (same size) is another input.
+        return {"inputs": [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p in self.inputs],
                 "text_field": self.text_field, "normalize": self.normalize,
                 "filters": list(self.filters), "quality": dataclasses.asdict(self.quality),
                 "exact_dedup": self.exact_dedup, "near_dedup": self.near_dedup,
@@ -90,9 +92,21 @@ _WORKER_OPTS: Options | None = None
 _WORKER_NEAR: dedup.NearDedup | None = None
 
 
+def load_text_tokenizer(path: str):
+    """The tokenizer at `path` for raw text: "[CLS]", "[MASK]", "[unused3]" written in a
+    document are its text, not special ids (tokenizers matches added tokens in the input even
+    with add_special_tokens=False: a page about BERT put [SEP] and [PAD] mid-document)."""
+    tok = tokenizer.load(path)
+    tok.encode_special_tokens = True
+    return tok
+
+
 def _init_worker(tokenizer_json: str, opts: Options) -> None:
     global _WORKER_TOK, _WORKER_OPTS, _WORKER_NEAR
-    _WORKER_TOK = tokenizer.load(tokenizer_json)
+    if multiprocessing.parent_process() is not None:
+        # Ctrl-C reaches the whole process group: the parent alone stops the pool.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER_TOK = load_text_tokenizer(tokenizer_json)
     _WORKER_OPTS = opts
     _WORKER_NEAR = dedup.NearDedup(threshold=opts.jaccard) if opts.near_dedup else None
 
@@ -113,6 +127,9 @@ class _InProcess:
         pass
 
     def join(self):
+        pass
+
+    def terminate(self):
         pass
 
 
@@ -305,7 +322,7 @@ def _summary(stats: dict) -> str:
 
 def run(opts: Options) -> dict:
     """Runs (or resumes) prepare; returns the manifest. Raises InputError/ShardError/TokenizerError."""
-    tok = tokenizer.load(opts.tokenizer)
+    tok = load_text_tokenizer(opts.tokenizer)
     specials = tokenizer.special_ids(tok, where=opts.tokenizer)
     fp = tokenizer.fingerprint(tok)
     key = json.loads(json.dumps(opts.run_key(fp)))   # tuples -> lists, as read back
@@ -342,9 +359,12 @@ def run(opts: Options) -> dict:
         vocab_size = tok.get_vocab_size()
         entries = _write_shards(opts, pool, stats["documents_kept"], vocab_size,
                                 os.path.join(work, "progress.json"))
-    finally:
-        pool.close()
-        pool.join()
+    except BaseException:
+        # A worker's tasks die with it on Ctrl-C: join() would wait for them forever.
+        pool.terminate()
+        raise
+    pool.close()
+    pool.join()
     stats["records_out"] = sum(e["documents"] for e in entries)
     stats["tokens_out"] = sum(e["tokens"] for e in entries)
     stats["tokens_kept"] = sum(e["input_tokens"] for e in entries)
@@ -379,7 +399,9 @@ def define_flags():
     flags.DEFINE_string("text_field", "text", "JSON/parquet field holding the text")
     flags.DEFINE_bool("no_normalize", False, "skip NFC/whitespace normalization")
     flags.DEFINE_string("filters", "all", f"'all', 'none', or a comma list of {','.join(quality.RULES)}")
-    flags.DEFINE_string("languages", "en", "comma list of ISO codes kept by the language rule")
+    flags.DEFINE_string("languages", "en", "comma list of ISO codes kept by the language rule "
+                        "(\"\" = no language rule); with languages other than en the stop-word "
+                        "rule, whose words are English, judges English documents only")
     for field in _quality_threshold_fields():
         define = flags.DEFINE_integer if field.type == "int" else flags.DEFINE_float
         define(field.name, field.default, "quality rule threshold")

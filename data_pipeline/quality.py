@@ -41,6 +41,7 @@ class _Doc:
     text: str
     words: list
     lines: list
+    language: tuple | None = None      # (ISO code, probability), once _detect has run
 
 
 def _word_count(doc, cfg):
@@ -71,6 +72,10 @@ def _non_alpha_chars(doc, cfg):
 
 
 def _stop_words(doc, cfg):
+    # The stop words are English: where the language rule keeps other languages too, they
+    # judge the documents identified as English only (--languages=de kept no document).
+    if cfg.languages and tuple(cfg.languages) != ("en",) and _detect(doc)[0] != "en":
+        return False
     found = sum(1 for w in doc.words if w.lower().strip(".,;:!?\"'()") in _STOP_WORDS)
     return found < cfg.min_stop_words
 
@@ -118,14 +123,21 @@ def _ngram_repetition(doc, cfg):
 _LANG_ID = None
 
 
+def _detect(doc) -> tuple:
+    """(ISO code, probability) of the document's language, computed once per document."""
+    global _LANG_ID
+    if doc.language is None:
+        if _LANG_ID is None:  # loading the bundled model takes ~0.5 s: only when it is used
+            from py3langid.langid import MODEL_FILE, LanguageIdentifier
+            _LANG_ID = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+        doc.language = _LANG_ID.classify(doc.text[:20_000])
+    return doc.language
+
+
 def _language(doc, cfg):
     if not cfg.languages:
         return False
-    global _LANG_ID
-    if _LANG_ID is None:  # loading the bundled model takes ~0.5 s: only when the rule is on
-        from py3langid.langid import MODEL_FILE, LanguageIdentifier
-        _LANG_ID = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-    lang, prob = _LANG_ID.classify(doc.text[:20_000])
+    lang, prob = _detect(doc)
     return lang not in cfg.languages or prob < cfg.min_language_prob
 
 

@@ -352,3 +352,79 @@ def test_tokenizer_cli_trains_the_layout(tmp_path):
                           str(tmp_path / "missing" / "dir")], cwd=ROOT, capture_output=True,
                          text=True)
     assert bad.returncode == 1 and "no such tokenizer" in bad.stderr
+
+
+def test_special_token_text_in_a_document_is_text(tmp_path, tiny_tok):
+    """tokenizers matches added tokens in the input even with add_special_tokens=False: a
+    document mentioning [CLS], [SEP], [PAD] or [MASK] got their ids mid-document."""
+    rng = np.random.default_rng(7)
+    text = "In BERT, [CLS] starts and [SEP] ends; [MASK] hides a word and [PAD] fills. " + \
+        english_doc(rng, 60)
+    src = write_jsonl(tmp_path / "a.jsonl", [text])
+    prepare.run(prepare.Options(inputs=[src], output=str(tmp_path / "o"), tokenizer=tiny_tok,
+                                filters=()))
+    ids = shards.ArrayRecordDocs(str(tmp_path / "o"))[0]
+    specials = set(range(500, 505))                       # [UNK] [CLS] [SEP] [PAD] [MASK]
+    assert ids[0] == 501 and ids[-1] == 502
+    assert not specials & set(ids[1:-1].tolist())
+    tok = tokenizer.load(tiny_tok)
+    assert tok.decode(ids[1:-1].tolist()).startswith("In BERT, [CLS] starts and [SEP] ends")
+
+
+def test_an_input_edited_in_place_is_another_input(tmp_path, tiny_tok):
+    """The same size, other text: a resume reused the old scan's kept text."""
+    rng = np.random.default_rng(8)
+    path = tmp_path / "a.jsonl"
+    write_jsonl(path, [english_doc(rng) for _ in range(20)])
+    opts = prepare.Options(inputs=[str(path)], output=str(tmp_path / "o"), tokenizer=tiny_tok,
+                           filters=(), docs_per_shard=10)
+    prepare.run(opts)
+    os.remove(tmp_path / "o" / "manifest.json")          # as if stopped before it was written
+    text = path.read_text()
+    assert "river" in text
+    path.write_text(text.replace("river", "stone"))      # same length
+    with pytest.raises(shards.ShardError, match="different inputs"):
+        prepare.run(opts)
+
+
+def test_ctrl_c_with_workers_exits(tmp_path, tiny_tok):
+    """Ctrl-C reaches every process of the group; with a pool the workers died holding
+    their tasks and the parent waited for them forever in Pool.join."""
+    import signal
+    import time
+    rng = np.random.default_rng(9)
+    src = write_jsonl(tmp_path / "a.jsonl", [english_doc(rng) for _ in range(3000)])
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.prepare", f"--input={src}",
+                             f"--output={out}", f"--tokenizer={tiny_tok}", "--workers=2"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 60
+    while not (out / ".work" / "tokenizer.json").exists() and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.1)
+    time.sleep(3.0)                                        # the workers are scanning
+    assert proc.poll() is None, "finished before the signal: give it more input"
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError("prepare still running 30 s after Ctrl-C")
+    assert proc.returncode == 130, stderr[-2000:]
+
+
+def test_english_stop_words_judge_english_documents_only_where_other_languages_are_kept():
+    """--languages=de kept no document: every German one failed the English stop-word rule."""
+    german = ("Der Fluss und die Steine liegen neben dem Garten, und das Fenster ist offen. "
+              * 10)
+    nouns = " ".join(np.random.default_rng(10).choice(WORDS, 120))   # English, no stop words
+    rule = ("stop_words",)
+    assert quality.first_failing_rule(german, rule, quality.QualityConfig(languages=("de",))) \
+        is None
+    assert quality.first_failing_rule(german, rule, quality.QualityConfig(languages=("en",))) \
+        == "stop_words"
+    for languages in (("en", "de"), ("en",), ()):
+        assert quality.first_failing_rule(nouns, rule, quality.QualityConfig(
+            languages=languages)) == "stop_words", languages
