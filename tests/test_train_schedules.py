@@ -1,10 +1,11 @@
 """LR and batch-size schedules against the recipe's phase table (recipe §3.2, §3.3, §4.2)."""
+import itertools
 import math
 
 import numpy as np
 import pytest
 
-from configs import ettin_150m, ettin_1b, ettin_17m
+from configs import ettin_150m, ettin_1b, ettin_17m, ettin_tiny
 from ettin_jax import schedules
 
 PEAK_150M = 8e-4
@@ -357,6 +358,17 @@ def test_batch_warmup_grows_to_the_last_level_below_a_full_step():
     assert schedules.rows_per_step(c, 512.0, 4) == 16
     assert schedules.warmup_split(c, 512.0, 4) == (4, 4)
     assert schedules.rows_schedule(c, 512.0, 4)(0) == 4
+    # Small batches of every split (a review's sweep found 928 of 2752 with no pieces at all).
+    c = ettin_tiny.get_config("mlm")
+    c.optimizer.batch_warmup_tokens = 1e6
+    for sequences, accum, dp, start in itertools.product(
+            range(1, 65), (1, 2, 3, 4, 8), range(1, 9), (1 / 8, 0.3)):
+        c.train.global_batch_size, c.train.grad_accum_steps = sequences, accum
+        c.optimizer.batch_warmup_start_fraction = start
+        full = schedules.rows_per_step(c, 64.0, dp)     # half a row per sequence, rounded
+        pieces, piece_rows = schedules.warmup_split(c, 64.0, dp)
+        assert pieces >= 1 and 0 < pieces * piece_rows <= full, (sequences, accum, dp, start)
+        assert 0 < schedules.rows_schedule(c, 64.0, dp)(0) <= full
     # Every size and phase: no room is left in a full step for q more pieces (f = p / q).
     from configs import ettin_32m, ettin_68m, ettin_400m
     for module in (ettin_17m, ettin_32m, ettin_68m, ettin_150m, ettin_400m, ettin_1b):
