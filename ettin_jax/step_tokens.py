@@ -185,6 +185,12 @@ def check_split(workdir: str, split: dict, has_checkpoints: bool):
                 fix = ("resume with the batch settings it started with (train.global_batch_size, "
                        "train.grad_accum_steps or train.max_micro_tokens, and optimizer."
                        "batch_warmup_tokens and batch_warmup_start_fraction)")
+                if "rows_per_step" not in changed:
+                    # The same settings can give another warmup split since commit afafa13
+                    # (2026-12-03) counted the warmup's pieces differently.
+                    fix += ("; if they are unchanged, this code splits the warmup otherwise "
+                            "than the code that started the run (afafa13): finish the run with "
+                            "a checkout from before it, or start a new workdir")
             problem = (f"{path(workdir)}: this run's steps would be cut otherwise than when it "
                        f"started ({what}); steps replay by index, so the run would end at "
                        f"another token count: {fix}")

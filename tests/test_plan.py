@@ -174,7 +174,8 @@ def test_a_run_logs_the_plans_tokens_per_step_and_a_resume_keeps_the_stored_figu
     # Another batch warmup on the same devices would replay a warmup mid-run: refused too.
     warmed = dict(stored["split"], warmup_steps=stored["split"]["warmup_steps"] + 3)
     with pytest.raises(ValueError, match=r"\(batch-size warmup steps \d+ -> \d+\).*resume with "
-                                         r"the batch settings it started with"):
+                                         r"the batch settings it started with.*if they are "
+                                         r"unchanged, this code splits the warmup otherwise"):
         step_tokens.check_split(str(workdir), warmed, has_checkpoints=True)
     # A record from before warmup_steps takes it at the next start.
     record = step_tokens.read(str(workdir))
@@ -291,6 +292,7 @@ def test_agreed_says_where_the_figure_comes_from(tmp_path, caplog):
     ("optimizer", "name", "sgd", "config.optimizer.name='sgd': expected"),
     ("optimizer", "moments_dtype", "float8", "config.optimizer.moments_dtype='float8'"),
     ("train", "xla_options", "bogus", "config.train.xla_options='bogus': entry 'bogus'"),
+    ("train", "xla_options", "xla_no_such_option=1", "XLA refused it"),
 ])
 def test_a_plan_refuses_what_the_start_would_refuse(tmp_path, section, key, value, message):
     """A dry run passed these, and the real start failed on them after the dry run's 'ok'."""
