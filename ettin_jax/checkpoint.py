@@ -278,13 +278,10 @@ def runs_inside(directory: str) -> list[str]:
 
 
 def has_optimizer_state(workdir: str, step: int) -> bool:
-    """Whether checkpoint `step` of the run at `workdir` holds an optimizer state (a run
-    imported from transformers holds params only); True where its metadata cannot be read
-    (restore_from_run then tries the checkpoint before it)."""
-    try:
-        return read_only_manager(workdir).item_metadata(step).get("opt_state") is not None
-    except Exception:  # pylint: disable=broad-except  # unreadable: restore_from_run says so
-        return True
+    """Whether checkpoint `step` of the run at `workdir` holds an optimizer state item (a run
+    imported from transformers holds params only). Read from the directory: opening a
+    manager to read it logs Orbax's read-only warning in a dry run."""
+    return os.path.isdir(os.path.join(checkpoint_dir(workdir), str(step), "opt_state"))
 
 
 def read_only_manager(workdir: str) -> ocp.CheckpointManager:

@@ -87,7 +87,7 @@ def make_plan(config, workdir: str, *, num_devices: int | None = None,
     # What train.make_setup refuses before compiling (the model's shape: new_model below).
     train.prng_impl(config)
     optimizer_lib.check_config(config.optimizer)
-    xla_options.parse(config.train.xla_options)
+    xla_options.compiler_options(config.train.xla_options)    # names too: one tiny compile
     if num_devices is None:
         import jax  # pylint: disable=import-outside-toplevel
         num_devices = jax.device_count()
