@@ -87,13 +87,16 @@ for stage in ${STAGES//,/ }; do
 done
 LOG=${GPUBENCH_LOG:-/tmp/gpubench}      # GPUBENCH_LOG: another log directory
 [ "$SMOKE" = 1 ] && LOG=${GPUBENCH_LOG:-/tmp/gpubench-smoke}
+# REC: where this script's own records go (cache.txt, commands.tsv, skipped.txt). A dry run
+# prints the real commands (their logs in $LOG) but keeps its records elsewhere unless
+# GPUBENCH_LOG names the directory: the default one holds the last real run's logs.
+REC=$LOG
 if [ "$DRY" = 1 ] && [ -z "${GPUBENCH_LOG:-}" ]; then
-  # A dry run lists its commands in a log directory of its own: the default one holds the
-  # last real run's logs (cache.txt, commands.tsv), which it would overwrite.
-  LOG=$(mktemp -d -t gpubench-dry.XXXXXX)
-  trap 'rm -rf "$LOG"' EXIT
+  REC=$(mktemp -d -t gpubench-dry.XXXXXX)
+  trap 'rm -rf "$REC"' EXIT
+else
+  mkdir -p "$LOG"
 fi
-mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 # One compilation cache for the stages, empty at the start of each run (GPUBENCH_CACHE names
 # another dir, kept as it is; "" = off): a program compiled twice (the tune baseline and ours'
@@ -108,12 +111,12 @@ if [ -n "$CACHE" ]; then
   export JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES=${JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES-all}
 fi
 echo "compilation cache shared by the stages: ${CACHE:-off}${CACHE:+ (XLA caches: ${JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES:-none})}" \
-  | tee "$LOG/cache.txt"
+  | tee "$REC/cache.txt"
 START=$(date +%s)
 SKIPPED=()
 # The report reads every *.jsonl here: results of an earlier run must not mix into this one's.
 [ "$DRY" = 0 ] && rm -f "$LOG"/*.jsonl "$LOG"/*.log "$LOG/attention.md"
-: > "$LOG/commands.tsv"
+: > "$REC/commands.tsv"
 
 # Sizes and shapes; --cpu_smoke swaps in the tiny config and tiny shapes, same flags.
 if [ "$SMOKE" = 1 ]; then
@@ -186,7 +189,7 @@ run() {
   [ "$left" -lt "$limit" ] && limit=$left
   local shown; shown=$(quoted "$@")
   echo "+ [$name, timeout ${limit}s] $shown"
-  if [ "$DRY" = 1 ]; then printf '%s\t-\t-\t%s\n' "$name" "$shown" >> "$LOG/commands.tsv"; return 0; fi
+  if [ "$DRY" = 1 ]; then printf '%s\t-\t-\t%s\n' "$name" "$shown" >> "$REC/commands.tsv"; return 0; fi
   if [ "$limit" -lt 20 ]; then
     SKIPPED+=("$name: budget spent (${left}s left)"); return 0
   fi
@@ -376,7 +379,7 @@ stop_memory
 
 # --- report ---
 for item in "${SKIPPED[@]+"${SKIPPED[@]}"}"; do echo "skipped or incomplete: $item"; done
-printf '%s\n' "${SKIPPED[@]+"${SKIPPED[@]}"}" > "$LOG/skipped.txt"
+printf '%s\n' "${SKIPPED[@]+"${SKIPPED[@]}"}" > "$REC/skipped.txt"
 if [ "$DRY" = 1 ]; then echo "dry run: nothing ran"; exit 0; fi
 TARGET=bench/RESULTS.md
 [ "$SMOKE" = 1 ] && TARGET=$LOG/RESULTS.smoke.md

@@ -287,3 +287,5 @@ def test_a_dry_run_leaves_the_default_log_directory_alone(tmp_path):
              for name in os.listdir(default)} if os.path.isdir(default) else None
     assert after == before
     assert os.listdir(tmp_path) == []                    # its own directory is removed
+    # It prints the commands a real run executes, logging into the default directory.
+    assert "--run_logs=/tmp/gpubench/startup" in out.stdout.replace('"', "")
