@@ -80,8 +80,11 @@ def validate(config, workdir: str, *, dry_run: bool = False):
                             f"{config_base.OBJECTIVES}")
     if config.phase not in config_base.PHASES:
         raise cli.UserError(f"config.phase={config.phase!r}: expected one of {config_base.PHASES}")
-    if not dry_run:   # a dry run's plan says what a real run would find at init_from
-        from ettin_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    from ettin_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    source = workdir_lib.init_source(config)
+    # A dry run plans with a missing init_from too (its plan says a real run would find no
+    # checkpoint), but a source that is there is checked as a real run checks it.
+    if not dry_run or (source and os.path.isdir(source)):
         workdir_lib.check_init_from(config)
     if config.data.mixture:   # the demo variant's schedule is checked once it is applied
         schedules.validate(config)

@@ -277,6 +277,18 @@ def runs_inside(directory: str) -> list[str]:
     return sorted(n for n in names if os.path.isdir(checkpoint_dir(os.path.join(directory, n))))
 
 
+def saved_json(workdir: str, step: int, item: str) -> dict | None:
+    """A JSON item ("config", "meta") a run saved with checkpoint `step` (an import's too),
+    read from its file without a manager (no Orbax warning); None where it cannot be read."""
+    try:
+        with open(os.path.join(checkpoint_dir(workdir), str(step), item, "metadata"),
+                  encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def has_optimizer_state(workdir: str, step: int) -> bool:
     """Whether checkpoint `step` of the run at `workdir` holds an optimizer state item (a run
     imported from transformers holds params only). Read from the directory: opening a

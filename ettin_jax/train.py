@@ -335,6 +335,11 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     config = demo.apply_demo(config)
     demo.validate(config, demo_run=demo_run)
     record_identity = workdir_lib.check_identity(config, workdir)
+    try:   # recorded with each checkpoint, for `python -m ettin_jax.hf export`
+        tokenizer = os.path.abspath(loader.tokenizer_path(config))
+    except ValueError:
+        tokenizer = ""
+    workdir_lib.check_source_tokenizer(config, tokenizer)
 
     # Mesh.
     mesh = sharding_lib.make_mesh(config.mesh)
@@ -372,10 +377,6 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
         precompile.batch_spec(config, mesh, first_rows, micro_rows_for(first_rows)),
         schedules.learning_rate(config, 0.0), first_step)
     train_iter = loader.make_train_iterator(config, rows_for_step=rows_for_step)
-    try:   # recorded with each checkpoint, for `python -m ettin_jax.hf export`
-        tokenizer = os.path.abspath(loader.tokenizer_path(config))
-    except ValueError:
-        tokenizer = ""
     yield Progress("setup", config=config, abstract_state=setup.abstract_state,
                    num_steps=num_steps)
 

@@ -371,6 +371,61 @@ def check_init_from(config):
 PREVIOUS_PHASE = {"ext": "pretrain", "decay": "ext", "cross": "decay"}
 
 
+# The model's shape: what must agree for a source's parameters to load at all.
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
+
+
+def _check_source_model(config, source: str):
+    """The model saved with the source's newest checkpoint (an import's too, which has no
+    run_identity.json) must be of the objective this run continues and of this run's shape:
+    an import of a decoder trained silently as an encoder, and a source of another size
+    failed only after the train step had compiled."""
+    steps = checkpoint_lib.saved_steps(source)
+    saved = (checkpoint_lib.saved_json(source, steps[-1], "config") or {}).get("model") \
+        if steps else None
+    if not isinstance(saved, dict):
+        return          # unreadable: the restore reports it
+    where = f"config.train.init_from={source} (step {steps[-1]})"
+    wanted = source_objective(config)
+    if "causal" in saved and bool(saved["causal"]) != (wanted == "clm"):
+        held = "clm" if saved["causal"] else "mlm"
+        raise RunIdentityError(
+            f"{where} holds a {held} model; a {config.objective} {config.phase} run continues "
+            f"a {wanted} model" + (". To continue it with the other objective, use the "
+                                   f"cross-objective config ({config.objective}_from_{held})"
+                                   if config.phase != "cross" else ""))
+    differ = [f"{key} {saved[key]} (this run: {config.model[key]})" for key in SHAPE_KEYS
+              if key in saved and key in config.model and saved[key] != config.model[key]]
+    if differ:
+        raise RunIdentityError(f"{where} holds a model of another shape: {', '.join(differ)}; "
+                               f"this run is {config.size} (--config=configs/ettin_SIZE.py)")
+
+
+def check_source_tokenizer(config, tokenizer: str):
+    """The tokenizer this run reads its data with (a path) must give the token ids the run it
+    continues was trained with (the tokenizer its newest checkpoint records, compared by
+    fingerprint): another one trained on silently, its ids meaning other strings. Skipped
+    where either cannot be read (a hub name offline, a moved file)."""
+    source = init_source(config)
+    steps = checkpoint_lib.saved_steps(source) if source and os.path.isdir(source) else []
+    recorded = (checkpoint_lib.saved_json(source, steps[-1], "meta") or {}).get("tokenizer") \
+        if steps else None
+    if not recorded or not tokenizer or os.path.abspath(recorded) == tokenizer:
+        return
+    from data_pipeline import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+    try:
+        theirs = tokenizer_lib.fingerprint(tokenizer_lib.load(recorded))
+        ours = tokenizer_lib.fingerprint(tokenizer_lib.load(tokenizer))
+    except Exception:  # pylint: disable=broad-except  # unreadable: tokenizers' errors vary
+        return
+    if theirs != ours:
+        raise RunIdentityError(
+            f"config.train.init_from={source} was trained with the tokenizer {recorded} "
+            f"(fingerprint {theirs}); this run's data is tokenized with {tokenizer} "
+            f"(fingerprint {ours}): its token ids would mean other strings. Prepare the data "
+            "with the source's tokenizer (--config.data.tokenizer)")
+
+
 def _check_source_run(config, source: str):
     """The run recorded at `source` (its run_identity.json; an import has none) must be of the
     objective this run continues; another phase than the recipe's previous one is allowed (an
@@ -380,7 +435,7 @@ def _check_source_run(config, source: str):
         with open(path, encoding="utf-8") as f:
             recorded = json.load(f).get("structural", {})
     except (OSError, ValueError, AttributeError):
-        return          # none (an import) or unreadable: the restore still checks the shapes
+        recorded = {}   # none (an import) or unreadable: the saved model is checked below
     objective, phase = recorded.get("objective"), recorded.get("phase")
     wanted = source_objective(config)
     if objective and objective != wanted:
@@ -389,6 +444,7 @@ def _check_source_run(config, source: str):
             f"{config.objective} {config.phase} run continues a {wanted} run"
             + (". To continue it with the other objective, use the cross-objective config "
                f"({config.objective}_from_{objective})" if config.phase != "cross" else ""))
+    _check_source_model(config, source)
     previous = PREVIOUS_PHASE.get(config.phase)
     if phase and previous and phase != previous:
         logging.warning("config.train.init_from=%s holds a %s-phase run; a %s run usually "

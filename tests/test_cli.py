@@ -153,6 +153,54 @@ def test_init_from_a_pair_workdir_names_the_side_to_continue(tmp_path, arg, side
         workdir_lib.check_init_from(config)
 
 
+def test_init_from_an_import_of_the_other_objective_or_another_size_is_refused(tmp_path):
+    """An import has no run_identity.json: a decoder's import trained silently as an encoder,
+    and a source of another size failed only after the train step compiled. Both are read
+    from the model the checkpoint saved; a dry run checks a source that is there too."""
+    decoder = model_loader.new_model(ettin_tiny.get_config("clm").model)
+    checkpoint.save_imported(decoder, decoder.config, str(tmp_path / "imported_clm"))
+    config = ettin_tiny.get_config("mlm_ext")
+    config.train.init_from = str(tmp_path / "imported_clm")
+    with pytest.raises(workdir_lib.RunIdentityError, match=r"imported_clm \(step 0\) holds a "
+                       r"clm model; a mlm ext run continues a mlm model.*\(mlm_from_clm\)"):
+        workdir_lib.check_init_from(config)
+    workdir_lib.check_init_from(_with_init_from("clm_ext", str(tmp_path / "imported_clm")))
+    bigger = _with_init_from("clm_ext", str(tmp_path / "imported_clm"), size="17m")
+    with pytest.raises(workdir_lib.RunIdentityError,
+                       match=r"holds a model of another shape: vocab_size 512 \(this run: "
+                             r"50368\), hidden_size 64 \(this run: 256\)"):
+        workdir_lib.check_init_from(bigger)
+    result = run("main.py", f"--workdir={tmp_path / 'w'}", "--config=configs/ettin_17m.py:clm_ext",
+                 f"--config.train.init_from={tmp_path / 'imported_clm'}", "--dry_run")
+    assert_one_error_line(result, "holds a model of another shape")
+
+
+def test_init_from_a_run_of_another_tokenizer_is_refused(tmp_path):
+    """A later phase on data of another tokenizer trained on silently (ids meaning other
+    strings); the tokenizer the source's checkpoint records is compared by fingerprint."""
+    def tokenizer_at(name, text):
+        tok = tokenizer_lib.train_bpe([text] * 30, vocab_size=512, unk_id=500)
+        return tokenizer_lib.save(tok, str(tmp_path / name))
+    ours = tokenizer_at("ours", "the cat sat on the mat")
+    same = tokenizer_at("same", "the cat sat on the mat")         # another path, same ids
+    other = tokenizer_at("other", "zebras quietly yodel in xylophone valleys")
+    encoder = model_loader.new_model(ettin_tiny.get_config("mlm").model)
+    checkpoint.save_imported(encoder, encoder.config, str(tmp_path / "run"), tokenizer=ours)
+    config = _with_init_from("mlm_ext", str(tmp_path / "run"))
+    workdir_lib.check_source_tokenizer(config, ours)
+    workdir_lib.check_source_tokenizer(config, same)
+    with pytest.raises(workdir_lib.RunIdentityError, match=r"trained with the tokenizer .*ours "
+                       r"\(fingerprint \w+\); this run's data is tokenized with .*other"):
+        workdir_lib.check_source_tokenizer(config, other)
+
+
+def _with_init_from(arg, source, size="tiny"):
+    from configs import ettin_17m  # pylint: disable=import-outside-toplevel
+    config = (ettin_tiny if size == "tiny" else ettin_17m).get_config(arg)
+    config.train.init_from = source
+    return config
+
+
 def test_main_init_from_without_checkpoints_is_refused(tmp_path):
     (tmp_path / "previous").mkdir()
     result = run("main.py", f"--workdir={tmp_path / 'w'}", "--config=configs/ettin_tiny.py:mlm_ext",
