@@ -85,6 +85,11 @@ def write_charts(runs, out_dir: str) -> list[Chart]:
     for chart in CHARTS:
         data = series(runs, chart)
         if not data:
+            # An earlier report in out_dir may have had this chart: it is not these runs'.
+            for ext in ("png", "json"):
+                stale = os.path.join(out_dir, f"{chart.name}.{ext}")
+                if os.path.isfile(stale):
+                    os.remove(stale)
             continue
         with open(os.path.join(out_dir, f"{chart.name}.json"), "w", encoding="utf-8") as f:
             json.dump(data, f)

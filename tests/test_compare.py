@@ -120,6 +120,13 @@ def test_identical_runs_give_charts_of_the_logged_series(tmp_path, capsys):
         assert (out / link).is_file(), link
     assert "identical data: 6 steps matched" in page
 
+    # A report of two encoders into the same directory: no perplexity chart of the decoder
+    # (an earlier report's) is left beside it.
+    enc2 = write_run(tmp_path / "enc2", "mlm", enc_records)
+    assert run_main([enc, enc2, f"--out={out}"]) == 0
+    assert not (out / "perplexity.png").exists() and not (out / "perplexity.json").exists()
+    assert list(json.loads((out / "loss.json").read_text())) == ["enc", "enc2"]
+
 
 def test_a_pair_workdir_stands_for_its_two_sides(tmp_path, capsys):
     pair = tmp_path / "pair"                    # as ettin_jax.pairs lays it out
