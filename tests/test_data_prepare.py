@@ -395,10 +395,13 @@ def test_ctrl_c_with_workers_exits(tmp_path, tiny_tok):
     rng = np.random.default_rng(9)
     src = write_jsonl(tmp_path / "a.jsonl", [english_doc(rng) for _ in range(3000)])
     out = tmp_path / "o"
+    # SIGINT as a terminal delivers it: a process started with SIGINT ignored (an xdist
+    # worker's children are) keeps ignoring it, so the default is restored for the child.
     proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.prepare", f"--input={src}",
                              f"--output={out}", f"--tokenizer={tiny_tok}", "--workers=2"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while not (out / ".work" / "tokenizer.json").exists() and proc.poll() is None:
         assert time.time() < deadline
