@@ -92,6 +92,20 @@ def init_lowering():
     return option(True) if option is not None else contextlib.nullcontext()
 
 
+# config.train.prng_impl -> jax's PRNG implementation of the step's dropout keys. The RBG ones
+# draw random bits with the hardware generator (cheaper than threefry's hashing on a GPU);
+# they give other masks than threefry, so a run keeps one (a setting in run_identity.json).
+PRNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rbg"}
+
+
+def prng_impl(config) -> str:
+    """jax's name of the PRNG implementation `config.train.prng_impl` names."""
+    name = config.train.prng_impl
+    if name not in PRNG_IMPLS:
+        raise ValueError(f"config.train.prng_impl={name!r}: expected one of {sorted(PRNG_IMPLS)}")
+    return PRNG_IMPLS[name]
+
+
 def reseed_dropout(model: nnx.Module, key: jax.Array) -> None:
     """`nnx.reseed(model, dropout=key)` with every stream's key drawn in one call
     (`model.fold_in_each`): dropout stream i (in graph order) gets fold_in(key, i) and count 0,

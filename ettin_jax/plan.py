@@ -41,7 +41,6 @@ from ettin_jax import optimizer as optimizer_lib
 from ettin_jax import schedules
 from ettin_jax import sharding as sharding_lib
 from ettin_jax import step_tokens
-from ettin_jax import train
 from ettin_jax import workdir as workdir_lib
 from ettin_jax import xla_options
 from ettin_jax.model_config import ModelConfig
@@ -85,7 +84,7 @@ def make_plan(config, workdir: str, *, num_devices: int | None = None,
               else config.copy_and_resolve_references())
     demo.validate(config, demo_run=demo_run)
     # What train.make_setup refuses before compiling (the model's shape: new_model below).
-    train.prng_impl(config)
+    model_loader.prng_impl(config)
     optimizer_lib.check_config(config.optimizer)
     xla_options.compiler_options(config.train.xla_options)    # names too: one tiny compile
     if num_devices is None:

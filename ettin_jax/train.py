@@ -52,20 +52,6 @@ from ettin_jax.train_metrics import TrainMetrics, device_peak_flops
 
 # --- the compiled steps ------------------------------------------------------------------------
 
-# config.train.prng_impl -> jax's PRNG implementation of the step's dropout keys. The RBG ones
-# draw random bits with the hardware generator (cheaper than threefry's hashing on a GPU);
-# they give other masks than threefry, so a run keeps one (a setting in run_identity.json).
-PRNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rbg"}
-
-
-def prng_impl(config) -> str:
-    """jax's name of the PRNG implementation `config.train.prng_impl` names."""
-    name = config.train.prng_impl
-    if name not in PRNG_IMPLS:
-        raise ValueError(f"config.train.prng_impl={name!r}: expected one of {sorted(PRNG_IMPLS)}")
-    return PRNG_IMPLS[name]
-
-
 def train_step(state: dict, batch: dict, learning_rate, step, *, graphdef, rng_layout, tx,
                loss_fn: Callable, params_sharding, seed: int, prng_impl: str):
     """One optimizer step on the summed gradients of the step's micro batches.
@@ -168,7 +154,7 @@ def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
     jit_train_step = jax.jit(
         functools.partial(train_step, graphdef=parts.graphdef_train, rng_layout=parts.rng_layout,
                           tx=tx, loss_fn=loss_fn, params_sharding=params_sharding,
-                          seed=config.seed, prng_impl=prng_impl(config)),
+                          seed=config.seed, prng_impl=model_loader.prng_impl(config)),
         in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh, leading_axes=1),
                       replicated, replicated),
         out_shardings=(state_shardings, replicated),

@@ -37,7 +37,7 @@ def test_prng_impls_run_and_dropout_follows_the_step_and_the_prng():
     another loss (other masks); the three PRNGs give three losses at one step."""
     host = None
     first_losses = {}
-    for impl in train.PRNG_IMPLS:
+    for impl in model_loader.PRNG_IMPLS:
         config = tiny_config(prng_impl=impl)
         assert config.model.attn_out_dropout > 0
         setup = train.make_setup(config, one_device_mesh())
