@@ -396,12 +396,15 @@ def test_ctrl_c_with_workers_exits(tmp_path, tiny_tok):
     src = write_jsonl(tmp_path / "a.jsonl", [english_doc(rng) for _ in range(3000)])
     out = tmp_path / "o"
     # SIGINT as a terminal delivers it: a process started with SIGINT ignored (an xdist
-    # worker's children are) keeps ignoring it, so the default is restored for the child.
-    proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.prepare", f"--input={src}",
-                             f"--output={out}", f"--tokenizer={tiny_tok}", "--workers=2"],
+    # worker's children are) keeps ignoring it, so the child installs Python's handler before
+    # running prepare (a preexec_fn would fork this multithreaded process).
+    start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)"
+             "; sys.argv[0] = 'prepare'; runpy.run_module('data_pipeline.prepare', "
+             "run_name='__main__', alter_sys=True)")
+    proc = subprocess.Popen([sys.executable, "-c", start, f"--input={src}", f"--output={out}",
+                             f"--tokenizer={tiny_tok}", "--workers=2"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            start_new_session=True)
     deadline = time.time() + 60
     while not (out / ".work" / "tokenizer.json").exists() and proc.poll() is None:
         assert time.time() < deadline
