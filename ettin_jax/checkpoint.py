@@ -277,16 +277,20 @@ def runs_inside(directory: str) -> list[str]:
     return sorted(n for n in names if os.path.isdir(checkpoint_dir(os.path.join(directory, n))))
 
 
-def saved_json(workdir: str, step: int, item: str) -> dict | None:
-    """A JSON item ("config", "meta") a run saved with checkpoint `step` (an import's too),
-    read from its file without a manager (no Orbax warning); None where it cannot be read."""
+def newest_saved_json(workdir: str, item: str) -> tuple[int | None, dict | None]:
+    """(step, JSON item ("config", "meta")) of the run's newest checkpoint, read from its file
+    without a manager (no Orbax warning); (None, None) without checkpoints, (step, None) where
+    the item cannot be read."""
+    steps = saved_steps(workdir) if os.path.isdir(workdir) else []
+    if not steps:
+        return None, None
     try:
-        with open(os.path.join(checkpoint_dir(workdir), str(step), item, "metadata"),
+        with open(os.path.join(checkpoint_dir(workdir), str(steps[-1]), item, "metadata"),
                   encoding="utf-8") as f:
             value = json.load(f)
     except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+        return steps[-1], None
+    return steps[-1], value if isinstance(value, dict) else None
 
 
 def has_optimizer_state(workdir: str, step: int) -> bool:

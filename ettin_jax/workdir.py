@@ -380,12 +380,11 @@ def _check_source_model(config, source: str):
     run_identity.json) must be of the objective this run continues and of this run's shape:
     an import of a decoder trained silently as an encoder, and a source of another size
     failed only after the train step had compiled."""
-    steps = checkpoint_lib.saved_steps(source)
-    saved = (checkpoint_lib.saved_json(source, steps[-1], "config") or {}).get("model") \
-        if steps else None
+    step, config_json = checkpoint_lib.newest_saved_json(source, "config")
+    saved = (config_json or {}).get("model")
     if not isinstance(saved, dict):
-        return          # unreadable: the restore reports it
-    where = f"config.train.init_from={source} (step {steps[-1]})"
+        return          # none or unreadable: the restore reports it
+    where = f"config.train.init_from={source} (step {step})"
     wanted = source_objective(config)
     if "causal" in saved and bool(saved["causal"]) != (wanted == "clm"):
         held = "clm" if saved["causal"] else "mlm"
@@ -407,9 +406,8 @@ def check_source_tokenizer(config, tokenizer: str):
     fingerprint): another one trained on silently, its ids meaning other strings. Skipped
     where either cannot be read (a hub name offline, a moved file)."""
     source = init_source(config)
-    steps = checkpoint_lib.saved_steps(source) if source and os.path.isdir(source) else []
-    recorded = (checkpoint_lib.saved_json(source, steps[-1], "meta") or {}).get("tokenizer") \
-        if steps else None
+    recorded = (checkpoint_lib.newest_saved_json(source, "meta")[1] or {}).get("tokenizer") \
+        if source else None
     if not recorded or not tokenizer or os.path.abspath(recorded) == tokenizer:
         return
     from data_pipeline import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
