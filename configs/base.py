@@ -386,7 +386,8 @@ def _add_training_sections(c: ml_collections.ConfigDict, *, size: str, phase: st
     c.checkpoint.keep_last = 3
     # Also keep every 10th save for good (0 = none). Ettin kept every save
     # (save_num_checkpoints_to_keep: 100000, 200 of phase 1 at 8.5B tokens); 1 does the same,
-    # at ~1.8 GB each for 150m with its optimizer state.
+    # at ~1.8 GB each for 150m (computed, not measured: 150M float32 params, two Adam
+    # moments).
     c.checkpoint.keep_every_nth = 10
     c.checkpoint.async_save = True
 
