@@ -103,6 +103,16 @@ def _describe(holder: dict) -> str:
             f" ({holder.get('command', '')})")
 
 
+def running_holder(workdir: str) -> str | None:
+    """Its LOCK's holder, described, unless there is no LOCK or it names an ended process of
+    this host. Takes no lock: a probe flock could make the holder's own restart fail."""
+    holder = _read_holder(os.path.join(workdir, LOCK_NAME))
+    pid = (holder or {}).get("pid")
+    gone = holder and holder.get("host") == socket.gethostname() and isinstance(pid, int) \
+        and not _pid_alive(pid)
+    return None if holder is None or gone else _describe(holder)
+
+
 class _NoFileLocks(Exception):
     """The workdir's filesystem does not support flock (some FUSE and Lustre mounts)."""
 
@@ -453,10 +463,13 @@ def _check_source_run(config, source: str):
         last_step = None       # the source's own resume reports its record
     saved = checkpoint_lib.saved_steps(source)
     if last_step and saved and saved[-1] < last_step:
-        logging.warning("config.train.init_from=%s stopped at step %d of its %d (its newest "
-                        "checkpoint): this run continues an unfinished %s phase. Resume that "
-                        "run first unless this is on purpose", source, saved[-1], last_step,
-                        phase or "previous")
+        running = running_holder(source)
+        state = (f"is at step {saved[-1]} of its {last_step} (its newest checkpoint) and its "
+                 f"LOCK names {running}, which may still be training it" if running else
+                 f"stopped at step {saved[-1]} of its {last_step} (its newest checkpoint)")
+        logging.warning("config.train.init_from=%s %s: this run continues an unfinished %s "
+                        "phase. %s unless this is on purpose", source, state, phase or "previous",
+                        "Wait for that run to end" if running else "Resume that run first")
 
 
 def _pair_hint(config, source: str) -> str:

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import shutil
+import socket
+import subprocess
 
 import jax
 import numpy as np
@@ -189,6 +191,28 @@ def test_init_from_an_unfinished_run_is_warned_about(runs, tmp_path, caplog):
     assert len(warnings) == 1 and (f"stopped at step {saved[-2]} of its {STEPS['pretrain']} "
                                    "(its newest checkpoint): this run continues an unfinished "
                                    "pretrain phase") in warnings[0]
+    # Still being trained (its LOCK held by a live process, here this one): not "stopped".
+    caplog.clear()
+    with workdir_lib.WorkdirLock(str(source)), caplog.at_level("WARNING"):
+        workdir_lib.check_init_from(tiny_config("mlm_ext", init_from=str(source)))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "stopped" not in warnings[0]
+    assert (f"is at step {saved[-2]} of its {STEPS['pretrain']} (its newest checkpoint) and its "
+            f"LOCK names pid {os.getpid()} on host") in warnings[0]
+    assert "may still be training it" in warnings[0] and "Wait for that run to end" in warnings[0]
+    # A LOCK left behind by a process that has ended (SIGKILL) is not a running trainer.
+    with open(source / "LOCK", "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": _ended_pid()}, f)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        workdir_lib.check_init_from(tiny_config("mlm_ext", init_from=str(source)))
+    assert [r.getMessage() for r in caplog.records if "stopped at step" in r.getMessage()]
+
+
+def _ended_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
 
 
 def test_a_run_refuses_an_init_from_that_holds_no_run(runs, tmp_path):
