@@ -230,7 +230,8 @@ def test_bad_options_and_grids_name_the_flag():
     """Checked before any data or model loads (ettin_jax.glue's main builds these first)."""
     for bad, flag in ((dict(batch_size=0), "--batch_size=0"), (dict(eval_batch_size=-2), "--eval_batch_size"),
                       (dict(evals_per_epoch=0), "--evals_per_epoch"), (dict(patience=-1), "--patience"),
-                      (dict(warmup_ratio=1.0), "--warmup_ratio=1.0"), (dict(max_train_examples=-5), "--max_train")):
+                      (dict(warmup_ratio=1.0), "--warmup_ratio=1.0"), (dict(max_train_examples=-5), "--max_train"),
+                      (dict(backbone_dropout=1.0), "--backbone_dropout=1.0: must be below 1")):
         with pytest.raises(ValueError, match=flag):
             finetune.FinetuneOptions(**bad)
     finetune.FinetuneOptions(max_seq_len=3).check_task(tasks.get_task("sst2"))   # [CLS] a [SEP]
@@ -590,20 +591,26 @@ def test_encoder_pools_as_its_config_says_unless_told(tmp_path):
         assert summary["pooling"] == expected
 
 
-def test_every_train_step_draws_new_backbone_dropout_masks():
+@pytest.mark.parametrize("backbone_dropout", [-1.0, 0.2, 0.0])
+def test_every_train_step_draws_new_backbone_dropout_masks(backbone_dropout):
     """The real train step at learning rate 0 on one batch, with the head's dropout off: the
-    loss follows the step's dropout key through the backbone's dropout (attn_out_dropout) and
-    is the same for the same key."""
+    loss follows the step's dropout key through the backbone's dropout (the run config's
+    attn_out_dropout with --backbone_dropout=-1, or the flag's rate) and is the same for the
+    same key. --backbone_dropout=0 (the default) turns every backbone dropout off, so a run's
+    checkpoint fine-tunes as its export (attention_dropout 0.0) does."""
     config = ettin_tiny.get_config("mlm").model
     config.attention_impl = "xla"
     backbone = model_loader.new_model(config)     # as load_backbone builds it: "dropout" streams
     assert backbone.config.attn_out_dropout > 0
     factory = _factory(backbone)
-    options = finetune.FinetuneOptions(batch_size=4, eval_batch_size=4, max_seq_len=24)
+    options = finetune.FinetuneOptions(batch_size=4, eval_batch_size=4, max_seq_len=24,
+                                       backbone_dropout=backbone_dropout)
     finetuner = finetune.Finetuner(
-        lambda seed: classifier.SequenceClassifier(factory(), 2, pooling="cls", dropout=0.0,
-                                                  rngs=nnx.Rngs(seed)),
+        finetune.classifier_factory(factory, 2, pooling="cls", options=options),
         tasks.get_task("sst2"), options, _mesh_one_device(), ettin_tiny.PAD_ID)
+    rates = {node.rate for _, node in nnx.iter_graph(finetuner.make_classifier(0).backbone)
+             if isinstance(node, nnx.Dropout)}
+    assert rates == ({0.0, config.attn_out_dropout} if backbone_dropout < 0 else {backbone_dropout})
     rng = np.random.default_rng(0)
     rows = [[ettin_tiny.CLS_ID, *map(int, rng.integers(10, 90, 20)), ettin_tiny.SEP_ID]
             for _ in range(4)]
@@ -616,5 +623,5 @@ def test_every_train_step_draws_new_backbone_dropout_masks():
                                           jnp.float32(0.0))[2])
     keys = [jax.random.fold_in(jax.random.key(0), step) for step in range(3)]
     losses = [loss(key) for key in keys]
-    assert len(set(losses)) == 3, losses
+    assert len(set(losses)) == (1 if backbone_dropout == 0 else 3), losses
     assert loss(keys[1]) == losses[1]

@@ -21,6 +21,9 @@ Head (what transformers does, so that exported models fine-tune alike):
            (ModernBertForSequenceClassification shares the `head.*` keys with the MLM model).
   decoder  pool (last real token, or mean) -> a freshly initialised dense -> gelu ->
            LayerNorm -> dropout -> classifier without bias (ModernBertDecoderForSequenceClassification).
+The backbone's own dropouts are all `--backbone_dropout` (0.0, as Ettin's released configs;
+negative keeps the source's), so a run's checkpoint (attn_out_dropout 0.1) and its export
+fine-tune alike.
 Pairs are encoded as `[CLS] a [SEP] b [SEP]` (single sentences `[CLS] a [SEP]`), truncating
 the longer text first; the special ids come from the model config.
 

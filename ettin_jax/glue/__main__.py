@@ -37,7 +37,7 @@ def main(argv):
     options = FinetuneOptions(
         batch_size=f.batch_size, eval_batch_size=f.eval_batch_size, max_seq_len=f.max_seq_len,
         warmup_ratio=f.warmup_ratio, weight_decay=f.weight_decay,
-        classifier_dropout=f.classifier_dropout, pooling=f.pooling,
+        classifier_dropout=f.classifier_dropout, backbone_dropout=f.backbone_dropout, pooling=f.pooling,
         evals_per_epoch=f.evals_per_epoch, patience=f.patience,
         max_train_examples=f.max_train_examples)
     grids = {}
@@ -86,6 +86,10 @@ def define_flags():
     flags.DEFINE_float("warmup_ratio", d.warmup_ratio, "linear warmup share of the steps, then linear decay to 0")
     flags.DEFINE_float("weight_decay", d.weight_decay, "AdamW weight decay (times the LR, as PyTorch)")
     flags.DEFINE_float("classifier_dropout", d.classifier_dropout, "dropout before the classifier")
+    flags.DEFINE_float("backbone_dropout", d.backbone_dropout, "rate of every dropout in the "
+                       "backbone (embedding, attention output, MLP) while fine-tuning; 0 as "
+                       "Ettin's released configs, so a --checkpoint and its export fine-tune "
+                       "alike; negative: the source's own rates")
     flags.DEFINE_enum("pooling", "", ["", *POOLINGS], "cls | mean (encoders), last | mean "
                       "(decoders); default: the encoder config's classifier_pooling (cls unless "
                       "it says mean), last for decoders")

@@ -61,6 +61,10 @@ class FinetuneOptions:
     b2: float = 0.98
     eps: float = 1e-6
     classifier_dropout: float = 0.0
+    # The backbone's embedding, attention-output and MLP dropouts while fine-tuning; < 0 keeps
+    # the source's own. 0.0 as Ettin's released transformers configs (what its GLUE runs used):
+    # a run's checkpoint (attn_out_dropout 0.1) and its export then fine-tune alike.
+    backbone_dropout: float = 0.0
     pooling: str = ""                # "" = cls for encoders, last for decoders
     evals_per_epoch: int = 1
     patience: int = 2                # evaluations without improvement before stopping; 0: never
@@ -77,6 +81,9 @@ class FinetuneOptions:
         for name in ("warmup_ratio", "classifier_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be in [0, 1)")
+        if not self.backbone_dropout < 1:
+            raise ValueError(f"--backbone_dropout={self.backbone_dropout}: must be below 1 "
+                             "(negative: the source's own rates)")
 
     def check_task(self, task: Task):
         """Raises ValueError when max_seq_len leaves no token of some text of `task`."""
@@ -332,10 +339,8 @@ def run_task(task: Task, *, backbone_factory: Callable[[], model_lib.EttinModel]
     # Encoders pool as their config says (transformers reads classifier_pooling the same way).
     pooling = options.pooling or ("last" if config.causal else config.classifier_pooling)
 
-    def make_classifier(seed: int) -> SequenceClassifier:
-        return SequenceClassifier(backbone_factory(), task.num_outputs, pooling=pooling,
-                                  dropout=options.classifier_dropout, rngs=nnx.Rngs(seed))
-
+    make_classifier = classifier_factory(backbone_factory, task.num_outputs, pooling=pooling,
+                                         options=options)
     options.check_task(task)
     finetuner = Finetuner(make_classifier, task, options, mesh, config.pad_token_id)
 
@@ -386,6 +391,22 @@ def weights_digest(params: nnx.State) -> str:
         digest.update(f"{'/'.join(map(str, path))} {array.dtype} {array.shape}\n".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
+
+
+def classifier_factory(backbone_factory: Callable[[], model_lib.EttinModel], num_outputs: int,
+                       *, pooling: str, options: FinetuneOptions
+                       ) -> Callable[[int], SequenceClassifier]:
+    """seed -> a SequenceClassifier on a new copy of the backbone, whose dropouts are all
+    options.backbone_dropout unless that is negative."""
+    def make(seed: int) -> SequenceClassifier:
+        backbone = backbone_factory()
+        if options.backbone_dropout >= 0:
+            for _, node in nnx.iter_graph(backbone):
+                if isinstance(node, nnx.Dropout):
+                    node.rate = options.backbone_dropout
+        return SequenceClassifier(backbone, num_outputs, pooling=pooling,
+                                  dropout=options.classifier_dropout, rngs=nnx.Rngs(seed))
+    return make
 
 
 def load_backbone(checkpoint: str | None, hf_dir: str | None, tokenizer_path: str | None,
