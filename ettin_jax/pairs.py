@@ -27,6 +27,10 @@ steps alternate, so activations are one side's at a time. Per device a pair need
 Before allocating anything, the driver logs the two states' bytes per device and stops with an
 error naming the remedies when they alone exceed a device's memory (where the backend reports
 it: GPU and TPU do, CPU does not). The host runs two loaders (twice the data work of a run).
+
+Throughput. Each side's tokens/s and MFU count its own tokens over the pair's stepping time
+(either side's restores, evals and saves left out), its share of the devices: the two
+sides' MFUs add up to the devices' own.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from ettin_jax import checkpoint as checkpoint_lib
 from ettin_jax import cli
 from ettin_jax import stop_signals
 from ettin_jax import train
+from ettin_jax import train_metrics
 from ettin_jax import workdir as workdir_lib
 
 # Config keys the two sides must share: they decide the packed rows of every step
@@ -214,7 +219,12 @@ def train_pair(configs: Sequence, workdir: str) -> dict[str, dict]:
 def _train_from(configs, workdirs, resume_at: int, stop) -> dict[str, dict] | int:
     """Runs both sides from at most step `resume_at` to the end (or SIGTERM): their metrics by
     objective; or, when they restored different steps, the smaller one to restart from."""
-    runs = [train.train_steps(c, w, resume_at_most=resume_at) for c, w in zip(configs, workdirs)]
+    # One clock of pauses: a side's throughput leaves out the other side's restore, evals and
+    # saves, which happen inside its windows; each side's tokens/s is then its share of the
+    # devices' time, and the two sides' MFUs add up to the devices' own.
+    pauses = train_metrics.Pauses()
+    runs = [train.train_steps(c, w, resume_at_most=resume_at, pauses=pauses)
+            for c, w in zip(configs, workdirs)]
     names = [c.objective for c in configs]
     try:
         setups = [next(run) for run in runs]

@@ -291,7 +291,8 @@ class Progress:
     metrics: Any = None                    # "step": the step's TrainMetrics (maybe in flight)
 
 
-def train_steps(config, workdir: str, *, resume_at_most: int | None = None):
+def train_steps(config, workdir: str, *, resume_at_most: int | None = None,
+                pauses: train_metrics.Pauses | None = None):
     """`train_and_evaluate` as a generator, so that one process can drive two runs in lockstep
     (ettin_jax.pairs). It holds the workdir's lock while it runs and pauses (yields a Progress)
     at three stages:
@@ -301,15 +302,16 @@ def train_steps(config, workdir: str, *, resume_at_most: int | None = None):
       "step"   after each step's logging, before its save; send a reason (e.g. "SIGTERM",
                or True) to save and stop there
 
-    and returns the last logged metrics.
+    and returns the last logged metrics. `pauses`: shared by a pair's runs (its docstring).
     """
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     with workdir_lib.WorkdirLock(workdir):    # before anything is written to the workdir
-        return (yield from _train_in_workdir(config, workdir, resume_at_most))
+        return (yield from _train_in_workdir(config, workdir, resume_at_most,
+                                             pauses or train_metrics.Pauses()))
 
 
-def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
+def _train_in_workdir(config, workdir: str, resume_at_most: int | None, pauses):
     from ettin_jax.writers import metric_writers  # pylint: disable=import-outside-toplevel
     from data_pipeline import fingerprint as fingerprint_lib  # pylint: disable=import-outside-toplevel
     from data_pipeline import loader  # pylint: disable=import-outside-toplevel
@@ -368,7 +370,8 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
 
     # Restore (see _restore_or_init for the order).
     ckpt, save_every = _make_checkpointer(config, workdir, mean, data_parallel)
-    state, step, tokens = _restore_or_init(config, setup, ckpt, train_iter, resume_at_most)
+    with pauses.pause():
+        state, step, tokens = _restore_or_init(config, setup, ckpt, train_iter, resume_at_most)
     record_identity()                  # the start holds: its config is the run's
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     logging.info("%s %s, %s: %s parameters, %d steps of up to %d x %d tokens (%s tokens), "
@@ -383,11 +386,13 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
     peak_flops = device_peak_flops(config) * jax.device_count()
     last = {}
     fingerprints = []      # of the steps since the last line of metrics.jsonl
-    run_start = time.time()
+    run_start, start_step, start_tokens = time.time(), step, tokens
 
     # Loop.
-    compiled.result()
-    window = train_metrics.Window()        # throughput from here: the compile wait is not a step
+    with pauses.pause():
+        compiled.result()
+    loop_start = time.time()
+    window = train_metrics.Window(pauses)  # throughput from here: the compile wait is not a step
     try:
         yield Progress("start", step=step)
         with metric_writers.ensure_flushes(writers):
@@ -421,7 +426,8 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
                     scalars = dict(train_metrics.train_scalars(
                         window, config, step=step, num_steps=num_steps,
                         learning_rate=learning_rate, rows=rows, tokens=tokens,
-                        peak_flops=peak_flops), micro_batches=rows // micro_rows)
+                        peak_flops=peak_flops, run_tokens_per_sec=(tokens - start_tokens) / max(
+                            time.time() - loop_start, 1e-9)), micro_batches=rows // micro_rows)
                     window.metrics = None
                     guard.check_loss(step, scalars["loss"])
                     return scalars
@@ -434,13 +440,14 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
                 if step % config.log.every_steps == 0 or is_last or evaluates:
                     scalars.update(train_scalars())
                 if evaluates:
-                    scalars.update(evaluation.evaluate(setup, state["params"], config))
+                    with pauses.pause():
+                        scalars.update(evaluation.evaluate(setup, state["params"], config))
 
                 def write(scalars):
                     nonlocal window, fingerprints
                     writers.write_scalars(step, dict(scalars, data_fingerprints=fingerprints))
                     last.update(scalars)
-                    window, fingerprints = train_metrics.Window(metrics=window.metrics), []
+                    window, fingerprints = train_metrics.Window(pauses, metrics=window.metrics), []
 
                 if scalars:
                     write(scalars)
@@ -459,7 +466,8 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
                     if guard.in_skip_streak and not (is_last or stopping):
                         logging.warning("not saving step %d: its update was skipped", step)
                     else:
-                        _save(ckpt, step, state, tokens, config, train_iter, tokenizer, mean)
+                        with pauses.pause():
+                            _save(ckpt, step, state, tokens, config, train_iter, tokenizer, mean)
                 if stopping:
                     ckpt.wait()
                     by = stopping if isinstance(stopping, str) else "request"
@@ -481,7 +489,8 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None):
                      "export: python -m ettin_jax.hf export --checkpoint=%s --out=%s/hf",
                      train_metrics.run_summary(last, step=step, num_steps=num_steps, tokens=tokens,
                                                seconds=time.time() - run_start,
-                                               skipped=guard.total_skipped),
+                                               skipped=guard.total_skipped,
+                                               first_step=start_step, first_tokens=start_tokens),
                      ckpt.directory, workdir, os.path.join(workdir, "metrics.jsonl"), workdir,
                      workdir)
     return last

@@ -5,11 +5,12 @@
     sum_metric(name)                   a count summed over steps (e.g. skipped steps)
     training_flops_per_row(config)     forward + backward FLOPs of one row, for MFU
     device_peak_flops(config)          bf16 dense peak FLOP/s of one device (0 = unknown)
-    Window, train_scalars(...)         the steps since the last log line and their scalars
+    Pauses, Window, train_scalars(...) the steps since the last log line and their scalars
     run_summary(last, ...)             the first half of the run's closing log line
 """
 # No `from __future__ import annotations`: clu reads the metric classes from __annotations__.
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -111,25 +112,54 @@ def device_peak_flops(config) -> float:
 
 # --- the logging window ----------------------------------------------------------------------
 
+class Pauses:
+    """Seconds spent on work other than train steps (restores, evals, checkpoint saves), which
+    throughput leaves out. The two runs of a pair share one: each side's window then leaves
+    out the other side's pauses too, which fall inside it."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def pause(self):
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.seconds += time.time() - start
+
+
 @dataclasses.dataclass
 class Window:
     """Steps since the last write of scalars (for throughput) and train metrics since the
     last log line."""
-    start: float = dataclasses.field(default_factory=time.time)
+    pauses: Pauses
+    start: float | None = None       # time.time() of the window's opening; None: now
     steps: int = 0
     rows: int = 0
     metrics: Any = None
+
+    def __post_init__(self):
+        self.start = time.time() if self.start is None else self.start
+        self.paused_before = self.pauses.seconds
 
     def add(self, metrics, rows: int):
         self.metrics = metrics if self.metrics is None else self.metrics.merge(metrics)
         self.steps, self.rows = self.steps + 1, self.rows + rows
 
+    def seconds(self) -> float:
+        """Since the window opened, less the pauses in between."""
+        return time.time() - self.start - (self.pauses.seconds - self.paused_before)
+
 
 def train_scalars(window: Window, config, *, step: int, num_steps: int, learning_rate: float,
-                   rows: int, tokens: int, peak_flops: float) -> dict:
-    """The window's train metrics and throughput; logs a progress line."""
+                   rows: int, tokens: int, peak_flops: float, run_tokens_per_sec: float) -> dict:
+    """The window's train metrics and throughput; logs a progress line.
+
+    run_tokens_per_sec: this process's tokens over its wall time since its first step,
+    pauses included, for the ETA (a run keeps evaluating and saving)."""
     scalars = {k: float(v) for k, v in window.metrics.compute().items()}
-    elapsed = time.time() - window.start
+    elapsed = max(window.seconds(), 1e-9)
     rows_per_sec = window.rows / elapsed
     scalars.update(learning_rate=learning_rate, batch_size=rows,
                    tokens_per_step=rows * config.train.seq_len, tokens_seen=tokens,
@@ -140,7 +170,7 @@ def train_scalars(window: Window, config, *, step: int, num_steps: int, learning
     if config.objective == "clm":
         scalars["perplexity"] = math.exp(min(scalars["loss"], 50.0))
     # In tokens, not steps: the batch-size warmup's steps are smaller than the ones to come.
-    eta = max(0.0, config.schedule.total_tokens - tokens) / scalars["tokens_per_sec"]
+    eta = max(0.0, config.schedule.total_tokens - tokens) / max(run_tokens_per_sec, 1e-9)
     logging.info("step %d/%d (%.0f%%): loss %.4f, accuracy %.3f, lr %.3g, %.0f tokens/s, ETA %s",
                  step, num_steps, 100 * step / num_steps, scalars["loss"], scalars["accuracy"],
                  learning_rate, scalars["tokens_per_sec"], format_duration(eta))
@@ -154,13 +184,17 @@ def format_duration(seconds: float) -> str:
 
 
 def run_summary(last: dict, *, step: int, num_steps: int, tokens: int, seconds: float,
-                skipped: int) -> str:
+                skipped: int, first_step: int = 0, first_tokens: int = 0) -> str:
     """What the run's closing line says of its training. `last`: this process's last logged
-    scalars, empty when it trained no step (a re-run of a finished run has no loss of its own)."""
+    scalars, empty when it trained no step (a re-run of a finished run has no loss of its own).
+    first_step, first_tokens: where this process started (a resume), `seconds` its time."""
     if "loss" not in last:
         return f"nothing to train: the run already reached step {step} of {num_steps} " \
                f"({tokens:,} tokens)"
-    return (f"done: {step} steps, {tokens:,} tokens in {format_duration(seconds)}; last logged "
-            f"loss {last['loss']:.4f}, accuracy {last['accuracy']:.3f}"
+    done = f"{step} steps, {tokens:,} tokens in {format_duration(seconds)}"
+    if first_step:
+        done = (f"step {step}, {tokens:,} tokens; this process trained steps {first_step + 1}-"
+                f"{step} ({tokens - first_tokens:,} tokens) in {format_duration(seconds)}")
+    return (f"done: {done}; last logged loss {last['loss']:.4f}, accuracy {last['accuracy']:.3f}"
             + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
             + (f"; {skipped} non-finite steps skipped" if skipped else ""))

@@ -16,7 +16,7 @@ import pytest
 
 import train_testlib
 from configs import base, ettin_tiny
-from ettin_jax import compare, pairs, sharding, train
+from ettin_jax import compare, pairs, sharding, train, train_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
@@ -58,14 +58,46 @@ def assert_same_losses(run_dir, reference_dir, steps=STEPS):
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], abs=1e-6), (run_dir, step)
 
 
+SAVE_SECONDS = 1000.0   # what each checkpoint save of the reference pair takes, on its clock
+
+
+class _SaveClock:
+    """time.time() for ettin_jax.train_metrics, plus SAVE_SECONDS for each save so far: a
+    slow (large model's) save, without the wait."""
+    offset = 0.0
+
+    @staticmethod
+    def time():
+        return time.time() + _SaveClock.offset
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted pair, in this process: main.py's path after its flag parsing."""
+    """An uninterrupted pair, in this process: main.py's path after its flag parsing. Each save
+    takes SAVE_SECONDS on the throughput's clock, which no step's throughput may count."""
     workdir = tmp_path_factory.mktemp("runs") / "pair"
     configs = pairs.side_configs(ettin_tiny.get_config, base.split_pair("mlm+clm"), OVERRIDES)
-    metrics = pairs.train_pair(configs, str(workdir))
+    real_save = train._save
+
+    def slow_save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        _SaveClock.offset += SAVE_SECONDS
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "_save", slow_save)
+        patch.setattr(train_metrics, "time", _SaveClock)
+        metrics = pairs.train_pair(configs, str(workdir))
     assert set(metrics) == {"mlm", "clm"}
     return workdir
+
+
+def test_throughput_leaves_out_both_sides_saves(reference):
+    """From step 3 on every window of either side holds a save (its own or the other side's,
+    which runs inside it): the shared pause clock leaves them out. Without it each such window
+    would last over SAVE_SECONDS, at most 1 / SAVE_SECONDS steps per second."""
+    for side in ("mlm", "clm"):
+        rates = {step: r["steps_per_sec"] for step, r in records(reference / side).items()}
+        assert sorted(rates) == list(range(1, STEPS + 1))
+        assert min(rates.values()) > 10 / SAVE_SECONDS, (side, rates)
 
 
 def test_both_sides_of_a_pair_see_the_same_rows_at_every_step(reference, tmp_path, capsys):

@@ -132,6 +132,11 @@ def test_sigkill_at_a_random_step_then_sigterm_then_finish(tmp_path, env, refere
     finish(workdir, env)
     assert f"resumed from {workdir / 'checkpoints'}/{stopped}" in read_log(workdir)
     assert_same_losses(workdir, ref)
+    # The closing line tells the run's totals from what this last process trained.
+    rows, seq = 8, 64
+    assert (f"done: step {STEPS}, {STEPS * rows * seq:,} tokens; this process trained steps "
+            f"{stopped + 1}-{STEPS} ({(STEPS - stopped) * rows * seq:,} tokens) in ") \
+        in read_log(workdir)
 
 
 def test_rerun_of_a_finished_run_trains_nothing_and_says_so(tmp_path, env, reference):

@@ -425,9 +425,11 @@ def test_layers_scanned_without_remat_split_within_half_the_rows():
 
 
 def test_progress_eta_counts_the_tokens_left_not_the_steps_left(caplog):
-    """During the batch-size warmup a step is a fraction of the steps to come: the ETA is the
-    tokens left at the window's tokens per second. By hand: 100,000 tokens in 1000 s (a few
-    seconds more while the test runs), 8050 left: 80.5 s."""
+    """Throughput leaves out the window's pauses (restores, evals, saves); the ETA is the tokens
+    left at the run's tokens per second, pauses included (a run keeps evaluating and saving),
+    not the steps left: during the batch-size warmup a step is a fraction of the steps to come.
+    By hand: 100,000 tokens in a window of 1000 s (a few more while the test runs) of which 600
+    s were pauses: 250 tokens/s; 8050 tokens left at the run's 100 tokens/s: 80.5 s."""
     import time  # pylint: disable=import-outside-toplevel
     from absl import logging  # pylint: disable=import-outside-toplevel
     from ettin_jax import train_metrics  # pylint: disable=import-outside-toplevel
@@ -435,9 +437,16 @@ def test_progress_eta_counts_the_tokens_left_not_the_steps_left(caplog):
     c.train.seq_len, c.schedule.total_tokens = 100, 10_050
     ones = dict(loss_sum=2.0, predictions=1.0, correct=0.0, grad_norm=1.0, applied=1.0,
                 param_norm=1.0, real_tokens=1.0, tokens=1.0, skipped=0.0)
-    window = train_metrics.Window(start=time.time() - 1000.0)
+    pauses = train_metrics.Pauses()
+    pauses.seconds = 50.0                       # before the window: not its own
+    window = train_metrics.Window(pauses, start=time.time() - 1000.0)
     window.add(train_metrics.TrainMetrics.single_from_model_output(**ones), rows=1000)
+    pauses.seconds += 600.0
     with caplog.at_level(logging.INFO):
-        train_metrics.train_scalars(window, c, step=2, num_steps=100, learning_rate=1e-3,
-                                    rows=1000, tokens=2000, peak_flops=0.0)
-    assert "step 2/100 (2%)" in caplog.text and "ETA 1m20s" in caplog.text   # by steps: 27h13m
+        scalars = train_metrics.train_scalars(
+            window, c, step=2, num_steps=100, learning_rate=1e-3, rows=1000, tokens=2000,
+            peak_flops=0.0, run_tokens_per_sec=100.0)
+    assert scalars["tokens_per_sec"] == pytest.approx(250.0, rel=0.02)
+    assert scalars["steps_per_sec"] == pytest.approx(1 / 400, rel=0.02)
+    # By the window's 250 tokens/s: 32 s; by steps: 27h13m.
+    assert "step 2/100 (2%)" in caplog.text and "ETA 1m20s" in caplog.text
