@@ -10,12 +10,16 @@ prepare on it, so training can start with no data configured and no network:
 Outputs under OUTPUT: corpus.jsonl, tokenizer/ (transformers-readable), shards/ (manifest.json).
 A finished build is reused; OUTPUT/build.json records the vocabulary layout and size limit it
 was built for, and a build into it with other ones is refused (use another --output).
+Builders of one OUTPUT take turns (a flock on OUTPUT.lock): the processes of a multi-process
+run all configure the demo at once, and the later ones find the first one's build.
 `configure(config)` builds it for a config's vocabulary layout and points the config's data at
 it (the demo variant of a run, ettin_jax.demo).
 """
 from __future__ import annotations
 
 import ast
+import contextlib
+import fcntl
 import json
 import os
 import sys
@@ -82,10 +86,34 @@ def write_corpus(path: str, max_bytes: int) -> dict:
     return {"files": files, "documents": docs, "chars": size}
 
 
+@contextlib.contextmanager
+def _one_builder(output: str):
+    """Holds `<output>.lock` (flock) while this process builds into `output`."""
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output + ".lock", "a", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"demo corpus: waiting for another process's build of {output}",
+                  file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as e:        # a filesystem without file locks: build unguarded
+            print(f"demo corpus: {output}.lock cannot be locked ({e}); two processes "
+                  "building at once would collide", file=sys.stderr)
+        yield                       # closing the file releases the lock
+
+
 def build(output: str, *, vocab_size: int, unk_id: int, max_bytes: int = 8_000_000,
           workers: int = 1) -> tuple[str, str]:
     """Builds (or reuses) the demo corpus; returns (tokenizer_dir, shards_dir). ValueError
     when `output` holds a build (finished or not) for another layout or size limit."""
+    with _one_builder(output):
+        return _build(output, vocab_size=vocab_size, unk_id=unk_id, max_bytes=max_bytes,
+                      workers=workers)
+
+
+def _build(output: str, *, vocab_size: int, unk_id: int, max_bytes: int,
+           workers: int) -> tuple[str, str]:
     tok_dir = os.path.join(output, "tokenizer")
     shard_dir = os.path.join(output, "shards")
     key = {"vocab_size": vocab_size, "unk_id": unk_id, "max_bytes": max_bytes}

@@ -1,9 +1,12 @@
 """Readers of Ettin's released formats: MDS shards (raw and zstd) and the data-order parquet,
 with files written here from the format description (recipe §5.3), plus the loader reading them
 and the demo corpus path."""
+import fcntl
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -281,6 +284,29 @@ def test_demo_corpus_trains_without_configured_data(demo):
     assert batch["input_ids"].shape == (8, 128)
     assert (batch["segment_ids"] > 0).mean() > 0.95
     assert loader.tokenizer_path(config) == tok_dir
+
+
+def test_demo_corpus_builders_take_turns(demo):
+    """The processes of a multi-process run configure the demo at once (two builds collided on
+    corpus.jsonl.tmp, and the run failed): a builder waits while another holds OUTPUT.lock,
+    then finds that build and reuses it."""
+    output = os.path.dirname(demo[1])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(output + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = subprocess.Popen(
+            [sys.executable, "-m", "data_pipeline.demo_corpus", f"--output={output}",
+             "--vocab_size=512", "--unk_id=500", f"--max_bytes={train_testlib.DEMO_MAX_BYTES}"],
+            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        said = []
+        while not any("waiting for another process's build" in line for line in said):
+            line = builder.stderr.readline()
+            assert line, f"the builder did not wait: {''.join(said)}"
+            said.append(line)
+        assert builder.poll() is None
+    out, err = builder.communicate(timeout=300)
+    assert builder.returncode == 0, err[-2000:]
+    assert f"shards: {demo[1]}" in out and "training a" not in err
 
 
 def test_a_demo_corpus_build_refuses_another_layout_in_its_directory(tmp_path, demo):
