@@ -36,6 +36,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from data_pipeline import shards
+from ettin_jax import processes
 from ettin_jax.model_config import ModelConfig
 
 def checkpoint_dir(workdir: str) -> str:
@@ -170,14 +171,16 @@ class Checkpointer:
         """
         failed = []   # (step, error) of the newer checkpoints that did not restore
         for step in sorted(self.manager.all_steps(), reverse=True):
-            where = f"{self.directory}/{step}"
+            where, error = f"{self.directory}/{step}", None
             try:
                 metadata = self.manager.item_metadata(step)
                 saved_params, saved_opt_state = metadata["params"], metadata["opt_state"]
                 if saved_params is None or saved_opt_state is None:
                     raise ValueError("params or opt_state item missing")
+                self._read_own_data_state(step)
             except Exception as e:  # pylint: disable=broad-except  # unreadable: damaged?
-                failed.append(self._failed(step, e))
+                error = e
+            if self._failed_anywhere(step, error, failed):
                 continue
             # A readable checkpoint of another shape is no damage but a changed config: stop.
             check_tree_matches(saved_params, abstract_params, what="parameters", where=where)
@@ -190,7 +193,8 @@ class Checkpointer:
                     meta=ocp.args.JsonRestore(),
                     data=grain.checkpoint.CheckpointRestore(data_iterator)))
             except Exception as e:  # pylint: disable=broad-except  # any failure: try the previous one
-                failed.append(self._failed(step, e))
+                error = e
+            if self._failed_anywhere(step, error, failed):
                 continue
             for bad_step, _ in failed:   # so that this run's saves of those steps can be written
                 self._set_aside(bad_step)
@@ -220,6 +224,24 @@ class Checkpointer:
                             self.directory, newer_step, step)
             self.manager.delete(newer_step)
         return newer
+
+    def _read_own_data_state(self, step: int):
+        """Parses this process's file of the data iterator's state (grain's name for it), the
+        one part of a checkpoint only this process reads: checked before the restore, whose
+        collectives a process failing half-way would leave the others waiting in."""
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        with open(os.path.join(self.directory, str(step), "data", name), encoding="utf-8") as f:
+            json.load(f)
+
+    def _failed_anywhere(self, step: int, error: Exception | None, failed: list) -> bool:
+        """Whether `step` failed on some process (then noted in `failed`). Every process
+        resumes at the same step: one that cannot read its part (e.g. its data iterator's
+        file) makes all of them try the previous one."""
+        if not processes.any_process(error is not None):
+            return False
+        failed.append(self._failed(step, error or RestoreError(
+            "another process of this run could not restore it (its log says why)")))
+        return True
 
     def _failed(self, step: int, error: Exception) -> tuple[int, str]:
         what = f"{type(error).__name__}: {str(error)[:500]}"

@@ -87,8 +87,25 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
     single_slice = len({getattr(d, "slice_index", 0) or 0 for d in devices}) == 1
     if single_slice and devices == jax.devices():
         # jax.make_mesh orders devices for the physical topology (ICI rings on TPU).
-        return jax.make_mesh(mesh_shape(mesh_config, len(devices)), MESH_AXES, axis_types=auto)
-    return jax.sharding.Mesh(device_grid(mesh_config, devices), MESH_AXES, axis_types=auto)
+        mesh = jax.make_mesh(mesh_shape(mesh_config, len(devices)), MESH_AXES, axis_types=auto)
+    else:
+        mesh = jax.sharding.Mesh(device_grid(mesh_config, devices), MESH_AXES, axis_types=auto)
+    check_tensor_groups(mesh.devices, mesh_config)
+    return mesh
+
+
+def check_tensor_groups(grid: np.ndarray, mesh_config) -> None:
+    """Raises ValueError unless each process holds whole tensor groups of the `[data, fsdp,
+    tensor]` device grid: a group shares one shard of the batch, and each process feeds its
+    own rows (host_batch_to_global), so a group split over processes would get two."""
+    for group in np.asarray(grid).reshape(-1, grid.shape[-1]):
+        owners = sorted({getattr(d, "process_index", 0) for d in group})
+        if len(owners) > 1:
+            raise ValueError(
+                f"config.mesh={dict(mesh_config)}: its tensor axis ({grid.shape[-1]} devices) "
+                f"spans processes {owners}; each process feeds its own rows, so a tensor group "
+                f"must lie in one process: at most {len(group) // len(owners)} devices, as "
+                "many as one process has (put the rest on fsdp or data)")
 
 
 def logical_to_spec(names, shape, mesh: jax.sharding.Mesh) -> P:

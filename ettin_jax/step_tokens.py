@@ -37,6 +37,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from ettin_jax import processes
+
 FILENAME = "step_tokens.json"
 
 
@@ -133,13 +135,9 @@ def agreed(config, workdir: str, *, demo: bool) -> float | None:
                          "none: the demo packs one sequence per row" if mean is None else mean,
                          "stored in" if record["stored"] or mean is None
                          else "measured on the data, stored in", path(workdir))
-    if jax.process_count() > 1:
-        failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
-        if int(failed) and error is None:
-            raise ValueError(f"{path(workdir)}: process 0 could not settle the run's tokens "
-                             "per step (its error names why)")
-    if error is not None:
-        raise error
+    processes.raise_with_process0(error, lambda: ValueError(
+        f"{path(workdir)}: process 0 could not settle the run's tokens per step (its error "
+        "names why)"))
     if jax.process_count() > 1:   # float64 travels as its 8 bytes: no float32 rounding
         raw = np.frombuffer(np.float64(np.nan if mean is None else mean).tobytes(), np.uint8)
         raw = multihost_utils.broadcast_one_to_all(raw.astype(np.int32))
@@ -194,9 +192,5 @@ def check_split(workdir: str, split: dict, has_checkpoints: bool):
             problem = (f"{path(workdir)}: this run's steps would be cut otherwise than when it "
                        f"started ({what}); steps replay by index, so the run would end at "
                        f"another token count: {fix}")
-    if jax.process_count() > 1:
-        refused = multihost_utils.broadcast_one_to_all(np.int32(bool(problem)))
-        if int(refused) and not problem:
-            problem = "the run's step split changed (process 0's error names it)"
-    if problem:
-        raise ValueError(problem)
+    processes.raise_with_process0(ValueError(problem) if problem else None, lambda: ValueError(
+        "the run's step split changed (process 0's error names it)"))

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import signal
 
-import jax
-import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
+
+from ettin_jax import processes
 
 
 class StopOnSignal:
@@ -36,9 +35,7 @@ class StopOnSignal:
 
     def requested(self) -> bool:
         """Whether any process got the signal (all processes agree, so they save together)."""
-        if jax.process_count() == 1:
-            return self.flag
-        return bool(np.any(multihost_utils.process_allgather(np.int32(self.flag))))
+        return processes.any_process(self.flag)
 
     def restore(self):
         for signum, handler in self.previous.items():

@@ -6,12 +6,11 @@
                                        a local init_from holds a run's checkpoints/ of the
                                        objective it continues
 
-The lock is a JSON file {host, pid, since, command} that the process that writes (process 0)
-flock-s before anything else is written; a second process fails at once naming the holder.
-The kernel drops a flock when its process ends, so a LOCK left by a process that is gone is
-taken over with a warning. On a filesystem without file locks the LOCK is a pid file created
-with O_EXCL instead, taken over when it names a pid gone from this host (or this process's
-pid while this process does not hold it). Only process 0 of a multi-process run takes it.
+The lock is a JSON file {host, pid, since, command} that process 0 (the one that writes)
+flock-s before anything is written; a second run fails at once naming the holder, and so do
+the other processes of its run. The kernel drops a flock when its process ends: a LOCK left
+behind is taken over with a warning. Without file locks it is a pid file (O_EXCL), taken
+over when it names a pid gone from this host (or this one's, while this process lacks it).
 
 The identity splits the config in two. Structural keys (size, objective, phase, the model's
 shape, tokenizer and special ids, data mixture) define what the checkpoints are: a re-run
@@ -40,6 +39,7 @@ from data_pipeline import shards
 from data_pipeline.fingerprint import OBJECTIVES
 from ettin_jax import checkpoint as checkpoint_lib
 from ettin_jax import cli
+from ettin_jax import processes
 from ettin_jax import step_tokens
 
 LOCK_NAME = "LOCK"
@@ -81,7 +81,7 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:            # someone else's process: alive
-        return True
+        pass
     return True
 
 
@@ -90,10 +90,8 @@ def _read_holder(path: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}
+    except (OSError, ValueError) as e:
+        return None if isinstance(e, FileNotFoundError) else {}
 
 
 def _describe(holder: dict) -> str:
@@ -154,14 +152,20 @@ class WorkdirLock:
             f"--workdir{hint}")
 
     def acquire(self) -> "WorkdirLock":
-        if jax.process_index() != 0:   # multi-process runs: process 0 writes, so it locks
-            return self
-        try:
-            self._acquire_flock()
-        except _NoFileLocks as e:
-            logging.warning("%s: the filesystem has no file locks (%s); using a pid file, which "
-                            "a run on another host cannot check", self.path, e)
-            self._acquire_pid_file()
+        # Multi-process runs: process 0 writes, so it locks; the others learn its outcome.
+        error = None
+        if jax.process_index() == 0:
+            try:
+                try:
+                    self._acquire_flock()
+                except _NoFileLocks as e:
+                    logging.warning("%s: the filesystem has no file locks (%s); using a pid "
+                                    "file, which a run on another host cannot check", self.path, e)
+                    self._acquire_pid_file()
+            except (WorkdirLockedError, OSError) as e:
+                error = e
+        processes.raise_with_process0(error, lambda: WorkdirLockedError(
+            f"{os.path.dirname(self.path)}: process 0 could not lock it (its error says why)"))
         return self
 
     def _acquire_flock(self):
@@ -285,9 +289,8 @@ def run_identity(config) -> dict:
 
 
 _ABSENT = "(absent)"
-# Keys added after runs were recorded without them: the value the code used before the key
-# existed, so a run recorded earlier resumes unchanged (and a run that sets another value is
-# refused as a change).
+# Keys added after runs were recorded without them: the value the code used before, so a run
+# recorded earlier resumes unchanged (and one that sets another value is refused as a change).
 BEFORE_THE_KEY = {"train.prng_impl": "threefry", "optimizer.batch_warmup_start_fraction": 0.125}
 # Recorded settings that runs recorded earlier left out (they were runtime keys then) with no
 # single value to assume: absent from the record, whatever the run now says is taken. The
@@ -311,9 +314,8 @@ def check_identity(config, workdir: str) -> Callable[[], None]:
 
     Returns the function that records the identity (on first start) or the changed settings
     (allow_config_change): call it once the start has got past its other checks and its
-    restore, so that a start refused after this check leaves the record as it was. Recorded
-    at once, a first start's bad value (num_heads=5, a PRNG name misspelled) became the run's,
-    and the corrected command was refused as another run."""
+    restore: a start refused later (num_heads=5, a misspelled PRNG name) leaves the record as
+    it was, and the corrected command is not refused as another run."""
     path = os.path.join(workdir, IDENTITY_NAME)
     new = run_identity(config)
     try:

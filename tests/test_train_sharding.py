@@ -16,6 +16,7 @@ import pytest
 from configs import ettin_tiny
 from data_pipeline import loader
 from ettin_jax import checkpoint, demo, losses as losses_lib, schedules, sharding, train
+from ettin_jax import workdir as workdir_lib
 
 import train_testlib
 
@@ -25,7 +26,7 @@ OVERRIDES = {  # as --config.KEY=VALUE flags for main.py, and applied in-process
     "demo.data.num_workers": 0, "demo.train.global_batch_size": ROWS, "demo.train.seq_len": SEQ,
     "demo.train.grad_accum_steps": ACCUM, "demo.schedule.total_tokens": STEPS * ROWS * SEQ,
     "demo.optimizer.lr_warmup_tokens": ROWS * SEQ, "demo.log.every_steps": 1,
-    "demo.checkpoint.every_steps": 1000, "demo.train.eval_batches": 0,
+    "demo.checkpoint.every_steps": 1, "demo.train.eval_batches": 0,
     # 5 held-out documents: the two processes' shares make 2 and 1 eval batches
     "data.eval_documents": 5,
     "train.xla_options": "xla_backend_optimization_level=0",
@@ -150,20 +151,49 @@ def test_two_processes_with_jax_distributed_match_one_device(tmp_path, reference
     assert meta["step"] == STEPS
     assert_same(losses, params, ref_losses, ref_params)
 
-    # Process 0 alone reads the run's tokens-per-step record: when it cannot, the other
-    # process learns so and stops too, instead of waiting for its figure until a timeout.
+    def again(timeout):
+        """(exit codes, outputs) of the same two-process command once more."""
+        port = free_port()
+        processes = [subprocess.Popen(
+            [sys.executable, "main.py", "--config=configs/ettin_tiny.py:mlm",
+             f"--workdir={workdir}", *flags, "--distributed",
+             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+             f"--process_id={process_id}", "--cpu_collectives=gloo"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for process_id in range(2)]
+        outputs = [p.communicate(timeout=timeout)[0] for p in processes]
+        return [p.returncode for p in processes], outputs
+
+    # What process 0 alone does (read the tokens-per-step record, take the workdir's LOCK):
+    # when it fails, the other process learns so and stops too, instead of waiting at the next
+    # collective until a timeout that names something else.
+    record = (workdir / "step_tokens.json").read_text()
     (workdir / "step_tokens.json").write_text("{cut short")
-    port = free_port()
-    processes = [subprocess.Popen(
-        [sys.executable, "main.py", "--config=configs/ettin_tiny.py:mlm", f"--workdir={workdir}",
-         *flags, "--distributed", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-         f"--process_id={process_id}", "--cpu_collectives=gloo"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for process_id in range(2)]
-    outputs = [p.communicate(timeout=90)[0] for p in processes]
-    assert [p.returncode for p in processes] == [1, 1], outputs[1][-3000:]
+    codes, outputs = again(timeout=90)
+    assert codes == [1, 1], outputs[1][-3000:]
     assert "step_tokens.json: not a readable tokens-per-step record" in outputs[0]
     assert "step_tokens.json: process 0 could not settle the run's tokens per step" in outputs[1]
+    (workdir / "step_tokens.json").write_text(record)
+    with workdir_lib.WorkdirLock(str(workdir)):
+        codes, outputs = again(timeout=90)
+    assert codes == [1, 1], outputs[1][-3000:]
+    assert f"{workdir} is in use by another training process: pid {os.getpid()}" in outputs[0]
+    assert f"{workdir}: process 0 could not lock it" in outputs[1]
+
+    # Process 1 cannot read its part of the newest checkpoint (its data iterator's file): both
+    # resume from the one before (one alone did, and both hung), and end as the reference.
+    assert checkpoint.saved_steps(str(workdir))[-2:] == [STEPS - 1, STEPS]
+    (workdir / "checkpoints" / str(STEPS) / "data" / "process_1-of-2.json").write_text("{broken")
+    codes, outputs = again(timeout=300)
+    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    for output in outputs:
+        assert f"resumed from {workdir / 'checkpoints'}/{STEPS - 1}" in output
+    assert "another process of this run could not restore it" in outputs[0]
+    assert (workdir / "checkpoints" / f"{STEPS}.damaged").is_dir()
+    with open(workdir / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert records[-1]["step"] == STEPS
+    assert records[-1]["loss"] == pytest.approx(ref_losses[-1], rel=1e-5)
 
 
 def test_splash_attention_training_matches_xla(reference):
@@ -192,6 +222,20 @@ def test_tpu_slices_stack_along_data():
     assert grid.shape == (2, 2, 2) and {d.slice_index for d in grid[1].ravel()} == {1}
     with pytest.raises(ValueError, match="different numbers of devices"):
         sharding.device_grid({"data": 1, "fsdp": -1, "tensor": 1}, devices[:7])
+
+
+def test_a_tensor_group_over_two_processes_is_refused():
+    """2 processes x 2 devices: tensor=2 keeps each group in a process; tensor=4 would give a
+    group two processes' rows (it failed after compiling, in jax's batch assembly)."""
+    import types
+    devices = [types.SimpleNamespace(id=i, process_index=i // 2) for i in range(4)]
+    sharding.check_tensor_groups(
+        sharding.device_grid({"data": 2, "fsdp": 1, "tensor": 2}, devices), {})
+    with pytest.raises(ValueError, match=r"config.mesh=\{'data': 1, 'fsdp': 1, 'tensor': 4\}: "
+                                         r"its tensor axis \(4 devices\) spans processes \[0, 1\].*"
+                                         r"at most 2 devices"):
+        mesh = {"data": 1, "fsdp": 1, "tensor": 4}
+        sharding.check_tensor_groups(sharding.device_grid(mesh, devices), mesh)
 
 
 def test_host_batch_to_global_lays_out_micro_batches_and_eval_rows():
