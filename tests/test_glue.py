@@ -284,6 +284,11 @@ def test_finished_runs_are_reused_only_by_their_backbone_and_options(tmp_path):
     results.check_same_options({"options": options}, dict(options), "r.json")
     with pytest.raises(ValueError, match=r"r.json finished with other options \(batch_size: 16 -> 8\)"):
         results.check_same_options({"options": options}, dict(options, batch_size=8), "r.json")
+    # A run recorded before --backbone_dropout kept its source's dropout rates.
+    before = {k: v for k, v in options.items() if k != "backbone_dropout"}
+    results.check_same_options({"options": before}, dict(options, backbone_dropout=-1.0), "r.json")
+    with pytest.raises(ValueError, match=r"\(backbone_dropout: -1.0 -> 0.0\)"):
+        results.check_same_options({"options": before}, options, "r.json")
 
 
 def test_results_cover_every_task_of_the_workdir(tmp_path):

@@ -24,12 +24,20 @@ def score_rank(score: float) -> float:
     return -math.inf if math.isnan(score) else score
 
 
+# Options added after runs were recorded without them: what those runs did. Before
+# backbone_dropout a backbone kept its source's own dropout rates.
+OPTIONS_BEFORE = {"backbone_dropout": -1.0}
+
+
 def check_same_options(result: dict, now: dict, path: str, *, finished: bool = True):
     """A finished run (its result.json at `path`) is reused, and an unfinished one (the
     progress of its checkpoint) resumed, only under the options it ran with, `now`
     (FinetuneOptions as a dict): the run's directory name holds only its learning rate, epochs
     and seed. Raises ValueError naming each changed option."""
-    changed = [f"{k}: {v!r} -> {now[k]!r}" for k, v in sorted(result.get("options", {}).items())
+    recorded = result.get("options", {})
+    if recorded:
+        recorded = {**{k: v for k, v in OPTIONS_BEFORE.items() if k in now}, **recorded}
+    changed = [f"{k}: {v!r} -> {now[k]!r}" for k, v in sorted(recorded.items())
                if k in now and v != now[k]]
     if changed:
         raise ValueError(f"{path} {'finished' if finished else 'was started'} with other "
