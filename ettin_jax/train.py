@@ -268,10 +268,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     try:
         progress = next(run)
         while True:
-            if progress.stage != "step":
-                progress = run.send(None)
-            else:   # the signal's name stops the run and is named in its last message
-                progress = run.send((stop.name or "a signal") if stop.requested() else None)
+            # The signal's name stops the run and is named in its last message.
+            stopping = (stop.name or "a signal") if stop.requested() else None
+            if stopping and progress.stage != "step":   # in the setup: nothing new to save
+                logging.warning("stopped by %s before the first step: nothing was trained or "
+                                "saved; rerun the same command to start", stopping)
+                return {}
+            progress = run.send(stopping)
     except StopIteration as done:
         return done.value
     finally:

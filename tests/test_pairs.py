@@ -100,6 +100,26 @@ def test_throughput_leaves_out_both_sides_saves(reference):
         assert min(rates.values()) > 10 / SAVE_SECONDS, (side, rates)
 
 
+def test_a_stop_signal_during_the_setup_ends_the_pair_before_its_first_step(tmp_path, caplog):
+    """SIGTERM while the sides set up is honoured before the first step, with nothing saved."""
+    import threading  # pylint: disable=import-outside-toplevel
+    workdir = tmp_path / "pair"
+    configs = pairs.side_configs(ettin_tiny.get_config, base.split_pair("mlm+clm"), OVERRIDES)
+
+    def signal_once_locked():   # the handler is in place before the first LOCK is taken
+        while not (workdir / "mlm" / "LOCK").exists():
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+    sender = threading.Thread(target=signal_once_locked)
+    sender.start()
+    with caplog.at_level("WARNING"):
+        assert pairs.train_pair(configs, str(workdir)) == {}
+    sender.join()
+    assert "pair: stopped by SIGTERM before the first step: nothing was trained" in caplog.text
+    for side in ("mlm", "clm"):
+        assert not committed_steps(workdir / side) and not (workdir / side / "LOCK").exists()
+
+
 def test_both_sides_of_a_pair_see_the_same_rows_at_every_step(reference, tmp_path, capsys):
     mlm, clm = reference / "mlm", reference / "clm"
     for side, objective in ((mlm, "mlm"), (clm, "clm")):

@@ -457,6 +457,30 @@ def test_a_second_stop_signal_exits_without_waiting_for_the_step(name):
         assert "KeyboardInterrupt" in result.stdout and result.returncode == 3
 
 
+def test_a_stop_signal_during_the_setup_ends_the_run_before_its_first_step(tmp_path, caplog):
+    """SIGTERM while the run sets up (a demo build, compiling, a restore) is honoured at the
+    next stage: no step is trained to be saved (it took the whole setup, then one step and a
+    save), the LOCK is released, and the same command then starts the run."""
+    import threading  # pylint: disable=import-outside-toplevel
+    import time  # pylint: disable=import-outside-toplevel
+    config = train_testlib.config_from_flags(FLAGS)
+    workdir = tmp_path / "run"
+
+    def signal_once_locked():   # the handler is in place before the LOCK is taken
+        while not (workdir / workdir_lib.LOCK_NAME).exists():
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+    sender = threading.Thread(target=signal_once_locked)
+    sender.start()
+    with caplog.at_level(logging.WARNING):
+        assert train.train_and_evaluate(config, str(workdir)) == {}
+    sender.join()
+    assert "stopped by SIGTERM before the first step: nothing was trained" in caplog.text
+    assert not (workdir / workdir_lib.LOCK_NAME).exists()
+    assert not checkpoint.saved_steps(str(workdir))
+    assert not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text()
+
+
 def stop_resume_and_read_metrics(config, workdir: str, *, stop_after: int) -> list[dict]:
     """Trains `config` in `workdir`, asks the loop to stop after step `stop_after`, resumes
     it to the end; returns metrics.jsonl's lines."""
