@@ -97,8 +97,12 @@ def make_plan(config, workdir: str, *, num_devices: int | None = None,
     if assumed_mean_length is not None:
         if not assumed_mean_length > 0:
             raise ValueError(f"assumed mean sequence length {assumed_mean_length}: must be > 0")
+        try:   # a run already there resumes with its own figure, whatever this plan assumes
+            stored = (step_tokens.read(workdir) or {}).get("mean_sequence_length")
+        except ValueError:
+            stored = None
         record = {"mean_sequence_length": float(assumed_mean_length), "stored": False,
-                  "assumed": True, "sources": []}
+                  "assumed": True, "sources": [], "stored_mean": stored}
     else:
         if not demo_run:   # what the loader checks first: sources open, tokenizer fits the model
             from data_pipeline import loader  # pylint: disable=import-outside-toplevel
@@ -123,7 +127,8 @@ def make_plan(config, workdir: str, *, num_devices: int | None = None,
         "sequences_per_step": int(config.train.global_batch_size),
         "mean_sequence_length": mean, "rows_per_step": rows, "tokens_per_step": rows * seq_len,
         "figure_stored": record["stored"], "figure_path": step_tokens.path(workdir),
-        "figure_assumed": record["assumed"], "mixture": config.data.mixture,
+        "figure_assumed": record["assumed"], "figure_in_workdir": record.get("stored_mean"),
+        "mixture": config.data.mixture,
         "total_tokens": total_tokens, "total_steps": total_steps,
         "schedule": config.schedule.name,
         "peak_lr": config.optimizer.peak_lr * config.schedule.lr_fraction,
@@ -202,7 +207,9 @@ def format_plan(plan: dict) -> str:
         step = (f"{p['rows_per_step']} rows x {p['seq_len']} = {p['tokens_per_step']:,} tokens "
                 "(demo: one row per sequence)")
     else:
-        where = ("assumed (--plan_mean_length); a run measures the data" if p["figure_assumed"]
+        where = (f"assumed (--plan_mean_length); this workdir's run resumes with its stored "
+                 f"{p['figure_in_workdir']:.1f} ({p['figure_path']})" if p["figure_in_workdir"]
+                 else "assumed (--plan_mean_length); a run measures the data" if p["figure_assumed"]
                  else f"stored in {p['figure_path']}" if p["figure_stored"]
                  else f"measured now; a run stores it in {p['figure_path']}")
         step = (f"{p['sequences_per_step']} sequences x mean length "

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import train_testlib
-from configs import ettin_tiny
+from configs import ettin_150m, ettin_tiny
 from data_pipeline import tokenizer
 from ettin_jax import plan as plan_lib
 from ettin_jax import schedules, step_tokens, train
@@ -328,5 +328,14 @@ def test_a_plan_without_data_at_the_users_device_count(tmp_path):
         (False, True, "", [])
     assert (plan["num_devices"], plan["grad_accum_steps"], plan["rows_per_step"],
             plan["micro_rows_per_device"]) == (8, 4, 2752, 86)
-    assert "assumed (--plan_mean_length)" in "\n".join(lines)
+    assert "assumed (--plan_mean_length); a run measures the data" in "\n".join(lines)
     assert not (tmp_path / "w").exists()
+    # A workdir whose run stored its figure resumes with that one: the plan says so.
+    from ettin_jax import step_tokens
+    (tmp_path / "w").mkdir()
+    step_tokens.store(str(tmp_path / "w"), {"mean_sequence_length": 542.5, "seq_len": 1024})
+    plan = plan_lib.make_plan(ettin_150m.get_config("mlm"), str(tmp_path / "w"), num_devices=8,
+                              assumed_mean_length=610)
+    assert plan["rows_per_step"] == 2752 and plan["figure_in_workdir"] == 542.5
+    assert (f"assumed (--plan_mean_length); this workdir's run resumes with its stored 542.5 "
+            f"({tmp_path / 'w' / 'step_tokens.json'})") in plan_lib.format_plan(plan)
