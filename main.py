@@ -85,7 +85,7 @@ def validate(config, workdir: str, *, dry_run: bool = False):
     # A dry run plans with a missing init_from too (its plan says a real run would find no
     # checkpoint), but a source that is there is checked as a real run checks it.
     if not dry_run or (source and os.path.isdir(source)):
-        workdir_lib.check_init_from(config)
+        workdir_lib.check_init_from(config, workdir)
     if config.data.mixture:   # the demo variant's schedule is checked once it is applied
         schedules.validate(config)
     xla_caches_setting(config)

@@ -46,6 +46,7 @@ from ettin_jax import step_tokens
 from ettin_jax import stop_signals
 from ettin_jax import train_metrics
 from ettin_jax import workdir as workdir_lib
+from ettin_jax import workdir_lock
 from ettin_jax import xla_options
 from ettin_jax.train_metrics import TrainMetrics, device_peak_flops
 
@@ -257,7 +258,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     newest checkpoint if there is one; SIGTERM or Ctrl-C saves and stops. Returns the last
     logged metrics.
 
-    Raises workdir_lib.WorkdirLockedError (another process trains there),
+    Raises workdir_lock.WorkdirLockedError (another process trains there),
     workdir_lib.RunIdentityError (the workdir holds another run) and
     divergence.DivergenceError (config.train.max_nonfinite_steps non-finite steps in a row)."""
     if config.get("pair"):
@@ -309,7 +310,7 @@ def train_steps(config, workdir: str, *, resume_at_most: int | None = None,
     """
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    with workdir_lib.WorkdirLock(workdir):    # before anything is written to the workdir
+    with workdir_lock.WorkdirLock(workdir):    # before anything is written to the workdir
         return (yield from _train_in_workdir(config, workdir, resume_at_most,
                                              pauses or train_metrics.Pauses()))
 
@@ -321,7 +322,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None, pauses):
 
     # Config: with no data configured, the demo variant (it builds the demo corpus); the
     # workdir must hold this run (checked before compiling).
-    workdir_lib.check_init_from(config)
+    workdir_lib.check_init_from(config, workdir)
     demo_run = not config.data.mixture
     config = demo.apply_demo(config)
     demo.validate(config, demo_run=demo_run)
@@ -330,7 +331,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None, pauses):
         tokenizer = os.path.abspath(loader.tokenizer_path(config))
     except ValueError:
         tokenizer = ""
-    workdir_lib.check_source_tokenizer(config, tokenizer)
+    workdir_lib.check_source_tokenizer(config, tokenizer, workdir)
 
     # Mesh.
     mesh = sharding_lib.make_mesh(config.mesh)

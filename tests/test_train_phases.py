@@ -179,7 +179,7 @@ def test_init_from_must_hold_the_objective_it_continues(runs, caplog):
 def test_init_from_an_unfinished_run_is_warned_about(runs, tmp_path, caplog):
     """A source whose newest checkpoint is before its last step (stopped or preempted, not
     resumed) starts the next phase with a warning naming both steps."""
-    from ettin_jax import workdir as workdir_lib
+    from ettin_jax import workdir as workdir_lib, workdir_lock
     source = tmp_path / "mlm"
     shutil.copytree(runs["root"] / "mlm", source)
     saved = checkpoint.saved_steps(str(source))
@@ -193,7 +193,7 @@ def test_init_from_an_unfinished_run_is_warned_about(runs, tmp_path, caplog):
                                    "pretrain phase") in warnings[0]
     # Still being trained (its LOCK held by a live process, here this one): not "stopped".
     caplog.clear()
-    with workdir_lib.WorkdirLock(str(source)), caplog.at_level("WARNING"):
+    with workdir_lock.WorkdirLock(str(source)), caplog.at_level("WARNING"):
         workdir_lib.check_init_from(tiny_config("mlm_ext", init_from=str(source)))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "stopped" not in warnings[0]
@@ -213,6 +213,25 @@ def _ended_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
+
+
+def test_a_resume_does_not_need_the_source_it_started_from(runs, tmp_path):
+    """A later phase, stopped after its first step, resumes from its own checkpoint: its
+    source (moved away since, e.g. to free disk) is not read, and not asked for."""
+    source = tmp_path / "mlm"
+    shutil.copytree(runs["root"] / "mlm", source)
+    config = tiny_config("mlm_ext", init_from=str(source))
+    steps = train.train_steps(config, str(tmp_path / "ext"))
+    progress = next(steps)
+    with pytest.raises(StopIteration):
+        while True:
+            progress = steps.send("a test" if progress.stage == "step" else None)
+    assert checkpoint.saved_steps(str(tmp_path / "ext")) == [1]
+    shutil.rmtree(source)
+    train.train_and_evaluate(config, str(tmp_path / "ext"))
+    assert checkpoint.saved_steps(str(tmp_path / "ext"))[-1] == STEPS["ext"]
+    assert read_metrics(tmp_path / "ext")[STEPS["ext"]]["loss"] == pytest.approx(
+        read_metrics(runs["root"] / "mlm_ext")[STEPS["ext"]]["loss"], rel=1e-5)
 
 
 def test_a_run_refuses_an_init_from_that_holds_no_run(runs, tmp_path):

@@ -23,6 +23,7 @@ from test_train_resume import FLAGS, losses, read_log, start, wait_for_step
 from data_pipeline import loader
 from ettin_jax import checkpoint, demo, divergence, model_loader, sharding, train
 from ettin_jax import workdir as workdir_lib
+from ettin_jax import workdir_lock
 
 STEPS = 8
 # Every 2nd save (steps 4, 8, ...) is kept for good; besides those, the newest 2.
@@ -65,7 +66,7 @@ def good_run(tmp_path_factory):
     assert checkpoint_steps(workdir) == [4, 6, 8]
     with open(workdir / checkpoint.KEPT_FOR_GOOD_NAME) as f:
         assert json.load(f)["steps"] == [4, 8]
-    assert not (workdir / workdir_lib.LOCK_NAME).exists()      # released at exit
+    assert not (workdir / workdir_lock.LOCK_NAME).exists()      # released at exit
     return workdir, losses(workdir)
 
 
@@ -143,7 +144,7 @@ def test_nan_run_exits_nonzero_naming_the_step(tmp_path, setup):
     saved = assert_every_checkpoint_finite(workdir, s.abstract_state["params"])
     assert all(step < first for step in saved)
     assert f"Last good checkpoint (finite params): {workdir / 'checkpoints'}/{max(saved)}" in log
-    assert not (workdir / workdir_lib.LOCK_NAME).exists()
+    assert not (workdir / workdir_lock.LOCK_NAME).exists()
 
 
 def test_resumed_good_run_then_nan_keeps_the_good_checkpoints(tmp_path, good_run, setup):
@@ -255,15 +256,15 @@ def test_later_phase_needs_init_from_or_scratch(tmp_path):
 # --- 3. the lock -------------------------------------------------------------------------------
 
 def write_lock(workdir, pid):
-    with open(workdir / workdir_lib.LOCK_NAME, "w") as f:
+    with open(workdir / workdir_lock.LOCK_NAME, "w") as f:
         json.dump({"host": socket.gethostname(), "pid": pid, "since": "2026-01-01T00:00:00",
                    "command": "main.py"}, f)
 
 
 HOLD_LOCK = """
 import sys, time
-from ettin_jax import workdir
-workdir.WorkdirLock(sys.argv[1]).acquire()
+from ettin_jax import workdir_lock
+workdir_lock.WorkdirLock(sys.argv[1]).acquire()
 print("held", flush=True)
 time.sleep(600)
 """
@@ -283,21 +284,21 @@ def test_live_lock_refuses_and_a_killed_holders_lock_is_taken_over(tmp_path, goo
     metrics_before = file_bytes(workdir / "metrics.jsonl")
     holder = hold_lock(workdir)
     try:
-        lock_before = file_bytes(workdir / workdir_lib.LOCK_NAME)
-        with pytest.raises(workdir_lib.WorkdirLockedError,
+        lock_before = file_bytes(workdir / workdir_lock.LOCK_NAME)
+        with pytest.raises(workdir_lock.WorkdirLockedError,
                            match=f"pid {holder.pid} on host {socket.gethostname()} since "):
             train.train_and_evaluate(make_config(), str(workdir))
         assert file_bytes(workdir / "metrics.jsonl") == metrics_before
-        assert file_bytes(workdir / workdir_lib.LOCK_NAME) == lock_before
+        assert file_bytes(workdir / workdir_lock.LOCK_NAME) == lock_before
     finally:
         holder.kill()                                    # SIGKILL: its LOCK file stays behind
         holder.wait()
-    assert file_bytes(workdir / workdir_lib.LOCK_NAME) == lock_before
+    assert file_bytes(workdir / workdir_lock.LOCK_NAME) == lock_before
     with caplog.at_level(logging.WARNING):
         train.train_and_evaluate(make_config(), str(workdir))
     assert any("taking over the stale lock" in r.getMessage() and str(holder.pid) in r.getMessage()
                for r in caplog.records)
-    assert not (workdir / workdir_lib.LOCK_NAME).exists()
+    assert not (workdir / workdir_lock.LOCK_NAME).exists()
 
 
 def test_a_left_lock_naming_a_live_pid_is_taken_over(tmp_path):
@@ -308,14 +309,14 @@ def test_a_left_lock_naming_a_live_pid_is_taken_over(tmp_path):
     try:
         for pid in (stranger.pid, os.getpid()):
             write_lock(tmp_path, pid)
-            lock = workdir_lib.WorkdirLock(str(tmp_path)).acquire()
-            taken = json.loads(file_bytes(tmp_path / workdir_lib.LOCK_NAME))
+            lock = workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+            taken = json.loads(file_bytes(tmp_path / workdir_lock.LOCK_NAME))
             assert taken["since"] != "2026-01-01T00:00:00" and taken["pid"] == os.getpid()
-            with pytest.raises(workdir_lib.WorkdirLockedError,
+            with pytest.raises(workdir_lock.WorkdirLockedError,
                                match=f"pid {os.getpid()} on host.*another --workdir$"):
-                workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+                workdir_lock.WorkdirLock(str(tmp_path)).acquire()
             lock.release()
-            assert not (tmp_path / workdir_lib.LOCK_NAME).exists()
+            assert not (tmp_path / workdir_lock.LOCK_NAME).exists()
     finally:
         stranger.kill()
         stranger.wait()
@@ -323,13 +324,13 @@ def test_a_left_lock_naming_a_live_pid_is_taken_over(tmp_path):
 
 RACE_TO_LOCK = """
 import os, sys, time
-from ettin_jax import workdir
+from ettin_jax import workdir_lock
 print("ready", flush=True)
 while not os.path.exists(sys.argv[2]):             # start together
     time.sleep(0.001)
 try:
-    workdir.WorkdirLock(sys.argv[1]).acquire()
-except workdir.WorkdirLockedError:
+    workdir_lock.WorkdirLock(sys.argv[1]).acquire()
+except workdir_lock.WorkdirLockedError:
     print("refused", flush=True)
 else:
     print("took", flush=True)
@@ -355,26 +356,26 @@ def test_without_file_locks_the_lock_is_a_pid_file(tmp_path, monkeypatch, caplog
     this host or is this process's own pid while this process does not hold it."""
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
-    monkeypatch.setattr(workdir_lib.fcntl, "flock", no_locks)
+    monkeypatch.setattr(workdir_lock.fcntl, "flock", no_locks)
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
         write_lock(tmp_path, live.pid)
-        with pytest.raises(workdir_lib.WorkdirLockedError,
+        with pytest.raises(workdir_lock.WorkdirLockedError,
                            match=f"pid {live.pid} on host.*if no such process runs, delete"):
-            workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+            workdir_lock.WorkdirLock(str(tmp_path)).acquire()
     finally:
         live.kill()
         live.wait()
     for pid in (live.pid, os.getpid()):
         write_lock(tmp_path, pid)
         with caplog.at_level(logging.WARNING):
-            lock = workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+            lock = workdir_lock.WorkdirLock(str(tmp_path)).acquire()
         assert any("has no file locks" in r.getMessage() for r in caplog.records)
-        assert json.loads(file_bytes(tmp_path / workdir_lib.LOCK_NAME))["pid"] == os.getpid()
-        with pytest.raises(workdir_lib.WorkdirLockedError, match=f"pid {os.getpid()} on host"):
-            workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+        assert json.loads(file_bytes(tmp_path / workdir_lock.LOCK_NAME))["pid"] == os.getpid()
+        with pytest.raises(workdir_lock.WorkdirLockedError, match=f"pid {os.getpid()} on host"):
+            workdir_lock.WorkdirLock(str(tmp_path)).acquire()
         lock.release()
-        assert not (tmp_path / workdir_lib.LOCK_NAME).exists()
+        assert not (tmp_path / workdir_lock.LOCK_NAME).exists()
 
 
 # --- 4. kept for good --------------------------------------------------------------------------
@@ -399,7 +400,7 @@ def test_sigint_saves_and_resumes_and_a_second_process_is_refused(tmp_path, good
     workdir = tmp_path / "interrupted"
     process = start(workdir, env, *RELIABILITY_FLAGS[len(FLAGS):], steps_with(40))
     wait_for_step(workdir, process, 2)
-    with pytest.raises(workdir_lib.WorkdirLockedError, match=f"pid {process.pid} on host"):
+    with pytest.raises(workdir_lock.WorkdirLockedError, match=f"pid {process.pid} on host"):
         train.train_and_evaluate(make_config(steps_with(40)), str(workdir))
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=300) == 0, read_log(workdir)[-3000:]
@@ -467,7 +468,7 @@ def test_a_stop_signal_during_the_setup_ends_the_run_before_its_first_step(tmp_p
     workdir = tmp_path / "run"
 
     def signal_once_locked():   # the handler is in place before the LOCK is taken
-        while not (workdir / workdir_lib.LOCK_NAME).exists():
+        while not (workdir / workdir_lock.LOCK_NAME).exists():
             time.sleep(0.005)
         os.kill(os.getpid(), signal.SIGTERM)
     sender = threading.Thread(target=signal_once_locked)
@@ -476,7 +477,7 @@ def test_a_stop_signal_during_the_setup_ends_the_run_before_its_first_step(tmp_p
         assert train.train_and_evaluate(config, str(workdir)) == {}
     sender.join()
     assert "stopped by SIGTERM before the first step: nothing was trained" in caplog.text
-    assert not (workdir / workdir_lib.LOCK_NAME).exists()
+    assert not (workdir / workdir_lock.LOCK_NAME).exists()
     assert not checkpoint.saved_steps(str(workdir))
     assert not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text()
 

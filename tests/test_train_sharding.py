@@ -16,7 +16,7 @@ import pytest
 from configs import ettin_tiny
 from data_pipeline import loader
 from ettin_jax import checkpoint, demo, losses as losses_lib, schedules, sharding, train
-from ettin_jax import workdir as workdir_lib
+from ettin_jax import workdir_lock
 
 import train_testlib
 
@@ -174,14 +174,15 @@ def test_two_processes_with_jax_distributed_match_one_device(tmp_path, reference
     assert "step_tokens.json: not a readable tokens-per-step record" in outputs[0]
     assert "step_tokens.json: process 0 could not settle the run's tokens per step" in outputs[1]
     (workdir / "step_tokens.json").write_text(record)
-    with workdir_lib.WorkdirLock(str(workdir)):
+    with workdir_lock.WorkdirLock(str(workdir)):
         codes, outputs = again(timeout=90)
     assert codes == [1, 1], outputs[1][-3000:]
     assert f"{workdir} is in use by another training process: pid {os.getpid()}" in outputs[0]
     assert f"{workdir}: process 0 could not lock it" in outputs[1]
 
-    # Process 1 cannot read its part of the newest checkpoint (its data iterator's file): both
-    # resume from the one before (one alone did, and both hung), and end as the reference.
+    # Process 1 cannot restore its part of the newest checkpoint (its data iterator's state:
+    # JSON, but not a state): both resume from the one before (one alone did, and both hung),
+    # and end as the reference.
     assert checkpoint.saved_steps(str(workdir))[-2:] == [STEPS - 1, STEPS]
     (workdir / "checkpoints" / str(STEPS) / "data" / "process_1-of-2.json").write_text("{broken")
     codes, outputs = again(timeout=300)
