@@ -89,8 +89,13 @@ def write_corpus(path: str, max_bytes: int) -> dict:
 @contextlib.contextmanager
 def _one_builder(output: str):
     """Holds `<output>.lock` (flock) while this process builds into `output`."""
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output + ".lock", "a", encoding="utf-8") as lock:
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        lock = open(output + ".lock", "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    except OSError:                 # read-only: a finished build is reused without writing
+        yield
+        return
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

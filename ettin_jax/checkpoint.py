@@ -177,7 +177,7 @@ class Checkpointer:
                 saved_params, saved_opt_state = metadata["params"], metadata["opt_state"]
                 if saved_params is None or saved_opt_state is None:
                     raise ValueError("params or opt_state item missing")
-                self._read_own_data_state(step)
+                self._restore_data_state(step, data_iterator)
             except Exception as e:  # pylint: disable=broad-except  # unreadable: damaged?
                 error = e
             if self._failed_anywhere(step, error, failed):
@@ -190,12 +190,14 @@ class Checkpointer:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     params=ocp.args.StandardRestore(abstract_params),
                     opt_state=ocp.args.StandardRestore(abstract_opt_state),
-                    meta=ocp.args.JsonRestore(),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator)))
+                    meta=ocp.args.JsonRestore()))
             except Exception as e:  # pylint: disable=broad-except  # any failure: try the previous one
                 error = e
+            # Agreed only where Orbax's restore failed alike everywhere, or after its last
+            # collective; a process failing inside it leaves the others waiting there.
             if self._failed_anywhere(step, error, failed):
                 continue
+            data_iterator.start_prefetch()
             for bad_step, _ in failed:   # so that this run's saves of those steps can be written
                 self._set_aside(bad_step)
             logging.info("resumed from %s/%d (tokens seen %s)", self.directory, step,
@@ -225,13 +227,14 @@ class Checkpointer:
             self.manager.delete(newer_step)
         return newer
 
-    def _read_own_data_state(self, step: int):
-        """Parses this process's file of the data iterator's state (grain's name for it), the
-        one part of a checkpoint only this process reads: checked before the restore, whose
-        collectives a process failing half-way would leave the others waiting in."""
+    def _restore_data_state(self, step: int, data_iterator):
+        """Sets `data_iterator` to this process's saved state (the file grain's checkpoint
+        handler writes), the one part of a checkpoint only this process reads: restored
+        before Orbax's restore, whose collectives a process failing in it would leave the
+        others waiting in, so that a bad state is agreed on like a damaged step."""
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         with open(os.path.join(self.directory, str(step), "data", name), encoding="utf-8") as f:
-            json.load(f)
+            data_iterator.set_state(json.load(f))
 
     def _failed_anywhere(self, step: int, error: Exception | None, failed: list) -> bool:
         """Whether `step` failed on some process (then noted in `failed`). Every process

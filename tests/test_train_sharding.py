@@ -184,7 +184,7 @@ def test_two_processes_with_jax_distributed_match_one_device(tmp_path, reference
     # JSON, but not a state): both resume from the one before (one alone did, and both hung),
     # and end as the reference.
     assert checkpoint.saved_steps(str(workdir))[-2:] == [STEPS - 1, STEPS]
-    (workdir / "checkpoints" / str(STEPS) / "data" / "process_1-of-2.json").write_text("{broken")
+    (workdir / "checkpoints" / str(STEPS) / "data" / "process_1-of-2.json").write_text("{}")
     codes, outputs = again(timeout=300)
     assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     for output in outputs:
