@@ -52,6 +52,8 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
+import time
 from typing import Callable
 
 import grain
@@ -225,6 +227,21 @@ def row_spec(config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     return {key: (pad[key].shape, pad[key].dtype) for key in _keys(config, include_metadata=False)}
 
 
+def _exit_with_the_trainer(worker_index: int, worker_count: int, *, trainer_pid: int) -> None:
+    """Runs first in each Grain worker process: a thread ends the worker once the trainer
+    that started it is gone. Killed outright (SIGKILL, the OOM killer) the trainer cannot stop
+    its workers, and they lived on holding memory, shard files and its output pipe (a
+    supervisor reading it through `| tee` never saw the end). Not prctl(PR_SET_PDEATHSIG):
+    that fires when the thread that started the worker ends, which Grain may not keep."""
+    del worker_index, worker_count
+
+    def watch():
+        while os.getppid() == trainer_pid:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, name="exit-with-the-trainer", daemon=True).start()
+
+
 def _ensure_absl_flags_parsed() -> None:
     # Grain's mp_prefetch reads absl flags; outside an absl app (tests, notebooks) they are
     # unparsed and reading them raises. Mark them parsed with their defaults.
@@ -248,7 +265,8 @@ def _rows_to_batches(config, docs: grain.MapDataset, *, ratio: float, seed: int,
     if num_workers > 0:
         _ensure_absl_flags_parsed()
         rows = rows.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=num_workers, per_worker_buffer_size=config.data.worker_buffer_groups))
+            num_workers=num_workers, per_worker_buffer_size=config.data.worker_buffer_groups),
+            worker_init_fn=functools.partial(_exit_with_the_trainer, trainer_pid=os.getpid()))
     batches = batching.BatchIterDataset(rows, rows_for_step, keys=_keys(config, include_metadata),
                                         pad_row=_pad_row(config, ratio))
     return iter(batches)

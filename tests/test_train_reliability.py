@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -536,3 +537,49 @@ def test_a_demo_runs_bad_value_is_named_by_its_demo_key(tmp_path):
         train.train_and_evaluate(make_config("--config.demo.log.every_steps=0"),
                                  str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w" / workdir_lib.IDENTITY_NAME)
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of `pid` (from /proc)."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                state, parent = f.read().rsplit(")", 1)[1].split()[:2]
+        except OSError:
+            continue
+        if int(parent) == pid and state != "Z":
+            found.append(int(name))
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads processes from /proc")
+def test_data_workers_end_when_the_trainer_is_killed(tmp_path):
+    """A trainer killed outright (SIGKILL, the OOM killer) cannot stop its Grain workers: they
+    lived on for good, holding memory, shard files and its output pipe (a supervisor reading
+    it through `| tee` never saw the end). They now end within seconds."""
+    workdir = tmp_path / "run"
+    process = start(workdir, train_testlib.subprocess_env(), "--config.demo.data.num_workers=2",
+                    "--config.demo.schedule.total_tokens=2000000")
+    try:
+        wait_for_step(workdir, process, 1)
+        workers = [pid for pid in _children(process.pid) if "spawn_main" in _cmdline(pid)]
+        assert workers, read_log(workdir)[-2000:]
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_cmdline(pid) for pid in workers):
+        time.sleep(0.2)
+    left = [pid for pid in workers if _cmdline(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"data workers left running 30 s after the trainer's SIGKILL: {left}"
