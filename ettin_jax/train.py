@@ -322,7 +322,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None, pauses):
 
     # Config: with no data configured, the demo variant (it builds the demo corpus); the
     # workdir must hold this run (checked before compiling).
-    workdir_lib.check_init_from(config, workdir)
+    workdir_lib.check_init_from(config, workdir, resume_at_most)
     demo_run = not config.data.mixture
     config = demo.apply_demo(config)
     demo.validate(config, demo_run=demo_run)
@@ -331,7 +331,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None, pauses):
         tokenizer = os.path.abspath(loader.tokenizer_path(config))
     except ValueError:
         tokenizer = ""
-    workdir_lib.check_source_tokenizer(config, tokenizer, workdir)
+    workdir_lib.check_source_tokenizer(config, tokenizer, workdir, resume_at_most)
 
     # Mesh.
     mesh = sharding_lib.make_mesh(config.mesh)

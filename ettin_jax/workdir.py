@@ -154,7 +154,14 @@ def _write_identity(path: str, identity: dict):
         shards.write_json_atomic(path, identity)
 
 
-def check_init_from(config, workdir: str | None = None):
+def resumes(workdir: str | None, resume_at_most: int | None = None) -> bool:
+    """Whether a run in `workdir` resumes from its own checkpoints (those up to
+    `resume_at_most`, where a pair restarts its sides: the later ones are deleted)."""
+    return bool(workdir) and any(resume_at_most is None or step <= resume_at_most
+                                 for step in checkpoint_lib.saved_steps(workdir))
+
+
+def check_init_from(config, workdir: str | None = None, resume_at_most: int | None = None):
     """A later phase or cross-objective run must start from another run, or say "scratch"; a
     local init_from must hold a run's checkpoints (given a pair's workdir, the error names the
     side to continue). Raises RunIdentityError. Imports no backend: main.py calls it first. A
@@ -165,7 +172,7 @@ def check_init_from(config, workdir: str | None = None):
             "--config.train.init_from=<workdir of the previous run>, or "
             f"--config.train.init_from={SCRATCH} to start it from a random initialisation")
     source = init_source(config)
-    if not source or cli.is_remote(source) or (workdir and checkpoint_lib.saved_steps(workdir)):
+    if not source or cli.is_remote(source) or resumes(workdir, resume_at_most):
         return
     if not os.path.isdir(source):
         raise RunIdentityError(f"config.train.init_from={source}: no such directory (expected "
@@ -211,12 +218,13 @@ def _check_source_model(config, source: str):
                                f"this run is {config.size} (--config=configs/ettin_SIZE.py)")
 
 
-def check_source_tokenizer(config, tokenizer: str, workdir: str = ""):
+def check_source_tokenizer(config, tokenizer: str, workdir: str = "",
+                           resume_at_most: int | None = None):
     """The tokenizer this run reads its data with (a path) must give the token ids the run it
     continues was trained with (the tokenizer its newest checkpoint records, compared by
     fingerprint): another one trained on silently, its ids meaning other strings. Skipped on
     a resume and where either cannot be read (a hub name offline, a moved file)."""
-    source = "" if workdir and checkpoint_lib.saved_steps(workdir) else init_source(config)
+    source = "" if resumes(workdir, resume_at_most) else init_source(config)
     recorded = (checkpoint_lib.newest_saved_json(source, "meta")[1] or {}).get("tokenizer") \
         if source else None
     if not recorded or not tokenizer or os.path.abspath(recorded) == tokenizer:

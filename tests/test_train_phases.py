@@ -228,6 +228,12 @@ def test_a_resume_does_not_need_the_source_it_started_from(runs, tmp_path):
             progress = steps.send("a test" if progress.stage == "step" else None)
     assert checkpoint.saved_steps(str(tmp_path / "ext")) == [1]
     shutil.rmtree(source)
+    # A pair restarting its sides before that checkpoint (resume_at_most) starts from the
+    # source: it is checked first, and nothing is deleted.
+    from ettin_jax import workdir as workdir_lib
+    with pytest.raises(workdir_lib.RunIdentityError, match="mlm: no such directory"):
+        next(train.train_steps(config, str(tmp_path / "ext"), resume_at_most=0))
+    assert checkpoint.saved_steps(str(tmp_path / "ext")) == [1]
     train.train_and_evaluate(config, str(tmp_path / "ext"))
     assert checkpoint.saved_steps(str(tmp_path / "ext"))[-1] == STEPS["ext"]
     assert read_metrics(tmp_path / "ext")[STEPS["ext"]]["loss"] == pytest.approx(
