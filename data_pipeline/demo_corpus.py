@@ -92,7 +92,12 @@ def _one_builder(output: str):
     try:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         lock = open(output + ".lock", "a", encoding="utf-8")  # pylint: disable=consider-using-with
-    except OSError:                 # read-only: a finished build is reused without writing
+    except OSError as e:            # read-only: a finished build is reused without writing
+        lock, why = None, e
+    if lock is None:
+        if not os.path.exists(os.path.join(output, "shards", shards.MANIFEST)):
+            print(f"demo corpus: {output}.lock cannot be made ({why}); building without it "
+                  "(two processes building at once would collide)", file=sys.stderr)
         yield
         return
     with lock:

@@ -97,10 +97,9 @@ def make_plan(config, workdir: str, *, num_devices: int | None = None,
     if assumed_mean_length is not None:
         if not assumed_mean_length > 0:
             raise ValueError(f"assumed mean sequence length {assumed_mean_length}: must be > 0")
-        try:   # a run already there resumes with its own figure, whatever this plan assumes
-            stored = (step_tokens.read(workdir) or {}).get("mean_sequence_length")
-        except ValueError:
-            stored = None
+        # A run already there resumes with its own figure, whatever this plan assumes (and
+        # refuses a record it cannot use, as this plan does).
+        stored = (step_tokens.read_for(config, workdir) or {}).get("mean_sequence_length")
         record = {"mean_sequence_length": float(assumed_mean_length), "stored": False,
                   "assumed": True, "sources": [], "stored_mean": stored}
     else:

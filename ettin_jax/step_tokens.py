@@ -86,18 +86,27 @@ def measure(config, *, demo: bool) -> dict:
     }
 
 
+def read_for(config, workdir: str) -> dict | None:
+    """The stored record (None when there is none) if this config's run may resume with it;
+    ValueError, as the run's start raises, when it cannot be read or is of another row
+    length."""
+    stored = read(workdir)
+    if stored is not None and stored["mean_sequence_length"] is not None and \
+            stored["seq_len"] != config.train.seq_len:
+        raise ValueError(
+            f"{path(workdir)}: the mean sequence length was measured at train.seq_len="
+            f"{stored['seq_len']}, but config.train.seq_len={config.train.seq_len}; a run keeps "
+            "its row length (start a new workdir, or delete the file to measure again)")
+    return stored
+
+
 def for_run(config, workdir: str, *, demo: bool) -> dict:
     """The run's record: the one stored in `workdir` (never re-measured), else a fresh
     measurement. Adds "stored": whether it came from the workdir. Writes nothing."""
-    stored = read(workdir)
+    stored = read_for(config, workdir)
     if stored is None:
         return dict(measure(config, demo=demo), stored=False)
     file = path(workdir)
-    if stored["mean_sequence_length"] is not None and stored["seq_len"] != config.train.seq_len:
-        raise ValueError(
-            f"{file}: the mean sequence length was measured at train.seq_len="
-            f"{stored['seq_len']}, but config.train.seq_len={config.train.seq_len}; a run keeps "
-            "its row length (start a new workdir, or delete the file to measure again)")
     if not demo and stored.get("mixture") != config.data.mixture:
         logging.warning("%s was measured on config.data.mixture=%r, this run reads %r: keeping "
                         "the stored mean sequence length %s (steps stay as the run began; "

@@ -28,8 +28,9 @@ class StopOnSignal:
     def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
         self.name = signal.Signals(signum).name
         again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        logging.warning("%s: saving a checkpoint after this step, then exiting (%s again: exit "
-                        "without saving)", self.name, again)
+        logging.warning("%s: saving a checkpoint after this step, then exiting (or exiting "
+                        "before the first step, during the setup; %s again: exit without "
+                        "saving)", self.name, again)
         self.flag = True
         signal.signal(signum, self.previous[signum])
 

@@ -309,9 +309,10 @@ def test_demo_corpus_builders_take_turns(demo):
     assert f"shards: {demo[1]}" in out and "training a" not in err
 
 
-def test_a_finished_demo_corpus_is_reused_where_its_lock_cannot_be_made(tmp_path, demo):
+def test_a_finished_demo_corpus_is_reused_where_its_lock_cannot_be_made(tmp_path, demo, capsys):
     """A build in a read-only place (an image, a read-only mount): here OUTPUT.lock cannot be
-    opened (a directory of that name), and the finished build is reused all the same."""
+    opened (a directory of that name), and the finished build is reused all the same, without
+    a word; the build's own errors come without the lock's attached."""
     import shutil  # pylint: disable=import-outside-toplevel
     output = str(tmp_path / os.path.basename(os.path.dirname(demo[1])))
     shutil.copytree(os.path.dirname(demo[1]), output)
@@ -319,6 +320,10 @@ def test_a_finished_demo_corpus_is_reused_where_its_lock_cannot_be_made(tmp_path
     assert demo_corpus.build(output, vocab_size=512, unk_id=500,
                              max_bytes=train_testlib.DEMO_MAX_BYTES) == \
         (os.path.join(output, "tokenizer"), os.path.join(output, "shards"))
+    assert "lock" not in capsys.readouterr().err
+    with pytest.raises(ValueError, match="holds a demo corpus built for") as refused:
+        demo_corpus.build(output, vocab_size=1024, unk_id=1000, max_bytes=100)
+    assert refused.value.__context__ is None
 
 
 def test_a_demo_corpus_build_refuses_another_layout_in_its_directory(tmp_path, demo):

@@ -339,3 +339,13 @@ def test_a_plan_without_data_at_the_users_device_count(tmp_path):
     assert plan["rows_per_step"] == 2752 and plan["figure_in_workdir"] == 542.5
     assert (f"assumed (--plan_mean_length); this workdir's run resumes with its stored 542.5 "
             f"({tmp_path / 'w' / 'step_tokens.json'})") in plan_lib.format_plan(plan)
+    # A record the run would refuse (another row length, unreadable) is refused here too.
+    config = ettin_150m.get_config("mlm")
+    config.train.seq_len = 512
+    with pytest.raises(ValueError, match="measured at train.seq_len=1024, but config.train."
+                                         "seq_len=512"):
+        plan_lib.make_plan(config, str(tmp_path / "w"), num_devices=8, assumed_mean_length=610)
+    (tmp_path / "w" / "step_tokens.json").write_text("{cut")
+    with pytest.raises(ValueError, match="not a readable tokens-per-step record"):
+        plan_lib.make_plan(ettin_150m.get_config("mlm"), str(tmp_path / "w"), num_devices=8,
+                           assumed_mean_length=610)
