@@ -232,10 +232,10 @@ def _train_from(configs, workdirs, resume_at: int, stop) -> dict[str, dict] | in
         check_shared(resolved, [p.num_steps for p in setups])
         check_fits({n: state_bytes_per_device(p.abstract_state) for n, p in zip(names, setups)},
                    device_memory_bytes(), resolved[0].mesh)
-        if _stopped_in_setup(stop):
+        if stop.requested_in_setup("pair: "):
             return {}
         starts = [run.send(None).step for run in runs]
-        if _stopped_in_setup(stop):
+        if stop.requested_in_setup("pair: "):
             return {}
         if len(set(starts)) > 1:
             return min(starts)
@@ -267,15 +267,6 @@ def _train_from(configs, workdirs, resume_at: int, stop) -> dict[str, dict] | in
     finally:
         for run in runs:
             run.close()
-
-
-def _stopped_in_setup(stop) -> bool:
-    """A stop signal during the setup (demo builds, compiling, restores): nothing new to save."""
-    requested = stop.requested()    # a collective: once, on every process
-    if requested:
-        logging.warning("pair: stopped by %s before the first step: nothing was trained or "
-                        "saved; rerun the same command to start", stop.name or "a signal")
-    return requested
 
 
 def _check_step(names, progress):

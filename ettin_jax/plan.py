@@ -93,15 +93,16 @@ def make_plan(config, workdir: str, *, num_devices: int | None = None,
     data, fsdp, _ = sharding_lib.mesh_shape(config.mesh, num_devices)
     data_parallel = data * fsdp
 
-    tokenizer = ""
+    tokenizer, figure_in_workdir = "", None
     if assumed_mean_length is not None:
         if not assumed_mean_length > 0:
             raise ValueError(f"assumed mean sequence length {assumed_mean_length}: must be > 0")
         # A run already there resumes with its own figure, whatever this plan assumes (and
         # refuses a record it cannot use, as this plan does).
-        stored = (step_tokens.read_for(config, workdir) or {}).get("mean_sequence_length")
+        figure_in_workdir = (step_tokens.read_for(config, workdir) or {}).get(
+            "mean_sequence_length")
         record = {"mean_sequence_length": float(assumed_mean_length), "stored": False,
-                  "assumed": True, "sources": [], "stored_mean": stored}
+                  "assumed": True, "sources": []}
     else:
         if not demo_run:   # what the loader checks first: sources open, tokenizer fits the model
             from data_pipeline import loader  # pylint: disable=import-outside-toplevel
@@ -126,7 +127,7 @@ def make_plan(config, workdir: str, *, num_devices: int | None = None,
         "sequences_per_step": int(config.train.global_batch_size),
         "mean_sequence_length": mean, "rows_per_step": rows, "tokens_per_step": rows * seq_len,
         "figure_stored": record["stored"], "figure_path": step_tokens.path(workdir),
-        "figure_assumed": record["assumed"], "figure_in_workdir": record.get("stored_mean"),
+        "figure_assumed": record["assumed"], "figure_in_workdir": figure_in_workdir,
         "mixture": config.data.mixture,
         "total_tokens": total_tokens, "total_steps": total_steps,
         "schedule": config.schedule.name,

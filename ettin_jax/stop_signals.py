@@ -38,6 +38,15 @@ class StopOnSignal:
         """Whether any process got the signal (all processes agree, so they save together)."""
         return processes.any_process(self.flag)
 
+    def requested_in_setup(self, who: str = "") -> bool:
+        """`requested()`, for a run still setting up (a demo build, compiling, a restore): it
+        ends there, with nothing new to save, and says so."""
+        requested = self.requested()    # a collective: once, on every process
+        if requested:
+            logging.warning("%sstopped by %s before the first step: nothing was trained or "
+                            "saved; rerun the same command to start", who, self.name or "a signal")
+        return requested
+
     def restore(self):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)

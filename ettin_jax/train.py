@@ -269,13 +269,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     try:
         progress = next(run)
         while True:
-            # The signal's name stops the run and is named in its last message.
-            stopping = (stop.name or "a signal") if stop.requested() else None
-            if stopping and progress.stage != "step":   # in the setup: nothing new to save
-                logging.warning("stopped by %s before the first step: nothing was trained or "
-                                "saved; rerun the same command to start", stopping)
-                return {}
-            progress = run.send(stopping)
+            if progress.stage != "step":
+                if stop.requested_in_setup():
+                    return {}
+                progress = run.send(None)
+            else:   # the signal's name stops the run and is named in its last message
+                progress = run.send((stop.name or "a signal") if stop.requested() else None)
     except StopIteration as done:
         return done.value
     finally:

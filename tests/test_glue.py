@@ -613,9 +613,11 @@ def test_every_train_step_draws_new_backbone_dropout_masks(backbone_dropout):
     finetuner = finetune.Finetuner(
         finetune.classifier_factory(factory, 2, pooling="cls", options=options),
         tasks.get_task("sst2"), options, _mesh_one_device(), ettin_tiny.PAD_ID)
-    rates = {node.rate for _, node in nnx.iter_graph(finetuner.make_classifier(0).backbone)
-             if isinstance(node, nnx.Dropout)}
+    made = finetuner.make_classifier(0).backbone
+    rates = {node.rate for _, node in nnx.iter_graph(made) if isinstance(node, nnx.Dropout)}
     assert rates == ({0.0, config.attn_out_dropout} if backbone_dropout < 0 else {backbone_dropout})
+    assert made.config.attn_out_dropout == (config.attn_out_dropout if backbone_dropout < 0
+                                            else backbone_dropout)   # the config says so too
     rng = np.random.default_rng(0)
     rows = [[ettin_tiny.CLS_ID, *map(int, rng.integers(10, 90, 20)), ettin_tiny.SEP_ID]
             for _ in range(4)]

@@ -399,11 +399,13 @@ def classifier_factory(backbone_factory: Callable[[], model_lib.EttinModel], num
     """seed -> a SequenceClassifier on a new copy of the backbone, whose dropouts are all
     options.backbone_dropout unless that is negative."""
     def make(seed: int) -> SequenceClassifier:
-        backbone = backbone_factory()
-        if options.backbone_dropout >= 0:
+        backbone, rate = backbone_factory(), options.backbone_dropout
+        if rate >= 0:   # the modules' rates, and the config that names them
             for _, node in nnx.iter_graph(backbone):
                 if isinstance(node, nnx.Dropout):
-                    node.rate = options.backbone_dropout
+                    node.rate = rate
+            backbone.config = dataclasses.replace(backbone.config, embedding_dropout=rate,
+                                                  attn_out_dropout=rate, mlp_dropout=rate)
         return SequenceClassifier(backbone, num_outputs, pooling=pooling,
                                   dropout=options.classifier_dropout, rngs=nnx.Rngs(seed))
     return make
