@@ -68,6 +68,11 @@ class RestoreError(ValueError):
     """No checkpoint of a run restores (each failed); the message lists them and their errors."""
 
 
+class SaveError(ValueError):
+    """A checkpoint could not be written (e.g. a full disk); the message names its step, the
+    error and the newest complete checkpoint."""
+
+
 class RecordedSteps(ocp.checkpoint_managers.PreservationPolicy):
     """Preserves the steps recorded in `<workdir>/kept_for_good.json` ({"steps": [...]}).
 
@@ -116,6 +121,7 @@ class Checkpointer:
                  async_save: bool = True):
         self.directory = checkpoint_dir(workdir)
         self.keep_every_steps = keep_every_steps
+        self.saving_step = None   # of the newest save (async: on disk only after `wait`)
         self.kept_for_good = RecordedSteps(workdir)
         policies = [ocp.checkpoint_managers.LatestN(keep_last), self.kept_for_good]
         options = ocp.CheckpointManagerOptions(
@@ -142,6 +148,8 @@ class Checkpointer:
     def save(self, step: int, *, params, opt_state, meta: dict, data_iterator, config):
         if self._for_good(step):
             self.kept_for_good.add(step)
+        self.wait()    # Orbax would wait for the previous save too, but raise its error bare
+        self.saving_step = step
         saved = self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta), data=grain.checkpoint.CheckpointSave(data_iterator),
@@ -156,7 +164,32 @@ class Checkpointer:
         return "none yet" if step is None else f"{self.directory}/{step}"
 
     def wait(self):
-        self.manager.wait_until_finished()
+        """Blocks until the newest save is on disk; SaveError if it failed (raised once)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # pylint: disable=broad-except  # the save thread's error
+            latest = self.latest_step()    # Orbax has dropped the failed step from its list
+            rerun = ("no checkpoint of this run is complete; make room (or fix the cause) and "
+                     "rerun the same command to start again" if latest is None else
+                     f"the newest complete one is {self.directory}/{latest}; make room (or fix "
+                     "the cause) and rerun the same command to resume there")
+            raise SaveError(f"the checkpoint of step {self.saving_step} could not be written to "
+                            f"{self.directory} ({type(e).__name__}: {str(e)[:500]}); "
+                            f"{rerun}") from e
+
+    def raise_failed_save(self):
+        """SaveError on every process when a finished asynchronous save failed on any (a
+        collective): a run stops at its next log line, not a checkpoint interval later at its
+        next save, having trained on for nothing. A save still being written is not waited for."""
+        error = None
+        if not self.manager.is_saving_in_progress():
+            try:
+                self.wait()
+            except SaveError as e:
+                error = e
+        if processes.any_process(error is not None):
+            raise error or SaveError(f"another process of this run could not write the "
+                                     f"checkpoint of step {self.saving_step} (its log says why)")
 
     def close(self):
         self.manager.close()

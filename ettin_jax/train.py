@@ -441,6 +441,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None, pauses):
                 # An eval's line carries the train metrics since the last line too: one line
                 # per step, and a stop right after it leaves no steps unlogged.
                 if step % config.log.every_steps == 0 or is_last or evaluates:
+                    ckpt.raise_failed_save()    # a full disk ends the run here, not a save later
                     scalars.update(train_scalars())
                 if evaluates:
                     with pauses.pause():

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -583,3 +584,33 @@ def test_data_workers_end_when_the_trainer_is_killed(tmp_path):
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"data workers left running 30 s after the trainer's SIGKILL: {left}"
+
+
+# --- 6. a save that fails ----------------------------------------------------------------------
+
+def test_a_failed_save_ends_the_run_at_the_next_log_line_naming_its_step(tmp_path):
+    """An asynchronous save that fails (a full disk; here a file-size limit that the tiny
+    model's checkpoint files pass and its logs do not) was noticed only at the next save, a
+    checkpoint interval of training later, with Orbax's bare error. The run now ends at the
+    next log line, exit 1, naming the step that was not saved."""
+    # No compilation cache writes: a cut-off entry would be read by the tests after this one.
+    env = dict(train_testlib.subprocess_env(), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1e9")
+    workdir = tmp_path / "full"
+    limit = 50_000   # bytes per file; the checkpoint of step 10 writes larger ones
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    # Its output goes through a pipe: a log file would be cut off by the limit too.
+    result = subprocess.run(
+        [sys.executable, "main.py", f"--workdir={workdir}", *FLAGS, steps_with(40),
+         "--config.demo.checkpoint.every_steps=10"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+        capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+    assert "the checkpoint of step 10 could not be written" in errors[0], errors[0]
+    assert "no checkpoint of this run is complete" in errors[0]
+    last_logged = max(losses(workdir))
+    assert 10 <= last_logged < 20, f"trained on to step {last_logged} after the failed save"
+    assert checkpoint_steps(workdir) == []
