@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -597,16 +596,17 @@ def test_a_failed_save_ends_the_run_at_the_next_log_line_naming_its_step(tmp_pat
     env = dict(train_testlib.subprocess_env(), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1e9")
     workdir = tmp_path / "full"
     limit = 50_000   # bytes per file; the checkpoint of step 10 writes larger ones
-
-    def limit_file_size():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    # Its output goes through a pipe: a log file would be cut off by the limit too.
+    # The limit is set in the child, which then becomes main.py: a preexec_fn would fork this
+    # multithreaded (JAX) test process. Its output goes through a pipe: a log file would be cut
+    # off by the limit too.
+    limited_main = ("import os, resource, sys; "
+                    f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+                    "os.execv(sys.executable, [sys.executable, 'main.py', *sys.argv[1:]])")
     result = subprocess.run(
-        [sys.executable, "main.py", f"--workdir={workdir}", *FLAGS, steps_with(40),
+        [sys.executable, "-c", limited_main, f"--workdir={workdir}", *FLAGS, steps_with(40),
          "--config.demo.checkpoint.every_steps=10"],
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
-        capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size)
+        capture_output=True, text=True, timeout=600)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
     assert "the checkpoint of step 10 could not be written" in errors[0], errors[0]
