@@ -65,7 +65,7 @@ def write_corpus(path: str, max_bytes: int) -> dict:
     """Writes documents as JSON lines until `max_bytes` of text; returns counts."""
     files = docs = size = 0
     tmp = path + ".tmp"
-    with open(tmp, "w") as out:
+    with cli.naming_file(tmp), open(tmp, "w") as out:
         for file in stdlib_files():
             try:
                 with open(file, encoding="utf-8") as f:

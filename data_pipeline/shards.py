@@ -18,6 +18,8 @@ import os
 import numpy as np
 from array_record.python import array_record_module
 
+from ettin_jax import cli
+
 MANIFEST = "manifest.json"
 FORMAT = "ettin-arrayrecord-v1"
 
@@ -39,10 +41,11 @@ def write_shard(path: str, docs: list[np.ndarray], dtype: np.dtype) -> dict:
     tmp = path + ".tmp"
     writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
     tokens = 0
-    for doc in docs:
-        writer.write(np.asarray(doc, dtype=dtype).tobytes())
-        tokens += len(doc)
-    writer.close()
+    with cli.naming_file(tmp):
+        for doc in docs:
+            writer.write(np.asarray(doc, dtype=dtype).tobytes())
+            tokens += len(doc)
+        writer.close()
     os.replace(tmp, path)
     return {"name": os.path.basename(path), "documents": len(docs), "tokens": int(tokens),
             "bytes": os.path.getsize(path)}
@@ -50,7 +53,7 @@ def write_shard(path: str, docs: list[np.ndarray], dtype: np.dtype) -> dict:
 
 def write_json_atomic(path: str, payload: dict) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with cli.naming_file(tmp), open(tmp, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)

@@ -27,6 +27,7 @@ This module imports nothing of the project (data_pipeline modules use it too).
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
@@ -77,6 +78,18 @@ def define_model_source_flags(checkpoint_use: str = "its newest checkpoint"):
                         "one saved with the run or the transformers directory)")
     flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"], "compute dtype of the matmuls "
                       "(parameters stay float32); default: the model config's")
+
+
+@contextlib.contextmanager
+def naming_file(path: str):
+    """Adds `path` to an OSError raised inside that names no file: a write() or flush() on a
+    full disk raises a bare "[Errno 28] No space left on device"."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, path) from e
 
 
 def error_line(error: BaseException | str) -> str:

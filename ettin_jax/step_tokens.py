@@ -37,6 +37,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from data_pipeline import shards
 from ettin_jax import processes
 
 FILENAME = "step_tokens.json"
@@ -119,10 +120,7 @@ def store(workdir: str, record: dict) -> str:
     """Writes `record` (without its "stored" flag) to `workdir/step_tokens.json` atomically;
     returns the path."""
     file = path(workdir)
-    tmp = file + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({k: v for k, v in record.items() if k != "stored"}, f, indent=2)
-    os.replace(tmp, file)
+    shards.write_json_atomic(file, {k: v for k, v in record.items() if k != "stored"})
     return file
 
 

@@ -157,8 +157,9 @@ class WorkdirLock:
                 logging.warning("taking over the stale lock %s of %s: no process holds it",
                                 self.path, _describe(holder))
             self.record = self._new_record()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(self.record).encode("utf-8"), 0)
+            with cli.naming_file(self.path):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(self.record).encode("utf-8"), 0)
             self.fd = fd
             return
         raise WorkdirLockedError(f"{self.path}: could not take the lock (other processes keep "
@@ -181,7 +182,7 @@ class WorkdirLock:
                     continue
                 raise self._locked_error(holder, pid_file=True) from None
             self.record = self._new_record()
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with cli.naming_file(self.path), os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(self.record, f)
             _HELD_HERE.add(self.path)
             return

@@ -41,6 +41,8 @@ if "clu.metric_writers" not in sys.modules:
 
 from clu import metric_writers  # noqa: E402  pylint: disable=wrong-import-position
 
+from ettin_jax import cli  # noqa: E402  pylint: disable=wrong-import-position
+
 
 class TensorBoardWriter(metric_writers.MetricWriter):
     """A TensorBoard event file in `logdir`: scalars (the `scalars` plugin) and texts (`text`).
@@ -71,7 +73,8 @@ class TensorBoardWriter(metric_writers.MetricWriter):
         self.flush()
 
     def _add(self, event):
-        self._records.write(event.SerializeToString())
+        with cli.naming_file(self.path):
+            self._records.write(event.SerializeToString())
 
     def _value(self, tag: str, plugin: str, tensor):
         metadata = self._pb.summary.SummaryMetadata(
@@ -120,7 +123,8 @@ class TensorBoardWriter(metric_writers.MetricWriter):
         self._unsupported("hparams")
 
     def flush(self):
-        self._records.flush()
+        with cli.naming_file(self.path):
+            self._records.flush()
 
     def close(self):
         self._records.close()
@@ -151,8 +155,9 @@ class JsonlWriter(metric_writers.MetricWriter):
     def write_scalars(self, step, scalars):
         record = {"step": int(step)}
         record.update({k: _json_value(k, v) for k, v in scalars.items()})
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        with cli.naming_file(self._file.name):
+            self._file.write(json.dumps(record, allow_nan=False) + "\n")
+            self._file.flush()
 
     def write_summaries(self, step, values, metadata=None):
         pass
@@ -176,7 +181,8 @@ class JsonlWriter(metric_writers.MetricWriter):
         pass
 
     def flush(self):
-        self._file.flush()
+        with cli.naming_file(self._file.name):
+            self._file.flush()
 
     def close(self):
         self._file.close()

@@ -1,5 +1,6 @@
 """The metric writers without TensorFlow: `ettin_jax.writers.TensorBoardWriter`'s event files,
 read back with TensorFlow's own reader, and `main.py` on a host where TensorFlow is absent."""
+import errno
 import json
 import os
 import subprocess
@@ -105,3 +106,20 @@ def test_metrics_jsonl_is_strict_json(tmp_path):
     record = json.loads(path.read_text(), parse_constant=refuse)
     assert record == {"step": 3, "loss": None, "grad_norm": None, "lr": 0.5,
                       "data_fingerprints": ["a1"]}
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_names_the_metrics_file():
+    """A write() or flush() on a full disk raises a bare "[Errno 28] No space left on device",
+    and a run ended with that line and nothing about where; /dev/full fails every write so."""
+    from ettin_jax import cli, writers  # pylint: disable=import-outside-toplevel
+    writer = writers.JsonlWriter("/dev/full")
+    with pytest.raises(OSError) as raised:
+        writer.write_scalars(3, {"loss": 1.5})
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == "/dev/full"
+    assert cli.error_line(raised.value) == (
+        "error: [Errno 28] No space left on device: '/dev/full'")
+    with pytest.raises(OSError) as raised, cli.naming_file("/dev/full"), \
+            open("/dev/full", "wb", buffering=0) as f:
+        f.write(b"x")
+    assert raised.value.filename == "/dev/full"
