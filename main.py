@@ -16,6 +16,7 @@ and GEMM autotuning results there, which a changed program reuses.
 """
 import importlib.util
 import os
+import time
 
 from absl import flags
 from absl import logging
@@ -127,6 +128,31 @@ def compilation_cache_settings(config) -> tuple[str, float] | None:
             float(config.train.compilation_cache_min_compile_secs))
 
 
+def remove_empty_cache_entries(directory: str, *, older_than_s: float = 60.0) -> list[str]:
+    """Deletes the empty entries of jax's compilation cache in `directory`; returns them.
+
+    jax writes an entry in place, so a full disk leaves it empty, and it never writes one that
+    exists: every later start compiled that program cold, warning that it cannot read it.
+    Entries younger than `older_than_s` may be another process's write under way."""
+    if cli.is_remote(directory) or not os.path.isdir(directory):
+        return []
+    removed = []
+    for entry in os.scandir(directory):
+        try:
+            stat = entry.stat()
+            if (entry.name.endswith("-cache") and entry.is_file() and stat.st_size == 0
+                    and time.time() - stat.st_mtime > older_than_s):
+                os.remove(entry.path)
+                removed.append(entry.path)
+        except FileNotFoundError:    # another process removed it first
+            continue
+    if removed:
+        logging.warning("removed %d empty entries of the compilation cache %s (a full disk "
+                        "leaves them; their programs compile again): %s", len(removed),
+                        directory, ", ".join(os.path.basename(p) for p in removed[:3]))
+    return removed
+
+
 def start_jax(config):
     """Compilation cache and (with --distributed) the process group; returns jax."""
     import jax  # pylint: disable=import-outside-toplevel  # after flags: XLA_FLAGS may be set
@@ -146,6 +172,8 @@ def start_jax(config):
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                    num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     cache_dir = jax.config.jax_compilation_cache_dir
+    if cache_dir:
+        remove_empty_cache_entries(cache_dir)
     logging.info("JAX process %d of %d, local devices %s; compilation cache %s",
                  jax.process_index(), jax.process_count(), jax.local_devices(),
                  f"{cache_dir} (XLA caches: "

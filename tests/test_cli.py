@@ -512,3 +512,40 @@ def test_xla_caches_go_to_the_compilation_cache_dir(tmp_path, setting, env_setti
     assert paths["kernels"] == (str(cache / "xla_gpu_kernel_cache_file") if kernels else "")
     assert paths["autotune"] == (str(cache / "xla_gpu_per_fusion_autotune_cache_dir")
                                  if autotune else "")
+
+
+_COMPILE_ONE = """
+import sys
+from absl import flags
+import jax
+import main
+main.define_flags()
+flags.FLAGS(["main.py", "--config=configs/ettin_tiny.py:mlm", "--workdir=unused", *sys.argv[1:]])
+main.start_jax(flags.FLAGS.config)
+print(jax.jit(lambda x: x * 3 + 1)(2.0))
+"""
+
+
+def test_empty_compilation_cache_entries_are_removed_and_written_again(tmp_path):
+    """jax writes a cache entry in place and never writes one that exists: after a full disk
+    left entries empty, every start compiled those programs cold. main.py removes them (only
+    older ones: a young empty entry may be another process's write under way)."""
+    env = train_testlib.subprocess_env()
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
+    cache = tmp_path / "xla"
+    args = [f"--config.train.compilation_cache_dir={cache}",
+            "--config.train.compilation_cache_min_compile_secs=0"]
+    assert run("-c", _COMPILE_ONE, *args, env=env).returncode == 0
+    entries = sorted(p for p in cache.iterdir() if p.name.endswith("-cache"))
+    assert entries
+    for entry in entries:                       # as a full disk leaves them, an hour ago
+        entry.write_bytes(b"")
+        os.utime(entry, (time.time() - 3600,) * 2)
+    young = cache / "young-cache"
+    young.write_bytes(b"")
+    result = run("-c", _COMPILE_ONE, *args, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"removed {len(entries)} empty entries of the compilation cache" in result.stderr
+    assert all(entry.stat().st_size > 0 for entry in entries)    # compiled and written again
+    assert young.exists()
