@@ -118,7 +118,7 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str, *, keep_last: int, keep_every_steps: int = 0,
-                 async_save: bool = True):
+                 async_save: bool = True, abstract_state: dict | None = None):
         self.directory = checkpoint_dir(workdir)
         self.keep_every_steps = keep_every_steps
         self.saving_step = None   # of the newest save (async: on disk only after `wait`)
@@ -138,6 +138,8 @@ class Checkpointer:
             # keep_last would otherwise take its older checkpoints for kept ones.
             older, newest = steps[:-keep_last] if keep_last else steps, steps[-keep_last:]
             self.kept_for_good.add(*older, *(s for s in newest if self._for_good(s)))
+        if abstract_state is not None and jax.process_index() == 0:
+            warn_if_no_room(self.directory, abstract_state)
 
     def _for_good(self, step: int) -> bool:
         return self.keep_every_steps > 0 and step % self.keep_every_steps == 0
@@ -299,6 +301,24 @@ class Checkpointer:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
         self.manager.reload()
+
+
+def warn_if_no_room(directory: str, abstract_state: dict) -> bool:
+    """Warns when `directory`'s disk has less room than a checkpoint of `abstract_state` takes
+    (its arrays' bytes): a rerun on a disk still full trained a whole checkpoint interval
+    before its first save failed. Returns whether it warned."""
+    needed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+    try:
+        disk = os.statvfs(directory)
+    except OSError:     # not a local path (a bucket): nothing to ask
+        return False
+    free = disk.f_bavail * disk.f_frsize
+    if free >= needed:
+        return False
+    logging.warning("%s has %.3g GB free, a checkpoint of this run takes about %.3g GB: its "
+                    "next save will fail unless room is made", directory, free / 1e9,
+                    needed / 1e9)
+    return True
 
 
 def _path_name(path) -> str:

@@ -172,13 +172,13 @@ def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
 # --- the loop's bookkeeping --------------------------------------------------------------------
 
 def _make_checkpointer(config, workdir: str, mean_sequence_length: float | None,
-                       data_parallel: int) -> tuple[checkpoint_lib.Checkpointer, int]:
-    """(the workdir's Checkpointer, steps between saves)."""
+                       data_parallel: int, setup: Setup):
+    """(the workdir's Checkpointer, warning when its disk has no room for one; save interval)."""
     save_every = schedules.checkpoint_every_steps(config, mean_sequence_length, data_parallel)
     ckpt = checkpoint_lib.Checkpointer(
         workdir, keep_last=config.checkpoint.keep_last,
         keep_every_steps=save_every * config.checkpoint.keep_every_nth,
-        async_save=config.checkpoint.async_save)
+        async_save=config.checkpoint.async_save, abstract_state=setup.abstract_state)
     return ckpt, save_every
 
 
@@ -372,7 +372,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None, pauses):
                    num_steps=num_steps)
 
     # Restore (see _restore_or_init for the order).
-    ckpt, save_every = _make_checkpointer(config, workdir, mean, data_parallel)
+    ckpt, save_every = _make_checkpointer(config, workdir, mean, data_parallel, setup)
     with pauses.pause():
         state, step, tokens = _restore_or_init(config, setup, ckpt, train_iter, resume_at_most)
     record_identity()                  # the start holds: its config is the run's

@@ -3,6 +3,7 @@ restores (data iterator included); when none restores, an error and nothing set 
 keep policy. Real Orbax, the tiny model's state, the
 real loader on the demo corpus."""
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -148,3 +149,22 @@ def test_changed_config_is_an_error_not_damage(tmp_path, setup):
                             data_iterator=loader.make_train_iterator(config))
     ckpt.close()
     assert os.listdir(tmp_path / "checkpoints") == ["2"]
+
+
+def test_a_disk_without_room_for_a_checkpoint_is_warned_about_at_the_start(tmp_path, setup,
+                                                                            caplog):
+    """A rerun on a disk still full trained a whole checkpoint interval before its first save
+    failed. The Checkpointer compares the disk's free bytes with the state's at the start."""
+    free = shutil.disk_usage(tmp_path).free
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(setup[1].abstract_state))
+    assert 0 < state_bytes < free
+    too_big = {"x": jax.ShapeDtypeStruct((free // 4 + 1,), np.float32)}   # a byte over free
+    assert checkpoint.warn_if_no_room(str(tmp_path), too_big)
+    assert not checkpoint.warn_if_no_room(
+        str(tmp_path), {"x": jax.ShapeDtypeStruct((free // 8,), np.float32)})
+    caplog.clear()
+    checkpoint.Checkpointer(str(tmp_path / "a"), keep_last=1, abstract_state=too_big).close()
+    checkpoint.Checkpointer(str(tmp_path / "b"), keep_last=1,
+                            abstract_state=setup[1].abstract_state).close()
+    warned = [r.getMessage() for r in caplog.records if "GB free" in r.getMessage()]
+    assert len(warned) == 1 and "/a/checkpoints has" in warned[0], warned
