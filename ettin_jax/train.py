@@ -211,34 +211,6 @@ def _restore_or_init(config, setup: Setup, ckpt, train_iter,
     return setup.init_state(), 0, 0
 
 
-def _make_writers(config, workdir: str, step: int, num_steps: int):
-    """(all metric writers, clu's ReportProgress, per-step hooks) of a run starting at `step`;
-    only process 0 writes files, and none on a finished run (config.json stays its own)."""
-    # writers before clu.periodic_actions: its TensorBoard backend then needs no TensorFlow.
-    from ettin_jax import writers as writers_lib  # pylint: disable=import-outside-toplevel
-    from clu import periodic_actions  # pylint: disable=import-outside-toplevel
-    metric_writers = writers_lib.metric_writers
-    is_writer = jax.process_index() == 0 and step < num_steps
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_writer)
-    writers = [writer]
-    if is_writer:
-        writers.append(writers_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    # Progress and ETA go to the log only: the train scalars carry steps_per_sec of their own
-    # (clu's, of another window, made the same TensorBoard tag zigzag).
-    report_progress = periodic_actions.ReportProgress(
-        num_train_steps=num_steps, writer=None, every_secs=config.log.progress_every_secs)
-    hooks = []
-    if is_writer:
-        hooks.append(report_progress)
-        if config.log.profile_steps > 0:   # once (clu's default repeats it every hour)
-            hooks.append(periodic_actions.Profile(
-                logdir=workdir, num_profile_steps=config.log.profile_steps,
-                profile_duration_ms=None, every_steps=None, every_secs=None))
-    return writers_lib.RecordsMultiWriter(writers), report_progress, hooks
-
-
 def _save(ckpt, step: int, state: dict, tokens: int, config, train_iter, tokenizer: str,
           mean_sequence_length: float | None):
     if not divergence.params_finite(state["params"]):   # never let NaNs push out good ones
@@ -315,7 +287,7 @@ def train_steps(config, workdir: str, *, resume_at_most: int | None = None,
 
 
 def _train_in_workdir(config, workdir: str, resume_at_most: int | None, pauses):
-    from ettin_jax.writers import metric_writers  # pylint: disable=import-outside-toplevel
+    from ettin_jax import writers as writers_lib  # pylint: disable=import-outside-toplevel
     from data_pipeline import fingerprint as fingerprint_lib  # pylint: disable=import-outside-toplevel
     from data_pipeline import loader  # pylint: disable=import-outside-toplevel
 
@@ -383,7 +355,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None, pauses):
                  config.train.seq_len, f"{config.schedule.total_tokens:,.0f}", step)
 
     # Writers.
-    writers, report_progress, hooks = _make_writers(config, workdir, step, num_steps)
+    writers, report_progress, hooks = writers_lib.run_writers(config, workdir, step, num_steps)
     guard = divergence.DivergenceGuard(config, ckpt.describe_latest)
     pending = None    # (step, metrics) whose skipped flag the host reads one step late
     peak_flops = device_peak_flops(config) * jax.device_count()
@@ -398,7 +370,7 @@ def _train_in_workdir(config, workdir: str, resume_at_most: int | None, pauses):
     window = train_metrics.Window(pauses)  # throughput from here: the compile wait is not a step
     try:
         yield Progress("start", step=step)
-        with metric_writers.ensure_flushes(writers):
+        with writers_lib.metric_writers.ensure_flushes(writers):
             while step < num_steps:
                 rows = rows_for_step(step)
                 micro_rows = micro_rows_for(rows)

@@ -8,6 +8,7 @@
 - `TensorBoardWriter`: the same TensorBoard event files (scalars and texts, in the TF2
   summary layout `tensorboard --logdir` reads), written with the `tensorboard` package's
   protos and record format alone.
+- `run_writers`: a training run's writers (TensorBoard, metrics.jsonl, the log) and progress hooks.
 - `JsonlWriter`: `workdir/metrics.jsonl`, one JSON object per logged step. Values are
   numbers, except the few that only the JSON lines carry: strings and lists of strings (the
   step's `data_fingerprints`, data_pipeline.fingerprint). `RecordsMultiWriter` sends those to
@@ -23,6 +24,8 @@ import socket
 import sys
 import time
 import types
+
+import jax
 
 _CLU_SUMMARY_MODULE = "clu.metric_writers.summary_writer"
 _file_ids = itertools.count()
@@ -196,3 +199,28 @@ class RecordsMultiWriter(metric_writers.MultiWriter):
         numbers = {k: v for k, v in scalars.items() if _is_number(v)}
         for writer in self._writers:
             writer.write_scalars(step, scalars if isinstance(writer, JsonlWriter) else numbers)
+
+
+def run_writers(config, workdir: str, step: int, num_steps: int):
+    """(all metric writers, clu's ReportProgress, per-step hooks) of a run starting at `step`;
+    only process 0 writes files, and none on a finished run (config.json stays its own)."""
+    from clu import periodic_actions  # pylint: disable=import-outside-toplevel  # after the shim
+    is_writer = jax.process_index() == 0 and step < num_steps
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_writer)
+    writers = [writer]
+    if is_writer:
+        writers.append(JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    # Progress and ETA go to the log only: the train scalars carry steps_per_sec of their own
+    # (clu's, of another window, made the same TensorBoard tag zigzag).
+    report_progress = periodic_actions.ReportProgress(
+        num_train_steps=num_steps, writer=None, every_secs=config.log.progress_every_secs)
+    hooks = []
+    if is_writer:
+        hooks.append(report_progress)
+        if config.log.profile_steps > 0:   # once (clu's default repeats it every hour)
+            hooks.append(periodic_actions.Profile(
+                logdir=workdir, num_profile_steps=config.log.profile_steps,
+                profile_duration_ms=None, every_steps=None, every_secs=None))
+    return RecordsMultiWriter(writers), report_progress, hooks

@@ -79,12 +79,12 @@ def test_a_profile_is_taken_once(tmp_path, monkeypatch):
     """config.log.profile_steps > 0: one profile of that many steps, not one an hour (clu's
     Profile default), however long the run."""
     from clu import profiler  # pylint: disable=import-outside-toplevel
-    from ettin_jax import train  # pylint: disable=import-outside-toplevel
+    from ettin_jax import writers as writers_lib  # pylint: disable=import-outside-toplevel
     sessions = []
     monkeypatch.setattr(profiler, "start", lambda logdir: sessions.append(logdir))
     monkeypatch.setattr(profiler, "stop", lambda: None)
     config = train_testlib.config_from_flags(TRAIN_FLAGS + ["--config.log.profile_steps=3"])
-    writers, _, hooks = train._make_writers(config, str(tmp_path), 0, 100_000)
+    writers, _, hooks = writers_lib.run_writers(config, str(tmp_path), 0, 100_000)
     for step in range(1, 200):
         for hook in hooks:
             hook(step, t=step * 1800.0)      # half an hour a step
