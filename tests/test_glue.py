@@ -632,3 +632,37 @@ def test_every_train_step_draws_new_backbone_dropout_masks(backbone_dropout):
     losses = [loss(key) for key in keys]
     assert len(set(losses)) == (1 if backbone_dropout == 0 else 3), losses
     assert loss(keys[1]) == losses[1]
+
+
+def test_dev_predictions_run_without_dropout():
+    """Dev scores are predictions of the classifier in eval mode: with dropout in the backbone
+    and before the head (0.5 each), the jitted eval step equals the module's eval forward
+    (a regression task, so its scores show any dropout, not just a changed argmax)."""
+    config = ettin_tiny.get_config("mlm").model
+    config.attention_impl = "xla"
+    factory = _factory(model_loader.new_model(config))
+    options = finetune.FinetuneOptions(batch_size=4, eval_batch_size=4, max_seq_len=24,
+                                       backbone_dropout=0.5, classifier_dropout=0.5)
+    task = tasks.get_task("stsb")
+    assert task.labels is None
+    finetuner = finetune.Finetuner(
+        finetune.classifier_factory(factory, 1, pooling="cls", options=options), task,
+        options, _mesh_one_device(), ettin_tiny.PAD_ID)
+    rng = np.random.default_rng(0)
+    rows = [[ettin_tiny.CLS_ID, *map(int, rng.integers(10, 90, n)), ettin_tiny.SEP_ID]
+            for n in (20, 7, 13, 20, 3)]        # two eval batches, the second padded
+    labels = np.linspace(0.0, 5.0, len(rows)).astype(np.float32)
+    params, _, rngs = finetuner.init(0)
+    got = finetuner.predict(params, rngs, rows, labels)
+
+    classifier = finetuner.make_classifier(0)
+    classifier.eval()
+    want = []
+    for row in rows:
+        batch = batches.make_batch([row], labels[:1], 1, ettin_tiny.PAD_ID)
+        want.append(float(classifier(jnp.asarray(batch["input_ids"]),
+                                     jnp.asarray(batch["mask"]))[0, 0]))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    classifier.train()                                  # the check can fail: dropout shows
+    noisy = float(classifier(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["mask"]))[0, 0])
+    assert abs(noisy - want[-1]) > 1e-4
