@@ -171,8 +171,8 @@ def make_setup(config, mesh: jax.sharding.Mesh) -> Setup:
 
 # --- the loop's bookkeeping --------------------------------------------------------------------
 
-def _make_checkpointer(config, workdir: str, mean_sequence_length: float | None,
-                       data_parallel: int, setup: Setup):
+def _make_checkpointer(config, workdir: str, mean_sequence_length: float | None, data_parallel: int,
+                       setup: Setup) -> tuple[checkpoint_lib.Checkpointer, int]:
     """(the workdir's Checkpointer, warning when its disk has no room for one; save interval)."""
     save_every = schedules.checkpoint_every_steps(config, mean_sequence_length, data_parallel)
     ckpt = checkpoint_lib.Checkpointer(
