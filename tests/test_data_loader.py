@@ -391,3 +391,55 @@ def test_truncated_or_corrupt_shard_fails_naming_the_file(corpus, tok_dir, tmp_p
     with pytest.raises(shards.ShardError, match=r"shard-00001\.arrayrecord"):
         docs_src[150]
     assert os.path.getsize(shard) == len(data)
+
+
+def test_every_row_draws_its_own_masks_from_its_key_and_the_seed(tmp_path, tok_dir):
+    """MLM masks are drawn per row, from data.seed and the row's key (its first document's
+    key, unique over sources, hosts and epochs): rows of one layout (equal-length documents,
+    so equal eligible positions) get different masks, as do the two sources' rows and another
+    data.seed, while the same config draws the same masks again."""
+    paths = [str(tmp_path / name) for name in ("a", "b")]
+    for i, path in enumerate(paths):       # documents 0-5 in source a, 6-11 in b
+        docs = traceable_docs([254] * 12)[:6] if i == 0 else traceable_docs([254] * 12)[6:]
+        shards.write_token_dataset(path, docs, tokenizer_path=tok_dir, source=f"s{i}")
+
+    def patterns(seed, mixture, process_count=1, process=0):
+        config = make_config("mlm", mixture, tok_dir, rows=4)
+        config.data.shuffle, config.data.seed = False, seed
+        batches = take(loader.make_train_iterator(config, process_index=process,
+                                                  process_count=process_count), 3)
+        return [tuple(np.flatnonzero(row != -100)) for b in batches for row in b["labels"]]
+
+    one_source = patterns(0, paths[0])     # 12 rows: two epochs of its 6 documents
+    assert len(set(one_source)) == len(one_source), "two rows share a mask pattern"
+    assert patterns(0, paths[0]) == one_source
+    hosts = [patterns(0, paths[0], 2, process) for process in range(2)]
+    assert not set(hosts[0]) & set(hosts[1]), "rows of two processes share a mask pattern"
+    assert not set(patterns(1, paths[0])) & set(one_source), "data.seed changes no mask"
+    mixed = patterns(0, f"{paths[0]}:0.5,{paths[1]}:0.5")
+    assert len(set(mixed)) == len(mixed), "rows of the two sources share a mask pattern"
+
+
+def test_each_process_evaluates_its_own_share_of_the_held_out_documents(tmp_path, tok_dir):
+    """Two processes' eval streams split the held-out documents (none evaluated twice, none
+    left out) in their halves of each global eval batch; with an eval_mixture, the train
+    sources keep every document."""
+    docs = traceable_docs([50] * 200)
+    shards.write_token_dataset(str(tmp_path), docs, tokenizer_path=tok_dir, source="e")
+    config = make_config("mlm", str(tmp_path), tok_dir)
+    config.data.eval_documents, config.data.eval_batch_size = 20, 8     # docs 180..199
+    owners = []
+    for process in range(2):
+        batches = list(loader.make_eval_iterator(config, process_index=process, process_count=2))
+        assert all(b["input_ids"].shape == (4, 256) for b in batches)
+        ids = np.concatenate([np.where(b["labels"] != -100, b["labels"], b["input_ids"])
+                              for b in batches])
+        owners.append(set((ids[ids < UNK] // 100).tolist()))
+    assert not owners[0] & owners[1], "a held-out document is evaluated by both processes"
+    assert owners[0] | owners[1] == set(range(180, 200))
+
+    config.data.eval_mixture = str(tmp_path)
+    train = loader.make_train_iterator(config, process_index=0, process_count=1, num_epochs=1)
+    train_ids = np.concatenate([np.where(b["labels"] != -100, b["labels"], b["input_ids"])
+                                for b in train])
+    assert set((train_ids[train_ids < UNK] // 100).tolist()) == set(range(200))
