@@ -614,3 +614,26 @@ def test_a_failed_save_ends_the_run_at_the_next_log_line_naming_its_step(tmp_pat
     last_logged = max(losses(workdir))
     assert 10 <= last_logged < 20, f"trained on to step {last_logged} after the failed save"
     assert checkpoint_steps(workdir) == []
+
+
+def test_skips_count_in_a_row_only():
+    """config.train.max_nonfinite_steps counts skipped steps in a row: a finite step between
+    two short streaks starts the count again, and the error names the streak that reached the
+    limit."""
+    from ettin_jax.train_metrics import TrainMetrics  # pylint: disable=import-outside-toplevel
+    config = make_config("--config.train.max_nonfinite_steps=3")
+    guard = divergence.DivergenceGuard(config, lambda: "checkpoints/4")
+
+    def metrics(skipped: bool):
+        one = np.float32(1.0)
+        return TrainMetrics.single_from_model_output(
+            loss_sum=one, predictions=one, correct=one, grad_norm=one, param_norm=one,
+            applied=np.float32(not skipped), skipped=np.float32(skipped), real_tokens=one,
+            tokens=1)
+
+    for step, skipped in enumerate([True, True, False, True, True, False, True, True],
+                                   start=5):
+        guard.observe(step, metrics(skipped))
+    assert guard.total_skipped == 6 and guard.consecutive == 2
+    with pytest.raises(divergence.DivergenceError, match="at steps 11-13 .3 in a row"):
+        guard.observe(13, metrics(True))

@@ -264,6 +264,17 @@ def test_host_batch_to_global_lays_out_micro_batches_and_eval_rows():
         sharding.host_batch_to_global(host, mesh, num_micro=3)
 
 
+@pytest.mark.parametrize("shape", [(4, 1, 1), (1, 4, 1), (2, 2, 1), (1, 2, 2), (1, 1, 4)])
+def test_data_parallel_size_is_the_number_of_batch_shards(shape):
+    """Rows per step are rounded to, and eval batches must divide over, data_parallel_size:
+    the number of distinct row ranges the batch sharding cuts a batch into (data x fsdp; the
+    tensor axis holds whole rows)."""
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
+    shards = sharding.batch_sharding(mesh).devices_indices_map((8, 16))
+    row_ranges = {index[0].indices(8) for index in shards.values()}
+    assert sharding.data_parallel_size(mesh) == len(row_ranges) == shape[0] * shape[1]
+
+
 def test_an_fsdp_size_that_does_not_divide_the_width_splits_another_dimension(caplog):
     """fsdp=3 on the tiny model (width 64, MLP 96, vocab 512): the MLP weights are split along
     their 96 (each device holds a third), the embedding, which no dimension of 3 divides, stays
