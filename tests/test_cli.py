@@ -170,6 +170,11 @@ def test_init_from_an_import_of_the_other_objective_or_another_size_is_refused(t
                        match=r"holds a model of another shape: vocab_size 512 \(this run: "
                              r"50368\), hidden_size 64 \(this run: 256\)"):
         workdir_lib.check_init_from(bigger)
+    # The same parameter shapes, cut into other heads: it would load, and compute another model.
+    other_heads = _with_init_from("clm_ext", str(tmp_path / "imported_clm"))
+    other_heads.model.num_heads = 2
+    with pytest.raises(workdir_lib.RunIdentityError, match=r"num_heads 4 \(this run: 2\)"):
+        workdir_lib.check_init_from(other_heads)
     result = run("main.py", f"--workdir={tmp_path / 'w'}", "--config=configs/ettin_17m.py:clm_ext",
                  f"--config.train.init_from={tmp_path / 'imported_clm'}", "--dry_run")
     assert_one_error_line(result, "holds a model of another shape")

@@ -232,6 +232,22 @@ def test_identity_refuses_another_run_and_changed_settings(tmp_path, good_run):
     assert (workdir / workdir_lib.IDENTITY_NAME).exists()
 
 
+def test_what_the_checkpoints_are_is_refused_even_with_allow_config_change(tmp_path):
+    """The objective, the data mixture and the model are not settings: a re-run that changes
+    one is refused, naming the key, with --config.train.allow_config_change=True too (it
+    accepts changed settings only)."""
+    config = demo.apply_demo(make_config())
+    workdir_lib.check_identity(config, str(tmp_path))()           # the first start records
+    for key, value in (("data.mixture", config.data.mixture + ":0.5"), ("model.num_layers", 2),
+                       ("objective", "clm")):
+        changed = config.copy_and_resolve_references()
+        section, _, name = key.rpartition(".")
+        setattr(changed[section] if section else changed, name, value)
+        changed.train.allow_config_change = True
+        with pytest.raises(workdir_lib.RunIdentityError, match=re.escape(key)):
+            workdir_lib.check_identity(changed, str(tmp_path))
+
+
 def test_a_first_start_refused_by_its_config_records_no_identity(tmp_path):
     """A bad value found when the model and optimizer are built leaves no run recorded, so the
     corrected command starts (it was refused as another run, model.num_heads: 5 -> 4)."""
