@@ -443,3 +443,18 @@ def test_each_process_evaluates_its_own_share_of_the_held_out_documents(tmp_path
     train_ids = np.concatenate([np.where(b["labels"] != -100, b["labels"], b["input_ids"])
                                 for b in train])
     assert set((train_ids[train_ids < UNK] // 100).tolist()) == set(range(200))
+
+
+def test_mlm_masks_ratio_times_eligible_in_expectation_even_when_it_is_not_whole():
+    """A row of 5 eligible tokens at ratio 0.3 masks 1 or 2 of them (1.5 on average): the
+    count is ratio x eligible rounded at random, not down (which masked 1, a third short of the
+    recipe's ratio on short documents). Hand-built rows through objectives.mlm_row."""
+    cfg = objectives.MLMConfig(ratio=0.3, mask_id=MASK, special_ids=(CLS, SEP, PAD, MASK, UNK),
+                               random_high=UNK, max_predictions=8, seed=0)
+    ids = np.array([CLS, 11, 12, 13, 14, 15, SEP, PAD], np.int32)
+    segment_ids = np.array([1, 1, 1, 1, 1, 1, 1, 0], np.int32)
+    counts = [int((objectives.mlm_row({"input_ids": ids, "segment_ids": segment_ids,
+                                        "row_key": np.array([key, 0], np.int64)},
+                                       cfg)["labels"] != -100).sum()) for key in range(4000)]
+    assert set(counts) == {1, 2}
+    assert np.mean(counts) == pytest.approx(1.5, abs=0.05)
