@@ -427,7 +427,8 @@ def test_each_process_evaluates_its_own_share_of_the_held_out_documents(tmp_path
     docs = traceable_docs([50] * 200)
     shards.write_token_dataset(str(tmp_path), docs, tokenizer_path=tok_dir, source="e")
     config = make_config("mlm", str(tmp_path), tok_dir)
-    config.data.eval_documents, config.data.eval_batch_size = 20, 8     # docs 180..199
+    # 30 asked, at most a tenth of the source held out: docs 180..199
+    config.data.eval_documents, config.data.eval_batch_size = 30, 8
     owners = []
     for process in range(2):
         batches = list(loader.make_eval_iterator(config, process_index=process, process_count=2))
