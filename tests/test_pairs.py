@@ -216,6 +216,24 @@ def test_sides_that_do_not_share_the_data_config_stop_before_training(tmp_path):
     with pytest.raises(pairs.PairError, match=r"config.data differs .* clm: .*'seed': 22"):
         pairs.train_pair(configs, str(tmp_path / "pair"))
     assert not committed_steps(tmp_path / "pair" / "mlm")
+    # Saves at other steps would leave the sides no step to resume at together.
+    configs = pairs.side_configs(ettin_tiny.get_config, ["mlm", "clm"], OVERRIDES)
+    pairs.check_shared(configs, [8, 8])
+    configs[1].checkpoint.every_steps += 1
+    with pytest.raises(pairs.PairError, match=r"config.checkpoint.every_steps differs"):
+        pairs.check_shared(configs, [8, 8])
+
+
+def test_sides_whose_rows_differ_at_a_step_stop_there():
+    """The loaders of both sides make the same rows (the shared keys); should they not (a
+    loader bug), the pair stops at the first step whose data fingerprints differ."""
+    names = ("mlm", "clm")
+    same = [train.Progress("step", step=3, fingerprint="ab12") for _ in names]
+    pairs._check_step(names, same)  # pylint: disable=protected-access
+    other = [same[0], train.Progress("step", step=3, fingerprint="cd34")]
+    with pytest.raises(pairs.PairError, match=r"the data of step 3 differs between the sides "
+                                              r"\(mlm ab12, clm cd34\)"):
+        pairs._check_step(names, other)  # pylint: disable=protected-access
 
 
 def test_a_pair_keeps_two_checkpoints_and_never_deletes_both_sides(reference, tmp_path):

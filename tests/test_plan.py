@@ -177,6 +177,10 @@ def test_a_run_logs_the_plans_tokens_per_step_and_a_resume_keeps_the_stored_figu
                                          r"the batch settings it started with.*if they are "
                                          r"unchanged, this code splits the warmup otherwise"):
         step_tokens.check_split(str(workdir), warmed, has_checkpoints=True)
+    # As another split of the warmup into micro batches, with the same step counts.
+    resplit = dict(stored["split"], warmup_split=stored["split"]["warmup_split"][::-1] + [1])
+    with pytest.raises(ValueError, match=r"the batch-size warmup's micro batches"):
+        step_tokens.check_split(str(workdir), resplit, has_checkpoints=True)
     # A record from before warmup_steps takes it at the next start.
     record = step_tokens.read(str(workdir))
     del record["split"]["warmup_steps"]

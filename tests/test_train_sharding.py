@@ -110,6 +110,8 @@ def test_mesh_matches_one_device(reference, shape):
     data, fsdp, tensor = shape
     assert params["tok_embeddings"].sharding.shard_shape((512, 64)) == (512 // tensor, 64 // fsdp)
     assert params["layers"][1]["mlp_in"].sharding.shard_shape((64, 2, 96)) == (64 // fsdp, 2, 96 // tensor)
+    # qkv [hidden, 3, heads, head_dim]: the heads over tensor, each device whole heads.
+    assert params["layers"][1]["qkv"].sharding.shard_shape((64, 3, 4, 16)) == (64 // fsdp, 3, 4 // tensor, 16)
 
 
 def free_port():
