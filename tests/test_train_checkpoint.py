@@ -127,6 +127,17 @@ def test_a_smaller_keep_last_on_resume_keeps_only_what_the_policy_says(tmp_path,
     assert sorted(int(n) for n in os.listdir(tmp_path / "checkpoints")) == [50]
 
 
+def test_a_workdir_from_before_the_record_keeps_its_older_checkpoints(tmp_path, setup):
+    """A workdir from before kept_for_good.json: checkpoints older than the newest keep_last
+    survived only because they were kept for good, so the first start records them and a
+    later save with a smaller keep_last deletes none of them."""
+    config, s = setup
+    save_steps(str(tmp_path), config, s, (2, 4, 6, 8), keep_last=4)
+    os.remove(tmp_path / checkpoint.KEPT_FOR_GOOD_NAME)      # as before the record
+    save_steps(str(tmp_path), config, s, (10,), keep_last=2)
+    assert sorted(int(n) for n in os.listdir(tmp_path / "checkpoints")) == [2, 4, 8, 10]
+
+
 @pytest.mark.parametrize("text", ["", "{}", '{"steps": 4}'])
 def test_an_unreadable_kept_for_good_record_is_named(tmp_path, text):
     (tmp_path / checkpoint.KEPT_FOR_GOOD_NAME).write_text(text)
